@@ -1,0 +1,33 @@
+"""Data sets, featurizers and partitioners of training units into shards."""
+
+from fedmoe.data.bible import (
+    decode_bytes,
+    encode_bytes,
+    lm_eval_split,
+    load_bible_documents,
+    sample_windows,
+    split_documents,
+    text_features,
+)
+from fedmoe.data.digits import load_digits_split
+from fedmoe.data.partition import Clustering, balanced_kmeans, dirichlet, iid, kmeans, shard_sizes
+from fedmoe.data.types import Document, Split
+
+__all__ = [
+    "Clustering",
+    "Document",
+    "Split",
+    "balanced_kmeans",
+    "decode_bytes",
+    "encode_bytes",
+    "dirichlet",
+    "iid",
+    "kmeans",
+    "lm_eval_split",
+    "load_bible_documents",
+    "load_digits_split",
+    "sample_windows",
+    "shard_sizes",
+    "split_documents",
+    "text_features",
+]

@@ -1,0 +1,175 @@
+"""Checkpoint round-trips, atomic replacement, and detection of corrupt or torn checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedmoe.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+
+def _tensors(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    f32 = torch.randn(3, 5, generator=g)
+    f32[0, 0] = float("nan")
+    f32[0, 1] = -0.0
+    return {
+        "f32": f32,
+        "i64": torch.randint(-(2**62), 2**62, (7,), generator=g, dtype=torch.int64),
+        "u8": torch.randint(0, 256, (2, 2, 2), generator=g, dtype=torch.uint8),
+        "bf16": torch.randn(4, 3, generator=g).to(torch.bfloat16),
+        "empty": torch.empty(0, 3),
+        "scalar": torch.tensor(seed + 0.5, dtype=torch.float64),
+        "strided": torch.arange(20, dtype=torch.int32).reshape(4, 5).t(),  # non-contiguous input
+    }
+
+
+def _bits(t: torch.Tensor) -> bytes:
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def _assert_identical(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert set(got) == set(want)
+    for name, t in want.items():
+        assert got[name].dtype == t.dtype, name
+        assert got[name].shape == t.shape, name
+        assert _bits(got[name]) == _bits(t), name
+
+
+def _weights(d: Path) -> list[str]:
+    return sorted(p.name for p in d.glob("weights-*.safetensors"))
+
+
+def _snapshot(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in d.iterdir()}
+
+
+def test_round_trip_bit_identical_with_caller_manifest(tmp_path: Path) -> None:
+    want = _tensors(0)
+    d = tmp_path / "new" / "ckpt"
+    assert save_checkpoint(d, want, {"step": 3, "path": "p0", "lr": [0.1, 0.2]}) == d
+    got, manifest = load_checkpoint(d)
+    _assert_identical(got, want)
+    assert manifest["step"] == 3 and manifest["path"] == "p0" and manifest["lr"] == [0.1, 0.2]
+    assert manifest["format"] == "fedmoe-checkpoint/1"
+    assert manifest["weights"] == _weights(d)[0]
+    assert manifest["tensors"]["bf16"] == {"dtype": "torch.bfloat16", "shape": [4, 3]}
+    assert manifest["tensors"]["scalar"]["shape"] == []
+    assert manifest == json.loads((d / "manifest.json").read_text())
+    assert not [p for p in d.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_save_twice_keeps_one_weights_file(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path, _tensors(0), {"step": 1})
+    first = _weights(tmp_path)
+    save_checkpoint(tmp_path, _tensors(1), {"step": 2})
+    assert len(_weights(tmp_path)) == 1 and _weights(tmp_path) != first
+    got, manifest = load_checkpoint(tmp_path)
+    assert manifest["weights"] == _weights(tmp_path)[0] and manifest["step"] == 2
+    _assert_identical(got, _tensors(1))
+
+
+def test_flipped_byte_raises(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path, _tensors(0), {})
+    w = tmp_path / _weights(tmp_path)[0]
+    data = bytearray(w.read_bytes())
+    data[-1] ^= 0x01
+    w.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=w.name):
+        load_checkpoint(tmp_path)
+
+
+def test_truncated_weights_raises(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path, _tensors(0), {})
+    w = tmp_path / _weights(tmp_path)[0]
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=w.name):
+        load_checkpoint(tmp_path)
+
+
+def test_missing_weights_raises(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path, _tensors(0), {})
+    w = tmp_path / _weights(tmp_path)[0]
+    w.unlink()
+    with pytest.raises(CheckpointError, match=w.name):
+        load_checkpoint(tmp_path)
+
+
+def test_missing_or_corrupt_manifest_raises(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="manifest"):
+        load_checkpoint(tmp_path)
+    save_checkpoint(tmp_path, _tensors(0), {})
+    (tmp_path / "manifest.json").write_text('{"format": "fedmoe-checkpoint/1", "weig')
+    with pytest.raises(CheckpointError, match="manifest.json"):
+        load_checkpoint(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "other/9"}))
+    with pytest.raises(CheckpointError, match="manifest"):
+        load_checkpoint(tmp_path)
+
+
+def test_torn_write_leftovers_are_ignored_then_cleaned(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path, _tensors(0), {"step": 1})
+    good = _weights(tmp_path)[0]
+    (tmp_path / ".tmp-deadbeef").write_bytes(b"half a safetensors hea")
+    (tmp_path / "weights-0123456789abcdef.safetensors").write_bytes(b"orphan, never committed")
+    got, manifest = load_checkpoint(tmp_path)
+    _assert_identical(got, _tensors(0))
+    assert manifest["weights"] == good and manifest["step"] == 1
+    save_checkpoint(tmp_path, _tensors(1), {"step": 2})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["manifest.json", *_weights(tmp_path)])
+    assert len(_weights(tmp_path)) == 1
+
+
+@pytest.mark.parametrize("key", ["format", "weights", "sha256", "tensors"])
+def test_reserved_key_raises_and_writes_nothing(tmp_path: Path, key: str) -> None:
+    fresh = tmp_path / "fresh"
+    with pytest.raises(ValueError, match=key):
+        save_checkpoint(fresh, _tensors(0), {key: "x"})
+    assert not fresh.exists()
+    save_checkpoint(tmp_path / "c", _tensors(0), {"step": 1})
+    before = _snapshot(tmp_path / "c")
+    with pytest.raises(ValueError):
+        save_checkpoint(tmp_path / "c", _tensors(1), {key: "x"})
+    assert _snapshot(tmp_path / "c") == before
+
+
+def test_unserialisable_manifest_raises_and_writes_nothing(tmp_path: Path) -> None:
+    with pytest.raises(TypeError):
+        save_checkpoint(tmp_path / "fresh", _tensors(0), {"obj": object()})
+    assert not (tmp_path / "fresh").exists()
+    save_checkpoint(tmp_path, _tensors(0), {"step": 1})
+    before = _snapshot(tmp_path)
+    with pytest.raises(TypeError):
+        save_checkpoint(tmp_path, _tensors(1), {"t": torch.zeros(1)})
+    assert _snapshot(tmp_path) == before
+    got, manifest = load_checkpoint(tmp_path)
+    _assert_identical(got, _tensors(0))
+    assert manifest["step"] == 1
+
+
+def test_crash_before_manifest_rename_keeps_previous(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    save_checkpoint(tmp_path, _tensors(0), {"step": 1})
+    old_manifest = (tmp_path / "manifest.json").read_bytes()
+    real_replace = os.replace
+
+    def crashing_replace(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+        if Path(dst).name == "manifest.json":
+            raise OSError("simulated crash")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crashing_replace)
+    with pytest.raises(OSError, match="simulated crash"):
+        save_checkpoint(tmp_path, _tensors(1), {"step": 2})
+    monkeypatch.undo()
+    assert len(_weights(tmp_path)) == 2  # the new weights landed; the manifest did not
+    assert (tmp_path / "manifest.json").read_bytes() == old_manifest
+    got, manifest = load_checkpoint(tmp_path)
+    _assert_identical(got, _tensors(0))
+    assert manifest["step"] == 1
+    save_checkpoint(tmp_path, _tensors(2), {"step": 3})  # the next good save removes the orphan
+    assert len(_weights(tmp_path)) == 1
+    _assert_identical(load_checkpoint(tmp_path)[0], _tensors(2))

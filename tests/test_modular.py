@@ -1,0 +1,75 @@
+import copy
+
+import pytest
+import torch
+
+from fedmoe.modular import ModularModel, Path, flatten_states, path_module_states, unflatten_states
+from fedmoe.models import ModelSpec, build_model
+
+
+def test_grid_paths_and_composition_share_modules():
+    model = build_model("mlp", (2, 3), depth=3)
+    assert model.grid == (2, 3)
+    assert len(model.paths()) == 6 and model.paths()[0] == Path((0, 0))
+    a, b = model.compose(Path((1, 0))), model.compose(Path((1, 2)))
+    assert a[0] is b[0] and a[1] is not b[1]  # module 1 of level 0 is shared, level 1 differs
+    assert a(torch.rand(5, 64)).shape == (5, 10)
+
+
+def test_modules_start_different_and_builds_are_reproducible():
+    model = build_model("mlp", (3,), seed=1)
+    w = [model.module(f"0.{i}")[0][0].weight for i in range(3)]
+    assert not torch.equal(w[0], w[1])
+    again = build_model("mlp", (3,), seed=1)
+    assert all(torch.equal(x, y) for x, y in zip(model.parameters(), again.parameters()))
+
+
+def test_compose_rejects_paths_outside_the_grid():
+    model = build_model("mlp", (2, 2))
+    with pytest.raises(ValueError, match="level 1 has modules 0..1"):
+        model.compose(Path((0, 2)))
+    with pytest.raises(ValueError, match="levels"):
+        model.compose(Path((0,)))
+
+
+def test_trained_copy_maps_back_to_module_keys():
+    model = build_model("mlp", (2, 2))
+    path = Path((1, 0))
+    worker = copy.deepcopy(model.compose(path))
+    with torch.no_grad():
+        for p in worker.parameters():
+            p.add_(1.0)
+    states = path_module_states(worker, path)
+    assert set(states) == {"0.1", "1.0"}
+    before = model.module_states(["0.1"])["0.1"]
+    model.load_module_states({"0.1": states["0.1"]})
+    after = model.module_states(["0.1"])["0.1"]
+    assert all(torch.allclose(after[n], before[n] + 1) for n in before)
+    assert torch.equal(model.module_states(["0.0"])["0.0"]["0.0.weight"], build_model("mlp", (2, 2)).module_states(["0.0"])["0.0"]["0.0.weight"])
+
+
+def test_flatten_roundtrip_and_path_parse():
+    model = build_model("byte-lm", (2, 1), d_model=32, n_layers=2, n_heads=2, context=16)
+    states = model.module_states()
+    assert unflatten_states(flatten_states(states)).keys() == states.keys()
+    assert Path.parse(str(Path((3, 0, 12)))) == Path((3, 0, 12))
+
+
+def test_byte_lm_is_causal():
+    lm = build_model("byte-lm", (1,), d_model=32, n_layers=2, n_heads=2, context=16).compose(Path((0,))).eval()
+    x = torch.randint(0, 256, (1, 16))
+    y = x.clone()
+    y[0, 10:] = (y[0, 10:] + 1) % 256
+    with torch.no_grad():
+        assert torch.allclose(lm(x)[0, :10], lm(y)[0, :10], atol=1e-6)
+        assert not torch.allclose(lm(x)[0, 10:], lm(y)[0, 10:])
+
+
+def test_model_spec_roundtrip():
+    spec = ModelSpec("mlp", (4,), {"hidden": 16})
+    assert ModelSpec.from_dict(spec.to_dict()) == spec
+    assert spec.build().grid == (4,)
+    with pytest.raises(ValueError, match="unknown model family"):
+        build_model("nope", (1,))
+    with pytest.raises(ValueError):
+        ModularModel([])
