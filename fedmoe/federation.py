@@ -2,26 +2,37 @@
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from fedmoe.modular import ModularModel, Path, path_module_states
-from fedmoe.outer import OuterOptimizer, Update, average_updates, outer_gradient
+from fedmoe.modular import ModularModel, Path
+from fedmoe.outer import OuterOptimizer
+from fedmoe.strategies.aggregate import aggregate
 from fedmoe.tasks import Task
-from fedmoe.train import InnerConfig, train_local
+from fedmoe.train import InnerConfig
+from fedmoe.worker import Variant, Worker
+
+
+@dataclass(frozen=True)
+class WorkerStats:
+    """A worker's round in numbers: its variant, mean inner loss and outer-gradient bytes on the wire."""
+
+    variant: str
+    loss: float
+    upload_bytes: int
 
 
 @dataclass(frozen=True)
 class Assignment:
-    """A worker's job: train `path` on the training units `units`."""
+    """A worker's job: train `path` on the training units `units`, holding the path as `variant` says."""
 
     path: Path
     units: np.ndarray
+    variant: Variant = field(default_factory=Variant)
 
 
 def train_federation(
@@ -32,35 +43,34 @@ def train_federation(
     inner: InnerConfig,
     outer: OuterOptimizer,
     seed: int = 0,
-    on_round: Callable[[int, list[float]], None] | None = None,
+    on_round: Callable[[int, list[WorkerStats]], None] | None = None,
     progress: str | None = None,
     lr_scale: Callable[[int], float] | None = None,
-) -> list[list[float]]:
-    """Run `rounds` DiLoCo rounds in this process; return each round's mean inner loss per worker.
+) -> list[list[WorkerStats]]:
+    """Run `rounds` DiLoCo rounds in this process; return each round's stats per worker.
 
-    Workers keep their AdamW state across rounds. `on_round(round, losses)` runs after each outer
-    step (evaluation, plots); `progress` is the label of a progress bar, or None for none;
-    `lr_scale(round)` multiplies the inner learning rate of that round (see `cosine_schedule`).
+    Workers keep their AdamW state and error feedback across rounds. `on_round(round, stats)` runs
+    after each outer step (evaluation, plots); `progress` is the label of a progress bar, or None
+    for none; `lr_scale(round)` multiplies the inner learning rate of that round (see `cosine_schedule`).
     """
-    batches = [task.batches(a.units, inner.batch_size, seed + 1000 * i) for i, a in enumerate(assignments)]
-    inner_states: list[dict | None] = [None] * len(assignments)
+    workers = [
+        Worker(a.path, task.batches(a.units, inner.batch_size, seed + 1000 * i), float(len(a.units)), a.variant, seed + i)
+        for i, a in enumerate(assignments)
+    ]
     history = []
-    with tqdm(total=rounds * len(assignments), desc=progress, disable=True if progress is None else None, leave=False) as bar:
+    with tqdm(total=rounds * len(workers), desc=progress, disable=True if progress is None else None, leave=False) as bar:
         for r in range(rounds):
             round_inner = inner if lr_scale is None else replace(inner, lr=inner.lr * lr_scale(r))
-            updates, losses = [], []
-            for i, a in enumerate(assignments):
-                worker = copy.deepcopy(model.compose(a.path))
-                start = path_module_states(worker, a.path)
-                loss, inner_states[i] = train_local(worker, batches[i], round_inner, inner_states[i])
-                updates.append(Update(outer_gradient(start, path_module_states(worker, a.path)), float(len(a.units))))
-                losses.append(loss)
+            uploads = []
+            for worker in workers:
+                uploads.append(worker.run_round(model, round_inner, r))
                 bar.update()
-            outer.step(average_updates(updates))
-            history.append(losses)
-            bar.set_postfix(round=r + 1, loss=f"{np.mean(losses):.3f}")
+            outer.step(*aggregate(model, uploads))
+            stats = [WorkerStats(u.variant.name, u.loss, u.nbytes) for u in uploads]
+            history.append(stats)
+            bar.set_postfix(round=r + 1, loss=f"{np.mean([s.loss for s in stats]):.3f}")
             if on_round is not None:
-                on_round(r, losses)
+                on_round(r, stats)
     return history
 
 

@@ -90,14 +90,6 @@ class ModularModel(nn.Module):
                     params[name].copy_(value)
 
 
-def path_module_states(path_model: nn.Sequential, path: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """Parameters of a composed (possibly copied) path model, keyed by the grid's module keys."""
-    return {
-        key: {n: p.detach().clone() for n, p in stage.named_parameters()}
-        for key, stage in zip(path.module_keys(), path_model)
-    }
-
-
 def flatten_states(states: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """{module: {param: t}} -> {"module/param": t}, the flat form stored in checkpoints."""
     return {f"{key}/{name}": t for key, state in states.items() for name, t in state.items()}

@@ -60,7 +60,7 @@ def digits_task(seed: int = 0, hidden: int = 32, depth: int = 2) -> Task:
     return Task("digits", "mlp", "accuracy", train.features, test, sample, {"hidden": hidden, "depth": depth})
 
 
-def bible_task(context: int = 128, eval_windows: int = 256, d_model: int = 128, n_layers: int = 4) -> Task:
+def bible_task(context: int = 64, eval_windows: int = 256, d_model: int = 64, n_layers: int = 2) -> Task:
     """King James Bible chapters as documents, a byte-level transformer language model."""
     train_docs, test_docs = split_documents(load_bible_documents())
     test = lm_eval_split(test_docs, eval_windows, context)

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from fedmoe.modular import ModularModel
-from fedmoe.outer import OuterOptimizer, Update, average_updates, outer_gradient
+from fedmoe.outer import OuterOptimizer, Update, average_updates
 
 
 def two_param_grid(values):
@@ -13,10 +13,9 @@ def two_param_grid(values):
     return ModularModel([[layer]])
 
 
-def test_outer_gradient_is_start_minus_end():
-    start = {"0.0": {"weight": torch.tensor([1.0, 2.0])}}
-    end = {"0.0": {"weight": torch.tensor([0.0, 2.5])}}
-    assert torch.equal(outer_gradient(start, end)["0.0"]["weight"], torch.tensor([1.0, -0.5]))
+def outer_gradient(start, end):
+    """start - end per module and parameter, as workers compute it."""
+    return {k: {n: start[k][n] - t for n, t in s.items()} for k, s in end.items()}
 
 
 def test_two_parameter_outer_step_sign_and_arithmetic():
@@ -25,7 +24,7 @@ def test_two_parameter_outer_step_sign_and_arithmetic():
     start = model.module_states()
     ends = [{"0.0": {"weight": torch.tensor([[0.0, 2.0]])}}, {"0.0": {"weight": torch.tensor([[1.0, 0.0]])}}]
     updates = [Update(outer_gradient(start, end), w) for end, w in zip(ends, (1.0, 3.0))]
-    avg = average_updates(updates)
+    avg, _ = average_updates(updates)
     # weighted mean of [1, 0] (w=1) and [0, 2] (w=3): [0.25, 1.5]
     assert torch.allclose(avg["0.0"]["weight"], torch.tensor([[0.25, 1.5]]), atol=1e-6)
     outer = OuterOptimizer(model, lr=0.7, momentum=0.9, nesterov=True)
@@ -42,14 +41,14 @@ def test_plain_outer_sgd_with_lr_one_lands_on_the_average_of_end_points():
     start = model.module_states()
     ends = [{"0.0": {"weight": torch.tensor([[3.0, 0.0]])}}, {"0.0": {"weight": torch.tensor([[1.0, 4.0]])}}]
     outer = OuterOptimizer(model, lr=1.0, momentum=0.0, nesterov=False)
-    outer.step(average_updates([Update(outer_gradient(start, e), 1.0) for e in ends]))
+    outer.step(*average_updates([Update(outer_gradient(start, e), 1.0) for e in ends]))
     assert torch.allclose(model.levels[0][0].weight, torch.tensor([[2.0, 2.0]]))  # FedAvg
 
 
 def test_modules_average_only_over_the_paths_that_hold_them():
     g = lambda v: {"w": torch.tensor([v])}  # noqa: E731
     updates = [Update({"0.0": g(1.0), "1.0": g(10.0)}, 1.0), Update({"0.0": g(3.0), "1.1": g(20.0)}, 1.0)]
-    avg = average_updates(updates)
+    avg, held = average_updates(updates)
     assert avg["0.0"]["w"].item() == 2.0  # shared module: mean over both paths
     assert avg["1.0"]["w"].item() == 10.0 and avg["1.1"]["w"].item() == 20.0  # each path alone
 

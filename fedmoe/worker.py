@@ -1,0 +1,191 @@
+"""One worker's round, shared by every runner: receive the path as this client holds it, train, compress.
+
+A client's `Variant` says what it holds of its path: a bit-width (weights delivered quantized,
+trained with fake-quantization and a straight-through estimator, outer gradient sent quantized
+with error feedback) and a density (a pruned sub-model; only held coordinates are trained and sent).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from fedmoe.compress.prune import SCHEMES, Masks, check_density, held_shape, held_values, scatter_held, submodel_masks
+from fedmoe.compress.quant import BITS, ErrorFeedback, QTensor, dequantize, fake_quantize, quantize, wire_bytes
+from fedmoe.modular import ModularModel, Path
+from fedmoe.outer import ModuleStates, Update
+from fedmoe.train import Batch, InnerConfig, train_local
+
+
+@dataclass(frozen=True)
+class Variant:
+    """What a client holds of its path: bit-width (32, 16, 8, 4), density in (0, 1], sub-model scheme."""
+
+    bits: int = 32
+    density: float = 1.0
+    scheme: str = "rolling"
+
+    def __post_init__(self) -> None:
+        if self.bits not in BITS:
+            raise ValueError(f"bits must be one of {BITS}, got {self.bits}")
+        check_density(self.density)
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"unknown scheme {self.scheme!r}; known: {', '.join(SCHEMES)}")
+
+    @property
+    def name(self) -> str:
+        """Short label, e.g. "int4-p50" (4 bits, half the width) or "fp32"."""
+        bits = "fp32" if self.bits == 32 else "fp16" if self.bits == 16 else f"int{self.bits}"
+        return bits if self.density == 1.0 else f"{bits}-p{round(100 * self.density)}"
+
+
+class Restrict(nn.Module):
+    """Parametrization: the weight a client computes with is fake_quantize(weight * mask, bits)."""
+
+    def __init__(self, mask: torch.Tensor | None, bits: int):
+        super().__init__()
+        self.bits = bits
+        self.register_buffer("mask", mask)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        held = weight if self.mask is None else weight * self.mask
+        return fake_quantize(held, self.bits) if weight.dim() >= 2 else held
+
+
+def variant_bytes(model: nn.Module, variant: Variant, masks: Masks) -> dict[str, int]:
+    """Exact bytes a client of this variant stores for its weights and uploads per round.
+
+    Weights are stored at the variant's bit-width (quantized per channel) and only where held; an
+    unstructured mask costs one bit per coordinate on the device. Masks never travel.
+    """
+    weights = upload = 0
+    for name, p in model.named_parameters():
+        mask = masks.get(name)
+        size = wire_bytes(held_shape(mask, p.shape), variant.bits)
+        upload += size
+        weights += size
+        if mask is not None and len(held_shape(mask, p.shape)) == 1 and p.dim() > 1:
+            weights += math.ceil(p.numel() / 8)
+    return {"weights": weights, "upload": upload}
+
+
+@dataclass(frozen=True)
+class Upload:
+    """A worker's outer gradient in wire form: the held coordinates of each path parameter, quantized.
+
+    The receiver recomputes the masks from (path, variant, round, seed) and its own copy of the
+    weights the round started from; see `decode`.
+    """
+
+    path: Path
+    variant: Variant
+    round: int
+    seed: int
+    weight: float
+    tensors: dict[str, QTensor]
+    loss: float
+
+    @property
+    def nbytes(self) -> int:
+        """Payload and scale bytes of all tensors."""
+        return sum(q.nbytes for q in self.tensors.values())
+
+
+def round_masks(path_model: nn.Module, variant: Variant, round: int, seed: int) -> Masks:
+    """The masks of a client's sub-model for a round, as both the client and the receiver compute them."""
+    return submodel_masks(path_model, variant.density, variant.scheme, round, seed)
+
+
+def decode(model: ModularModel, upload: Upload) -> Update:
+    """Turn an upload back into full-shaped outer gradients and masks per grid module (the receiver's side).
+
+    `model` must hold the weights the round started from (magnitude masks depend on them).
+    Raises ValueError when a tensor is missing, unexpected or of the wrong size.
+    """
+    path_model = model.compose(upload.path)
+    masks = round_masks(path_model, upload.variant, upload.round, upload.seed)
+    params = dict(path_model.named_parameters())
+    if set(upload.tensors) != set(params):
+        raise ValueError(f"upload for path {upload.path} has tensors {sorted(set(upload.tensors) ^ set(params))} wrong")
+    deltas = {}
+    for name, q in upload.tensors.items():
+        expected = held_shape(masks.get(name), params[name].shape)
+        if q.shape != expected or q.bits != upload.variant.bits:
+            raise ValueError(f"{name}: got {q.bits}-bit {q.shape}, expected {upload.variant.bits}-bit {expected}")
+        deltas[name] = scatter_held(dequantize(q), masks.get(name), params[name].shape)
+    return group_by_module(upload.path, deltas, masks, upload.weight)
+
+
+def group_by_module(path: Path, deltas: dict[str, torch.Tensor], masks: Masks, weight: float) -> Update:
+    """Regroup a path model's tensors ("level.name") by grid module key ("level.index")."""
+    keys = path.module_keys()
+    grouped: ModuleStates = {}
+    grouped_masks: ModuleStates = {}
+    for name, t in deltas.items():
+        level, rest = name.split(".", 1)
+        grouped.setdefault(keys[int(level)], {})[rest] = t
+        if name in masks:
+            grouped_masks.setdefault(keys[int(level)], {})[rest] = masks[name]
+    return Update(grouped, weight, grouped_masks or None)
+
+
+@dataclass
+class Worker:
+    """A client training `path` on its data with its variant; keeps AdamW state and error feedback across rounds."""
+
+    path: Path
+    batches: Iterator[Batch]
+    weight: float
+    variant: Variant = field(default_factory=Variant)
+    seed: int = 0
+    optimizer_state: dict[str, Any] | None = None
+    feedback: ErrorFeedback | None = None
+
+    def __post_init__(self) -> None:
+        self.feedback = ErrorFeedback(self.variant.bits)
+
+    def run_round(self, model: ModularModel, inner: InnerConfig, round: int) -> Upload:
+        """Receive the path, train it for `inner.steps` steps and return the compressed outer gradient."""
+        worker = copy.deepcopy(model.compose(self.path))
+        masks = round_masks(worker, self.variant, round, self.seed)
+        with torch.no_grad():
+            for name, p in worker.named_parameters():
+                p.copy_(self.deliver(p, masks.get(name)))
+        start = {name: p.detach().clone() for name, p in worker.named_parameters()}
+        restrictions = self.restrictions(worker, masks)
+        for module, name, mask in restrictions:
+            parametrize.register_parametrization(module, name, Restrict(mask, self.variant.bits))
+        loss, self.optimizer_state = train_local(worker, self.batches, inner, self.optimizer_state)
+        for module, name, _ in restrictions:
+            parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+        tensors = {}
+        for name, p in worker.named_parameters():
+            mask = masks.get(name)
+            delta = start[name] - p.detach()
+            tensors[name] = self.feedback.compress(name, delta if mask is None else delta * mask, mask)
+        return Upload(self.path, self.variant, round, self.seed, self.weight, tensors, loss)
+
+    def deliver(self, weight: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The weight as this client receives it: held coordinates only, at its bit-width."""
+        held = held_values(weight.detach(), mask)
+        if self.variant.bits < 32:
+            held = dequantize(quantize(held, self.variant.bits))
+        return scatter_held(held, mask, weight.shape)
+
+    def restrictions(self, model: nn.Module, masks: Masks) -> list[tuple[nn.Module, str, torch.Tensor | None]]:
+        """(module, parameter name, mask) for every parameter trained under a mask or fake-quantization."""
+        out = []
+        for module_name, module in model.named_modules():
+            for name, p in module.named_parameters(recurse=False):
+                full = f"{module_name}.{name}" if module_name else name
+                mask = masks.get(full)
+                if mask is not None or (self.variant.bits < 32 and p.dim() >= 2):
+                    out.append((module, name, mask))
+        return out
