@@ -46,6 +46,8 @@ def demo(
     outer_momentum: Annotated[float, typer.Option(help="Outer Nesterov momentum (DiLoCo: 0.9 with lr 0.7).")] = 0.0,
     clustering: Annotated[str, typer.Option(click_type=click.Choice(["kmeans", "balanced-kmeans"]), help="How clustered shards are made.")] = "kmeans",
     router: Annotated[str, typer.Option(click_type=click.Choice(["learned", "centroid"]), help="learned (MLP on shard labels) or centroid (c-BTM).")] = "learned",
+    profiles: Annotated[str, typer.Option(help="Clients per path: a mix (fp32, mixed, int4-p50) or profile names joined by commas; empty = one full-precision client per path.")] = "",
+    scheme: Annotated[str, typer.Option(click_type=click.Choice(["rolling", "static", "random", "magnitude"]), help="Sub-models of pruned clients: rolling (FedRolex), static (HeteroFL), random, magnitude.")] = "rolling",
     seeds: Annotated[int, typer.Option(min=1, help="Repeat with this many seeds; the table shows mean and spread.")] = 3,
     out: Annotated[Path, typer.Option(help="Directory for results.json, the plot and the ensemble checkpoint.")] = Path("runs/demo"),
 ) -> None:
@@ -54,12 +56,17 @@ def demo(
 
     from fedmoe.experiment import ExperimentConfig, compare
     from fedmoe.plots import plot_rounds
+    from fedmoe.strategies.assignment import parse_profiles
     from fedmoe.tasks import load_task
     from fedmoe.train import InnerConfig
 
+    try:
+        mix = parse_profiles(profiles)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--profiles") from None
     config = ExperimentConfig(
         parse_grid(grid), rounds, shared_rounds, InnerConfig(steps, lr, batch_size=batch_size),
-        outer_lr, outer_momentum, clustering, router,
+        outer_lr, outer_momentum, clustering, router, profiles=mix, scheme=scheme,
     )
     if shared_rounds >= rounds:
         raise typer.BadParameter(f"--shared-rounds ({shared_rounds}) must be smaller than --rounds ({rounds})")
@@ -68,8 +75,8 @@ def demo(
         data = load_task(task)
     console.print(
         f"[bold]{task}[/]: {data.n_units} training units; {config.n_paths} paths on grid {grid}: {shared_rounds} shared rounds, "
-        f"then {rounds - shared_rounds} rounds x {steps} steps per path; dense baseline: {rounds} rounds x {steps * config.n_paths} steps; "
-        f"{seeds} seed(s)"
+        f"then {rounds - shared_rounds} rounds x {steps} steps per client; {config.workers_per_path} client(s) per path"
+        f"{' (' + ', '.join(mix) + ')' if mix else ''}; dense baseline: {rounds} rounds x {config.steps_per_round} steps; {seeds} seed(s)"
     )
     comparison = compare(data, config, seeds)
     out.mkdir(parents=True, exist_ok=True)
@@ -79,9 +86,12 @@ def demo(
     rows = comparison.rows()
     seconds = time.perf_counter() - started
     results = {"task": task, "metric": data.metric, "seconds": seconds, "config": asdict(config), "rows": rows,
+               "clients": {p: r.clients for p, r in first.items()},
                "rounds": {"dense": comparison.dense[0].rounds, **{p: r.rounds for p, r in first.items()}}}
     (out / "results.json").write_text(json.dumps(results, indent=2))
     console.print(results_table(task, data.metric, rows, seeds))
+    if mix:
+        console.print(clients_table(first["clustered"].clients))
     console.print(f"wrote {out / 'results.json'}, {plot} and {out / 'ensemble'} in {seconds:.0f} s")
 
 
@@ -103,6 +113,19 @@ def results_table(task: str, metric: str, rows: dict[str, dict[str, list[float]]
     for name, values in rows.items():
         as_percent = percent or name.startswith("router")
         table.add_row(name, *(cell(values[p], as_percent) for p in partitions), style="bold" if name in ("ensemble top-1", "dense baseline") else None)
+    return table
+
+
+def clients_table(clients: list[dict]) -> Table:
+    """Bytes each kind of client stores and uploads, as a ratio to a full-precision dense client."""
+    table = Table(title="clients (clustered run): bytes per client, ratio to fp32 dense")
+    for column in ("variant", "weights on device", "upload per round", "upload ratio"):
+        table.add_column(column, justify="left" if column == "variant" else "right")
+    by_variant = {c["variant"]: c for c in clients}
+    reference = by_variant.get("fp32")
+    for name, c in by_variant.items():
+        ratio = f"{c['upload_bytes_per_round'] / reference['upload_bytes_per_round']:.3f}" if reference else "-"
+        table.add_row(name, f"{c['weight_bytes']:,}", f"{c['upload_bytes_per_round']:,.0f}", ratio)
     return table
 
 

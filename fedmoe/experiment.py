@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import torch
 
 from fedmoe.data import balanced_kmeans, iid, kmeans
 from fedmoe.ensemble import Ensemble
-from fedmoe.federation import Assignment, cosine_schedule, train_federation
+from fedmoe.federation import Assignment, WorkerStats, cosine_schedule, train_federation
 from fedmoe.modular import ModularModel, Path, module_key
 from fedmoe.outer import ModuleStates, OuterOptimizer
 from fedmoe.router import CentroidRouter, LearnedRouter, shard_labels
 from fedmoe.tasks import Task, score
+from fedmoe.strategies.assignment import PROFILES, assign_variant
 from fedmoe.train import InnerConfig
+from fedmoe.worker import round_masks, variant_bytes
 
 PARTITIONS = ("clustered", "random")
 
@@ -24,9 +28,12 @@ PARTITIONS = ("clustered", "random")
 class ExperimentConfig:
     """One experiment: the grid (its paths are the shards), rounds, inner and outer settings, router kind.
 
-    The first `shared_rounds` of the `rounds` train one shared model on all the data (n_paths x the
-    inner steps per round, so every round costs the same); every path then branches from it, as in
-    Branch-Train-Merge and DiPaCo, and trains on its own shard for the remaining rounds.
+    The first `shared_rounds` of the `rounds` train one shared model on all the data (as many steps
+    per round as all workers together, so every round costs the same); every path then branches
+    from it, as in Branch-Train-Merge and DiPaCo, and trains on its own shard for the remaining rounds.
+    `profiles` names device profiles (see fedmoe.strategies.assignment.PROFILES): each path is then
+    trained by one client per profile, each holding the variant (bits, density) its profile fits,
+    with sub-models chosen by `scheme`.
 
     With one worker per path, DiLoCo's outer Nesterov step (lr 0.7, momentum 0.9: the
     `OuterOptimizer` defaults, meant for several workers per module) overshoots the worker's own end
@@ -43,12 +50,24 @@ class ExperimentConfig:
     clustering: str = "kmeans"
     router: str = "learned"
     lr_schedule: str = "cosine"
+    profiles: tuple[str, ...] = ()
+    scheme: str = "rolling"
     seed: int = 0
 
     @property
     def n_paths(self) -> int:
         """Number of paths, hence of shards and of experts in the ensemble."""
         return int(np.prod(self.grid))
+
+    @property
+    def workers_per_path(self) -> int:
+        """Clients per path: one per device profile (each path's shard is split among them), or one."""
+        return max(1, len(self.profiles))
+
+    @property
+    def steps_per_round(self) -> int:
+        """Inner steps of all workers in one round: what the dense baseline gets per round."""
+        return self.inner.steps * self.n_paths * self.workers_per_path
 
     @property
     def top_ks(self) -> list[int]:
@@ -69,6 +88,7 @@ class RunResult:
     model: ModularModel | None = None
     steps_per_round: int | None = None
     shared_state: ModuleStates | None = None
+    clients: list[dict[str, Any]] = field(default_factory=list)
 
 
 def branch(states: ModuleStates, grid: tuple[int, ...]) -> ModuleStates:
@@ -178,7 +198,7 @@ def train_experts(task: Task, config: ExperimentConfig, partition: str, progress
     result = RunResult(partition, router_accuracy=router_accuracy, ensemble=ensemble)
 
     if config.shared_rounds:
-        shared_steps = config.inner.steps * config.n_paths
+        shared_steps = config.steps_per_round
         if dense is None:
             dense = train_dense(task, config, shared_steps, progress, rounds=config.shared_rounds)
         if dense.steps_per_round != shared_steps or dense.shared_state is None:
@@ -186,14 +206,16 @@ def train_experts(task: Task, config: ExperimentConfig, partition: str, progress
         model.load_module_states(branch(dense.shared_state, config.grid))
         result.rounds = [{"round": r["round"], "experts": [r["dense"]] * len(paths), "top1": r["dense"]} for r in dense.rounds[: config.shared_rounds]]
 
-    def on_round(r: int, losses: list[float]) -> None:
+    def on_round(r: int, stats: list[WorkerStats]) -> None:
         result.rounds.append({
             "round": config.shared_rounds + r + 1,
             "experts": [evaluate_model(e, task) for e in ensemble.experts],
             "top1": evaluate_ensemble(ensemble, task, 1),
+            "upload_bytes": [s.upload_bytes for s in stats],
         })
 
-    assignments = [Assignment(path, units) for path, units in zip(paths, shards)]
+    assignments = assign_clients(model, paths, shards, config)
+    result.clients = [client_footprint(model, a) for a in assignments]
     rounds = config.rounds - config.shared_rounds
     train_federation(
         model, assignments, task, rounds, config.inner, outer_optimizer(model, config), config.seed, on_round,
@@ -201,7 +223,31 @@ def train_experts(task: Task, config: ExperimentConfig, partition: str, progress
     )
     result.experts = list(result.rounds[-1]["experts"])
     result.final = {f"top{k}": evaluate_ensemble(ensemble, task, k) for k in config.top_ks}
+    for i, client in enumerate(result.clients):
+        client["upload_bytes_per_round"] = statistics.fmean(r["upload_bytes"][i] for r in result.rounds[config.shared_rounds :])
     return result
+
+
+def assign_clients(model: ModularModel, paths: list[Path], shards: list[np.ndarray], config: ExperimentConfig) -> list[Assignment]:
+    """One client per profile on each path, each with an equal random part of the path's shard and the variant its profile fits."""
+    if not config.profiles:
+        return [Assignment(path, units) for path, units in zip(paths, shards)]
+    assignments = []
+    for path, units in zip(paths, shards):
+        path_model = model.compose(path)
+        parts = iid(len(units), config.workers_per_path, seed=config.seed)
+        for name, part in zip(config.profiles, parts):
+            if name not in PROFILES:
+                raise ValueError(f"unknown profile {name!r}; known: {', '.join(PROFILES)}")
+            assignments.append(Assignment(path, units[part], assign_variant(PROFILES[name], path_model, config.scheme)))
+    return assignments
+
+
+def client_footprint(model: ModularModel, assignment: Assignment) -> dict[str, Any]:
+    """A client's variant and the bytes it stores for its weights (its first round's sub-model)."""
+    path_model = model.compose(assignment.path)
+    masks = round_masks(path_model, assignment.variant, 0, 0)
+    return {"path": str(assignment.path), "variant": assignment.variant.name, "weight_bytes": variant_bytes(path_model, assignment.variant, masks)["weights"]}
 
 
 @dataclass
@@ -230,7 +276,7 @@ def compare(task: Task, config: ExperimentConfig, seeds: int = 1, progress: bool
     comparison = Comparison(task, config, [], {p: [] for p in PARTITIONS})
     for seed in range(seeds):
         seeded = replace(config, seed=config.seed + seed)
-        dense = train_dense(task, seeded, config.inner.steps * config.n_paths, progress)
+        dense = train_dense(task, seeded, config.steps_per_round, progress)
         comparison.dense.append(dense)
         for partition in PARTITIONS:
             comparison.experts[partition].append(train_experts(task, seeded, partition, progress, dense))

@@ -40,6 +40,15 @@ MIXES: dict[str, tuple[str, ...]] = {
 }
 
 
+def parse_profiles(text: str) -> tuple[str, ...]:
+    """A mix name ("mixed") or profile names joined by commas ("fp32,int4-p50") -> profile names; "" -> ()."""
+    names = MIXES.get(text) or tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in PROFILES]
+    if unknown:
+        raise ValueError(f"unknown profile(s) {', '.join(unknown)}; known: {', '.join(PROFILES)}; mixes: {', '.join(MIXES)}")
+    return names
+
+
 def training_bytes(model: nn.Module, variant: Variant) -> int:
     """Bytes a client needs to train its sub-model: the stored weights plus fp32 training state per held parameter."""
     masks = round_masks(model, variant, 0, 0)
