@@ -136,6 +136,11 @@ def group_by_module(path: Path, deltas: dict[str, torch.Tensor], masks: Masks, w
     return Update(grouped, weight, grouped_masks or None)
 
 
+def deliver(path_model: nn.Module, variant: Variant, masks: Masks) -> dict[str, QTensor]:
+    """The path's weights as a client of `variant` receives them: held coordinates only, at its bit-width."""
+    return {name: quantize(held_values(p.detach(), masks.get(name)), variant.bits) for name, p in path_model.named_parameters()}
+
+
 @dataclass
 class Worker:
     """A client training `path` on its data with its variant; keeps AdamW state and error feedback across rounds."""
@@ -152,32 +157,29 @@ class Worker:
         self.feedback = ErrorFeedback(self.variant.bits)
 
     def run_round(self, model: ModularModel, inner: InnerConfig, round: int) -> Upload:
-        """Receive the path, train it for `inner.steps` steps and return the compressed outer gradient."""
-        worker = copy.deepcopy(model.compose(self.path))
-        masks = round_masks(worker, self.variant, round, self.seed)
+        """Receive the path from the grid in this process, train it and return the compressed outer gradient."""
+        path_model = copy.deepcopy(model.compose(self.path))
+        masks = round_masks(path_model, self.variant, round, self.seed)
+        return self.train_round(path_model, deliver(path_model, self.variant, masks), masks, inner, round)
+
+    def train_round(self, path_model: nn.Module, delivered: dict[str, QTensor], masks: Masks, inner: InnerConfig, round: int) -> Upload:
+        """Load the delivered weights into `path_model`, train `inner.steps` steps, return the compressed outer gradient."""
         with torch.no_grad():
-            for name, p in worker.named_parameters():
-                p.copy_(self.deliver(p, masks.get(name)))
-        start = {name: p.detach().clone() for name, p in worker.named_parameters()}
-        restrictions = self.restrictions(worker, masks)
+            for name, p in path_model.named_parameters():
+                p.copy_(scatter_held(dequantize(delivered[name]), masks.get(name), p.shape))
+        start = {name: p.detach().clone() for name, p in path_model.named_parameters()}
+        restrictions = self.restrictions(path_model, masks)
         for module, name, mask in restrictions:
             parametrize.register_parametrization(module, name, Restrict(mask, self.variant.bits))
-        loss, self.optimizer_state = train_local(worker, self.batches, inner, self.optimizer_state)
+        loss, self.optimizer_state = train_local(path_model, self.batches, inner, self.optimizer_state)
         for module, name, _ in restrictions:
             parametrize.remove_parametrizations(module, name, leave_parametrized=False)
         tensors = {}
-        for name, p in worker.named_parameters():
+        for name, p in path_model.named_parameters():
             mask = masks.get(name)
             delta = start[name] - p.detach()
             tensors[name] = self.feedback.compress(name, delta if mask is None else delta * mask, mask)
         return Upload(self.path, self.variant, round, self.seed, self.weight, tensors, loss)
-
-    def deliver(self, weight: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """The weight as this client receives it: held coordinates only, at its bit-width."""
-        held = held_values(weight.detach(), mask)
-        if self.variant.bits < 32:
-            held = dequantize(quantize(held, self.variant.bits))
-        return scatter_held(held, mask, weight.shape)
 
     def restrictions(self, model: nn.Module, masks: Masks) -> list[tuple[nn.Module, str, torch.Tensor | None]]:
         """(module, parameter name, mask) for every parameter trained under a mask or fake-quantization."""
