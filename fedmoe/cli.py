@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
+import signal
 import statistics
+import threading
 import time
 from pathlib import Path
 from typing import Annotated
@@ -127,6 +130,159 @@ def clients_table(clients: list[dict]) -> Table:
         ratio = f"{c['upload_bytes_per_round'] / reference['upload_bytes_per_round']:.3f}" if reference else "-"
         table.add_row(name, f"{c['weight_bytes']:,}", f"{c['upload_bytes_per_round']:,.0f}", ratio)
     return table
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "[::1]", "::1")
+
+
+def setup_logging(verbose: bool) -> None:
+    """Log fedmoe's progress to stderr."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def check_tls(address: str, certs: Path | None, insecure: bool) -> None:
+    """Plain text only on loopback, or when asked for explicitly."""
+    host = address.rsplit(":", 1)[0]
+    if certs is None and not insecure and host not in LOOPBACK:
+        raise typer.BadParameter(f"{address} is reachable from other hosts: give --certs DIR (made by `fedmoe certs`) or --insecure")
+
+
+def wait_for_signal(server, until=None, poll_s: float = 0.5) -> None:
+    """Serve until SIGINT/SIGTERM, or until `until()` is true."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(poll_s):
+        if until is not None and until():
+            break
+    server.stop(grace=2).wait()
+
+
+@app.command()
+def server(
+    address: Annotated[str, typer.Option(help="host:port to listen on.")] = "127.0.0.1:7000",
+    state: Annotated[Path, typer.Option(help="State directory: checkpoints, pending updates, the final ensemble.")] = Path("runs/coordinator"),
+    task: Annotated[str, typer.Option(click_type=click.Choice(["digits", "bible"]))] = "digits",
+    grid: Annotated[str, typer.Option(help="Modules per level, e.g. 4 or 2x2.")] = "4",
+    rounds: Annotated[int, typer.Option(min=1)] = 10,
+    steps: Annotated[int, typer.Option(min=1, help="Inner steps per round per client.")] = 50,
+    lr: float = 3e-3,
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    outer_lr: float = 0.7,
+    outer_momentum: float = 0.9,
+    scheme: Annotated[str, typer.Option(click_type=click.Choice(["rolling", "static", "random"]))] = "rolling",
+    min_clients: Annotated[int, typer.Option(min=1, help="Clients to wait for before the first round.")] = 1,
+    quorum: Annotated[float, typer.Option(help="Fraction of the members whose updates close a round.")] = 1.0,
+    deadline: Annotated[float, typer.Option(help="Seconds after which a round closes with the updates it has.")] = 300.0,
+    certs: Annotated[Path | None, typer.Option(help="TLS: a directory made by `fedmoe certs`.")] = None,
+    insecure: Annotated[bool, typer.Option(help="Allow plain text on a non-loopback address.")] = False,
+    exit_when_done: Annotated[bool, typer.Option(help="Stop once the last round closed and the clients were told.")] = False,
+    seed: int = 0,
+    verbose: Annotated[bool, typer.Option("--verbose/--quiet")] = True,
+) -> None:
+    """Run the coordinator: clients join, pull their path, train it and push outer gradients."""
+    from fedmoe.server.coordinator import Coordinator, CoordinatorConfig
+    from fedmoe.server.service import start_server
+    from fedmoe.train import InnerConfig
+
+    setup_logging(verbose)
+    check_tls(address, certs, insecure)
+    config = CoordinatorConfig(task, parse_grid(grid), rounds, InnerConfig(steps, lr, batch_size=batch_size), outer_lr, outer_momentum,
+                               scheme=scheme, min_clients=min_clients, quorum=quorum, deadline_s=deadline, seed=seed)
+    coordinator = Coordinator(config, state)
+    grpc_server, port = start_server(coordinator, address, str(certs) if certs else None)
+    console.print(f"coordinator on port {port}, state in {state}", style="bold")
+    if exit_when_done:
+        finished_at: list[float] = []
+
+        def done() -> bool:  # stop once every client heard DONE, or 30 s after the last round
+            if coordinator.finished and not finished_at:
+                finished_at.append(time.monotonic())
+            return coordinator.dismissed or bool(finished_at) and time.monotonic() - finished_at[0] > 30
+
+        wait_for_signal(grpc_server, done)
+    else:
+        wait_for_signal(grpc_server)
+
+
+@app.command()
+def client(
+    server: Annotated[str, typer.Option(help="The coordinator, host:port.")] = "127.0.0.1:7000",
+    profile: Annotated[str, typer.Option(help="Device profile: fp32, fp16, int8, int4, int4-p50, fp32-p25, laptop.")] = "fp32",
+    name: str = "",
+    certs: Annotated[Path | None, typer.Option(help="TLS: the directory with ca.pem from `fedmoe certs`.")] = None,
+    state_file: Annotated[Path | None, typer.Option(help="Keep this client's identity here, to rejoin after a restart.")] = None,
+    timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 3600.0,
+    verbose: Annotated[bool, typer.Option("--verbose/--quiet")] = True,
+) -> None:
+    """Join a federation with the built-in data and train until the coordinator says done."""
+    from fedmoe.clients import run
+    from fedmoe.strategies.assignment import PROFILES
+
+    setup_logging(verbose)
+    if profile not in PROFILES:
+        raise typer.BadParameter(f"unknown profile {profile!r}; known: {', '.join(PROFILES)}", param_hint="--profile")
+    summary = run(server, profile, certs=str(certs) if certs else None, name=name, state_file=str(state_file) if state_file else None, timeout_s=timeout)
+    console.print_json(json.dumps(summary))
+
+
+@app.command()
+def serve(
+    checkpoint: Annotated[Path, typer.Option(help="An ensemble checkpoint directory.")] = Path("runs/coordinator/ensemble"),
+    address: str = "127.0.0.1:7100",
+    top_k: Annotated[int, typer.Option(min=1)] = 1,
+    certs: Annotated[Path | None, typer.Option(help="TLS: a directory made by `fedmoe certs`.")] = None,
+    insecure: bool = False,
+    verbose: Annotated[bool, typer.Option("--verbose/--quiet")] = True,
+) -> None:
+    """Answer Predict requests with a trained router + ensemble."""
+    from fedmoe.ensemble import Ensemble
+    from fedmoe.server.inference import start_inference
+
+    setup_logging(verbose)
+    check_tls(address, certs, insecure)
+    grpc_server, port = start_inference(Ensemble.load(checkpoint), address, top_k, str(certs) if certs else None)
+    console.print(f"inference on port {port}", style="bold")
+    wait_for_signal(grpc_server)
+
+
+@app.command()
+def predict(
+    server: str = "127.0.0.1:7100",
+    inputs: Annotated[str, typer.Option(help="Comma-separated input values (a classifier's features).")] = "",
+    digit: Annotated[int | None, typer.Option(help="Send this test example of the bundled digits instead.")] = None,
+    text: Annotated[str, typer.Option(help="A prompt, for a byte language model.")] = "",
+    top_k: Annotated[int, typer.Option(min=0, help="0: the server's default.")] = 0,
+    certs: Annotated[Path | None, typer.Option(help="TLS: the directory with ca.pem.")] = None,
+) -> None:
+    """Ask an inference service for one prediction; prints the answer as JSON."""
+    from fedmoe.clients.runtime import connect
+    from fedmoe.v1 import inference_pb2, inference_pb2_grpc
+
+    values = [float(v) for v in inputs.split(",") if v.strip()]
+    if digit is not None:
+        from fedmoe.data import load_digits_split
+
+        values = load_digits_split()[1].inputs[digit].tolist()
+    with connect(server, str(certs) if certs else None) as channel:
+        reply = inference_pb2_grpc.InferenceStub(channel).Predict(inference_pb2.PredictRequest(inputs=values, text=text, top_k=top_k), timeout=30)
+    probs = list(reply.probs)
+    console.print_json(json.dumps({"prediction": max(range(len(probs)), key=probs.__getitem__), "probs": [round(p, 5) for p in probs],
+                                   "experts": list(reply.experts), "paths": list(reply.paths), "weights": list(reply.weights)}))
+
+
+@app.command()
+def certs(
+    out: Annotated[Path, typer.Option(help="Directory for ca.pem, server.pem/.key and client certificates.")] = Path("certs"),
+    host: Annotated[list[str] | None, typer.Option(help="Host names / IPs the server certificate is valid for (repeatable).")] = None,
+    client_name: Annotated[list[str] | None, typer.Option("--client", help="Client certificate names (repeatable).")] = None,
+    overwrite: bool = False,
+) -> None:
+    """Make a CA, a server certificate and client certificates for TLS (with the cryptography package)."""
+    from fedmoe.security import make_certs
+
+    directory = make_certs(out, tuple(host or ("localhost", "127.0.0.1", "::1")), tuple(client_name or ("client",)), overwrite=overwrite)
+    console.print(f"wrote TLS material to {directory}")
 
 
 def main() -> None:

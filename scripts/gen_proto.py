@@ -23,8 +23,8 @@ def proto_files() -> list[Path]:
     return sorted((PROTO_ROOT / "fedmoe" / "v1").glob("*.proto"))
 
 
-def generate(out: Path) -> list[Path]:
-    """Write the stubs and the package's __init__.py under out/fedmoe/v1/; return the files written, sorted."""
+def generate(out: Path) -> None:
+    """Write the stubs and the package's __init__.py under out/fedmoe/v1/."""
     package = out / "fedmoe" / "v1"
     package.mkdir(parents=True, exist_ok=True)
     include = resources.files("grpc_tools") / "_proto"
@@ -34,13 +34,12 @@ def generate(out: Path) -> list[Path]:
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed on {protos}")
     (package / "__init__.py").write_text(INIT_DOC)
-    return sorted(p for p in package.iterdir() if p.is_file())
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=ROOT, help="root to write fedmoe/v1/ under (default: the repo root)")
+    parser.add_argument("--out", type=Path, default=ROOT, help="where fedmoe/v1/ goes (default: the repository root)")
     generate(parser.parse_args(argv).out.resolve())
     return 0
 

@@ -1,0 +1,143 @@
+"""The coordinator over gRPC: authentication, streaming of tensors, health checking."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path as FsPath
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from fedmoe.modular import Path
+from fedmoe.security import AuthError, TokenAuthority, bearer, server_credentials
+from fedmoe.strategies.assignment import DeviceProfile
+from fedmoe.server.coordinator import Coordinator, Member, Rejected
+from fedmoe.v1 import coordinator_pb2 as pb
+from fedmoe.v1 import coordinator_pb2_grpc as pb_grpc
+from fedmoe.wire import WireError, decode_tensors, encode_tensors
+from fedmoe.worker import Upload, Variant
+
+log = logging.getLogger("fedmoe.server")
+MAX_UPDATE_BYTES = 4 << 30
+
+
+def abort(context: grpc.ServicerContext, code: str, detail: str) -> None:
+    """End the call with a precise status; the coordinator's state is unchanged."""
+    log.warning("rejected: %s %s", code, detail)
+    context.abort(getattr(grpc.StatusCode, code), detail)
+
+
+def assignment_message(coordinator: Coordinator, member: Member, round: int) -> pb.Assignment:
+    """The Assignment a member trains this round."""
+    inner = coordinator.config.inner
+    return pb.Assignment(
+        path=member.path, variant=pb.Variant(**member.variant), round=round, seed=member.seed, shard=member.shard,
+        shards=len(coordinator.paths), inner_steps=inner.steps, inner_lr=inner.lr, batch_size=inner.batch_size,
+    )
+
+
+class CoordinatorService(pb_grpc.CoordinatorServicer):
+    """Join, Pull, Push, Heartbeat and Status on top of a `Coordinator`."""
+
+    def __init__(self, coordinator: Coordinator, tokens: TokenAuthority, max_update_bytes: int = MAX_UPDATE_BYTES):
+        self.coordinator, self.tokens, self.max_update_bytes = coordinator, tokens, max_update_bytes
+
+    def authenticate(self, context: grpc.ServicerContext, client_id: str) -> None:
+        """The call must carry a valid token issued to `client_id`."""
+        token = bearer(context.invocation_metadata())
+        if token is None:
+            abort(context, "UNAUTHENTICATED", "missing bearer token in the authorization metadata")
+        try:
+            owner = self.tokens.verify(token)
+        except AuthError as e:
+            abort(context, "UNAUTHENTICATED", str(e))
+        if owner != client_id:
+            abort(context, "PERMISSION_DENIED", f"the token was issued to another client than {client_id}")
+
+    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
+        if request.client_id:
+            self.authenticate(context, request.client_id)
+        p = request.profile
+        profile = DeviceProfile(p.name, p.memory_bytes, p.bits, tuple(p.densities) or (1.0,), p.speed or 1.0)
+        try:
+            member = self.coordinator.join(profile, request.name, request.client_id)
+        except Rejected as e:
+            abort(context, e.code, e.detail)
+        model = json.dumps({"task": self.coordinator.config.task, "model": self.coordinator.spec.to_dict(),
+                            "partition": self.coordinator.config.partition, "clustering": self.coordinator.config.clustering,
+                            "seed": self.coordinator.config.seed})
+        return pb.JoinReply(client_id=member.client_id, token=self.tokens.issue(member.client_id), model_json=model,
+                            assignment=assignment_message(self.coordinator, member, self.coordinator.round))
+
+    def Pull(self, request: pb.PullRequest, context: grpc.ServicerContext) -> Iterator[pb.PullFrame]:
+        self.authenticate(context, request.client_id)
+        try:
+            member, round, tensors = self.coordinator.assignment(request.client_id)
+        except Rejected as e:
+            abort(context, e.code, e.detail)
+        yield pb.PullFrame(assignment=assignment_message(self.coordinator, member, round))
+        for frame in encode_tensors(tensors):
+            yield pb.PullFrame(tensor=frame)
+
+    def Push(self, request_iterator: Iterator[pb.PushFrame], context: grpc.ServicerContext) -> pb.PushReply:
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("frame") != "header":
+            abort(context, "INVALID_ARGUMENT", "a push starts with a PushHeader")
+        header = first.header
+        self.authenticate(context, header.client_id)
+        try:
+            tensors = decode_tensors(tensor_frames(request_iterator), self.max_update_bytes)
+            upload = Upload(Path.parse(header.path), Variant(header.variant.bits, round(header.variant.density, 6), header.variant.scheme),
+                            header.round, header.seed, header.weight, tensors, header.loss)
+            open_round = self.coordinator.submit(upload, header.client_id, header.update_id)
+        except WireError as e:
+            abort(context, e.code.name, str(e))
+        except Rejected as e:
+            abort(context, e.code, e.detail)
+        except ValueError as e:
+            abort(context, "INVALID_ARGUMENT", str(e))
+        return pb.PushReply(accepted=True, round=open_round, detail="stored")
+
+    def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatReply:
+        self.authenticate(context, request.client_id)
+        try:
+            action = self.coordinator.action(request.client_id)
+        except Rejected as e:
+            abort(context, e.code, e.detail)
+        return pb.HeartbeatReply(action=getattr(pb.HeartbeatReply, action), round=self.coordinator.round)
+
+    def Status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusReply:
+        return pb.StatusReply(json=json.dumps(self.coordinator.status()))
+
+
+def tensor_frames(frames: Iterator[pb.PushFrame]) -> Iterator:
+    """The tensor frames after a push's header; a second header is malformed."""
+    for frame in frames:
+        if frame.WhichOneof("frame") != "tensor":
+            raise WireError(grpc.StatusCode.INVALID_ARGUMENT, "a push carries exactly one PushHeader, first")
+        yield frame.tensor
+
+
+def start_server(coordinator: Coordinator, address: str, certs: str | None = None, workers: int = 16) -> tuple[grpc.Server, int]:
+    """Start the coordinator (and the standard health service) on `address`; returns the server and its port.
+
+    With `certs` (a directory made by `fedmoe certs`) the port speaks TLS; otherwise it is plain text.
+    """
+    options = [("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send_message_length", 8 << 20)]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=options)
+    tokens = TokenAuthority.load_or_create(FsPath(coordinator.state_dir) / "token.secret")
+    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorService(coordinator, tokens), server)
+    health_servicer = health.HealthServicer()
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_servicer.set("fedmoe.v1.Coordinator", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_secure_port(address, server_credentials(certs)) if certs else server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    server.start()
+    log.info("coordinator listening on %s (port %d, %s)", address, port, "TLS" if certs else "plain text")
+    return server, port
+
