@@ -1,0 +1,164 @@
+"""The coordinator over real gRPC on 127.0.0.1: big tensors, bad input, restarts."""
+
+import struct
+import uuid
+
+import grpc
+import pytest
+import torch
+
+from fedmoe.clients.runtime import Session, connect, join, push_frames, run, train_round
+from fedmoe.compress.quant import QTensor, quantize
+from fedmoe.modular import Path
+from fedmoe.server.coordinator import Coordinator, CoordinatorConfig
+from fedmoe.server.service import start_server
+from fedmoe.strategies.assignment import PROFILES
+from fedmoe.tasks import digits_task
+from fedmoe.train import InnerConfig
+from fedmoe.v1 import coordinator_pb2 as pb
+from fedmoe.v1 import coordinator_pb2_grpc as pb_grpc
+from fedmoe.wire import encode_tensors
+from fedmoe.worker import Upload, Variant, Worker
+
+CONFIG = CoordinatorConfig(grid=(2,), rounds=2, inner=InnerConfig(steps=5), min_clients=2)
+
+
+@pytest.fixture
+def federation(tmp_path):
+    coordinator = Coordinator(CONFIG, tmp_path / "state")
+    server, port = start_server(coordinator, "127.0.0.1:0")
+    channel = connect(f"127.0.0.1:{port}")
+    stub = pb_grpc.CoordinatorStub(channel)
+    try:
+        yield coordinator, stub
+    finally:
+        channel.close()
+        server.stop(0).wait()
+
+
+def joined(stub, profile="fp32"):
+    session = join(stub, PROFILES[profile], profile, None, deadline=float("inf"))
+    a = session.assignment
+    task = digits_task()
+    worker = Worker(Path.parse(a.path), task.batches(range(100), 16, a.seed), 100.0, Variant(a.variant.bits, a.variant.density, a.variant.scheme), a.seed)
+    return session, worker
+
+
+def trained_upload(coordinator, stub, session, worker):
+    return train_round(stub, session, worker, coordinator.spec, None, float("inf"))
+
+
+def push(stub, session, upload, update_id=None):
+    frames = list(push_frames(session, upload))
+    if update_id:
+        frames[0].header.update_id = update_id
+    return stub.Push(iter(frames), metadata=session.metadata, timeout=60)
+
+
+def code_of(call):
+    with pytest.raises(grpc.RpcError) as error:
+        call()
+    return error.value.code()
+
+
+def snapshot(coordinator):
+    return {k: {n: t.clone() for n, t in s.items()} for k, s in coordinator.model.module_states().items()}, dict(coordinator.pending)
+
+
+def unchanged(coordinator, before):
+    states, pending = before
+    now = coordinator.model.module_states()
+    return pending.keys() == coordinator.pending.keys() and all(torch.equal(now[k][n], t) for k, s in states.items() for n, t in s.items())
+
+
+def test_bad_input_gets_a_precise_status_and_changes_nothing(federation):
+    coordinator, stub = federation
+    a, worker_a = joined(stub)
+    b, _ = joined(stub, "int8")
+    upload = trained_upload(coordinator, stub, a, worker_a)
+    before = snapshot(coordinator)
+    forged = Session(a.client_id, a.token[:-2] + ("AA" if not a.token.endswith("AA") else "BB"), a.model, a.assignment)
+    assert code_of(lambda: push(stub, forged, upload)) == grpc.StatusCode.UNAUTHENTICATED
+    as_b = Session(a.client_id, b.token, a.model, a.assignment)
+    assert code_of(lambda: push(stub, as_b, upload)) == grpc.StatusCode.PERMISSION_DENIED
+    assert code_of(lambda: stub.Heartbeat(pb.HeartbeatRequest(client_id=a.client_id), timeout=10)) == grpc.StatusCode.UNAUTHENTICATED
+    stale = Upload(upload.path, upload.variant, 7, upload.seed, upload.weight, upload.tensors, upload.loss)
+    assert code_of(lambda: push(stub, a, stale)) == grpc.StatusCode.FAILED_PRECONDITION
+    name = next(iter(upload.tensors))
+    wrong_shape = dict(upload.tensors, **{name: quantize(torch.zeros(3, 3), 32)})
+    assert code_of(lambda: push(stub, a, Upload(upload.path, upload.variant, 0, upload.seed, 1.0, wrong_shape, 0.0))) == grpc.StatusCode.INVALID_ARGUMENT
+    q = upload.tensors[name]
+    nan = QTensor(32, q.shape, struct.pack("<f", float("nan")) * (len(q.payload) // 4), b"")
+    assert code_of(lambda: push(stub, a, Upload(upload.path, upload.variant, 0, upload.seed, 1.0, dict(upload.tensors, **{name: nan}), 0.0))) == grpc.StatusCode.INVALID_ARGUMENT
+    huge = QTensor(32, q.shape, struct.pack("<f", 1e30) * (len(q.payload) // 4), b"")
+    assert code_of(lambda: push(stub, a, Upload(upload.path, upload.variant, 0, upload.seed, 1.0, dict(upload.tensors, **{name: huge}), 0.0))) == grpc.StatusCode.INVALID_ARGUMENT
+    other_path = Upload(Path((1 - upload.path.modules[0],)), upload.variant, 0, upload.seed, 1.0, upload.tensors, 0.0)
+    assert code_of(lambda: push(stub, a, other_path)) == grpc.StatusCode.INVALID_ARGUMENT
+
+    def corrupted():
+        frames = list(push_frames(a, upload))
+        chunk = next(f for f in frames if f.WhichOneof("frame") == "tensor" and f.tensor.WhichOneof("frame") == "chunk")
+        chunk.tensor.chunk.data = bytes([chunk.tensor.chunk.data[0] ^ 1]) + chunk.tensor.chunk.data[1:]
+        return stub.Push(iter(frames), metadata=a.metadata, timeout=60)
+
+    assert code_of(corrupted) == grpc.StatusCode.INVALID_ARGUMENT
+
+    def truncated():
+        frames = list(push_frames(a, upload))[:-2]
+        return stub.Push(iter(frames), metadata=a.metadata, timeout=60)
+
+    assert code_of(truncated) == grpc.StatusCode.DATA_LOSS
+    assert unchanged(coordinator, before)
+    update_id = uuid.uuid4().hex
+    assert push(stub, a, upload, update_id).accepted
+    assert code_of(lambda: push(stub, a, upload, update_id)) == grpc.StatusCode.ALREADY_EXISTS  # a replay
+    assert code_of(lambda: push(stub, a, upload)) == grpc.StatusCode.ALREADY_EXISTS  # a second update for the round
+    assert len(coordinator.pending) == 1 and coordinator.round == 0
+
+
+def test_acknowledged_updates_survive_a_restart_and_are_applied_once(tmp_path):
+    def federation_round(state, restart):
+        coordinator = Coordinator(CONFIG, state)
+        server, port = start_server(coordinator, "127.0.0.1:0")
+        channel = connect(f"127.0.0.1:{port}")
+        stub = pb_grpc.CoordinatorStub(channel)
+        a, worker_a = joined(stub)
+        b, worker_b = joined(stub, "int4-p50")
+        upload_a = trained_upload(coordinator, stub, a, worker_a)
+        upload_b = trained_upload(coordinator, stub, b, worker_b)
+        assert push(stub, a, upload_a).accepted
+        if restart:  # the coordinator dies after acknowledging a's update
+            channel.close()
+            server.stop(0).wait()
+            coordinator = Coordinator(CONFIG, state)
+            assert list(coordinator.pending) == [a.client_id]
+            server, port = start_server(coordinator, "127.0.0.1:0")
+            channel = connect(f"127.0.0.1:{port}")
+            stub = pb_grpc.CoordinatorStub(channel)
+        assert push(stub, b, upload_b).accepted  # b's token still works: the secret is in the state directory
+        channel.close()
+        server.stop(0).wait()
+        assert coordinator.round == 1 and coordinator.metrics[0]["updates"] == 2
+        return coordinator.model.module_states()
+
+    straight = federation_round(tmp_path / "a", restart=False)
+    restarted = federation_round(tmp_path / "b", restart=True)
+    assert all(torch.equal(straight[k][n], restarted[k][n]) for k in straight for n in straight[k])
+    resumed = Coordinator(CONFIG, tmp_path / "b")
+    assert resumed.round == 1 and not resumed.pending
+    assert all(torch.equal(resumed.model.module_states()[k][n], restarted[k][n]) for k in straight for n in straight[k])
+
+
+def test_a_50_mb_expert_is_pulled_and_pushed_through_the_stream(tmp_path):
+    task = digits_task(hidden=2500, depth=3)  # 12.7M parameters: 51 MB at fp32
+    config = CoordinatorConfig(grid=(1,), rounds=1, inner=InnerConfig(steps=1, batch_size=8))
+    coordinator = Coordinator(config, tmp_path / "state", task=task)
+    size = 4 * sum(p.numel() for p in coordinator.model.parameters())
+    assert size > 50e6
+    server, port = start_server(coordinator, "127.0.0.1:0")
+    try:
+        summary = run(f"127.0.0.1:{port}", "fp32", timeout_s=300)
+    finally:
+        server.stop(0).wait()
+    assert summary["rounds"] == [0] and summary["upload_bytes"] == size
+    assert coordinator.finished and coordinator.metrics[0]["upload_bytes"] == size
