@@ -189,7 +189,7 @@ class Coordinator:
                 update = decode(self.model, upload)
             except ValueError as e:
                 raise Rejected("INVALID_ARGUMENT", str(e)) from None
-            norm = float(torch.sqrt(sum((t.double() ** 2).sum() for s in update.deltas.values() for t in s.values())))
+            norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for s in update.deltas.values() for t in s.values()])))
             if not np.isfinite(norm) or norm > self.config.max_update_norm:
                 raise Rejected("INVALID_ARGUMENT", f"outer gradient norm {norm:.3g} is not finite or above {self.config.max_update_norm:g}")
             self.write_pending(client_id, update_id, upload)

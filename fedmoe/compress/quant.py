@@ -114,9 +114,9 @@ def quantize(t: torch.Tensor, bits: int) -> QTensor:
         raise ValueError("cannot quantize a tensor that contains NaN or Inf values")
     shape = tuple(x.shape)
     if bits == 32:
-        return QTensor(bits, shape, x.numpy().astype("<f4").tobytes(), b"")
+        return QTensor(bits, shape, x.numpy().astype("<f4", copy=False).tobytes(), b"")
     if bits == 16:
-        return QTensor(bits, shape, _to_half(x).numpy().astype("<f2").tobytes(), b"")
+        return QTensor(bits, shape, _to_half(x).numpy().astype("<f2", copy=False).tobytes(), b"")
     q, scales = _rounded(x, bits)
     q = q.to(torch.int8)
     payload = q.numpy().tobytes() if bits == 8 else pack_int4(q)

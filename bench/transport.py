@@ -1,0 +1,125 @@
+"""Transport benchmark on loopback: Pull and Push of a 100 MB module next to a raw gRPC byte stream of the
+same size, in the same run (the ratio is the figure), and the coordinator's aggregation of one round of
+16 updates of 10M parameters.
+
+    python bench/transport.py
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from concurrent import futures
+
+import grpc
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from fedmoe.clients.runtime import connect, join, push_frames
+from fedmoe.compress.quant import quantize
+from fedmoe.modular import Path
+from fedmoe.server.coordinator import Coordinator, CoordinatorConfig
+from fedmoe.server.service import start_server
+from fedmoe.strategies.aggregate import aggregate
+from fedmoe.strategies.assignment import PROFILES
+from fedmoe.tasks import digits_task
+from fedmoe.train import InnerConfig
+from fedmoe.v1 import coordinator_pb2 as pb
+from fedmoe.v1 import coordinator_pb2_grpc as pb_grpc
+from fedmoe.wire import CHUNK_BYTES, decode_tensors
+from fedmoe.worker import Upload, Variant
+
+REPEATS = 3
+
+
+def raw_stream_seconds(size: int) -> float:
+    """Seconds to send `size` bytes in 1 MiB messages through a bare gRPC stream-unary call."""
+    def consume(request_iterator, context):
+        return sum(len(m) for m in request_iterator).to_bytes(8, "little")
+
+    handler = grpc.method_handlers_generic_handler("raw.Bytes", {"Send": grpc.stream_unary_rpc_method_handler(consume)})
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    chunk = bytes(CHUNK_BYTES)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            send = channel.stream_unary("/raw.Bytes/Send")
+            started = time.perf_counter()
+            got = int.from_bytes(send(iter([chunk] * (size // CHUNK_BYTES))), "little")
+            elapsed = time.perf_counter() - started
+    finally:
+        server.stop(0)
+    assert got == size // CHUNK_BYTES * CHUNK_BYTES
+    return elapsed
+
+
+def pull_push_seconds() -> tuple[int, float, float]:
+    """(module bytes, Pull seconds, Push seconds) for a ~100 MB path through the coordinator."""
+    task = digits_task(hidden=3500, depth=3)
+    with tempfile.TemporaryDirectory() as state:
+        coordinator = Coordinator(CoordinatorConfig(grid=(1,), rounds=1, inner=InnerConfig(steps=1), min_clients=2), state, task=task)
+        size = 4 * sum(p.numel() for p in coordinator.model.parameters())
+        server, port = start_server(coordinator, "127.0.0.1:0")
+        try:
+            with connect(f"127.0.0.1:{port}") as channel:
+                stub = pb_grpc.CoordinatorStub(channel)
+                sessions = [join(stub, PROFILES["fp32"], f"bench{i}", None, float("inf")) for i in range(2)]
+                pulls, pushes = [], []
+                for i in range(REPEATS):
+                    started = time.perf_counter()
+                    frames = list(stub.Pull(pb.PullRequest(client_id=sessions[0].client_id), metadata=sessions[0].metadata))
+                    tensors = decode_tensors((f.tensor for f in frames[1:]), 1 << 32)
+                    pulls.append(time.perf_counter() - started)
+                    a = sessions[0].assignment
+                    upload = Upload(Path.parse(a.path), Variant(), 0, a.seed, 1.0, tensors, 0.0)
+                    started = time.perf_counter()
+                    stub.Push(push_frames(sessions[0], upload), metadata=sessions[0].metadata)
+                    pushes.append(time.perf_counter() - started)
+                    coordinator.pending.clear()  # let the same client push again; nothing else reads it here
+        finally:
+            server.stop(0)
+    return size, statistics.median(pulls), statistics.median(pushes)
+
+
+def aggregation_seconds(bits: int, n_updates: int = 16) -> float:
+    """Seconds for the coordinator to decode and average one round of n updates of a 10M-parameter path."""
+    task = digits_task(hidden=3150, depth=2)  # about 10M parameters
+    model = task.model_spec((1,)).build()
+    path = Path((0,))
+    params = dict(model.compose(path).named_parameters())
+    generator = torch.Generator().manual_seed(0)
+    uploads = [
+        Upload(path, Variant(bits), 0, 0, 1.0, {n: quantize(torch.randn(p.shape, generator=generator) * 1e-3, bits) for n, p in params.items()}, 0.0)
+        for _ in range(n_updates)
+    ]
+    started = time.perf_counter()
+    aggregate(model, uploads)
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    console = Console(width=140)
+    size, pull_s, push_s = pull_push_seconds()
+    raw_s = statistics.median(raw_stream_seconds(size) for _ in range(REPEATS))
+    mb = size / 1e6
+    table = Table(title=f"loopback transport of a {mb:.0f} MB module (median of {REPEATS})")
+    for column in ("what", "seconds", "MB/s", "ratio to raw gRPC"):
+        table.add_column(column, justify="left" if column == "what" else "right")
+    for name, seconds in (("raw gRPC byte stream", raw_s), ("Pull (stream + checksum + decode)", pull_s), ("Push (stream + decode + durable write)", push_s)):
+        table.add_row(name, f"{seconds:.2f}", f"{mb / seconds:.0f}", f"{(mb / seconds) / (mb / raw_s):.2f}")
+    console.print(table)
+    n_params = sum(p.numel() for p in digits_task(hidden=3150, depth=2).model_spec((1,)).build().parameters())
+    agg = Table(title=f"aggregation of one round: 16 updates of {n_params / 1e6:.1f}M parameters")
+    agg.add_column("update bits")
+    agg.add_column("seconds", justify="right")
+    for bits in (32, 8, 4):
+        agg.add_row(str(bits), f"{aggregation_seconds(bits):.2f}")
+    console.print(agg)
+
+
+if __name__ == "__main__":
+    main()
