@@ -13,7 +13,7 @@ import logging
 import shutil
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path as FsPath
 from typing import Any
 
@@ -46,7 +46,13 @@ class Rejected(Exception):
 
 @dataclass(frozen=True)
 class CoordinatorConfig:
-    """A federation: the task and grid, rounds, inner settings sent to clients, outer step, round policy."""
+    """A federation: the task and grid, rounds, inner settings sent to clients, outer step, round policy.
+
+    A round closes when `quorum` of the members sent their update, or `deadline_s` after it opened
+    with at least one. An update for an already closed round is dropped (`late="drop"`), or, with
+    `late="stale"` and at most `max_staleness` rounds late, counted in the open round with its weight
+    divided by 1 + staleness.
+    """
 
     task: str = "digits"
     grid: tuple[int, ...] = (4,)
@@ -61,6 +67,8 @@ class CoordinatorConfig:
     quorum: float = 1.0
     deadline_s: float = 300.0
     max_update_norm: float = 1e4
+    late: str = "drop"
+    max_staleness: int = 1
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -68,6 +76,8 @@ class CoordinatorConfig:
             raise ValueError(f"unknown clustering {self.clustering!r}")
         if not 0 < self.quorum <= 1:
             raise ValueError(f"quorum is a fraction of the members in (0, 1], got {self.quorum}")
+        if self.late not in ("drop", "stale"):
+            raise ValueError(f"late updates are dropped or used with staleness weighting: 'drop' or 'stale', got {self.late!r}")
 
 
 @dataclass
@@ -178,7 +188,9 @@ class Coordinator:
             member = self.member(client_id)
             if update_id in self.seen_updates:
                 raise Rejected("ALREADY_EXISTS", f"update {update_id} was already accepted")
-            if upload.round != self.round or self.finished:
+            staleness = self.round - upload.round
+            late_ok = self.config.late == "stale" and staleness <= self.config.max_staleness
+            if self.finished or staleness < 0 or (staleness > 0 and not late_ok):
                 raise Rejected("FAILED_PRECONDITION", f"update for round {upload.round}, but round {self.round} is open")
             if client_id in self.pending:
                 raise Rejected("ALREADY_EXISTS", f"client {client_id} already sent its update for round {self.round}")
@@ -192,6 +204,8 @@ class Coordinator:
             norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for s in update.deltas.values() for t in s.values()])))
             if not np.isfinite(norm) or norm > self.config.max_update_norm:
                 raise Rejected("INVALID_ARGUMENT", f"outer gradient norm {norm:.3g} is not finite or above {self.config.max_update_norm:g}")
+            if staleness:
+                upload = replace(upload, weight=upload.weight / (1 + staleness))
             self.write_pending(client_id, update_id, upload)
             self.pending[client_id] = upload
             self.seen_updates.add(update_id)
@@ -274,11 +288,11 @@ class Coordinator:
         self.metrics = manifest["metrics"]
         for directory in sorted((self.state_dir / "pending").glob("*")):
             try:
-                client_id, update_id, upload = self.read_pending(directory)
+                client_id, update_id, counted_in, upload = self.read_pending(directory)
             except CheckpointError as e:
                 log.warning("ignoring a torn pending update %s: %s", directory, e)
                 continue
-            if upload.round == self.round:
+            if counted_in == self.round:
                 self.pending[client_id] = upload
                 self.seen_updates.add(update_id)
         log.info("resumed at round %d with %d members and %d pending updates", self.round, len(self.members), len(self.pending))
@@ -294,16 +308,16 @@ class Coordinator:
         manifest = {
             "kind": "upload", "client_id": client_id, "update_id": update_id, "path": str(upload.path),
             "variant": asdict(upload.variant), "round": upload.round, "seed": upload.seed, "weight": upload.weight,
-            "loss": upload.loss, "qtensors": meta,
+            "loss": upload.loss, "qtensors": meta, "counted_in": self.round,
         }
-        save_checkpoint(self.state_dir / "pending" / f"r{upload.round}-{client_id}", tensors, manifest)
+        save_checkpoint(self.state_dir / "pending" / f"r{self.round}-{client_id}", tensors, manifest)
 
-    def read_pending(self, directory: FsPath) -> tuple[str, str, Upload]:
-        """Inverse of `write_pending`."""
+    def read_pending(self, directory: FsPath) -> tuple[str, str, int, Upload]:
+        """Inverse of `write_pending`: client id, update id, the round the upload counts in, the upload."""
         tensors, m = load_checkpoint(directory)
         qtensors = {
             name: QTensor(meta["bits"], tuple(meta["shape"]), tensors[f"{name}/payload"].numpy().tobytes(), tensors[f"{name}/scales"].numpy().tobytes())
             for name, meta in m["qtensors"].items()
         }
         upload = Upload(Path.parse(m["path"]), Variant(**m["variant"]), m["round"], m["seed"], m["weight"], qtensors, m["loss"])
-        return m["client_id"], m["update_id"], upload
+        return m["client_id"], m["update_id"], m["counted_in"], upload

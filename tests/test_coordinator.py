@@ -18,7 +18,7 @@ from fedmoe.train import InnerConfig
 from fedmoe.v1 import coordinator_pb2 as pb
 from fedmoe.v1 import coordinator_pb2_grpc as pb_grpc
 from fedmoe.wire import encode_tensors
-from fedmoe.worker import Upload, Variant, Worker
+from fedmoe.worker import Upload, Variant, Worker, round_masks
 
 CONFIG = CoordinatorConfig(grid=(2,), rounds=2, inner=InnerConfig(steps=5), min_clients=2)
 
@@ -162,3 +162,27 @@ def test_a_50_mb_expert_is_pulled_and_pushed_through_the_stream(tmp_path):
         server.stop(0).wait()
     assert summary["rounds"] == [0] and summary["upload_bytes"] == size
     assert coordinator.finished and coordinator.metrics[0]["upload_bytes"] == size
+
+
+@pytest.mark.parametrize("late", ["drop", "stale"])
+def test_a_straggler_update_is_dropped_or_counted_with_staleness_weight(tmp_path, late):
+    config = CoordinatorConfig(grid=(1,), rounds=3, inner=InnerConfig(steps=3), quorum=0.5, late=late)
+    coordinator = Coordinator(config, tmp_path / "state")
+    fast, slow = (coordinator.join(PROFILES["fp32"], name) for name in ("fast", "slow"))
+    task = digits_task()
+
+    def upload_of(member):
+        worker = Worker(Path.parse(member.path), task.batches(range(50), 8, member.seed), 50.0, Variant(**member.variant), member.seed)
+        _, round, delivered = coordinator.assignment(member.client_id)
+        path_model = coordinator.spec.build().compose(worker.path)
+        return worker.train_round(path_model, delivered, round_masks(path_model, worker.variant, round, member.seed), config.inner, round)
+
+    late_upload = upload_of(slow)  # pulled round 0 ...
+    assert coordinator.submit(upload_of(fast), fast.client_id, "u1") == 1  # ... which closes without it (quorum 1 of 2)
+    if late == "drop":
+        with pytest.raises(Exception) as rejected:
+            coordinator.submit(late_upload, slow.client_id, "u2")
+        assert rejected.value.code == "FAILED_PRECONDITION" and not coordinator.pending
+    else:
+        assert coordinator.submit(late_upload, slow.client_id, "u2") == 2  # counted in round 1, which it closes
+        assert coordinator.metrics[1]["updates"] == 1
