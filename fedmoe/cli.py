@@ -174,6 +174,7 @@ def server(
     min_clients: Annotated[int, typer.Option(min=1, help="Clients to wait for before the first round.")] = 1,
     quorum: Annotated[float, typer.Option(help="Fraction of the members whose updates close a round.")] = 1.0,
     deadline: Annotated[float, typer.Option(help="Seconds after which a round closes with the updates it has.")] = 300.0,
+    late: Annotated[str, typer.Option(click_type=click.Choice(["drop", "stale"]), help="Updates for a closed round: drop, or count with weight 1/(1 + staleness).")] = "drop",
     certs: Annotated[Path | None, typer.Option(help="TLS: a directory made by `fedmoe certs`.")] = None,
     insecure: Annotated[bool, typer.Option(help="Allow plain text on a non-loopback address.")] = False,
     exit_when_done: Annotated[bool, typer.Option(help="Stop once the last round closed and the clients were told.")] = False,
@@ -188,7 +189,7 @@ def server(
     setup_logging(verbose)
     check_tls(address, certs, insecure)
     config = CoordinatorConfig(task, parse_grid(grid), rounds, InnerConfig(steps, lr, batch_size=batch_size), outer_lr, outer_momentum,
-                               scheme=scheme, min_clients=min_clients, quorum=quorum, deadline_s=deadline, seed=seed)
+                               scheme=scheme, min_clients=min_clients, quorum=quorum, deadline_s=deadline, late=late, seed=seed)
     coordinator = Coordinator(config, state)
     grpc_server, port = start_server(coordinator, address, str(certs) if certs else None)
     console.print(f"coordinator on port {port}, state in {state}", style="bold")
