@@ -234,6 +234,7 @@ def serve(
     top_k: Annotated[int, typer.Option(min=1)] = 1,
     certs: Annotated[Path | None, typer.Option(help="TLS: a directory made by `fedmoe certs`.")] = None,
     insecure: bool = False,
+    wait: Annotated[float, typer.Option(help="Seconds to wait for the checkpoint to appear (a coordinator still training).")] = 0.0,
     verbose: Annotated[bool, typer.Option("--verbose/--quiet")] = True,
 ) -> None:
     """Answer Predict requests with a trained router + ensemble."""
@@ -242,6 +243,9 @@ def serve(
 
     setup_logging(verbose)
     check_tls(address, certs, insecure)
+    deadline = time.monotonic() + wait
+    while not (checkpoint / "manifest.json").exists() and time.monotonic() < deadline:
+        time.sleep(1.0)
     grpc_server, port = start_inference(Ensemble.load(checkpoint), address, top_k, str(certs) if certs else None)
     console.print(f"inference on port {port}", style="bold")
     wait_for_signal(grpc_server)
@@ -278,12 +282,38 @@ def certs(
     host: Annotated[list[str] | None, typer.Option(help="Host names / IPs the server certificate is valid for (repeatable).")] = None,
     client_name: Annotated[list[str] | None, typer.Option("--client", help="Client certificate names (repeatable).")] = None,
     overwrite: bool = False,
+    if_missing: Annotated[bool, typer.Option(help="Do nothing when the directory already holds a CA (for one-shot services).")] = False,
 ) -> None:
     """Make a CA, a server certificate and client certificates for TLS (with the cryptography package)."""
-    from fedmoe.security import make_certs
+    from fedmoe.security import CA_KEY, make_certs
 
+    if if_missing and (out / CA_KEY).exists():
+        console.print(f"{out} already holds a CA; nothing to do")
+        return
     directory = make_certs(out, tuple(host or ("localhost", "127.0.0.1", "::1")), tuple(client_name or ("client",)), overwrite=overwrite)
     console.print(f"wrote TLS material to {directory}")
+
+
+@app.command()
+def health(
+    server: Annotated[str, typer.Option(help="A coordinator or inference service, host:port.")] = "127.0.0.1:7000",
+    certs: Annotated[Path | None, typer.Option(help="TLS: the directory with ca.pem.")] = None,
+    timeout: float = 5.0,
+) -> None:
+    """Exit 0 when the service answers SERVING to a gRPC health check (for container health checks)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from fedmoe.clients.runtime import connect
+
+    with connect(server, str(certs) if certs else None) as channel:
+        try:
+            status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout).status
+        except grpc.RpcError as e:
+            console.print(f"{server}: not serving ({e.code().name})")
+            raise typer.Exit(1) from None
+    console.print(f"{server}: {health_pb2.HealthCheckResponse.ServingStatus.Name(status)}")
+    raise typer.Exit(0 if status == health_pb2.HealthCheckResponse.SERVING else 1)
 
 
 def main() -> None:
