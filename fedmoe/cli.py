@@ -175,6 +175,9 @@ def server(
     quorum: Annotated[float, typer.Option(help="Fraction of the members whose updates close a round.")] = 1.0,
     deadline: Annotated[float, typer.Option(help="Seconds after which a round closes with the updates it has.")] = 300.0,
     late: Annotated[str, typer.Option(click_type=click.Choice(["drop", "stale"]), help="Updates for a closed round: drop, or count with weight 1/(1 + staleness).")] = "drop",
+    aggregation: Annotated[str, typer.Option(click_type=click.Choice(["mean", "median", "trimmed-mean"]), help="How updates are combined per coordinate.")] = "mean",
+    trim: Annotated[float, typer.Option(help="Fraction trimmed at each end by trimmed-mean.")] = 0.2,
+    clip_norm: Annotated[float | None, typer.Option(help="Scale down updates whose norm is above this.")] = None,
     certs: Annotated[Path | None, typer.Option(help="TLS: a directory made by `fedmoe certs`.")] = None,
     insecure: Annotated[bool, typer.Option(help="Allow plain text on a non-loopback address.")] = False,
     exit_when_done: Annotated[bool, typer.Option(help="Stop once the last round closed and the clients were told.")] = False,
@@ -189,7 +192,8 @@ def server(
     setup_logging(verbose)
     check_tls(address, certs, insecure)
     config = CoordinatorConfig(task, parse_grid(grid), rounds, InnerConfig(steps, lr, batch_size=batch_size), outer_lr, outer_momentum,
-                               scheme=scheme, min_clients=min_clients, quorum=quorum, deadline_s=deadline, late=late, seed=seed)
+                               scheme=scheme, min_clients=min_clients, quorum=quorum, deadline_s=deadline, late=late,
+                               aggregation=aggregation, trim=trim, clip_norm=clip_norm, seed=seed)
     coordinator = Coordinator(config, state)
     grpc_server, port = start_server(coordinator, address, str(certs) if certs else None)
     console.print(f"coordinator on port {port}, state in {state}", style="bold")

@@ -51,7 +51,8 @@ class CoordinatorConfig:
     A round closes when `quorum` of the members sent their update, or `deadline_s` after it opened
     with at least one. An update for an already closed round is dropped (`late="drop"`), or, with
     `late="stale"` and at most `max_staleness` rounds late, counted in the open round with its weight
-    divided by 1 + staleness.
+    divided by 1 + staleness. `aggregation` ("mean", "median", "trimmed-mean"), `trim` and
+    `clip_norm` choose the rule of `fedmoe.strategies.aggregate`.
     """
 
     task: str = "digits"
@@ -69,6 +70,9 @@ class CoordinatorConfig:
     max_update_norm: float = 1e4
     late: str = "drop"
     max_staleness: int = 1
+    aggregation: str = "mean"
+    trim: float = 0.2
+    clip_norm: float | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -223,7 +227,7 @@ class Coordinator:
     def close_round(self) -> None:
         """Aggregate the pending uploads, take the outer step, checkpoint, and open the next round."""
         uploads = list(self.pending.values())
-        self.outer.step(*aggregate(self.model, uploads))
+        self.outer.step(*aggregate(self.model, uploads, self.config.aggregation, self.config.trim, self.config.clip_norm))
         ensemble = self.ensemble()
         metric = evaluate_ensemble(ensemble, self.task, 1)
         self.metrics.append({"round": self.round + 1, "updates": len(uploads), self.task.metric: metric,
