@@ -49,7 +49,7 @@ class CoordinatorConfig:
     """A federation: the task and grid, rounds, inner settings sent to clients, outer step, round policy.
 
     A round closes when `quorum` of the members sent their update, or `deadline_s` after it opened
-    with at least one. An update for an already closed round is dropped (`late="drop"`), or, with
+    (the first round opens when `min_clients` have joined) with at least one. An update for an already closed round is dropped (`late="drop"`), or, with
     `late="stale"` and at most `max_staleness` rounds late, counted in the open round with its weight
     divided by 1 + staleness. `aggregation` ("mean", "median", "trimmed-mean"), `trim` and
     `clip_norm` choose the rule of `fedmoe.strategies.aggregate`.
@@ -142,6 +142,8 @@ class Coordinator:
             seed = len(self.members) + 1
             member = Member(f"c{seed:04d}", name or profile.name, profile.name, str(path), index, asdict(variant), seed, self.clock())
             self.members[member.client_id] = member
+            if len(self.members) == self.config.min_clients:  # the first round opens now: its deadline starts
+                self.round_opened = self.clock()
             self.save_state()
             log.info("client %s (%s, %s) joined: path %s, variant %s", member.client_id, member.name, profile.name, path, variant.name)
             return member
