@@ -12,18 +12,19 @@ from pathlib import Path as FsPath
 from typing import Any, TypeVar
 
 import grpc
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from fedmoe.experiment import make_shards
 from fedmoe.modular import ModularModel, Path
 from fedmoe.models import ModelSpec
-from fedmoe.security import channel_credentials
+from fedmoe.security import channel_credentials, new_signing_key, public_bytes, update_digest
 from fedmoe.strategies.assignment import PROFILES, DeviceProfile
 from fedmoe.tasks import load_task
 from fedmoe.train import Batch, InnerConfig
 from fedmoe.v1 import coordinator_pb2 as pb
 from fedmoe.v1 import coordinator_pb2_grpc as pb_grpc
 from fedmoe.wire import decode_tensors, encode_tensors
-from fedmoe.worker import Upload, Variant, Worker, round_masks
+from fedmoe.worker import Upload, Variant, Worker, round_masks, signed_fields
 
 log = logging.getLogger("fedmoe.client")
 T = TypeVar("T")
@@ -33,12 +34,13 @@ MAX_PULL_BYTES = 4 << 30
 
 @dataclass
 class Session:
-    """A joined client: its id, token and the coordinator's model description."""
+    """A joined client: its id, token, update-signing key and the coordinator's model description."""
 
     client_id: str
     token: str
     model: dict[str, Any]
     assignment: pb.Assignment
+    signing_key: ed25519.Ed25519PrivateKey
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
@@ -78,11 +80,13 @@ def join(stub: pb_grpc.CoordinatorStub, profile: DeviceProfile, name: str, state
     """Join, or rejoin with the identity kept in `state_file` (a client that restarts keeps its path)."""
     saved = json.loads(state_file.read_text()) if state_file and state_file.exists() else {}
     metadata = (("authorization", f"Bearer {saved['token']}"),) if saved else ()
-    request = pb.JoinRequest(profile=profile_message(profile), name=name, client_id=saved.get("client_id", ""))
+    key = new_signing_key()  # a fresh key per process: the private key never leaves memory
+    request = pb.JoinRequest(profile=profile_message(profile), name=name, client_id=saved.get("client_id", ""), public_key=public_bytes(key))
     reply = retrying(lambda: stub.Join(request, metadata=metadata, timeout=30), deadline, "join")
     if state_file:
         state_file.write_text(json.dumps({"client_id": reply.client_id, "token": reply.token}))
-    return Session(reply.client_id, reply.token, json.loads(reply.model_json), reply.assignment)
+        state_file.chmod(0o600)
+    return Session(reply.client_id, reply.token, json.loads(reply.model_json), reply.assignment, key)
 
 
 def run(
@@ -156,12 +160,14 @@ def train_round(stub: pb_grpc.CoordinatorStub, session: Session, worker: Worker,
     return worker.train_round(path_model, delivered, masks, inner, a.round)
 
 
-def push_frames(session: Session, upload: Upload) -> Iterator[pb.PushFrame]:
-    """A push: the header, then the tensor stream."""
+def push_frames(session: Session, upload: Upload, update_id: str | None = None) -> Iterator[pb.PushFrame]:
+    """A push: the signed header, then the tensor stream."""
     v = upload.variant
+    update_id = update_id or uuid.uuid4().hex
+    digest = update_digest(signed_fields(session.client_id, update_id, upload), upload.tensors)
     header = pb.PushHeader(client_id=session.client_id, round=upload.round, path=str(upload.path),
                            variant=pb.Variant(bits=v.bits, density=v.density, scheme=v.scheme), seed=upload.seed,
-                           weight=upload.weight, loss=upload.loss, update_id=uuid.uuid4().hex)
+                           weight=upload.weight, loss=upload.loss, update_id=update_id, signature=session.signing_key.sign(digest))
     yield pb.PushFrame(header=header)
     for frame in encode_tensors(upload.tensors):
         yield pb.PushFrame(tensor=frame)

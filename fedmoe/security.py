@@ -13,13 +13,15 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 CA_CERT = "ca.pem"
@@ -320,3 +322,31 @@ def bearer(metadata: Sequence[tuple[str, str]] | None) -> str | None:
         if scheme.lower() == "bearer" and token:
             return token
     return None
+
+
+def new_signing_key() -> ed25519.Ed25519PrivateKey:
+    """A fresh Ed25519 key for signing a client's updates."""
+    return ed25519.Ed25519PrivateKey.generate()
+
+
+def public_bytes(key: ed25519.Ed25519PrivateKey) -> bytes:
+    """The raw 32-byte public key, as sent at Join."""
+    return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def update_digest(fields: Sequence[object], tensors: Mapping[str, Any]) -> bytes:
+    """SHA-256 over an update's header fields and every tensor's name, bits, shape and bytes (names in order)."""
+    digest = hashlib.sha256("\x1f".join(str(f) for f in fields).encode())
+    for name in sorted(tensors):
+        q = tensors[name]
+        digest.update(f"\x1e{name}\x1f{q.bits}\x1f{tuple(q.shape)}\x1f".encode())
+        digest.update(hashlib.sha256(q.payload + q.scales).digest())
+    return digest.digest()
+
+
+def verify_signature(public_key: bytes, digest: bytes, signature: bytes) -> None:
+    """Raise AuthError unless `signature` is the Ed25519 signature of `digest` by `public_key`."""
+    try:
+        ed25519.Ed25519PublicKey.from_public_bytes(public_key).verify(signature, digest)
+    except (InvalidSignature, ValueError):
+        raise AuthError("invalid update signature") from None

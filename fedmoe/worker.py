@@ -98,6 +98,12 @@ class Upload:
         return sum(q.nbytes for q in self.tensors.values())
 
 
+def signed_fields(client_id: str, update_id: str, upload: Upload) -> list[object]:
+    """The header fields an update's signature covers, besides its tensors (see fedmoe.security.update_digest)."""
+    v = upload.variant
+    return [client_id, update_id, upload.round, upload.path, v.bits, v.density, v.scheme, upload.seed, upload.weight]
+
+
 def round_masks(path_model: nn.Module, variant: Variant, round: int, seed: int) -> Masks:
     """The masks of a client's sub-model for a round, as both the client and the receiver compute them."""
     return submodel_masks(path_model, variant.density, variant.scheme, round, seed)

@@ -27,11 +27,12 @@ from fedmoe.experiment import CLUSTERINGS, evaluate_ensemble, make_shards
 from fedmoe.modular import Path, flatten_states, unflatten_states
 from fedmoe.outer import OuterOptimizer
 from fedmoe.router import CentroidRouter
+from fedmoe.security import AuthError, update_digest, verify_signature
 from fedmoe.strategies.aggregate import aggregate
 from fedmoe.strategies.assignment import DeviceProfile, assign_variant
 from fedmoe.tasks import Task, load_task
 from fedmoe.train import InnerConfig
-from fedmoe.worker import Upload, Variant, decode, deliver, round_masks
+from fedmoe.worker import Upload, Variant, decode, deliver, round_masks, signed_fields
 
 log = logging.getLogger("fedmoe.server")
 
@@ -95,6 +96,7 @@ class Member:
     shard: int
     variant: dict[str, Any]
     seed: int
+    public_key: str = ""  # hex of the raw Ed25519 key its updates are signed with
     last_seen: float = 0.0
 
 
@@ -121,14 +123,21 @@ class Coordinator:
         self.resume()
 
     # -- membership -------------------------------------------------------------------------
-    def join(self, profile: DeviceProfile, name: str, client_id: str = "") -> Member:
-        """Admit a client (or re-admit a known one) and give it a path, a shard and a variant that fits it."""
+    def join(self, profile: DeviceProfile, name: str, client_id: str = "", public_key: bytes = b"") -> Member:
+        """Admit a client (or re-admit a known one) and give it a path, a shard and a variant that fits it.
+
+        `public_key` (raw Ed25519) is the key the client signs its updates with; a rejoining client
+        may bring a new one (it lost its key in a restart).
+        """
         with self.lock:
             if client_id:
                 if client_id not in self.members:
                     raise Rejected("NOT_FOUND", f"unknown client {client_id}: join without a client id")
                 member = self.members[client_id]
                 member.last_seen = self.clock()
+                if public_key and public_key.hex() != member.public_key:
+                    member.public_key = public_key.hex()
+                    self.save_state()
                 return member
             load = {str(p): 0 for p in self.paths}
             for m in self.members.values():
@@ -140,7 +149,8 @@ class Coordinator:
             except ValueError as e:
                 raise Rejected("RESOURCE_EXHAUSTED", str(e)) from None
             seed = len(self.members) + 1
-            member = Member(f"c{seed:04d}", name or profile.name, profile.name, str(path), index, asdict(variant), seed, self.clock())
+            member = Member(f"c{seed:04d}", name or profile.name, profile.name, str(path), index, asdict(variant), seed,
+                            public_key.hex(), self.clock())
             self.members[member.client_id] = member
             if len(self.members) == self.config.min_clients:  # the first round opens now: its deadline starts
                 self.round_opened = self.clock()
@@ -188,10 +198,18 @@ class Coordinator:
             variant = Variant(**member.variant)
             return member, self.round, deliver(path_model, variant, round_masks(path_model, variant, self.round, member.seed))
 
-    def submit(self, upload: Upload, client_id: str, update_id: str) -> int:
-        """Validate and durably store one upload for the open round; close the round at quorum. Returns the open round."""
+    def submit(self, upload: Upload, client_id: str, update_id: str, signature: bytes = b"") -> int:
+        """Validate and durably store one upload for the open round; close the round at quorum. Returns the open round.
+
+        A member that joined with a public key must sign its updates (see `signed_fields`).
+        """
         with self.lock:
             member = self.member(client_id)
+            if member.public_key:
+                try:
+                    verify_signature(bytes.fromhex(member.public_key), update_digest(signed_fields(client_id, update_id, upload), upload.tensors), signature)
+                except AuthError as e:
+                    raise Rejected("UNAUTHENTICATED", str(e)) from None
             if update_id in self.seen_updates:
                 raise Rejected("ALREADY_EXISTS", f"update {update_id} was already accepted")
             staleness = self.round - upload.round

@@ -63,7 +63,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         p = request.profile
         profile = DeviceProfile(p.name, p.memory_bytes, p.bits, tuple(p.densities) or (1.0,), p.speed or 1.0)
         try:
-            member = self.coordinator.join(profile, request.name, request.client_id)
+            member = self.coordinator.join(profile, request.name, request.client_id, request.public_key)
         except Rejected as e:
             abort(context, e.code, e.detail)
         model = json.dumps({"task": self.coordinator.config.task, "model": self.coordinator.spec.to_dict(),
@@ -92,7 +92,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             tensors = decode_tensors(tensor_frames(request_iterator), self.max_update_bytes)
             upload = Upload(Path.parse(header.path), Variant(header.variant.bits, round(header.variant.density, 6), header.variant.scheme),
                             header.round, header.seed, header.weight, tensors, header.loss)
-            open_round = self.coordinator.submit(upload, header.client_id, header.update_id)
+            open_round = self.coordinator.submit(upload, header.client_id, header.update_id, header.signature)
         except WireError as e:
             abort(context, e.code.name, str(e))
         except Rejected as e:
@@ -121,15 +121,18 @@ def tensor_frames(frames: Iterator[pb.PushFrame]) -> Iterator:
         yield frame.tensor
 
 
-def start_server(coordinator: Coordinator, address: str, certs: str | None = None, workers: int = 16) -> tuple[grpc.Server, int]:
+def start_server(
+    coordinator: Coordinator, address: str, certs: str | None = None, workers: int = 16, max_update_bytes: int = MAX_UPDATE_BYTES
+) -> tuple[grpc.Server, int]:
     """Start the coordinator (and the standard health service) on `address`; returns the server and its port.
 
     With `certs` (a directory made by `fedmoe certs`) the port speaks TLS; otherwise it is plain text.
+    A push that declares more than `max_update_bytes` is refused before its data is read.
     """
     options = [("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send_message_length", 8 << 20)]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=options)
     tokens = TokenAuthority.load_or_create(FsPath(coordinator.state_dir) / "token.secret")
-    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorService(coordinator, tokens), server)
+    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorService(coordinator, tokens, max_update_bytes), server)
     health_servicer = health.HealthServicer()
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set("fedmoe.v1.Coordinator", health_pb2.HealthCheckResponse.SERVING)

@@ -17,7 +17,7 @@ from fedmoe.tasks import digits_task
 from fedmoe.train import InnerConfig
 from fedmoe.v1 import coordinator_pb2 as pb
 from fedmoe.v1 import coordinator_pb2_grpc as pb_grpc
-from fedmoe.wire import encode_tensors
+from fedmoe.security import new_signing_key
 from fedmoe.worker import Upload, Variant, Worker, round_masks
 
 CONFIG = CoordinatorConfig(grid=(2,), rounds=2, inner=InnerConfig(steps=5), min_clients=2)
@@ -49,10 +49,7 @@ def trained_upload(coordinator, stub, session, worker):
 
 
 def push(stub, session, upload, update_id=None):
-    frames = list(push_frames(session, upload))
-    if update_id:
-        frames[0].header.update_id = update_id
-    return stub.Push(iter(frames), metadata=session.metadata, timeout=60)
+    return stub.Push(push_frames(session, upload, update_id), metadata=session.metadata, timeout=60)
 
 
 def code_of(call):
@@ -77,9 +74,9 @@ def test_bad_input_gets_a_precise_status_and_changes_nothing(federation):
     b, _ = joined(stub, "int8")
     upload = trained_upload(coordinator, stub, a, worker_a)
     before = snapshot(coordinator)
-    forged = Session(a.client_id, a.token[:-2] + ("AA" if not a.token.endswith("AA") else "BB"), a.model, a.assignment)
+    forged = Session(a.client_id, a.token[:-2] + ("AA" if not a.token.endswith("AA") else "BB"), a.model, a.assignment, a.signing_key)
     assert code_of(lambda: push(stub, forged, upload)) == grpc.StatusCode.UNAUTHENTICATED
-    as_b = Session(a.client_id, b.token, a.model, a.assignment)
+    as_b = Session(a.client_id, b.token, a.model, a.assignment, a.signing_key)
     assert code_of(lambda: push(stub, as_b, upload)) == grpc.StatusCode.PERMISSION_DENIED
     assert code_of(lambda: stub.Heartbeat(pb.HeartbeatRequest(client_id=a.client_id), timeout=10)) == grpc.StatusCode.UNAUTHENTICATED
     stale = Upload(upload.path, upload.variant, 7, upload.seed, upload.weight, upload.tensors, upload.loss)
@@ -108,6 +105,17 @@ def test_bad_input_gets_a_precise_status_and_changes_nothing(federation):
         return stub.Push(iter(frames), metadata=a.metadata, timeout=60)
 
     assert code_of(truncated) == grpc.StatusCode.DATA_LOSS
+
+    def resigned(key=None, weight=None):
+        frames = list(push_frames(Session(a.client_id, a.token, a.model, a.assignment, key or a.signing_key), upload))
+        if weight is not None:
+            frames[0].header.weight = weight  # changed after signing: a man in the middle, or a cheat
+        return stub.Push(iter(frames), metadata=a.metadata, timeout=60)
+
+    assert code_of(lambda: resigned(weight=1e6)) == grpc.StatusCode.UNAUTHENTICATED
+    assert code_of(lambda: resigned(key=new_signing_key())) == grpc.StatusCode.UNAUTHENTICATED
+    wrong_bits = dict(upload.tensors, **{name: quantize(torch.zeros(q.shape), 8)})
+    assert code_of(lambda: push(stub, a, Upload(upload.path, upload.variant, 0, upload.seed, 1.0, wrong_bits, 0.0))) == grpc.StatusCode.INVALID_ARGUMENT
     assert unchanged(coordinator, before)
     update_id = uuid.uuid4().hex
     assert push(stub, a, upload, update_id).accepted
@@ -186,3 +194,18 @@ def test_a_straggler_update_is_dropped_or_counted_with_staleness_weight(tmp_path
     else:
         assert coordinator.submit(late_upload, slow.client_id, "u2") == 2  # counted in round 1, which it closes
         assert coordinator.metrics[1]["updates"] == 1
+
+
+def test_an_oversize_update_is_refused_before_its_data_is_read(tmp_path):
+    coordinator = Coordinator(CONFIG, tmp_path / "state")
+    server, port = start_server(coordinator, "127.0.0.1:0", max_update_bytes=1000)
+    try:
+        with connect(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.CoordinatorStub(channel)
+            a, worker = joined(stub)
+            upload = trained_upload(coordinator, stub, a, worker)
+            assert upload.nbytes > 1000
+            assert code_of(lambda: push(stub, a, upload)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert not coordinator.pending
+    finally:
+        server.stop(0).wait()

@@ -55,14 +55,16 @@ class Assignment(_message.Message):
     def __init__(self, path: _Optional[str] = ..., variant: _Optional[_Union[Variant, _Mapping]] = ..., round: _Optional[int] = ..., seed: _Optional[int] = ..., shard: _Optional[int] = ..., shards: _Optional[int] = ..., inner_steps: _Optional[int] = ..., inner_lr: _Optional[float] = ..., batch_size: _Optional[int] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("profile", "name", "client_id")
+    __slots__ = ("profile", "name", "client_id", "public_key")
     PROFILE_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     profile: DeviceProfile
     name: str
     client_id: str
-    def __init__(self, profile: _Optional[_Union[DeviceProfile, _Mapping]] = ..., name: _Optional[str] = ..., client_id: _Optional[str] = ...) -> None: ...
+    public_key: bytes
+    def __init__(self, profile: _Optional[_Union[DeviceProfile, _Mapping]] = ..., name: _Optional[str] = ..., client_id: _Optional[str] = ..., public_key: _Optional[bytes] = ...) -> None: ...
 
 class JoinReply(_message.Message):
     __slots__ = ("client_id", "token", "model_json", "assignment")
@@ -91,7 +93,7 @@ class PullFrame(_message.Message):
     def __init__(self, assignment: _Optional[_Union[Assignment, _Mapping]] = ..., tensor: _Optional[_Union[_tensor_pb2.TensorFrame, _Mapping]] = ...) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("client_id", "round", "path", "variant", "seed", "weight", "loss", "update_id")
+    __slots__ = ("client_id", "round", "path", "variant", "seed", "weight", "loss", "update_id", "signature")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +102,7 @@ class PushHeader(_message.Message):
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     UPDATE_ID_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     round: int
     path: str
@@ -108,7 +111,8 @@ class PushHeader(_message.Message):
     weight: float
     loss: float
     update_id: str
-    def __init__(self, client_id: _Optional[str] = ..., round: _Optional[int] = ..., path: _Optional[str] = ..., variant: _Optional[_Union[Variant, _Mapping]] = ..., seed: _Optional[int] = ..., weight: _Optional[float] = ..., loss: _Optional[float] = ..., update_id: _Optional[str] = ...) -> None: ...
+    signature: bytes
+    def __init__(self, client_id: _Optional[str] = ..., round: _Optional[int] = ..., path: _Optional[str] = ..., variant: _Optional[_Union[Variant, _Mapping]] = ..., seed: _Optional[int] = ..., weight: _Optional[float] = ..., loss: _Optional[float] = ..., update_id: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class PushFrame(_message.Message):
     __slots__ = ("header", "tensor")
