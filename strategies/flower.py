@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict, UserConfig
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg, Strategy
@@ -563,7 +563,7 @@ def fedavg_baseline(
 
         def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
             model.load_state_dict(arrays.to_torch_state_dict())
-            return MetricRecord({"accuracy": evaluate_model(dense, data)})
+            return MetricRecord({data.metric: evaluate_model(dense, data)})
 
         strategy = FedAvg(fraction_evaluate=0.0, min_train_nodes=clients, min_available_nodes=clients)
         train_config = ConfigRecord({"task": task, "spec": json.dumps(spec.to_dict()), "epochs": epochs, "lr": lr, "batch-size": batch_size, "seed": seed})
@@ -571,7 +571,7 @@ def fedavg_baseline(
         results.append({
             "metric": data.metric,
             "rounds": [
-                {"round": r, data.metric: float(result.evaluate_metrics_serverapp[r]["accuracy"]),
+                {"round": r, data.metric: float(result.evaluate_metrics_serverapp[r][data.metric]),
                  "loss": float(m["loss"]), "upload_bytes_per_client": int(round(float(m["upload-bytes"])))}
                 for r, m in sorted(result.train_metrics_clientapp.items())
             ],
@@ -582,9 +582,3 @@ def fedavg_baseline(
         raise RuntimeError("the simulation ended without results")
     return results[0]
 
-
-__all__ = [
-    "ExpertStrategy", "Federation", "FlowerConfig", "UserConfig", "backend_config", "build_federation", "cached_task",
-    "client_app", "client_assignments", "decode_tensors", "encode_tensors", "fedavg_baseline", "fedavg_client_app",
-    "federated_centroids", "make_server_app", "run_server", "server_app", "simulate", "simulate_federation", "wait_for_nodes",
-]
