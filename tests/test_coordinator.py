@@ -1,11 +1,15 @@
 """The coordinator over real gRPC on 127.0.0.1: big tensors, bad input, restarts."""
 
+import json
 import struct
 import uuid
 
 import grpc
 import pytest
 import torch
+from google.protobuf.message import DecodeError
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fedmoe.clients.runtime import Session, connect, join, push_frames, run, train_round
 from fedmoe.compress.quant import QTensor, quantize
@@ -17,6 +21,7 @@ from fedmoe.tasks import digits_task
 from fedmoe.train import InnerConfig
 from fedmoe.v1 import coordinator_pb2 as pb
 from fedmoe.v1 import coordinator_pb2_grpc as pb_grpc
+from fedmoe.v1 import tensor_pb2
 from fedmoe.security import new_signing_key
 from fedmoe.worker import Upload, Variant, Worker, round_masks
 
@@ -209,3 +214,28 @@ def test_an_oversize_update_is_refused_before_its_data_is_read(tmp_path):
             assert not coordinator.pending
     finally:
         server.stop(0).wait()
+
+
+FUZZ_SESSIONS: dict = {}
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.binary(max_size=64), min_size=1, max_size=6), st.booleans())
+def test_random_push_streams_never_crash_the_server(federation, blobs, with_header):
+    coordinator, stub = federation
+    session = FUZZ_SESSIONS.get(id(coordinator)) or FUZZ_SESSIONS.setdefault(id(coordinator), joined(stub)[0])
+    frames = []
+    if with_header:
+        frames.append(pb.PushFrame(header=pb.PushHeader(client_id=session.client_id, round=0, path="0", update_id=uuid.uuid4().hex)))
+    for blob in blobs:
+        try:
+            frames.append(pb.PushFrame.FromString(blob))
+        except DecodeError:
+            frames.append(pb.PushFrame(tensor=tensor_pb2.TensorFrame(chunk=tensor_pb2.Chunk(data=blob))))
+    before = snapshot(coordinator)
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Push(iter(frames), metadata=session.metadata, timeout=30)
+    assert error.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.DATA_LOSS, grpc.StatusCode.UNAUTHENTICATED,
+                                  grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.PERMISSION_DENIED)
+    assert unchanged(coordinator, before)
+    assert json.loads(stub.Status(pb.StatusRequest(), timeout=10).json)["round"] == 0  # still serving

@@ -1,0 +1,96 @@
+"""The Flower adapter: a simulation through Flower (Ray backend) equals the in-process runner."""
+
+from __future__ import annotations
+
+import os
+
+for _name, _value in (("FLWR_TELEMETRY_ENABLED", "0"), ("FLWR_DISABLE_UPDATE_CHECK", "1"), ("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")):
+    os.environ.setdefault(_name, _value)
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from fedmoe.compress.quant import quantize
+from fedmoe.ensemble import Ensemble
+from fedmoe.experiment import assign_clients
+from fedmoe.federation import train_federation
+from fedmoe.strategies.assignment import MIXES
+from fedmoe.strategies.flower import FlowerConfig, build_federation, client_assignments, decode_tensors, encode_tensors, simulate_federation
+from fedmoe.train import InnerConfig
+
+CONFIG = FlowerConfig(grid=(2,), clients=10, profiles=MIXES["mixed"], rounds=2, inner=InnerConfig(steps=8), lr_schedule="cosine")
+
+
+@pytest.fixture(scope="module")
+def flower_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Ensemble]:
+    """One Flower simulation: 10 virtual clients of mixed profiles, 2 rounds on digits; its results and checkpoint."""
+    out = tmp_path_factory.mktemp("flower") / "ensemble"
+    results = simulate_federation(CONFIG, out=out)
+    return results, Ensemble.load(out)
+
+
+@pytest.fixture(scope="module")
+def in_process() -> tuple:
+    """The same config through `train_federation` in this process: the federation and its per-round stats."""
+    fed = build_federation(CONFIG)
+    history = train_federation(fed.model, fed.assignments, fed.task, CONFIG.rounds, CONFIG.inner, fed.outer, CONFIG.seed, lr_scale=fed.schedule)
+    return fed, history
+
+
+def test_grid_weights_equal_the_in_process_run(flower_run: tuple[dict, Ensemble], in_process: tuple) -> None:
+    _, ensemble = flower_run
+    fed, _ = in_process
+    initial = fed.spec.build(CONFIG.seed).module_states()
+    flower, local = ensemble.model.module_states(), fed.model.module_states()
+    assert flower.keys() == local.keys() == initial.keys()
+    for key in local:
+        for name, t in local[key].items():
+            assert not torch.equal(t, initial[key][name]), f"{key}/{name} did not change"
+            assert torch.allclose(flower[key][name], t, rtol=1e-4, atol=1e-5), f"{key}/{name}: max diff {(flower[key][name] - t).abs().max():.2e}"
+
+
+def test_round_metrics_match_the_in_process_run(flower_run: tuple[dict, Ensemble], in_process: tuple) -> None:
+    results, _ = flower_run
+    _, history = in_process
+    assert [r["round"] for r in results["rounds"]] == [1, 2]
+    assert [c["variant"] for c in results["clients"]] == ["fp32", "int8", "int4-p50", "fp32-p25", "fp32"] * 2
+    for row, stats in zip(results["rounds"], history):
+        assert row["clients"] == 10
+        assert row["upload_bytes"] == sum(s.upload_bytes for s in stats)
+        assert row["loss"] == pytest.approx(np.mean([s.loss for s in stats]), rel=1e-4)
+        assert 0.0 <= row["top1"] <= 1.0
+
+
+def test_federated_centroids_are_the_shard_means(flower_run: tuple[dict, Ensemble]) -> None:
+    _, ensemble = flower_run
+    fed = build_federation(CONFIG)
+    expected = np.stack([fed.task.features[shard].mean(0) for shard in fed.shards])
+    assert np.allclose(ensemble.router.centroids.numpy(), expected, atol=1e-6)
+
+
+def test_clients_are_assign_clients_when_every_path_has_one_per_profile() -> None:
+    config = replace(CONFIG, clients=2 * len(MIXES["mixed"]))
+    fed = build_federation(config)
+    expected = assign_clients(fed.model, fed.paths, fed.shards, config.experiment())
+    got = client_assignments(fed.model, fed.paths, fed.shards, config)
+    assert [(a.path, a.variant, a.units.tolist()) for a in got] == [(a.path, a.variant, a.units.tolist()) for a in expected]
+
+
+def test_tensors_round_trip_through_records() -> None:
+    tensors = {f"0.{bits}.weight": quantize(torch.randn(5, 3), bits) for bits in (32, 16, 8, 4)}
+    decoded = decode_tensors(*encode_tensors(tensors))
+    assert decoded.keys() == tensors.keys()
+    for name, q in tensors.items():
+        assert (decoded[name].bits, decoded[name].shape, decoded[name].payload, decoded[name].scales) == (q.bits, q.shape, q.payload, q.scales)
+
+
+def test_config_from_run_config_and_refusals() -> None:
+    config = FlowerConfig.from_run_config({"grid": "2x2", "clients": 6, "profiles": "mixed", "steps": 7, "outer-lr": 1.0})
+    assert (config.grid, config.clients, config.profiles, config.inner.steps, config.outer_lr) == ((2, 2), 6, MIXES["mixed"], 7, 1.0)
+    with pytest.raises(ValueError, match="magnitude"):
+        FlowerConfig(scheme="magnitude")
+    with pytest.raises(ValueError, match="at least one client per path"):
+        FlowerConfig(grid=(4,), clients=3)
