@@ -8,11 +8,10 @@ from concurrent import futures
 import grpc
 import torch
 from torch import nn
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from fedmoe.data import encode_bytes, text_features
 from fedmoe.ensemble import Ensemble
-from fedmoe.security import server_credentials
+from fedmoe.server.service import listen
 from fedmoe.v1 import inference_pb2 as pb
 from fedmoe.v1 import inference_pb2_grpc as pb_grpc
 
@@ -58,12 +57,6 @@ def start_inference(ensemble: Ensemble, address: str, top_k: int = 1, certs: str
     """Serve Predict (and health checking) on `address`; returns the server and its port."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
     pb_grpc.add_InferenceServicer_to_server(InferenceService(ensemble, top_k), server)
-    health_servicer = health.HealthServicer()
-    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_secure_port(address, server_credentials(certs)) if certs else server.add_insecure_port(address)
-    if port == 0:
-        raise OSError(f"cannot listen on {address}")
-    server.start()
+    port = listen(server, address, certs, "fedmoe.v1.Inference")
     log.info("inference on %s (port %d): %d experts, top-%d", address, port, len(ensemble.experts), top_k)
     return server, port

@@ -121,6 +121,19 @@ def tensor_frames(frames: Iterator[pb.PushFrame]) -> Iterator:
         yield frame.tensor
 
 
+def listen(server: grpc.Server, address: str, certs: str | None, service: str) -> int:
+    """Add health checking (overall and for `service`), bind `address` (TLS with `certs`), start; return the port."""
+    health_servicer = health.HealthServicer()
+    for name in ("", service):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_secure_port(address, server_credentials(certs)) if certs else server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    server.start()
+    return port
+
+
 def start_server(
     coordinator: Coordinator, address: str, certs: str | None = None, workers: int = 16, max_update_bytes: int = MAX_UPDATE_BYTES
 ) -> tuple[grpc.Server, int]:
@@ -133,14 +146,7 @@ def start_server(
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=options)
     tokens = TokenAuthority.load_or_create(FsPath(coordinator.state_dir) / "token.secret")
     pb_grpc.add_CoordinatorServicer_to_server(CoordinatorService(coordinator, tokens, max_update_bytes), server)
-    health_servicer = health.HealthServicer()
-    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    health_servicer.set("fedmoe.v1.Coordinator", health_pb2.HealthCheckResponse.SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_secure_port(address, server_credentials(certs)) if certs else server.add_insecure_port(address)
-    if port == 0:
-        raise OSError(f"cannot listen on {address}")
-    server.start()
+    port = listen(server, address, certs, "fedmoe.v1.Coordinator")
     log.info("coordinator listening on %s (port %d, %s)", address, port, "TLS" if certs else "plain text")
     return server, port
 
