@@ -69,7 +69,7 @@ def pull_push_seconds() -> tuple[int, float, float]:
                 stub = pb_grpc.CoordinatorStub(channel)
                 sessions = [join(stub, PROFILES["fp32"], f"bench{i}", None, float("inf")) for i in range(2)]
                 pulls, pushes = [], []
-                for i in range(REPEATS):
+                for _ in range(REPEATS):
                     started = time.perf_counter()
                     frames = list(stub.Pull(pb.PullRequest(client_id=sessions[0].client_id), metadata=sessions[0].metadata))
                     tensors = decode_tensors((f.tensor for f in frames[1:]), 1 << 32)

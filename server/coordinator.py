@@ -25,10 +25,10 @@ from fedmoe.compress.quant import QTensor
 from fedmoe.ensemble import Ensemble
 from fedmoe.experiment import CLUSTERINGS, evaluate_ensemble, make_shards
 from fedmoe.modular import Path, flatten_states, unflatten_states
-from fedmoe.outer import OuterOptimizer
+from fedmoe.outer import OuterOptimizer, Update
 from fedmoe.router import CentroidRouter
 from fedmoe.security import AuthError, update_digest, verify_signature
-from fedmoe.strategies.aggregate import aggregate
+from fedmoe.strategies.aggregate import combine, update_norm
 from fedmoe.strategies.assignment import DeviceProfile, assign_variant
 from fedmoe.tasks import Task, load_task
 from fedmoe.train import InnerConfig
@@ -50,9 +50,9 @@ class CoordinatorConfig:
     """A federation: the task and grid, rounds, inner settings sent to clients, outer step, round policy.
 
     A round closes when `quorum` of the members sent their update, or `deadline_s` after it opened
-    (the first round opens when `min_clients` have joined) with at least one. An update for an already closed round is dropped (`late="drop"`), or, with
-    `late="stale"` and at most `max_staleness` rounds late, counted in the open round with its weight
-    divided by 1 + staleness. `aggregation` ("mean", "median", "trimmed-mean"), `trim` and
+    (the first round opens when `min_clients` have joined) with at least one. An update for an
+    already closed round is dropped (`late="drop"`), or, with `late="stale"` and at most
+    `max_staleness` rounds late, counted in the open round with its weight divided by 1 + staleness. `aggregation` ("mean", "median", "trimmed-mean"), `trim` and
     `clip_norm` choose the rule of `fedmoe.strategies.aggregate`.
     """
 
@@ -115,7 +115,7 @@ class Coordinator:
         self.lock = threading.RLock()
         self.round = 0
         self.members: dict[str, Member] = {}
-        self.pending: dict[str, Upload] = {}
+        self.pending: dict[str, tuple[Upload, Update]] = {}  # per client: the upload as stored, and decoded
         self.seen_updates: set[str] = set()
         self.metrics: list[dict[str, Any]] = []
         self.told_done: set[str] = set()
@@ -221,17 +221,17 @@ class Coordinator:
             expected = (Path.parse(member.path), Variant(**member.variant), member.seed)
             if (upload.path, upload.variant, upload.seed) != expected:
                 raise Rejected("INVALID_ARGUMENT", f"update is for path {upload.path} {upload.variant}, the assignment is {expected[0]} {expected[1]}")
+            if staleness:
+                upload = replace(upload, weight=upload.weight / (1 + staleness))
             try:
                 update = decode(self.model, upload)
             except ValueError as e:
                 raise Rejected("INVALID_ARGUMENT", str(e)) from None
-            norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for s in update.deltas.values() for t in s.values()])))
+            norm = update_norm(update)
             if not np.isfinite(norm) or norm > self.config.max_update_norm:
                 raise Rejected("INVALID_ARGUMENT", f"outer gradient norm {norm:.3g} is not finite or above {self.config.max_update_norm:g}")
-            if staleness:
-                upload = replace(upload, weight=upload.weight / (1 + staleness))
             self.write_pending(client_id, update_id, upload)
-            self.pending[client_id] = upload
+            self.pending[client_id] = (upload, update)
             self.seen_updates.add(update_id)
             self.close_if_due()
             return self.round
@@ -246,8 +246,9 @@ class Coordinator:
 
     def close_round(self) -> None:
         """Aggregate the pending uploads, take the outer step, checkpoint, and open the next round."""
-        uploads = list(self.pending.values())
-        self.outer.step(*aggregate(self.model, uploads, self.config.aggregation, self.config.trim, self.config.clip_norm))
+        uploads = [upload for upload, _ in self.pending.values()]
+        updates = [update for _, update in self.pending.values()]
+        self.outer.step(*combine(updates, self.config.aggregation, self.config.trim, self.config.clip_norm))
         ensemble = self.ensemble()
         metric = evaluate_ensemble(ensemble, self.task, 1)
         self.metrics.append({"round": self.round + 1, "updates": len(uploads), self.task.metric: metric,
@@ -317,7 +318,7 @@ class Coordinator:
                 log.warning("ignoring a torn pending update %s: %s", directory, e)
                 continue
             if counted_in == self.round:
-                self.pending[client_id] = upload
+                self.pending[client_id] = (upload, decode(self.model, upload))
                 self.seen_updates.add(update_id)
         log.info("resumed at round %d with %d members and %d pending updates", self.round, len(self.members), len(self.pending))
 

@@ -29,9 +29,15 @@ def aggregate(
     `model` holds the weights the round started from. Returns (outer gradient, held): pass both to
     `OuterOptimizer.step`, which leaves coordinates that nobody held, and their momentum, as they were.
     """
+    return combine([decode(model, upload) for upload in uploads], rule, trim, clip_norm)
+
+
+def combine(
+    updates: Sequence[Update], rule: str = "mean", trim: float = 0.2, clip_norm: float | None = None
+) -> tuple[ModuleStates, ModuleStates]:
+    """`aggregate` for updates already decoded (full-shaped outer gradients with their masks)."""
     if rule not in RULES:
         raise ValueError(f"unknown aggregation rule {rule!r}; known: {', '.join(RULES)}")
-    updates = [decode(model, upload) for upload in uploads]
     if clip_norm is not None:
         updates = [clipped(u, clip_norm) for u in updates]
     if rule == "mean":

@@ -32,7 +32,7 @@ class Hosts:
     def __enter__(self):
         ip("link", "add", self.bridge, "type", "bridge")
         ip("link", "set", self.bridge, "up")
-        for i, (name, ns) in enumerate(self.namespaces.items()):
+        for name, ns in self.namespaces.items():
             outside, inside = f"{ns}a", f"{ns}b"
             ip("netns", "add", ns)
             ip("link", "add", outside, "type", "veth", "peer", "name", inside)
