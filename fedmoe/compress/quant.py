@@ -186,7 +186,3 @@ class ErrorFeedback:
     def residual(self, name: str) -> torch.Tensor | None:
         """The residual kept for name (None before its first compress)."""
         return self._residuals.get(name)
-
-    def reset(self) -> None:
-        """Forget all residuals."""
-        self._residuals.clear()
