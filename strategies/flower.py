@@ -516,14 +516,24 @@ def simulate(
 fedavg_client_app = ClientApp()
 
 
+@lru_cache(maxsize=4)
+def fedmoe_client_units(task: str, paths: int, clients: int, seed: int) -> tuple[np.ndarray, ...]:
+    """The units each client holds in the fedmoe federation of `clients` clients on `paths` clustered shards."""
+    return tuple(a.units for a in build_federation(FlowerConfig(task, (paths,), clients, seed=seed)).assignments)
+
+
 @fedavg_client_app.train()
 def fedavg_train(msg: Message, context: Context) -> Message:
-    """Train the dense model for the configured local epochs on this node's iid partition; reply with its weights."""
+    """Train the dense model for the configured local epochs on this node's part of the data; reply with its weights.
+
+    The part is an iid one (`paths` 0), or what the fedmoe client with the same id holds when its federation
+    has `paths` clustered shards: the same clients with the same data.
+    """
     config = msg.content["config"]
     task = cached_task(str(config["task"]))
     partition, partitions = int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
-    seed, batch_size = int(config["seed"]), int(config["batch-size"])
-    units = iid(task.n_units, partitions, seed=seed)[partition]
+    seed, batch_size, paths = int(config["seed"]), int(config["batch-size"]), int(config["paths"])
+    units = fedmoe_client_units(task.name, paths, partitions, seed)[partition] if paths else iid(task.n_units, partitions, seed=seed)[partition]
     model = ModelSpec.from_dict(json.loads(str(config["spec"]))).build()
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     steps = int(config["epochs"]) * math.ceil(len(units) / batch_size)
@@ -531,7 +541,8 @@ def fedavg_train(msg: Message, context: Context) -> Message:
     batches = task.batches(units, batch_size, seed + 1000 * partition + int(config["server-round"]))
     loss, _ = train_local(model.compose(Path((0,))), batches, inner)
     state = model.state_dict()
-    metrics = MetricRecord({"num-examples": len(units), "loss": loss, "upload-bytes": sum(t.numel() * t.element_size() for t in state.values())})
+    metrics = MetricRecord({"num-examples": len(units), "loss": loss, "local-steps": steps,
+                            "upload-bytes": sum(t.numel() * t.element_size() for t in state.values())})
     return Message(RecordDict({"arrays": ArrayRecord(state), "metrics": metrics}), reply_to=msg)
 
 
@@ -542,15 +553,18 @@ def fedavg_baseline(
     epochs: int = 1,
     lr: float = 3e-3,
     batch_size: int = 32,
+    paths: int = 0,
     seed: int = 0,
     cpus_per_client: float = 1,
     gpus_per_client: float = 0,
     ray_address: str | None = None,
     verbose: bool = False,
 ) -> dict[str, Any]:
-    """Flower's FedAvg on the task's dense model (one module), each client `epochs` local AdamW epochs per round on an iid part.
+    """Flower's FedAvg on the task's dense model (one module), each client `epochs` local AdamW epochs per round.
 
-    Returns per-round test metric (server side) and bytes each client uploaded (its fp32 weights).
+    Clients hold iid parts of the data (`paths` 0), or the data of the fedmoe clients in a federation of
+    `paths` clustered shards (`fedmoe_client_units`). Returns per-round test metric (server side), bytes
+    each client uploaded (its fp32 weights) and its local steps.
     """
     results: list[dict[str, Any]] = []
     server = ServerApp()
@@ -567,13 +581,14 @@ def fedavg_baseline(
             return MetricRecord({data.metric: evaluate_model(dense, data)})
 
         strategy = FedAvg(fraction_evaluate=0.0, min_train_nodes=clients, min_available_nodes=clients)
-        train_config = ConfigRecord({"task": task, "spec": json.dumps(spec.to_dict()), "epochs": epochs, "lr": lr, "batch-size": batch_size, "seed": seed})
+        train_config = ConfigRecord({"task": task, "spec": json.dumps(spec.to_dict()), "epochs": epochs, "lr": lr, "batch-size": batch_size, "paths": paths, "seed": seed})
         result = strategy.start(grid, ArrayRecord(model.state_dict()), num_rounds=rounds, train_config=train_config, evaluate_fn=evaluate)
         results.append({
             "metric": data.metric,
             "rounds": [
                 {"round": r, data.metric: float(result.evaluate_metrics_serverapp[r][data.metric]),
-                 "loss": float(m["loss"]), "upload_bytes_per_client": int(round(float(m["upload-bytes"])))}
+                 "loss": float(m["loss"]), "upload_bytes_per_client": int(round(float(m["upload-bytes"]))),
+                 "local_steps": float(m["local-steps"])}
                 for r, m in sorted(result.train_metrics_clientapp.items())
             ],
         })

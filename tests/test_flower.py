@@ -18,7 +18,9 @@ from fedmoe.ensemble import Ensemble
 from fedmoe.experiment import assign_clients
 from fedmoe.federation import train_federation
 from fedmoe.strategies.assignment import MIXES
-from fedmoe.strategies.flower import FlowerConfig, build_federation, client_assignments, decode_tensors, encode_tensors, simulate_federation
+from fedmoe.strategies.flower import (
+    FlowerConfig, build_federation, client_assignments, decode_tensors, encode_tensors, fedavg_baseline, fedmoe_client_units, simulate_federation,
+)
 from fedmoe.train import InnerConfig
 
 CONFIG = FlowerConfig(grid=(2,), clients=10, profiles=MIXES["mixed"], rounds=2, inner=InnerConfig(steps=8), lr_schedule="cosine")
@@ -94,3 +96,17 @@ def test_config_from_run_config_and_refusals() -> None:
         FlowerConfig(scheme="magnitude")
     with pytest.raises(ValueError, match="at least one client per path"):
         FlowerConfig(grid=(4,), clients=3)
+
+
+def test_fedavg_baseline_on_fedmoe_clients_data_learns_and_uploads_fp32_weights() -> None:
+    clients, paths = 4, 2
+    fed = build_federation(FlowerConfig(grid=(paths,), clients=clients))
+    units = fedmoe_client_units("digits", paths, clients, 0)
+    assert [u.tolist() for u in units] == [a.units.tolist() for a in fed.assignments]
+    assert sorted(np.concatenate(units).tolist()) == list(range(fed.task.n_units))
+    result = fedavg_baseline(clients, 2, epochs=2, paths=paths)
+    dense = fed.task.model_spec((1,)).build()
+    assert [r["upload_bytes_per_client"] for r in result["rounds"]] == [4 * sum(p.numel() for p in dense.parameters())] * 2
+    expected_steps = np.average([2 * -(-len(u) // 32) for u in units], weights=[len(u) for u in units])
+    assert result["rounds"][0]["local_steps"] == pytest.approx(expected_steps)
+    assert result["rounds"][-1]["accuracy"] > 0.2  # ten classes: chance is 0.1
