@@ -110,3 +110,35 @@ def test_fedavg_baseline_on_fedmoe_clients_data_learns_and_uploads_fp32_weights(
     expected_steps = np.average([2 * -(-len(u) // 32) for u in units], weights=[len(u) for u in units])
     assert result["rounds"][0]["local_steps"] == pytest.approx(expected_steps)
     assert result["rounds"][-1]["accuracy"] > 0.2  # ten classes: chance is 0.1
+
+
+def test_flwr_run_trains_the_app_from_pyproject(tmp_path) -> None:
+    """`flwr run .` on a local simulation federation runs the ServerApp/ClientApp named in pyproject.toml."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    home, out = tmp_path / "flwr-home", tmp_path / "ensemble"
+    home.mkdir()
+    (home / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n')
+    flwr = Path(sys.executable).with_name("flwr")
+    env = {**os.environ, "FLWR_HOME": str(home)}
+    command = [str(flwr), "run", str(root), "--federation-config", "num-supernodes=4",
+               "--run-config", f"rounds=1 steps=3 clients=4 grid='2' out='{out}'", "--stream"]
+    try:
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        results = json.loads((out / "results.json").read_text())
+        assert results["config"]["clients"] == 4 and results["config"]["grid"] == [2]
+        assert [r["round"] for r in results["rounds"]] == [1]
+        assert results["rounds"][0]["clients"] == 4
+        assert Ensemble.load(out).model.module_states().keys() == build_federation(FlowerConfig(grid=(2,), clients=4)).model.module_states().keys()
+    finally:  # the local SuperLink that `flwr run` started stays up by design: stop the one under this FLWR_HOME
+        ps = subprocess.run(["ps", "-ewwo", "pid=,args="], capture_output=True, text=True).stdout
+        for line in ps.splitlines():
+            pid, _, args = line.strip().partition(" ")
+            if str(home) in args:
+                os.kill(int(pid), signal.SIGTERM)
