@@ -456,8 +456,20 @@ def backend_config(cpus_per_client: float = 1, gpus_per_client: float = 0, ray_a
     return config
 
 
+class _RunSimulationNotice(logging.Filter):
+    """Drops Flower's advice to call `flwr run` instead of `run_simulation`: fedmoe makes that call, and offers `flwr run` too."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`run_simulation` function is deprecated" not in record.getMessage()
+
+
 def _run(server: ServerApp, client: ClientApp, nodes: int, cpus_per_client: float, gpus_per_client: float, ray_address: str | None, verbose: bool) -> None:
-    run_simulation(server, client, nodes, backend_config=backend_config(cpus_per_client, gpus_per_client, ray_address), verbose_logging=verbose)
+    notice, flower_log = _RunSimulationNotice(), logging.getLogger("flwr")
+    flower_log.addFilter(notice)
+    try:
+        run_simulation(server, client, nodes, backend_config=backend_config(cpus_per_client, gpus_per_client, ray_address), verbose_logging=verbose)
+    finally:
+        flower_log.removeFilter(notice)
 
 
 def simulate_federation(
