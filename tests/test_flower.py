@@ -125,7 +125,7 @@ def test_flwr_run_trains_the_app_from_pyproject(tmp_path) -> None:
     home.mkdir()
     (home / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n')
     flwr = Path(sys.executable).with_name("flwr")
-    env = {**os.environ, "FLWR_HOME": str(home)}
+    env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{flwr.parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # flwr starts flower-superlink from PATH
     command = [str(flwr), "run", str(root), "--federation-config", "num-supernodes=4",
                "--run-config", f"rounds=1 steps=3 clients=4 grid='2' out='{out}'", "--stream"]
     try:
