@@ -83,6 +83,9 @@ class CoordinatorConfig:
             raise ValueError(f"quorum is a fraction of the members in (0, 1], got {self.quorum}")
         if self.late not in ("drop", "stale"):
             raise ValueError(f"late updates are dropped or used with staleness weighting: 'drop' or 'stale', got {self.late!r}")
+        if self.scheme not in ("rolling", "static", "random"):
+            raise ValueError(f"sub-models over the network are width slices (rolling, static or random), got {self.scheme!r}: "
+                             "magnitude masks depend on weights a pruned client never receives")
 
 
 @dataclass
@@ -201,40 +204,52 @@ class Coordinator:
     def submit(self, upload: Upload, client_id: str, update_id: str, signature: bytes = b"") -> int:
         """Validate and durably store one upload for the open round; close the round at quorum. Returns the open round.
 
-        A member that joined with a public key must sign its updates (see `signed_fields`).
+        A member that joined with a public key must sign its updates (see `signed_fields`). The signature,
+        decoding and norm checks read only the upload and the grid's shapes, so they run outside the lock:
+        other clients heartbeat, pull and push meanwhile.
         """
         with self.lock:
-            member = self.member(client_id)
-            if member.public_key:
-                try:
-                    verify_signature(bytes.fromhex(member.public_key), update_digest(signed_fields(client_id, update_id, upload), upload.tensors), signature)
-                except AuthError as e:
-                    raise Rejected("UNAUTHENTICATED", str(e)) from None
-            if update_id in self.seen_updates:
-                raise Rejected("ALREADY_EXISTS", f"update {update_id} was already accepted")
+            public_key = self.admissible(upload, client_id, update_id)
+        if public_key:
+            try:
+                verify_signature(bytes.fromhex(public_key), update_digest(signed_fields(client_id, update_id, upload), upload.tensors), signature)
+            except AuthError as e:
+                raise Rejected("UNAUTHENTICATED", str(e)) from None
+        try:
+            update = decode(self.model, upload)
+        except ValueError as e:
+            raise Rejected("INVALID_ARGUMENT", str(e)) from None
+        norm = update_norm(update)
+        if not np.isfinite(norm) or norm > self.config.max_update_norm:
+            raise Rejected("INVALID_ARGUMENT", f"outer gradient norm {norm:.3g} is not finite or above {self.config.max_update_norm:g}")
+        with self.lock:
+            if self.admissible(upload, client_id, update_id) != public_key:  # the round, the pending set or the key may have changed meanwhile
+                raise Rejected("UNAUTHENTICATED", f"client {client_id} rejoined with another key while its update was checked")
             staleness = self.round - upload.round
-            late_ok = self.config.late == "stale" and staleness <= self.config.max_staleness
-            if self.finished or staleness < 0 or (staleness > 0 and not late_ok):
-                raise Rejected("FAILED_PRECONDITION", f"update for round {upload.round}, but round {self.round} is open")
-            if client_id in self.pending:
-                raise Rejected("ALREADY_EXISTS", f"client {client_id} already sent its update for round {self.round}")
-            expected = (Path.parse(member.path), Variant(**member.variant), member.seed)
-            if (upload.path, upload.variant, upload.seed) != expected:
-                raise Rejected("INVALID_ARGUMENT", f"update is for path {upload.path} {upload.variant}, the assignment is {expected[0]} {expected[1]}")
             if staleness:
                 upload = replace(upload, weight=upload.weight / (1 + staleness))
-            try:
-                update = decode(self.model, upload)
-            except ValueError as e:
-                raise Rejected("INVALID_ARGUMENT", str(e)) from None
-            norm = update_norm(update)
-            if not np.isfinite(norm) or norm > self.config.max_update_norm:
-                raise Rejected("INVALID_ARGUMENT", f"outer gradient norm {norm:.3g} is not finite or above {self.config.max_update_norm:g}")
+                update = replace(update, weight=upload.weight)
             self.write_pending(client_id, update_id, upload)
             self.pending[client_id] = (upload, update)
             self.seen_updates.add(update_id)
             self.close_if_due()
             return self.round
+
+    def admissible(self, upload: Upload, client_id: str, update_id: str) -> str:
+        """Raise `Rejected` unless this member may submit this upload now (round, replay, assignment); its public key (hex)."""
+        member = self.member(client_id)
+        if update_id in self.seen_updates:
+            raise Rejected("ALREADY_EXISTS", f"update {update_id} was already accepted")
+        staleness = self.round - upload.round
+        late_ok = self.config.late == "stale" and staleness <= self.config.max_staleness
+        if self.finished or staleness < 0 or (staleness > 0 and not late_ok):
+            raise Rejected("FAILED_PRECONDITION", f"update for round {upload.round}, but round {self.round} is open")
+        if client_id in self.pending:
+            raise Rejected("ALREADY_EXISTS", f"client {client_id} already sent its update for round {self.round}")
+        expected = (Path.parse(member.path), Variant(**member.variant), member.seed)
+        if (upload.path, upload.variant, upload.seed) != expected:
+            raise Rejected("INVALID_ARGUMENT", f"update is for path {upload.path} {upload.variant}, the assignment is {expected[0]} {expected[1]}")
+        return member.public_key
 
     def close_if_due(self) -> None:
         """Close the open round when the quorum has sent, or when its deadline passed with at least one update."""

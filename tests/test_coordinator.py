@@ -2,6 +2,7 @@
 
 import json
 import struct
+import threading
 import uuid
 
 import grpc
@@ -14,7 +15,8 @@ from hypothesis import strategies as st
 from fedmoe.clients.runtime import Session, connect, join, push_frames, run, train_round
 from fedmoe.compress.quant import QTensor, quantize
 from fedmoe.modular import Path
-from fedmoe.server.coordinator import Coordinator, CoordinatorConfig
+from fedmoe.server import coordinator as coordinator_module
+from fedmoe.server.coordinator import Coordinator, CoordinatorConfig, Rejected
 from fedmoe.server.service import start_server
 from fedmoe.strategies.assignment import PROFILES
 from fedmoe.tasks import digits_task
@@ -22,8 +24,8 @@ from fedmoe.train import InnerConfig
 from fedmoe.v1 import coordinator_pb2 as pb
 from fedmoe.v1 import coordinator_pb2_grpc as pb_grpc
 from fedmoe.v1 import tensor_pb2
-from fedmoe.security import new_signing_key
-from fedmoe.worker import Upload, Variant, Worker, round_masks
+from fedmoe.security import new_signing_key, update_digest
+from fedmoe.worker import Upload, Variant, Worker, round_masks, signed_fields
 
 CONFIG = CoordinatorConfig(grid=(2,), rounds=2, inner=InnerConfig(steps=5), min_clients=2)
 
@@ -127,6 +129,45 @@ def test_bad_input_gets_a_precise_status_and_changes_nothing(federation):
     assert code_of(lambda: push(stub, a, upload, update_id)) == grpc.StatusCode.ALREADY_EXISTS  # a replay
     assert code_of(lambda: push(stub, a, upload)) == grpc.StatusCode.ALREADY_EXISTS  # a second update for the round
     assert len(coordinator.pending) == 1 and coordinator.round == 0
+
+
+def test_uploads_are_checked_outside_the_lock_and_admitted_once(federation, monkeypatch):
+    coordinator, stub = federation
+    a, worker_a = joined(stub)
+    joined(stub, "int8")  # a second member: a's update alone does not close the round
+    upload = trained_upload(coordinator, stub, a, worker_a)
+    decoding, release = threading.Semaphore(0), threading.Event()
+    real_decode = coordinator_module.decode
+
+    def held_decode(model, upload):
+        decoding.release()
+        assert release.wait(10)
+        return real_decode(model, upload)
+
+    monkeypatch.setattr(coordinator_module, "decode", held_decode)
+    outcomes = []
+
+    def submit(update_id):
+        signature = a.signing_key.sign(update_digest(signed_fields(a.client_id, update_id, upload), upload.tensors))
+        try:
+            outcomes.append(coordinator.submit(upload, a.client_id, update_id, signature))
+        except Rejected as e:
+            outcomes.append(e.code)
+
+    submitters = [threading.Thread(target=submit, args=(f"update-{i}",)) for i in range(2)]
+    for t in submitters:
+        t.start()
+    assert decoding.acquire(timeout=10) and decoding.acquire(timeout=10), "both uploads are decoded at once"
+    status = []
+    reader = threading.Thread(target=lambda: status.append(coordinator.status()))
+    reader.start()
+    reader.join(5)
+    release.set()
+    for t in submitters:
+        t.join(10)
+    assert status and status[0]["pending"] == [], "status waited for the uploads being decoded"
+    assert sorted(map(str, outcomes)) == ["0", "ALREADY_EXISTS"]  # one client, one update per round
+    assert list(coordinator.pending) == [a.client_id]
 
 
 def test_acknowledged_updates_survive_a_restart_and_are_applied_once(tmp_path):
