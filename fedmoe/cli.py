@@ -317,7 +317,7 @@ def simulate(
     seed: int = 0,
     cpus_per_client: Annotated[float, typer.Option(min=0, help="CPUs Ray reserves for each virtual client.")] = 1.0,
     gpus_per_client: Annotated[float, typer.Option(min=0, help="GPUs (or fractions) Ray reserves for each virtual client.")] = 0.0,
-    ray_address: Annotated[str | None, typer.Option(help="An existing Ray cluster, e.g. ray://head:10001 or auto (default: $RAY_ADDRESS, else a local Ray).")] = None,
+    ray_address: Annotated[str | None, typer.Option(help="An existing Ray cluster: head:6379 from one of its machines, ray://head:10001 from outside (default: $RAY_ADDRESS, else a local Ray).")] = None,
     out: Annotated[Path | None, typer.Option(help="Directory for the ensemble checkpoint and results.json.")] = Path("runs/simulate"),
     verbose: Annotated[bool, typer.Option(help="Flower's debug logs.")] = False,
 ) -> None:

@@ -142,3 +142,51 @@ def test_flwr_run_trains_the_app_from_pyproject(tmp_path) -> None:
             pid, _, args = line.strip().partition(" ")
             if str(home) in args:
                 os.kill(int(pid), signal.SIGTERM)
+
+
+def test_simulate_runs_on_an_existing_ray_cluster(tmp_path) -> None:
+    """`fedmoe simulate --ray-address` sends the virtual clients to a running Ray cluster (a head from `ray start`)."""
+    import json
+    import shutil
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    from pathlib import Path
+
+    bin_dir = Path(sys.executable).parent
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths live under it
+    head = subprocess.Popen(
+        [str(bin_dir / "ray"), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+         "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={ray_dir}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    address, out = f"127.0.0.1:{port}", tmp_path / "ensemble"
+    try:
+        deadline = time.monotonic() + 90
+        while subprocess.run([str(bin_dir / "ray"), "status", f"--address={address}"], capture_output=True).returncode != 0:
+            assert head.poll() is None and time.monotonic() < deadline, "the Ray head did not come up"
+            time.sleep(1)
+        done = subprocess.run(
+            [str(bin_dir / "fedmoe"), "simulate", "--clients", "4", "--grid", "2", "--rounds", "1", "--steps", "2",
+             "--ray-address", address, "--out", str(out)],
+            capture_output=True, text=True, timeout=240,
+        )
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        results = json.loads((out / "results.json").read_text())
+        assert [r["clients"] for r in results["rounds"]] == [4]
+        drivers = list(Path(ray_dir).glob("session_*/logs/python-core-driver-*"))
+        assert drivers, "no driver connected to the cluster"
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+        shutil.rmtree(ray_dir, ignore_errors=True)
