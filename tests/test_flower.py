@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
 
 for _name, _value in (("FLWR_TELEMETRY_ENABLED", "0"), ("FLWR_DISABLE_UPDATE_CHECK", "1"), ("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")):
     os.environ.setdefault(_name, _value)
-
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -114,12 +122,6 @@ def test_fedavg_baseline_on_fedmoe_clients_data_learns_and_uploads_fp32_weights(
 
 def test_flwr_run_trains_the_app_from_pyproject(tmp_path) -> None:
     """`flwr run .` on a local simulation federation runs the ServerApp/ClientApp named in pyproject.toml."""
-    import json
-    import signal
-    import subprocess
-    import sys
-    from pathlib import Path
-
     root = Path(__file__).resolve().parents[1]
     home, out = tmp_path / "flwr-home", tmp_path / "ensemble"
     home.mkdir()
@@ -146,16 +148,6 @@ def test_flwr_run_trains_the_app_from_pyproject(tmp_path) -> None:
 
 def test_simulate_runs_on_an_existing_ray_cluster(tmp_path) -> None:
     """`fedmoe simulate --ray-address` sends the virtual clients to a running Ray cluster (a head from `ray start`)."""
-    import json
-    import shutil
-    import signal
-    import socket
-    import subprocess
-    import sys
-    import tempfile
-    import time
-    from pathlib import Path
-
     bin_dir = Path(sys.executable).parent
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
