@@ -1,8 +1,8 @@
 """One worker's round, shared by every runner: receive the path as this client holds it, train, compress.
 
 A client's `Variant` says what it holds of its path: a bit-width (weights delivered quantized,
-trained with fake-quantization and a straight-through estimator, outer gradient sent quantized
-with error feedback) and a density (a pruned sub-model; only held coordinates are trained and sent).
+trained with fake-quantization and a straight-through estimator, outer gradient taken from the
+quantized end weights and sent quantized with error feedback) and a density (a pruned sub-model; only held coordinates are trained and sent).
 """
 
 from __future__ import annotations
@@ -178,8 +178,8 @@ class Worker:
         for module, name, mask in restrictions:
             parametrize.register_parametrization(module, name, Restrict(mask, self.variant.bits))
         loss, self.optimizer_state = train_local(path_model, self.batches, inner, self.optimizer_state)
-        for module, name, _ in restrictions:
-            parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+        for module, name, _ in restrictions:  # keep the weights as the client computed with them: masked, fake-quantized
+            parametrize.remove_parametrizations(module, name, leave_parametrized=True)
         tensors = {}
         for name, p in path_model.named_parameters():
             mask = masks.get(name)

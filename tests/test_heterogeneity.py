@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fedmoe.compress.prune import held_shape, held_values, hidden_layers, magnitude_masks, scatter_held, width_masks
-from fedmoe.compress.quant import quantize, wire_bytes
+from fedmoe.compress.quant import ErrorFeedback, dequantize, fake_quantize, quantize, wire_bytes
 from fedmoe.federation import Assignment, train_federation
 from fedmoe.models import build_model
 from fedmoe.modular import Path
@@ -15,7 +15,7 @@ from fedmoe.strategies.aggregate import aggregate
 from fedmoe.strategies.assignment import DeviceProfile, assign_variant, parse_profiles, training_bytes
 from fedmoe.tasks import load_task
 from fedmoe.train import InnerConfig, train_local
-from fedmoe.worker import Upload, Variant, Worker, decode, round_masks, variant_bytes
+from fedmoe.worker import Upload, Variant, Worker, decode, deliver, round_masks, variant_bytes
 
 
 def mlp(hidden=8, grid=(1,)):
@@ -142,6 +142,22 @@ def test_int4_half_width_worker_sends_exactly_what_its_variant_costs():
     update = decode(model, sent)
     for name, mask in update.masks["0.0"].items():
         assert (update.deltas["0.0"][name][~mask] == 0).all()  # nothing outside the sub-model moves
+
+
+def test_a_quantized_worker_sends_the_change_of_the_weights_it_computed_with():
+    """A 4-bit client's outer gradient ends at its fake-quantized weights, not at its latent full-precision copy."""
+    task = load_task("digits")
+    model = task.model_spec((1,)).build()
+    path_model = model.compose(Path((0,)))
+    start = {n: dequantize(q) for n, q in deliver(path_model, Variant(4), {}).items()}
+    worker = Worker(Path((0,)), task.batches(range(200), 16, 0), 200.0, Variant(4))
+    worker.feedback = ErrorFeedback(32)  # the outer gradient unquantized, to see where it ends
+    sent = worker.run_round(model, InnerConfig(steps=20), round=0)
+    matrices = [n for n, p in path_model.named_parameters() if p.dim() >= 2]
+    for name in matrices:
+        end = start[name] - dequantize(sent.tensors[name])
+        assert not torch.equal(end, start[name])
+        assert torch.allclose(end, fake_quantize(end, 4), atol=1e-6), f"{name} does not end on its 4-bit grid"
 
 
 def test_one_fp32_worker_with_plain_outer_sgd_lands_on_its_own_end_point():
