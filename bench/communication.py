@@ -17,7 +17,7 @@ local epoch per round stop at `--max-rounds`, runs of H local steps at `--max-ro
 never reaches the target gives a lower bound on the ratio: the bytes it uploaded without reaching it.
 
     python bench/communication.py
-    python bench/communication.py --target 0.9 --clients 8 --steps 400 --max-rounds 40
+    python bench/communication.py --seeds 3 --target 0.9 --clients 8 --steps 400 --max-rounds 40
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ BATCH_SIZE = 32
 
 @dataclass
 class Run:
-    """One benchmark run: its label, data, local steps per round and per-round accuracy and upload bytes per client."""
+    """One benchmark run: its label, data, local steps per round, per-round accuracy and upload bytes per client."""
 
     label: str
     data: str
@@ -54,6 +54,29 @@ class Run:
         return None, sum(self.upload)
 
 
+def runs_for_seed(args: argparse.Namespace, seed: int, console: Console) -> list[Run]:
+    """The six runs of one seed: FedAvg (1 epoch, H steps) x (iid, fedmoe's clients), then fedmoe int8 and int4."""
+    epoch_steps = cached_task("digits").n_units / args.clients / BATCH_SIZE
+    long_epochs = max(1, round(args.steps / epoch_steps))
+    runs: list[Run] = []
+    for epochs, rounds in ((1, args.max_rounds), (long_epochs, args.max_rounds_h)):
+        for data, paths in (("iid", 0), ("fedmoe's clients", args.grid)):
+            console.print(f"seed {seed}: FedAvg, {epochs} local epoch(s), {data}: {args.clients} clients, {rounds} rounds ...")
+            started = time.perf_counter()
+            result = fedavg_baseline(args.clients, rounds, epochs=epochs, batch_size=BATCH_SIZE, paths=paths, seed=seed)["rounds"]
+            runs.append(Run(f"Flower FedAvg, fp32, {epochs} epoch{'s' * (epochs > 1)}", data, result[0]["local_steps"],
+                            [r["accuracy"] for r in result], [r["upload_bytes_per_client"] for r in result], time.perf_counter() - started))
+    for bits in (8, 4):
+        console.print(f"seed {seed}: fedmoe int{bits}: {args.clients} clients, {args.max_rounds_h} rounds ...")
+        started = time.perf_counter()
+        config = FlowerConfig(grid=(args.grid,), clients=args.clients, profiles=(f"int{bits}",), rounds=args.max_rounds_h,
+                              inner=InnerConfig(steps=args.steps, batch_size=BATCH_SIZE), seed=seed)
+        result = simulate_federation(config)["rounds"]
+        runs.append(Run(f"fedmoe, {args.grid} experts, int{bits}", "fedmoe's clients", args.steps, [r["top1"] for r in result],
+                        [r["upload_bytes"] / r["clients"] for r in result], time.perf_counter() - started))
+    return runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=8)
@@ -62,46 +85,35 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.90)
     parser.add_argument("--max-rounds", type=int, default=40, help="rounds of the one-epoch FedAvg runs")
     parser.add_argument("--max-rounds-h", type=int, default=5, help="rounds of the runs of H local steps")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, default=1, help="seeds (data split, initial weights, batches); the table shows the worst")
     args = parser.parse_args()
     console = Console(width=170)
-    epoch_steps = cached_task("digits").n_units / args.clients / BATCH_SIZE
-    long_epochs = max(1, round(args.steps / epoch_steps))
+    by_seed = [runs_for_seed(args, seed, console) for seed in range(args.seeds)]
 
-    runs: list[Run] = []
-    for epochs, rounds in ((1, args.max_rounds), (long_epochs, args.max_rounds_h)):
-        for data, paths in (("iid", 0), ("fedmoe's clients", args.grid)):
-            console.print(f"FedAvg, {epochs} local epoch(s), {data}: {args.clients} clients, {rounds} rounds ...")
-            started = time.perf_counter()
-            result = fedavg_baseline(args.clients, rounds, epochs=epochs, batch_size=BATCH_SIZE, paths=paths, seed=args.seed)["rounds"]
-            runs.append(Run(f"Flower FedAvg, fp32, {epochs} epoch{'s' * (epochs > 1)}", data, result[0]["local_steps"],
-                            [r["accuracy"] for r in result], [r["upload_bytes_per_client"] for r in result], time.perf_counter() - started))
-    for bits in (8, 4):
-        console.print(f"fedmoe int{bits}: {args.clients} clients, {args.max_rounds_h} rounds ...")
-        started = time.perf_counter()
-        config = FlowerConfig(grid=(args.grid,), clients=args.clients, profiles=(f"int{bits}",), rounds=args.max_rounds_h,
-                              inner=InnerConfig(steps=args.steps, batch_size=BATCH_SIZE), seed=args.seed)
-        result = simulate_federation(config)["rounds"]
-        runs.append(Run(f"fedmoe, {args.grid} experts, int{bits}", "fedmoe's clients", args.steps, [r["top1"] for r in result],
-                        [r["upload_bytes"] / r["clients"] for r in result], time.perf_counter() - started))
-
-    reference = runs[0]
-    ref_rounds, ref_bytes = reference.to_target(args.target)
-    table = Table(title=f"digits, {args.clients} clients: bytes each client uploads to reach {args.target:.0%} test accuracy",
-                  caption=f"ratio: {reference.label} on {reference.data} data / this; '>' where this never reached the target "
-                          f"(its bytes in all its rounds); fedmoe: routed ensemble (top-1), DiLoCo outer steps")
+    reference = by_seed[0][0]
+    table = Table(title=f"digits, {args.clients} clients: bytes each client uploads to reach {args.target:.0%} test accuracy "
+                        f"({args.seeds} seed{'s' * (args.seeds > 1)}: rounds per seed, the other columns the worst seed)",
+                  caption=f"ratio: {reference.label} on {reference.data} data / this, seed by seed; '>' where this never reached "
+                          f"the target (its bytes in all its rounds); fedmoe: routed ensemble (top-1), DiLoCo outer steps")
     for column in ("run", "client data", "local steps / round", "bytes / client / round", "rounds to target", "bytes / client to target", "ratio", "best accuracy", "wall s"):
         table.add_column(column, justify="left" if column in ("run", "client data") else "right")
-    for run in runs:
-        rounds, total = run.to_target(args.target)
-        if ref_rounds is None:
+    for i, run in enumerate(by_seed[0]):
+        seeds = [runs[i] for runs in by_seed]
+        reached = [r.to_target(args.target) for r in seeds]
+        references = [runs[0].to_target(args.target) for runs in by_seed]
+        worst = max(range(len(seeds)), key=lambda k: (reached[k][0] is None, reached[k][1]))
+        rounds, total = reached[worst]
+        if any(ref_rounds is None for ref_rounds, _ in references):
             ratio = "-"
         else:
-            ratio = f"{ref_bytes / total:.1f}x" if rounds is not None else f"<{ref_bytes / total:.2f}x"
+            ratios = [ref_bytes / b for (_, ref_bytes), (_, b) in zip(references, reached)]
+            k = min(range(len(ratios)), key=ratios.__getitem__)
+            ratio = f"{ratios[k]:.1f}x" if reached[k][0] is not None else f"<{ratios[k]:.2f}x"
         table.add_row(
             run.label, run.data, f"{run.local_steps:.0f}", f"{sum(run.upload) / len(run.upload):,.0f}",
-            str(rounds) if rounds is not None else f"not in {len(run.accuracy)}",
-            f"{total:,.0f}" if rounds is not None else f">{total:,.0f}", ratio, f"{max(run.accuracy):.3f}", f"{run.seconds:.0f}",
+            ", ".join(str(r) if r is not None else f"not in {len(s.accuracy)}" for (r, _), s in zip(reached, seeds)),
+            f"{total:,.0f}" if rounds is not None else f">{total:,.0f}", ratio,
+            f"{min(max(s.accuracy) for s in seeds):.3f}", f"{max(s.seconds for s in seeds):.0f}",
         )
     console.print(table)
 
