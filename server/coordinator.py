@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from fedmoe.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from fedmoe.compress.prune import WIDTH_SCHEMES
 from fedmoe.compress.quant import QTensor
 from fedmoe.ensemble import Ensemble
 from fedmoe.experiment import CLUSTERINGS, evaluate_ensemble, make_shards
@@ -83,7 +84,7 @@ class CoordinatorConfig:
             raise ValueError(f"quorum is a fraction of the members in (0, 1], got {self.quorum}")
         if self.late not in ("drop", "stale"):
             raise ValueError(f"late updates are dropped or used with staleness weighting: 'drop' or 'stale', got {self.late!r}")
-        if self.scheme not in ("rolling", "static", "random"):
+        if self.scheme not in WIDTH_SCHEMES:
             raise ValueError(f"sub-models over the network are width slices (rolling, static or random), got {self.scheme!r}: "
                              "magnitude masks depend on weights a pruned client never receives")
 

@@ -18,7 +18,8 @@ from torch import nn
 from torch.nn.utils import prune
 
 Masks = dict[str, torch.Tensor]
-SCHEMES = ("static", "rolling", "random", "magnitude")
+WIDTH_SCHEMES = ("static", "rolling", "random")  # rebuilt from (variant, round, seed) and shapes alone: usable over the network
+SCHEMES = (*WIDTH_SCHEMES, "magnitude")
 ACTIVATIONS = (nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU)
 
 
