@@ -97,10 +97,10 @@ def main() -> None:
                           f"the target (its bytes in all its rounds); fedmoe: routed ensemble (top-1), DiLoCo outer steps")
     for column in ("run", "client data", "local steps / round", "bytes / client / round", "rounds to target", "bytes / client to target", "ratio", "best accuracy", "wall s"):
         table.add_column(column, justify="left" if column in ("run", "client data") else "right")
+    references = [runs[0].to_target(args.target) for runs in by_seed]
     for i, run in enumerate(by_seed[0]):
         seeds = [runs[i] for runs in by_seed]
         reached = [r.to_target(args.target) for r in seeds]
-        references = [runs[0].to_target(args.target) for runs in by_seed]
         worst = max(range(len(seeds)), key=lambda k: (reached[k][0] is None, reached[k][1]))
         rounds, total = reached[worst]
         if any(ref_rounds is None for ref_rounds, _ in references):

@@ -2,7 +2,8 @@
 
 A client's `Variant` says what it holds of its path: a bit-width (weights delivered quantized,
 trained with fake-quantization and a straight-through estimator, outer gradient taken from the
-quantized end weights and sent quantized with error feedback) and a density (a pruned sub-model; only held coordinates are trained and sent).
+quantized end weights and sent quantized with error feedback) and a density (a pruned sub-model;
+only held coordinates are trained and sent).
 """
 
 from __future__ import annotations
