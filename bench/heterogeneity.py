@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedmoe.experiment import ExperimentConfig, train_dense, train_experts
-from fedmoe.strategies.assignment import MIXES
+from fedmoe.assignment import MIXES
 from fedmoe.tasks import load_task
 from fedmoe.train import InnerConfig
 

@@ -25,7 +25,7 @@ from rich.table import Table
 from fedmoe.clients.runtime import connect, join, push_frames
 from fedmoe.compress.quant import quantize
 from fedmoe.modular import Path
-from fedmoe.strategies.assignment import PROFILES
+from fedmoe.assignment import PROFILES
 from fedmoe.v1 import coordinator_pb2 as pb
 from fedmoe.v1 import coordinator_pb2_grpc as pb_grpc
 from fedmoe.wire import decode_tensors

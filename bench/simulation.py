@@ -24,7 +24,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from fedmoe.strategies.assignment import MIXES
+from fedmoe.assignment import MIXES
 from fedmoe.strategies.flower import FlowerConfig, simulate_federation
 from fedmoe.train import InnerConfig
 

@@ -22,8 +22,8 @@ from fedmoe.compress.quant import quantize
 from fedmoe.modular import Path
 from fedmoe.server.coordinator import Coordinator, CoordinatorConfig
 from fedmoe.server.service import start_server
-from fedmoe.strategies.aggregate import aggregate
-from fedmoe.strategies.assignment import PROFILES
+from fedmoe.aggregate import aggregate
+from fedmoe.assignment import PROFILES
 from fedmoe.tasks import digits_task
 from fedmoe.train import InnerConfig
 from fedmoe.v1 import coordinator_pb2 as pb

@@ -18,7 +18,7 @@ from fedmoe.experiment import make_shards
 from fedmoe.modular import ModularModel, Path
 from fedmoe.models import ModelSpec
 from fedmoe.security import channel_credentials, new_signing_key, public_bytes, update_digest
-from fedmoe.strategies.assignment import PROFILES, DeviceProfile
+from fedmoe.assignment import PROFILES, DeviceProfile
 from fedmoe.tasks import load_task
 from fedmoe.train import Batch, InnerConfig
 from fedmoe.v1 import coordinator_pb2 as pb

@@ -13,6 +13,8 @@ from typing import Annotated
 
 import click
 import typer
+
+from fedmoe.config import Config
 from rich.console import Console
 from rich.table import Table
 
@@ -25,15 +27,38 @@ def root() -> None:
     """fedmoe: train experts and paths on unlike machines, ensemble them with a router."""
 
 
-def parse_grid(text: str) -> tuple[int, ...]:
-    """"4" -> (4,) independent experts; "2x2" -> (2, 2) a two-level DiPaCo grid."""
+SpecOption = Annotated[str | None, typer.Option(help="The spec, as an import string 'package.module:attr' (default: the config's, else fedmoe.models.digits:spec).")]
+ConfigOption = Annotated[Path | None, typer.Option("--config", help="A TOML config file (see fedmoe.config).")]
+SetOption = Annotated[list[str] | None, typer.Option("--set", help="Override a config key, e.g. --set inner.steps=20 (repeatable; applied last).")]
+GridOption = Annotated[str | None, typer.Option(help="Modules per level: 4 = four independent experts, 2x2 = a DiPaCo grid of four paths.")]
+RoundsOption = Annotated[int | None, typer.Option(min=1, help="Outer rounds.")]
+StepsOption = Annotated[int | None, typer.Option(min=1, help="Inner steps per round per client (H).")]
+LrOption = Annotated[float | None, typer.Option(help="Inner learning rate.")]
+BatchOption = Annotated[int | None, typer.Option(min=1, help="Inner batch size.")]
+OuterLrOption = Annotated[float | None, typer.Option(help="Outer SGD learning rate (default: 1.0 with one worker per module, else 0.7).")]
+OuterMomentumOption = Annotated[float | None, typer.Option(help="Outer Nesterov momentum (default: 0 with one worker per module, else 0.9).")]
+SeedOption = Annotated[int | None, typer.Option(help="Seed of the grid's initialisation and the clients' sampling.")]
+
+
+def make_config(config_file: Path | None, sets: list[str] | None, **shortcuts: object) -> Config:
+    """The run's config: the TOML file, then the shortcut options given (dotted keys, None = not given), then --set."""
+    from fedmoe.config import parse_overrides
+
     try:
-        grid = tuple(int(n) for n in text.lower().split("x"))
-    except ValueError:
-        raise typer.BadParameter(f"grid must look like 4 or 2x2, got {text!r}") from None
-    if not grid or min(grid) < 1:
-        raise typer.BadParameter(f"every level needs at least one module, got {text!r}")
-    return grid
+        overrides = {key.replace("__", "."): value for key, value in shortcuts.items() if value is not None}
+        return Config.load(config_file, {**overrides, **parse_overrides(sets)})
+    except (ValueError, OSError) as e:
+        raise typer.BadParameter(str(e)) from None
+
+
+def describe(config: Config) -> str:
+    """One line naming the run's main settings."""
+    outer = config.outer
+    lr = "auto" if outer.lr is None else f"{outer.lr:g}"
+    momentum = "auto" if outer.momentum is None else f"{outer.momentum:g}"
+    return (f"spec {config.spec}, grid {'x'.join(map(str, config.grid))}, {config.rounds} rounds x {config.inner.steps} steps "
+            f"(lr {config.inner.lr:g}, {config.inner.schedule}), outer lr {lr} momentum {momentum}, "
+            f"aggregation {config.aggregation.rule}")
 
 
 @app.command()
@@ -59,7 +84,7 @@ def demo(
 
     from fedmoe.experiment import ExperimentConfig, compare
     from fedmoe.plots import plot_rounds
-    from fedmoe.strategies.assignment import parse_profiles
+    from fedmoe.assignment import parse_profiles
     from fedmoe.tasks import load_task
     from fedmoe.train import InnerConfig
 
@@ -222,7 +247,7 @@ def client(
 ) -> None:
     """Join a federation with the built-in data and train until the coordinator says done."""
     from fedmoe.clients import run
-    from fedmoe.strategies.assignment import PROFILES
+    from fedmoe.assignment import PROFILES
 
     setup_logging(verbose)
     if profile not in PROFILES:
@@ -322,7 +347,7 @@ def simulate(
     verbose: Annotated[bool, typer.Option(help="Flower's debug logs.")] = False,
 ) -> None:
     """Train experts/paths with virtual Flower clients (simulation engine, Ray backend), ensembled by federated centroids."""
-    from fedmoe.strategies.assignment import parse_profiles
+    from fedmoe.assignment import parse_profiles
     from fedmoe.strategies.flower import simulate as run_simulation
 
     try:

@@ -17,7 +17,7 @@ from fedmoe.modular import ModularModel, Path, module_key
 from fedmoe.outer import ModuleStates, OuterOptimizer
 from fedmoe.router import CentroidRouter, LearnedRouter, shard_labels
 from fedmoe.tasks import Task, score
-from fedmoe.strategies.assignment import PROFILES, assign_variant
+from fedmoe.assignment import PROFILES, assign_variant
 from fedmoe.train import InnerConfig
 from fedmoe.worker import round_masks, variant_bytes
 
@@ -31,7 +31,7 @@ class ExperimentConfig:
     The first `shared_rounds` of the `rounds` train one shared model on all the data (as many steps
     per round as all workers together, so every round costs the same); every path then branches
     from it, as in Branch-Train-Merge and DiPaCo, and trains on its own shard for the remaining rounds.
-    `profiles` names device profiles (see fedmoe.strategies.assignment.PROFILES): each path is then
+    `profiles` names device profiles (see fedmoe.assignment.PROFILES): each path is then
     trained by one client per profile, each holding the variant (bits, density) its profile fits,
     with sub-models chosen by `scheme`.
 

@@ -8,7 +8,6 @@ only held coordinates are trained and sent).
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,8 +20,10 @@ from torch.nn.utils import parametrize
 from fedmoe.compress.prune import SCHEMES, Masks, check_density, held_shape, held_values, scatter_held, submodel_masks
 from fedmoe.compress.quant import BITS, ErrorFeedback, QTensor, dequantize, fake_quantize, quantize, wire_bytes
 from fedmoe.modular import ModularModel, Path
+from fedmoe.config import InnerConfig
 from fedmoe.outer import ModuleStates, Update
-from fedmoe.train import Batch, InnerConfig, train_local
+from fedmoe.spec import Batch, Spec
+from fedmoe.train import train_local
 
 
 @dataclass(frozen=True)
@@ -148,37 +149,55 @@ def deliver(path_model: nn.Module, variant: Variant, masks: Masks) -> dict[str, 
     return {name: quantize(held_values(p.detach(), masks.get(name)), variant.bits) for name, p in path_model.named_parameters()}
 
 
-@dataclass
-class Worker:
-    """A client training `path` on its data with its variant; keeps AdamW state and error feedback across rounds."""
+@dataclass(frozen=True, eq=False)
+class Job:
+    """What a client receives for a round: its path and variant, the round, its seed, this round's inner
+    settings, the path's weights as it holds them, and the masks of its sub-model (recomputed by a networked
+    client from (variant, round, seed); see `round_masks`)."""
 
     path: Path
+    variant: Variant
+    round: int
+    seed: int
+    inner: InnerConfig
+    tensors: dict[str, QTensor]
+    masks: Masks
+
+
+@dataclass
+class Worker:
+    """A client training its path on its data with its variant; keeps optimiser state and error feedback across rounds.
+
+    `path_model` is the client's own copy of its path (built once from the spec); each round loads the
+    delivered weights into it.
+    """
+
+    spec: Spec
+    path_model: nn.Module
     batches: Iterator[Batch]
     weight: float
     variant: Variant = field(default_factory=Variant)
-    seed: int = 0
     optimizer_state: dict[str, Any] | None = None
     feedback: ErrorFeedback | None = None
 
     def __post_init__(self) -> None:
-        self.feedback = ErrorFeedback(self.variant.bits)
+        self.weight = float(self.weight)
+        if self.feedback is None:
+            self.feedback = ErrorFeedback(self.variant.bits)
 
-    def run_round(self, model: ModularModel, inner: InnerConfig, round: int) -> Upload:
-        """Receive the path from the grid in this process, train it and return the compressed outer gradient."""
-        path_model = copy.deepcopy(model.compose(self.path))
-        masks = round_masks(path_model, self.variant, round, self.seed)
-        return self.train_round(path_model, deliver(path_model, self.variant, masks), masks, inner, round)
-
-    def train_round(self, path_model: nn.Module, delivered: dict[str, QTensor], masks: Masks, inner: InnerConfig, round: int) -> Upload:
-        """Load the delivered weights into `path_model`, train `inner.steps` steps, return the compressed outer gradient."""
+    def train_round(self, job: Job) -> Upload:
+        """Load the job's weights, train `job.inner.steps` steps, return the compressed outer gradient."""
+        path_model, masks = self.path_model, job.masks
         with torch.no_grad():
             for name, p in path_model.named_parameters():
-                p.copy_(scatter_held(dequantize(delivered[name]), masks.get(name), p.shape))
+                p.copy_(scatter_held(dequantize(job.tensors[name]), masks.get(name), p.shape))
         start = {name: p.detach().clone() for name, p in path_model.named_parameters()}
         restrictions = self.restrictions(path_model, masks)
         for module, name, mask in restrictions:
             parametrize.register_parametrization(module, name, Restrict(mask, self.variant.bits))
-        loss, self.optimizer_state = train_local(path_model, self.batches, inner, self.optimizer_state)
+        loss, self.optimizer_state = train_local(
+            path_model, self.batches, job.inner, self.optimizer_state, self.spec.loss, self.spec.optimizer
+        )
         for module, name, _ in restrictions:  # keep the weights as the client computed with them: masked, fake-quantized
             parametrize.remove_parametrizations(module, name, leave_parametrized=True)
         tensors = {}
@@ -186,7 +205,7 @@ class Worker:
             mask = masks.get(name)
             delta = start[name] - p.detach()
             tensors[name] = self.feedback.compress(name, delta if mask is None else delta * mask, mask)
-        return Upload(self.path, self.variant, round, self.seed, self.weight, tensors, loss)
+        return Upload(job.path, self.variant, job.round, job.seed, self.weight, tensors, loss)
 
     def restrictions(self, model: nn.Module, masks: Masks) -> list[tuple[nn.Module, str, torch.Tensor | None]]:
         """(module, parameter name, mask) for every parameter trained under a mask or fake-quantization."""

@@ -29,8 +29,8 @@ from fedmoe.modular import Path, flatten_states, unflatten_states
 from fedmoe.outer import OuterOptimizer, Update
 from fedmoe.router import CentroidRouter
 from fedmoe.security import AuthError, update_digest, verify_signature
-from fedmoe.strategies.aggregate import combine, update_norm
-from fedmoe.strategies.assignment import DeviceProfile, assign_variant
+from fedmoe.aggregate import combine, update_norm
+from fedmoe.assignment import DeviceProfile, assign_variant
 from fedmoe.tasks import Task, load_task
 from fedmoe.train import InnerConfig
 from fedmoe.worker import Upload, Variant, decode, deliver, round_masks, signed_fields
@@ -54,7 +54,7 @@ class CoordinatorConfig:
     (the first round opens when `min_clients` have joined) with at least one. An update for an
     already closed round is dropped (`late="drop"`), or, with `late="stale"` and at most
     `max_staleness` rounds late, counted in the open round with its weight divided by 1 + staleness. `aggregation` ("mean", "median", "trimmed-mean"), `trim` and
-    `clip_norm` choose the rule of `fedmoe.strategies.aggregate`.
+    `clip_norm` choose the rule of `fedmoe.aggregate`.
     """
 
     task: str = "digits"

@@ -13,7 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from fedmoe.modular import Path
 from fedmoe.security import AuthError, TokenAuthority, bearer, server_credentials
-from fedmoe.strategies.assignment import DeviceProfile
+from fedmoe.assignment import DeviceProfile
 from fedmoe.server.coordinator import Coordinator, Member, Rejected
 from fedmoe.v1 import coordinator_pb2 as pb
 from fedmoe.v1 import coordinator_pb2_grpc as pb_grpc

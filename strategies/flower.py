@@ -60,8 +60,8 @@ from fedmoe.modular import ModularModel, Path
 from fedmoe.models import ModelSpec
 from fedmoe.outer import OuterOptimizer
 from fedmoe.router import CentroidRouter
-from fedmoe.strategies.aggregate import aggregate
-from fedmoe.strategies.assignment import parse_profiles
+from fedmoe.aggregate import aggregate
+from fedmoe.assignment import parse_profiles
 from fedmoe.tasks import Task, load_task
 from fedmoe.train import Batch, InnerConfig, train_local
 from fedmoe.worker import Upload, Variant, Worker, deliver, round_masks

@@ -18,7 +18,7 @@ from fedmoe.modular import Path
 from fedmoe.server import coordinator as coordinator_module
 from fedmoe.server.coordinator import Coordinator, CoordinatorConfig, Rejected
 from fedmoe.server.service import start_server
-from fedmoe.strategies.assignment import PROFILES
+from fedmoe.assignment import PROFILES
 from fedmoe.tasks import digits_task
 from fedmoe.train import InnerConfig
 from fedmoe.v1 import coordinator_pb2 as pb

@@ -15,7 +15,7 @@ from fedmoe.ensemble import Ensemble
 from fedmoe.experiment import evaluate_ensemble
 from fedmoe.server.coordinator import Coordinator, CoordinatorConfig
 from fedmoe.server.service import start_server
-from fedmoe.strategies.assignment import PROFILES
+from fedmoe.assignment import PROFILES
 from fedmoe.tasks import load_task
 from fedmoe.train import InnerConfig
 from fedmoe.v1 import coordinator_pb2 as pb

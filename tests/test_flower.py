@@ -25,7 +25,7 @@ from fedmoe.compress.quant import quantize
 from fedmoe.ensemble import Ensemble
 from fedmoe.experiment import assign_clients
 from fedmoe.federation import train_federation
-from fedmoe.strategies.assignment import MIXES
+from fedmoe.assignment import MIXES
 from fedmoe.strategies.flower import (
     FlowerConfig, build_federation, client_assignments, decode_tensors, encode_tensors, fedavg_baseline, fedmoe_client_units, simulate_federation,
 )

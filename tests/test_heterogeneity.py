@@ -11,8 +11,8 @@ from fedmoe.federation import Assignment, train_federation
 from fedmoe.models import build_model
 from fedmoe.modular import Path
 from fedmoe.outer import OuterOptimizer
-from fedmoe.strategies.aggregate import aggregate
-from fedmoe.strategies.assignment import DeviceProfile, assign_variant, parse_profiles, training_bytes
+from fedmoe.aggregate import aggregate
+from fedmoe.assignment import DeviceProfile, assign_variant, parse_profiles, training_bytes
 from fedmoe.tasks import load_task
 from fedmoe.train import InnerConfig, train_local
 from fedmoe.worker import Upload, Variant, Worker, decode, deliver, round_masks, variant_bytes

@@ -10,7 +10,7 @@ from fedmoe.experiment import evaluate_model
 from fedmoe.federation import Assignment, train_federation
 from fedmoe.modular import Path
 from fedmoe.outer import OuterOptimizer, Update
-from fedmoe.strategies.aggregate import aggregate, clipped, robust_average, update_norm
+from fedmoe.aggregate import aggregate, clipped, robust_average, update_norm
 from fedmoe.tasks import digits_task
 from fedmoe.train import InnerConfig
 from fedmoe.worker import Upload, Variant, Worker

@@ -10,7 +10,7 @@ from fedmoe.data.bible import (
     text_features,
 )
 from fedmoe.data.digits import load_digits_split
-from fedmoe.data.partition import Clustering, balanced_kmeans, dirichlet, iid, kmeans, shard_sizes
+from fedmoe.data.partition import Clustering, balanced_kmeans, client_part, dirichlet, iid, kmeans, nearest, shard_sizes
 from fedmoe.data.types import Document, Split
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "Document",
     "Split",
     "balanced_kmeans",
+    "client_part",
     "decode_bytes",
     "encode_bytes",
     "dirichlet",
@@ -26,6 +27,7 @@ __all__ = [
     "lm_eval_split",
     "load_bible_documents",
     "load_digits_split",
+    "nearest",
     "sample_windows",
     "shard_sizes",
     "split_documents",

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedmoe.modular import ModularModel, split_evenly
+from fedmoe.modular import split_evenly
 
 VOCAB = 256
 
@@ -57,14 +57,19 @@ class Head(nn.Module):
         return self.out(self.norm(x))
 
 
-def byte_transformer(
-    grid: tuple[int, ...], d_model: int = 128, n_layers: int = 4, n_heads: int = 4, context: int = 128
-) -> ModularModel:
-    """A causal byte LM: embedding, `n_layers` blocks and a head, spread over len(grid) levels."""
+def byte_transformer_levels(
+    d_model: int = 128, n_layers: int = 4, n_heads: int = 4, context: int = 128
+) -> Callable[[int], list[Callable[[], nn.Module]]]:
+    """A causal byte LM: embedding, `n_layers` blocks and a head; the blocks are spread over the grid's levels,
+    the embedding joins the first level and the head the last."""
     if d_model % n_heads:
         raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
     blocks: list[Callable[[], nn.Module]] = [lambda: Block(d_model, n_heads)] * n_layers
-    groups = list(split_evenly(blocks, len(grid)))
-    groups[0].insert(0, lambda: Embed(d_model, context))
-    groups[-1].append(lambda: Head(d_model))
-    return ModularModel([[nn.Sequential(*(make() for make in group)) for _ in range(n)] for group, n in zip(groups, grid)])
+
+    def levels(n: int) -> list[Callable[[], nn.Module]]:
+        groups = list(split_evenly(blocks, n))
+        groups[0].insert(0, lambda: Embed(d_model, context))
+        groups[-1].append(lambda: Head(d_model))
+        return [lambda group=group: nn.Sequential(*(make() for make in group)) for group in groups]
+
+    return levels

@@ -1,0 +1,36 @@
+"""The built-in digits spec: scikit-learn's bundled 8x8 handwritten digits, a small MLP classifier.
+
+Client i of n holds k-means cluster i of the training split (and the test examples nearest to it), so each
+client's data is about one thing, as in a federation of unlike data owners. The coordinator may evaluate on
+a fixed 20% of the test split (`eval_data`); it never loads the training split.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from fedmoe.data import client_part, load_digits_split
+from fedmoe.models.classifier import mlp_levels
+from fedmoe.spec import ClientData, Examples, Spec
+
+
+@lru_cache(maxsize=1)
+def _splits() -> tuple[Examples, Examples]:
+    train, test = load_digits_split()
+    return Examples(train.inputs, train.targets), Examples(test.inputs, test.targets)
+
+
+@lru_cache(maxsize=16)
+def client_data(partition: int, partitions: int) -> ClientData:
+    """Client `partition` of `partitions`: one k-means cluster of the training digits, and the nearby test digits."""
+    train, test = _splits()
+    mine, held_out = client_part(train.inputs.numpy(), test.inputs.numpy(), partition, partitions)
+    return ClientData(train.subset(mine), test.subset(held_out))
+
+
+def eval_data() -> Examples:
+    """The whole test split (540 digits): held out, never trained on."""
+    return _splits()[1]
+
+
+spec = Spec(name="digits", levels=mlp_levels(in_dim=64, hidden=32, depth=2, classes=10), data=client_data, eval_data=eval_data)
