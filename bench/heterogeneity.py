@@ -7,7 +7,7 @@ as means over clients and as ratios to the all-fp32 mix. The mixed federation is
 sub-model scheme: rolling (FedRolex), static (HeteroFL) and random.
 
     python bench/heterogeneity.py
-    python bench/heterogeneity.py --task digits --seeds 5
+    python bench/heterogeneity.py --spec fedmoe.models.digits:spec --seeds 5
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from dataclasses import replace
 from rich.console import Console
 from rich.table import Table
 
-from fedmoe.experiment import ExperimentConfig, train_dense, train_experts
 from fedmoe.assignment import MIXES
-from fedmoe.tasks import load_task
-from fedmoe.train import InnerConfig
+from fedmoe.config import Config, InnerConfig
+from fedmoe.experiment import Experiment, train_dense, train_experts
+from fedmoe.spec import load_spec
 
 ROWS = [  # (label, profiles, scheme)
     ("all fp32", ("fp32",) * 4, "rolling"),
@@ -34,28 +34,33 @@ ROWS = [  # (label, profiles, scheme)
     ("all int4", ("int4",) * 4, "rolling"),
     ("all int4 + 50% width, rolling", ("int4-p50",) * 4, "rolling"),
 ]
-SETTINGS = {
-    "digits": (ExperimentConfig(grid=(4,), rounds=10, shared_rounds=3, inner=InnerConfig(steps=50, lr=3e-3, batch_size=32)), 3),
-    "bible": (
-        ExperimentConfig(grid=(2,), rounds=4, shared_rounds=1, inner=InnerConfig(steps=30, lr=2e-3, batch_size=16),
-                         clustering="balanced-kmeans", router="centroid"),
-        1,
-    ),
+DIGITS, BIBLE = "fedmoe.models.digits:spec", "fedmoe.models.bible:spec"
+SETTINGS = {  # spec -> (experiment, seeds)
+    DIGITS: (Experiment(Config(grid=(4,), rounds=10, inner=InnerConfig(steps=50, lr=3e-3, batch_size=32)), 3), 3),
+    BIBLE: (Experiment(Config(grid=(2,), rounds=4, inner=InnerConfig(steps=30, lr=2e-3, batch_size=16)), 1, "centroid"), 1),
 }
 
 
-def run(task_name: str, seeds: int) -> Table:
-    """Train every mix for one task and return its table."""
-    task = load_task(task_name)
-    base, default_seeds = SETTINGS[task_name]
+def with_clients(experiment: Experiment, profiles: tuple[str, ...], scheme: str, seed: int) -> Experiment:
+    """The experiment with these client profiles, sub-model scheme and seed."""
+    config = experiment.config
+    update = {"seed": config.seed + seed, "clients": config.clients.model_copy(update={"profiles": profiles}),
+              "compression": config.compression.model_copy(update={"scheme": scheme})}
+    return replace(experiment, config=config.model_copy(update=update))
+
+
+def run(ref: str, seeds: int) -> Table:
+    """Train every mix for one spec and return its table."""
+    spec = load_spec(ref)
+    base, default_seeds = SETTINGS[ref]
     seeds = seeds or default_seeds
     started = time.perf_counter()
     results: dict[str, list] = {label: [] for label, _, _ in ROWS}
     for seed in range(seeds):
-        seeded = replace(base, seed=base.seed + seed, profiles=ROWS[0][1])
-        dense = train_dense(task, seeded, seeded.steps_per_round, progress=True)
+        seeded = with_clients(base, ROWS[0][1], "rolling", seed)
+        dense = train_dense(spec, seeded, seeded.steps_per_round, progress=True)
         for label, profiles, scheme in ROWS:
-            results[label].append(train_experts(task, replace(seeded, profiles=profiles, scheme=scheme), "clustered", True, dense))
+            results[label].append(train_experts(spec, with_clients(base, profiles, scheme, seed), "clustered", True, dense))
     mean = statistics.fmean
     summary = {
         label: (
@@ -66,9 +71,9 @@ def run(task_name: str, seeds: int) -> Table:
         for label, runs in results.items()
     }
     metric0, upload0, weights0 = summary["all fp32"]
-    accuracy = task.metric == "accuracy"
-    table = Table(title=f"{task_name}: {base.n_paths} paths x 4 clients, ensemble top-1, mean of {seeds} seed(s), {time.perf_counter() - started:.0f} s")
-    for column in ("client mix", task.metric, "vs all fp32", "upload B/client/round", "ratio", "weights B/client", "ratio"):
+    accuracy = spec.metric == "accuracy"
+    table = Table(title=f"{spec.name}: {base.config.n_paths} paths x 4 clients, ensemble top-1, mean of {seeds} seed(s), {time.perf_counter() - started:.0f} s")
+    for column in ("client mix", spec.metric, "vs all fp32", "upload B/client/round", "ratio", "weights B/client", "ratio"):
         table.add_column(column, justify="left" if column == "client mix" else "right")
     for label, (metric, upload, weights) in summary.items():
         delta = f"{100 * (metric - metric0):+.2f} pt" if accuracy else f"{metric / metric0:.3f}x"
@@ -79,12 +84,12 @@ def run(task_name: str, seeds: int) -> Table:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", choices=sorted(SETTINGS), action="append", help="task(s) to run (default: all)")
-    parser.add_argument("--seeds", type=int, default=0, help="seeds per task (default: 3 for digits, 1 for bible)")
+    parser.add_argument("--spec", choices=sorted(SETTINGS), action="append", help="spec(s) to run (default: both)")
+    parser.add_argument("--seeds", type=int, default=0, help="seeds per spec (default: 3 for digits, 1 for bible)")
     args = parser.parse_args()
     console = Console(width=160)
-    for task_name in args.task or ["digits", "bible"]:
-        console.print(run(task_name, args.seeds))
+    for ref in args.spec or list(SETTINGS):
+        console.print(run(ref, args.seeds))
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@ round, the same number of rounds) and at equal steps per expert (the steps of on
 Ratios are against the dense model at equal total FLOPs: for accuracy higher is better, for bits per
 byte lower is better. Values are means over seeds.
 
-    python bench/quality.py                         # both tasks
-    python bench/quality.py --task digits --seeds 5
+    python bench/quality.py                                           # both built-in specs
+    python bench/quality.py --spec fedmoe.models.digits:spec --seeds 5
+    python bench/quality.py --spec examples.tabular:spec --grid 3      # any spec with data and eval_data
 """
 
 from __future__ import annotations
@@ -20,32 +21,32 @@ from dataclasses import replace
 from rich.console import Console
 from rich.table import Table
 
-from fedmoe.experiment import ExperimentConfig, compare, train_dense
-from fedmoe.tasks import load_task
-from fedmoe.train import InnerConfig
+from fedmoe.config import Config, InnerConfig, parse_grid
+from fedmoe.experiment import Experiment, compare, train_dense
+from fedmoe.spec import load_spec
 
-SETTINGS = {
-    "digits": (ExperimentConfig(grid=(4,), rounds=10, shared_rounds=3, inner=InnerConfig(steps=50, lr=3e-3, batch_size=32)), 3),
-    "bible": (
-        ExperimentConfig(
-            grid=(4,), rounds=8, shared_rounds=2, inner=InnerConfig(steps=100, lr=2e-3, batch_size=32),
-            clustering="balanced-kmeans", router="centroid",
-        ),
-        1,
-    ),
+DIGITS, BIBLE = "fedmoe.models.digits:spec", "fedmoe.models.bible:spec"
+SETTINGS = {  # spec -> (experiment, seeds)
+    DIGITS: (Experiment(Config(spec=DIGITS, grid=(4,), rounds=10, inner=InnerConfig(steps=50, lr=3e-3, batch_size=32)), 3), 3),
+    BIBLE: (Experiment(Config(spec=BIBLE, grid=(4,), rounds=8, inner=InnerConfig(steps=100, lr=2e-3, batch_size=32)), 2, "centroid"), 1),
 }
 
 
-def run(task_name: str, seeds: int) -> Table:
-    """Train every contender for one task and return its table."""
-    task = load_task(task_name)
-    config, default_seeds = SETTINGS[task_name]
+def run(ref: str, seeds: int, grid: tuple[int, ...] | None = None) -> Table:
+    """Train every contender for one spec and return its table."""
+    spec = load_spec(ref)
+    experiment, default_seeds = SETTINGS.get(ref, SETTINGS[DIGITS])
+    experiment = replace(experiment, config=experiment.config.model_copy(update={"spec": ref, "grid": grid or experiment.config.grid}))
+    config = experiment.config
     seeds = seeds or default_seeds
     started = time.perf_counter()
-    comparison = compare(task, config, seeds)
-    per_expert = [train_dense(task, replace(config, seed=config.seed + s), config.inner.steps).final["dense"] for s in range(seeds)]
+    comparison = compare(spec, experiment, seeds)
+    per_expert = [
+        train_dense(spec, replace(experiment, config=config.model_copy(update={"seed": config.seed + s})), config.inner.steps).final["dense"]
+        for s in range(seeds)
+    ]
     mean = statistics.fmean
-    h, n, r, shared = config.inner.steps, config.n_paths, config.rounds, config.shared_rounds
+    h, n, r, shared = config.inner.steps, config.n_paths, config.rounds, experiment.shared_rounds
     total = r * h * n
     per_path = shared * h * n + (r - shared) * h
     rows = [
@@ -54,13 +55,13 @@ def run(task_name: str, seeds: int) -> Table:
     ]
     for partition, runs in comparison.experts.items():
         rows.append((f"{partition}: mean expert alone", per_path, total, mean(mean(x.experts) for x in runs)))
-        for k in config.top_ks:
+        for k in experiment.top_ks:
             rows.append((f"{partition}: ensemble top-{k}", per_path, total, mean(x.final[f"top{k}"] for x in runs)))
     reference = rows[0][3]
-    title = (f"{task_name}: test {task.metric.replace('_', ' ')}, {n} paths, {shared} shared + {r - shared} branched rounds x {h} steps, "
+    title = (f"{spec.name}: test {spec.metric.replace('_', ' ')}, {n} paths, {shared} shared + {r - shared} branched rounds x {h} steps, "
              f"mean of {seeds} seed(s), {time.perf_counter() - started:.0f} s")
     table = Table(title=title)
-    for column in ("model", "steps per model", "total steps", task.metric, "ratio to dense at equal FLOPs"):
+    for column in ("model", "steps per model", "total steps", spec.metric, "ratio to dense at equal FLOPs"):
         table.add_column(column, justify="left" if column == "model" else "right")
     for name, steps, total_steps, value in rows:
         table.add_row(name, str(steps), str(total_steps), f"{value:.4f}", f"{value / reference:.3f}")
@@ -69,12 +70,13 @@ def run(task_name: str, seeds: int) -> Table:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", choices=sorted(SETTINGS), action="append", help="task(s) to run (default: all)")
-    parser.add_argument("--seeds", type=int, default=0, help="seeds per task (default: 3 for digits, 1 for bible)")
+    parser.add_argument("--spec", action="append", help="spec(s) to run, as import strings (default: digits and bible)")
+    parser.add_argument("--seeds", type=int, default=0, help="seeds per spec (default: 3 for digits, 1 for bible)")
+    parser.add_argument("--grid", type=parse_grid, default=None, help="modules per level, e.g. 4 or 2x2 (default: 4)")
     args = parser.parse_args()
     console = Console(width=140)
-    for task_name in args.task or ["digits", "bible"]:
-        console.print(run(task_name, args.seeds))
+    for ref in args.spec or list(SETTINGS):
+        console.print(run(ref, args.seeds, args.grid))
 
 
 if __name__ == "__main__":

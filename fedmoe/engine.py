@@ -28,7 +28,7 @@ from fedmoe.modular import ModularModel, Path
 from fedmoe.outer import OuterOptimizer, Update
 from fedmoe.router import CentroidRouter
 from fedmoe.spec import Examples, Spec
-from fedmoe.worker import Job, Upload, Variant, decode, deliver, round_masks
+from fedmoe.worker import Job, Upload, Variant, decode, make_job
 
 log = logging.getLogger("fedmoe.engine")
 NETWORK_SCHEMES = ("rolling", "static", "random")
@@ -96,9 +96,7 @@ class Engine:
     def job(self, client_id: str) -> Job:
         """What `client_id` receives for the open round: its path's weights as its variant holds them, and how to train."""
         a = self.assignments[client_id]
-        path_model = self.model.compose(a.path)
-        masks = round_masks(path_model, a.variant, self.round, a.seed)
-        return Job(a.path, a.variant, self.round, a.seed, self.inner(self.round), deliver(path_model, a.variant, masks), masks)
+        return make_job(self.model, a.path, a.variant, self.round, a.seed, self.inner(self.round))
 
     def check(self, client_id: str, upload: Upload) -> None:
         """Raise ValueError unless `upload` is for this client's path, variant and seed."""

@@ -1,78 +1,72 @@
-"""The demo experiment: a dense baseline against routed ensembles of experts, at equal total training steps."""
+"""The demo experiment: a dense baseline against routed ensembles of experts, at equal total training steps.
+
+Only the demo (`fedmoe demo`) and bench/ import this module. Unlike a federation, an experiment may pool
+every client's data: it needs the union for the dense baseline and for random shards. Clustered shards are
+the spec's own clients (`spec.data(k, n_paths)`); random shards split the same union at random. Every
+contender trains through the in-process runner, so the round engine is the one every runner uses.
+"""
 
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
 
-from fedmoe.data import balanced_kmeans, iid, kmeans
+from fedmoe.assignment import parse_profiles
+from fedmoe.config import Config
+from fedmoe.data import iid
+from fedmoe.engine import Engine
 from fedmoe.ensemble import Ensemble
-from fedmoe.federation import Assignment, WorkerStats, cosine_schedule, train_federation
-from fedmoe.modular import ModularModel, Path, module_key
-from fedmoe.outer import ModuleStates, OuterOptimizer
-from fedmoe.router import CentroidRouter, LearnedRouter, shard_labels
-from fedmoe.tasks import Task, score
-from fedmoe.assignment import PROFILES, assign_variant
-from fedmoe.train import InnerConfig
+from fedmoe.federation import LocalClient, run_federation
+from fedmoe.modular import Path, module_key
+from fedmoe.outer import ModuleStates
+from fedmoe.router import CentroidRouter, LearnedRouter
+from fedmoe.spec import Examples, Spec, load_spec
 from fedmoe.worker import round_masks, variant_bytes
 
 PARTITIONS = ("clustered", "random")
+ROUTERS = ("learned", "centroid")
 
 
 @dataclass(frozen=True)
-class ExperimentConfig:
-    """One experiment: the grid (its paths are the shards), rounds, inner and outer settings, router kind.
+class Experiment:
+    """A demo run: the federation's config, how many of its rounds are shared, and the router kind.
 
-    The first `shared_rounds` of the `rounds` train one shared model on all the data (as many steps
-    per round as all workers together, so every round costs the same); every path then branches
-    from it, as in Branch-Train-Merge and DiPaCo, and trains on its own shard for the remaining rounds.
-    `profiles` names device profiles (see fedmoe.assignment.PROFILES): each path is then
-    trained by one client per profile, each holding the variant (bits, density) its profile fits,
-    with sub-models chosen by `scheme`.
-
-    With one worker per path, DiLoCo's outer Nesterov step (lr 0.7, momentum 0.9: the
-    `OuterOptimizer` defaults, meant for several workers per module) overshoots the worker's own end
-    point and made every contender worse on digits, so experiments default to lr 1.0 without
-    momentum: each outer step then lands exactly on the (averaged) end point.
+    The first `shared_rounds` of `config.rounds` train one model on all the data (as many steps per round as
+    all clients together, so every round costs the same); every path then branches from it, as in
+    Branch-Train-Merge and DiPaCo, and trains on its own shard for the remaining rounds. With
+    `config.clients.profiles`, each path's shard is split among one client per profile.
     """
 
-    grid: tuple[int, ...] = (4,)
-    rounds: int = 10
+    config: Config = field(default_factory=Config)
     shared_rounds: int = 3
-    inner: InnerConfig = field(default_factory=InnerConfig)
-    outer_lr: float = 1.0
-    outer_momentum: float = 0.0
-    clustering: str = "kmeans"
     router: str = "learned"
-    lr_schedule: str = "cosine"
-    profiles: tuple[str, ...] = ()
-    scheme: str = "rolling"
-    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.shared_rounds < self.config.rounds:
+            raise ValueError(f"shared rounds must be in 0..rounds-1, got {self.shared_rounds} of {self.config.rounds}")
+        if self.router not in ROUTERS:
+            raise ValueError(f"unknown router {self.router!r}; known: {', '.join(ROUTERS)}")
 
     @property
-    def n_paths(self) -> int:
-        """Number of paths, hence of shards and of experts in the ensemble."""
-        return int(np.prod(self.grid))
-
-    @property
-    def workers_per_path(self) -> int:
-        """Clients per path: one per device profile (each path's shard is split among them), or one."""
-        return max(1, len(self.profiles))
+    def profiles(self) -> tuple[str, ...]:
+        """The device profiles of each path's clients (one fp32 client when none are named)."""
+        return parse_profiles(",".join(self.config.clients.profiles)) or ("fp32",)
 
     @property
     def steps_per_round(self) -> int:
-        """Inner steps of all workers in one round: what the dense baseline gets per round."""
-        return self.inner.steps * self.n_paths * self.workers_per_path
+        """Inner steps of all clients in one round: what the dense baseline gets per round."""
+        return self.config.inner.steps * self.config.n_paths * len(self.profiles)
 
     @property
     def top_ks(self) -> list[int]:
         """The mixtures evaluated: top-1, top-2 and the full ensemble."""
-        return sorted({1, min(2, self.n_paths), self.n_paths})
+        n = self.config.n_paths
+        return sorted({1, min(2, n), n})
 
 
 @dataclass
@@ -80,204 +74,185 @@ class RunResult:
     """Metric per round and at the end, for a dense model or for experts and their ensembles."""
 
     name: str
-    rounds: list[dict[str, float | list[float]]] = field(default_factory=list)
+    rounds: list[dict[str, Any]] = field(default_factory=list)
     final: dict[str, float] = field(default_factory=dict)
     experts: list[float] = field(default_factory=list)
     router_accuracy: float | None = None
     ensemble: Ensemble | None = None
-    model: ModularModel | None = None
-    steps_per_round: int | None = None
     shared_state: ModuleStates | None = None
     clients: list[dict[str, Any]] = field(default_factory=list)
 
 
-def branch(states: ModuleStates, grid: tuple[int, ...]) -> ModuleStates:
+def branch(states: ModuleStates, grid: Sequence[int]) -> ModuleStates:
     """Module states that start every module of each level of `grid` from a one-module-per-level model's module of that level."""
     return {module_key(level, m): states[module_key(level, 0)] for level, n in enumerate(grid) for m in range(n)}
 
 
-@torch.no_grad()
-def evaluate_model(model: torch.nn.Module, task: Task) -> float:
-    """The task's metric for one model on the whole test split."""
-    model.eval()
-    return score(torch.softmax(model(task.test.inputs).float(), -1), task.test.targets)[task.metric]
+def pooled(parts: Sequence[Examples]) -> Examples:
+    """The union of several clients' examples."""
+    return Examples(torch.cat([p.inputs for p in parts]), torch.cat([p.targets for p in parts]))
 
 
-def evaluate_ensemble(ensemble: Ensemble, task: Task, top_k: int) -> float:
-    """The task's metric for the routed top-k mixture on the test split."""
-    prediction = ensemble.predict(task.test.inputs, torch.as_tensor(task.test.features), top_k=top_k)
-    return score(prediction.probs, task.test.targets)[task.metric]
+def make_shards(spec: Spec, partition: str, k: int, seed: int = 0) -> list[Examples]:
+    """k shards of the spec's training data: its own k clients (clustered), or their union split at random."""
+    if spec.data is None:
+        raise ValueError(f"spec {spec.name!r} has no data loader: the demo needs one")
+    clustered = [spec.data(i, k).train for i in range(k)]
+    if partition == "clustered":
+        return clustered
+    if partition == "random":
+        union = pooled(clustered)
+        return [union.subset(part) for part in iid(len(union), k, seed=seed)]
+    raise ValueError(f"unknown partition {partition!r}; known: {', '.join(PARTITIONS)}")
 
 
-def lr_scale(config: ExperimentConfig, offset: int = 0) -> Callable[[int], float] | None:
-    """The inner learning-rate schedule over the whole run (None for a constant rate)."""
-    if config.lr_schedule == "constant":
-        return None
-    if config.lr_schedule == "cosine":
-        return cosine_schedule(config.rounds, offset)
-    raise ValueError(f"unknown lr_schedule {config.lr_schedule!r}; known: constant, cosine")
+def eval_examples(spec: Spec) -> Examples:
+    """The held-out examples the demo scores every contender on."""
+    if spec.eval_data is None:
+        raise ValueError(f"spec {spec.name!r} has no eval_data: the demo needs a held-out set")
+    return spec.eval_data()
 
 
-def outer_optimizer(model: ModularModel, config: ExperimentConfig) -> OuterOptimizer:
-    """The DiLoCo outer optimiser for a grid, with the experiment's settings."""
-    return OuterOptimizer(model, lr=config.outer_lr, momentum=config.outer_momentum)
+def train_dense(spec: Spec, experiment: Experiment, steps_per_round: int, progress: bool = True, rounds: int | None = None) -> RunResult:
+    """One model on all the data, `steps_per_round` inner steps per round, the same schedule and outer step.
 
-
-def train_dense(task: Task, config: ExperimentConfig, steps_per_round: int, progress: bool = True, rounds: int | None = None) -> RunResult:
-    """One model on all the data, `steps_per_round` inner steps per round, same schedule and outer step.
-
-    The model is cut into len(config.grid) levels of one module each (the same function as an uncut
-    model) and its state after `config.shared_rounds` rounds is kept, so that it can seed the grid.
+    The model is cut into as many levels as the grid, one module each (the same function as an uncut model),
+    and its state after `experiment.shared_rounds` rounds is kept, so that the grid can branch from it.
     """
+    config = experiment.config
     levels = len(config.grid)
-    model = task.model_spec((1,) * levels).build(config.seed)
-    result = RunResult("dense", model=model, steps_per_round=steps_per_round)
-    path = Path((0,) * levels)
-    dense = model.compose(path)
+    dense_config = config.model_copy(update={
+        "grid": (1,) * levels, "rounds": rounds or config.rounds,
+        "inner": config.inner.model_copy(update={"steps": steps_per_round}),
+    })
+    test = eval_examples(spec)
+    union = pooled(make_shards(spec, "clustered", config.n_paths, config.seed))
+    result = RunResult("dense")
+    engine = Engine(spec, dense_config)
+    dense = engine.model.compose(Path((0,) * levels))
 
-    def on_round(r: int, losses: list[float]) -> None:
-        result.rounds.append({"round": r + 1, "dense": evaluate_model(dense, task)})
-        if r + 1 == config.shared_rounds:
-            result.shared_state = model.module_states()
+    def on_round(engine: Engine, metrics: dict[str, Any], uploads: list) -> None:
+        result.rounds.append({"round": metrics["round"], "dense": spec.evaluate(dense, test)[spec.metric]})
+        if metrics["round"] == experiment.shared_rounds:
+            result.shared_state = engine.model.module_states()
 
-    assignment = [Assignment(path, np.arange(task.n_units))]
-    inner = replace(config.inner, steps=steps_per_round)
-    train_federation(
-        model, assignment, task, config.rounds if rounds is None else rounds, inner, outer_optimizer(model, config),
-        config.seed, on_round, "dense" if progress else None, lr_scale(config),
-    )
+    run_federation(spec, dense_config, [LocalClient(union)], on_round, "dense" if progress else None, engine)
     result.final = {"dense": result.rounds[-1]["dense"]}
     return result
 
 
-CLUSTERINGS = {"kmeans": kmeans, "balanced-kmeans": balanced_kmeans}
+def expert_clients(shards: list[Examples], profiles: Sequence[str], seed: int) -> list[LocalClient]:
+    """One client per profile on each shard, each holding an equal random part of it, in enrolment order (profile-major)."""
+    parts = [[shard.subset(p) for p in iid(len(shard), len(profiles), seed=seed)] for shard in shards]
+    return [LocalClient(parts[k][j], profile) for j, profile in enumerate(profiles) for k in range(len(shards))]
 
 
-def make_shards(task: Task, partition: str, k: int, seed: int, clustering: str = "kmeans") -> tuple[list[np.ndarray], np.ndarray]:
-    """Shards of the training units and their feature centroids: clustered (k-means or balanced k-means) or random."""
-    if partition == "clustered":
-        if clustering not in CLUSTERINGS:
-            raise ValueError(f"unknown clustering {clustering!r}; known: {', '.join(CLUSTERINGS)}")
-        clusters = CLUSTERINGS[clustering](task.features, k, seed=seed)
-        return clusters.shards, clusters.centroids
-    if partition == "random":
-        shards = iid(task.n_units, k, seed=seed)
-        return shards, np.stack([task.features[s].mean(0) for s in shards])
-    raise ValueError(f"unknown partition {partition!r}; known: {', '.join(PARTITIONS)}")
+def make_router(kind: str, spec: Spec, engine: Engine, shards: list[Examples], paths: list[Path], seed: int) -> tuple[Any, float]:
+    """A router over the paths and its accuracy at naming the shard of a training example.
 
-
-def make_router(kind: str, task: Task, shards: list[np.ndarray], centroids: np.ndarray, seed: int) -> tuple[CentroidRouter | LearnedRouter, float]:
-    """A router over the shards and its accuracy at naming the shard of a training unit."""
-    labels = shard_labels(shards, task.n_units)
-    if kind == "centroid":
-        router = CentroidRouter(centroids)
-        accuracy = (router.probs(torch.as_tensor(task.features)).argmax(-1).numpy() == labels).mean()
-        return router, float(accuracy)
-    if kind == "learned":
-        torch.manual_seed(seed)
-        router = LearnedRouter(task.features.shape[1], len(shards))
-        return router, router.fit(task.features, labels, seed=seed)
-    raise ValueError(f"unknown router {kind!r}; known: centroid, learned")
-
-
-def train_experts(task: Task, config: ExperimentConfig, partition: str, progress: bool = True, dense: RunResult | None = None) -> RunResult:
-    """Partition the data, give each shard a path, train all paths with DiLoCo, route and ensemble them.
-
-    The paths branch from `dense` (a `train_dense` run at n_paths x the inner steps, whose first
-    `shared_rounds` rounds are exactly the shared phase) or, when it is None, from a shared phase
-    trained here.
+    "centroid": the engine's federated centroids; "learned": a small MLP fitted on the examples' features with
+    their shard labels (the experiment holds the union; the federated learned router is the runners' concern).
     """
-    if not 0 <= config.shared_rounds < config.rounds:
-        raise ValueError(f"shared_rounds must be in 0..rounds-1, got {config.shared_rounds} of {config.rounds}")
-    shards, centroids = make_shards(task, partition, config.n_paths, config.seed, config.clustering)
-    router, router_accuracy = make_router(config.router, task, shards, centroids, config.seed)
-    spec = task.model_spec(config.grid)
-    model = spec.build(config.seed)
-    paths = model.paths()
-    ensemble = Ensemble(spec, model, paths, router)
-    result = RunResult(partition, router_accuracy=router_accuracy, ensemble=ensemble)
+    features = torch.cat([spec.featurize(s.inputs) for s in shards]).numpy()
+    labels = np.concatenate([np.full(len(s), k) for k, s in enumerate(shards)])
+    if kind == "centroid":
+        router_paths, centroids = engine.centroids()
+        if router_paths != paths:
+            raise ValueError("every path needs clients for the centroid router")
+        router = CentroidRouter(centroids)
+        return router, float((router.probs(torch.as_tensor(features)).argmax(-1).numpy() == labels).mean())
+    torch.manual_seed(seed)
+    router = LearnedRouter(features.shape[1], len(shards))
+    return router, router.fit(features, labels, seed=seed)
 
-    if config.shared_rounds:
-        shared_steps = config.steps_per_round
+
+def train_experts(spec: Spec, experiment: Experiment, partition: str, progress: bool = True, dense: RunResult | None = None) -> RunResult:
+    """Shard the data, give each shard a path, train all paths with DiLoCo, route and ensemble them.
+
+    The paths branch from `dense` (a `train_dense` run at `steps_per_round`, whose first `shared_rounds`
+    rounds are exactly the shared phase) or, when it is None, from a shared phase trained here.
+    """
+    config = experiment.config
+    test = eval_examples(spec)
+    shards = make_shards(spec, partition, config.n_paths, config.seed)
+    engine = Engine(spec, config)
+    paths = engine.paths
+    result = RunResult(partition)
+    if experiment.shared_rounds:
         if dense is None:
-            dense = train_dense(task, config, shared_steps, progress, rounds=config.shared_rounds)
-        if dense.steps_per_round != shared_steps or dense.shared_state is None:
-            raise ValueError(f"paths branch from a dense run of {shared_steps} steps per round with its shared state")
-        model.load_module_states(branch(dense.shared_state, config.grid))
-        result.rounds = [{"round": r["round"], "experts": [r["dense"]] * len(paths), "top1": r["dense"]} for r in dense.rounds[: config.shared_rounds]]
+            dense = train_dense(spec, experiment, experiment.steps_per_round, progress, rounds=experiment.shared_rounds)
+        if dense.shared_state is None:
+            raise ValueError("paths branch from a dense run that kept its shared state")
+        engine.model.load_module_states(branch(dense.shared_state, config.grid))
+        engine.round = experiment.shared_rounds  # the schedule spans the whole run
+        result.rounds = [{"round": r["round"], "experts": [r["dense"]] * len(paths), "top1": r["dense"]}
+                         for r in dense.rounds[: experiment.shared_rounds]]
+    clients = expert_clients(shards, experiment.profiles, config.seed)
+    ensemble: Ensemble | None = None
 
-    def on_round(r: int, stats: list[WorkerStats]) -> None:
+    def on_round(engine: Engine, metrics: dict[str, Any], uploads: list) -> None:
+        nonlocal ensemble
+        if ensemble is None:
+            router, result.router_accuracy = make_router(experiment.router, spec, engine, shards, paths, config.seed)
+            ensemble = Ensemble(spec, engine.model, paths, router, config.grid)
         result.rounds.append({
-            "round": config.shared_rounds + r + 1,
-            "experts": [evaluate_model(e, task) for e in ensemble.experts],
-            "top1": evaluate_ensemble(ensemble, task, 1),
-            "upload_bytes": [s.upload_bytes for s in stats],
+            "round": metrics["round"],
+            "experts": [spec.evaluate(e, test)[spec.metric] for e in ensemble.experts],
+            "top1": ensemble.score(test, 1)[spec.metric],
+            "upload_bytes": [u.nbytes for u in uploads],
         })
 
-    assignments = assign_clients(model, paths, shards, config)
-    result.clients = [client_footprint(model, a) for a in assignments]
-    rounds = config.rounds - config.shared_rounds
-    train_federation(
-        model, assignments, task, rounds, config.inner, outer_optimizer(model, config), config.seed, on_round,
-        f"{partition} experts" if progress else None, lr_scale(config, config.shared_rounds),
-    )
+    run = run_federation(spec, config, clients, on_round, f"{partition} experts" if progress else None, engine)
+    assert ensemble is not None
+    result.ensemble = ensemble
     result.experts = list(result.rounds[-1]["experts"])
-    result.final = {f"top{k}": evaluate_ensemble(ensemble, task, k) for k in config.top_ks}
-    for i, client in enumerate(result.clients):
-        client["upload_bytes_per_round"] = statistics.fmean(r["upload_bytes"][i] for r in result.rounds[config.shared_rounds :])
+    result.final = {f"top{k}": ensemble.score(test, k)[spec.metric] for k in experiment.top_ks}
+    branched = result.rounds[experiment.shared_rounds:]
+    result.clients = [
+        client_footprint(engine, c["client"]) | {"upload_bytes_per_round": statistics.fmean(r["upload_bytes"][i] for r in branched)}
+        for i, c in enumerate(run.clients)
+    ]
     return result
 
 
-def assign_clients(model: ModularModel, paths: list[Path], shards: list[np.ndarray], config: ExperimentConfig) -> list[Assignment]:
-    """One client per profile on each path, each with an equal random part of the path's shard and the variant its profile fits."""
-    if not config.profiles:
-        return [Assignment(path, units) for path, units in zip(paths, shards)]
-    assignments = []
-    for path, units in zip(paths, shards):
-        path_model = model.compose(path)
-        parts = iid(len(units), config.workers_per_path, seed=config.seed)
-        for name, part in zip(config.profiles, parts):
-            if name not in PROFILES:
-                raise ValueError(f"unknown profile {name!r}; known: {', '.join(PROFILES)}")
-            assignments.append(Assignment(path, units[part], assign_variant(PROFILES[name], path_model, config.scheme)))
-    return assignments
-
-
-def client_footprint(model: ModularModel, assignment: Assignment) -> dict[str, Any]:
-    """A client's variant and the bytes it stores for its weights (its first round's sub-model)."""
-    path_model = model.compose(assignment.path)
-    masks = round_masks(path_model, assignment.variant, 0, 0)
-    return {"path": str(assignment.path), "variant": assignment.variant.name, "weight_bytes": variant_bytes(path_model, assignment.variant, masks)["weights"]}
+def client_footprint(engine: Engine, client_id: str) -> dict[str, Any]:
+    """A client's path, variant and the bytes it stores for its weights (its first round's sub-model)."""
+    a = engine.assignments[client_id]
+    path_model = engine.model.compose(a.path)
+    masks = round_masks(path_model, a.variant, 0, 0)
+    return {"path": str(a.path), "variant": a.variant.name, "weight_bytes": variant_bytes(path_model, a.variant, masks)["weights"]}
 
 
 @dataclass
 class Comparison:
     """The dense baseline and the experts on each partition, once per seed."""
 
-    task: Task
-    config: ExperimentConfig
+    spec: Spec
+    experiment: Experiment
     dense: list[RunResult]
     experts: dict[str, list[RunResult]]
 
     def rows(self) -> dict[str, dict[str, list[float]]]:
         """Per-seed values of each row of the demo table, per partition."""
         rows: dict[str, dict[str, list[float]]] = {"dense baseline": {p: [r.final["dense"] for r in self.dense] for p in self.experts}}
-        for i in range(self.config.n_paths):
+        for i in range(self.experiment.config.n_paths):
             rows[f"expert {i} alone"] = {p: [r.experts[i] for r in runs] for p, runs in self.experts.items()}
         rows["router: shard accuracy"] = {p: [r.router_accuracy for r in runs] for p, runs in self.experts.items()}
-        for k in self.config.top_ks:
-            name = "full ensemble" if k == self.config.n_paths and k > 2 else f"ensemble top-{k}"
+        n = self.experiment.config.n_paths
+        for k in self.experiment.top_ks:
+            name = "full ensemble" if k == n and k > 2 else f"ensemble top-{k}"
             rows[name] = {p: [r.final[f"top{k}"] for r in runs] for p, runs in self.experts.items()}
         return rows
 
 
-def compare(task: Task, config: ExperimentConfig, seeds: int = 1, progress: bool = True) -> Comparison:
+def compare(spec: Spec | str, experiment: Experiment, seeds: int = 1, progress: bool = True) -> Comparison:
     """Dense baseline vs experts on clustered and on random shards, at equal total steps, for seeds 0..seeds-1."""
-    comparison = Comparison(task, config, [], {p: [] for p in PARTITIONS})
+    spec = load_spec(spec)
+    comparison = Comparison(spec, experiment, [], {p: [] for p in PARTITIONS})
     for seed in range(seeds):
-        seeded = replace(config, seed=config.seed + seed)
-        dense = train_dense(task, seeded, config.steps_per_round, progress)
+        seeded = replace(experiment, config=experiment.config.model_copy(update={"seed": experiment.config.seed + seed}))
+        dense = train_dense(spec, seeded, seeded.steps_per_round, progress)
         comparison.dense.append(dense)
         for partition in PARTITIONS:
-            comparison.experts[partition].append(train_experts(task, seeded, partition, progress, dense))
+            comparison.experts[partition].append(train_experts(spec, seeded, partition, progress, dense))
     return comparison

@@ -16,7 +16,9 @@ same spec, so nothing in fedmoe has to be patched to train a new model.
 from __future__ import annotations
 
 import importlib
-import math
+import inspect
+import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -204,20 +206,35 @@ def load_spec(ref: str | Spec) -> Spec:
     if not sep or not module_name or not attr:
         raise ValueError(f"a spec is named 'package.module:attr', got {ref!r} (e.g. fedmoe.models.digits:spec)")
     try:
-        module = importlib.import_module(module_name)
+        module = _import(module_name)
     except ImportError as e:
         raise ValueError(f"cannot import {module_name!r} for spec {ref!r}: {e} (is it installed, or on PYTHONPATH?)") from e
     try:
         value: Any = getattr(module, attr)
     except AttributeError:
         raise ValueError(f"module {module_name!r} has no attribute {attr!r} (spec {ref!r})") from None
-    if callable(value) and not isinstance(value, Spec):
+    if callable(value) and not isinstance(value, Spec) and _takes_no_arguments(value):
         value = value()
     if not isinstance(value, Spec):
         raise ValueError(f"{ref!r} is a {type(value).__name__}, not a fedmoe.Spec")
     return replace(value, ref=ref)
 
 
-def n_paths(grid: Sequence[int]) -> int:
-    """Number of paths (experts) through a grid."""
-    return math.prod(grid)
+def _import(module_name: str) -> Any:
+    """Import a module, looking in the working directory too (a user's project, as `python -m` would)."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        cwd = os.getcwd()
+        if cwd in sys.path or not (e.name and module_name.startswith(e.name)):
+            raise
+        sys.path.append(cwd)
+        return importlib.import_module(module_name)
+
+
+def _takes_no_arguments(fn: Callable) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return all(p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params)

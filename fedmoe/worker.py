@@ -164,6 +164,13 @@ class Job:
     masks: Masks
 
 
+def make_job(model: ModularModel, path: Path, variant: Variant, round: int, seed: int, inner: InnerConfig) -> Job:
+    """The job of a client of `variant` on `path` of the grid `model` (holding the weights the round starts from)."""
+    path_model = model.compose(path)
+    masks = round_masks(path_model, variant, round, seed)
+    return Job(path, variant, round, seed, inner, deliver(path_model, variant, masks), masks)
+
+
 @dataclass
 class Worker:
     """A client training its path on its data with its variant; keeps optimiser state and error feedback across rounds.

@@ -13,7 +13,6 @@ from fedmoe.data import (
     lm_eval_split,
     load_bible_documents,
     load_digits_split,
-    sample_windows,
     shard_sizes,
     split_documents,
     text_features,
@@ -42,7 +41,6 @@ def test_digits_split_is_stratified_scaled_and_typed():
     assert train.inputs.dtype == torch.float32 and train.inputs.shape == (1257, 64)
     assert train.targets.dtype == torch.int64 and test.targets.shape == (540,)
     assert 0.0 <= train.inputs.min() and train.inputs.max() == 1.0
-    assert train.features.dtype == np.float32 and np.array_equal(train.features, train.inputs.numpy())
     train_counts, test_counts = np.bincount(train.targets.numpy()), np.bincount(test.targets.numpy())
     assert np.all(np.abs(test_counts - 0.3 * (train_counts + test_counts)) <= 1)
     again, _ = load_digits_split(test_fraction=0.3, seed=0)
@@ -83,49 +81,20 @@ def test_bytes_round_trip():
     assert decode_bytes(t[:-1]) == "Amen \ufffd"
 
 
-def test_sample_windows_are_substrings_of_the_documents():
-    docs = load_bible_documents()[:30]
-    g = torch.Generator().manual_seed(0)
-    w = sample_windows(docs, 64, 100, g)
-    assert w.shape == (64, 100) and w.dtype == torch.int64
-    assert 0 <= int(w.min()) and int(w.max()) < 256
-    assert all(any(decode_bytes(row) in d.text for d in docs) for row in w)
-    others = load_bible_documents()[100:110]  # a different list must not hit the first list's cache
-    w = sample_windows(others, 64, 100, g)
-    assert all(any(decode_bytes(row) in d.text for d in others) for row in w)
-    again = sample_windows(docs, 64, 100, torch.Generator().manual_seed(0))
-    assert torch.equal(again, sample_windows(docs, 64, 100, torch.Generator().manual_seed(0)))
-
-
-def test_sample_windows_picks_documents_in_proportion_to_length():
-    docs = [Document("short", "a" * 100), Document("long", "b" * 1000), Document("tiny", "c" * 5)]
-    w = sample_windows(docs, 20000, 10, torch.Generator().manual_seed(0))
-    first = w[:, 0]
-    assert not (first == ord("c")).any()
-    ratio = (first == ord("b")).sum().item() / (first == ord("a")).sum().item()
-    assert 8.5 < ratio < 11.5
-    with pytest.raises(ValueError, match="at least 11 bytes"):
-        sample_windows([Document("x", "0123456789")], 4, 11, torch.Generator())
-
-
-def test_lm_eval_split_features_come_from_the_preceding_text():
+def test_lm_eval_split_windows_come_from_the_documents():
     docs = [Document(f"d{j}", " ".join(f"w{j}x{i:04d}" for i in range(300))) for j in range(3)]
-    docs.append(Document("short", "zzshort " * 10))
-    split = lm_eval_split(docs, n=40, length=48, context=64, seed=3)
+    docs.append(Document("short", "zzshort"))
+    split = lm_eval_split(docs, n=40, length=48, seed=3)
     assert split.inputs.shape == split.targets.shape == (40, 48) and split.inputs.dtype == torch.int64
     assert torch.equal(split.inputs[:, 1:], split.targets[:, :-1])
-    assert split.features.shape == (40, 1024)
     for i in range(40):
         window = decode_bytes(split.inputs[i]) + decode_bytes(split.targets[i, -1:])
-        text = next(d.text for d in docs if window in d.text)
-        start = text.index(window)
-        assert start >= 64
-        assert np.allclose(split.features[i], text_features([text[start - 64 : start]])[0])
-    again = lm_eval_split(docs, n=40, length=48, context=64, seed=3)
-    assert torch.equal(again.inputs, split.inputs) and np.array_equal(again.features, split.features)
-    assert not torch.equal(lm_eval_split(docs, n=40, length=48, context=64, seed=4).inputs, split.inputs)
+        assert any(window in d.text for d in docs[:3])
+    again = lm_eval_split(docs, n=40, length=48, seed=3)
+    assert torch.equal(again.inputs, split.inputs)
+    assert not torch.equal(lm_eval_split(docs, n=40, length=48, seed=4).inputs, split.inputs)
     with pytest.raises(ValueError):
-        lm_eval_split(docs[-1:], n=4, length=48, context=64)
+        lm_eval_split(docs[-1:], n=4, length=48)
 
 
 def test_iid_shards_are_balanced_and_seeded():

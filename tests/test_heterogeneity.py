@@ -7,19 +7,32 @@ import torch
 
 from fedmoe.compress.prune import held_shape, held_values, hidden_layers, magnitude_masks, scatter_held, width_masks
 from fedmoe.compress.quant import ErrorFeedback, dequantize, fake_quantize, quantize, wire_bytes
-from fedmoe.federation import Assignment, train_federation
-from fedmoe.models import build_model
-from fedmoe.modular import Path
-from fedmoe.outer import OuterOptimizer
+from conftest import lm_grid, mlp_grid
+
 from fedmoe.aggregate import aggregate
 from fedmoe.assignment import DeviceProfile, assign_variant, parse_profiles, training_bytes
-from fedmoe.tasks import load_task
-from fedmoe.train import InnerConfig, train_local
-from fedmoe.worker import Upload, Variant, Worker, decode, deliver, round_masks, variant_bytes
+from fedmoe.config import Config, InnerConfig, OuterConfig
+from fedmoe.data import load_digits_split
+from fedmoe.federation import LocalClient, run_federation
+from fedmoe.modular import Path
+from fedmoe.outer import OuterOptimizer
+from fedmoe.spec import load_spec
+from fedmoe.train import train_local
+from fedmoe.worker import Upload, Variant, Worker, decode, deliver, make_job, round_masks, variant_bytes
+
+DIGITS = load_spec("fedmoe.models.digits:spec")
+TRAIN, _ = load_digits_split()
 
 
 def mlp(hidden=8, grid=(1,)):
-    return build_model("mlp", grid, in_dim=4, hidden=hidden, depth=2, classes=3)
+    return mlp_grid(grid, in_dim=4, hidden=hidden, depth=2, classes=3)
+
+
+def run_round(model, variant, examples, inner, round=0, seed=0, feedback=None):
+    """One client round on path (0,) of `model`, as every runner makes it: a job from the grid, the shared Worker."""
+    path = Path((0,))
+    worker = Worker(DIGITS, copy.deepcopy(model.compose(path)), examples.batches(16, seed), len(examples), variant, feedback=feedback)
+    return worker.train_round(make_job(model, path, variant, round, seed, inner))
 
 
 def test_width_masks_slice_hidden_units_static_rolling_random():
@@ -42,7 +55,7 @@ def test_width_masks_slice_hidden_units_static_rolling_random():
 
 
 def test_transformer_width_masks_touch_only_the_mlp_hidden_units():
-    lm = build_model("byte-lm", (1,), d_model=16, n_layers=1, n_heads=2, context=8).compose(Path((0,)))
+    lm = lm_grid((1,), d_model=16, n_layers=1, n_heads=2, context=8).compose(Path((0,)))
     masks = width_masks(lm, 0.25, "static")
     assert sorted(masks) == ["0.1.mlp.0.bias", "0.1.mlp.0.weight", "0.1.mlp.2.weight"]
     assert int(masks["0.1.mlp.0.bias"].sum()) == 16  # a quarter of 4 x 16 hidden units
@@ -78,7 +91,7 @@ def upload(path, variant, weight, values):
 
 
 # two levels: a shared hidden layer (module 0.0) and two heads (1.0 and 1.1); in 2 -> hidden 2 -> 2 classes
-GRID = build_model("mlp", (1, 2), in_dim=2, hidden=2, depth=1, classes=2)
+GRID = mlp_grid((1, 2), in_dim=2, hidden=2, depth=1, classes=2)
 V = 127 / 256  # exact in int8: the channel scale is 2**-8
 
 
@@ -127,16 +140,14 @@ def test_decode_rejects_uploads_that_do_not_match_the_variant():
 
 
 def test_int4_half_width_worker_sends_exactly_what_its_variant_costs():
-    task = load_task("digits")
-    model = task.model_spec((1,)).build()
+    model = DIGITS.build((1,))
     variant = Variant(4, 0.5, "rolling")
-    worker = Worker(Path((0,)), task.batches(range(200), 16, 0), 200.0, variant)
-    sent = worker.run_round(model, InnerConfig(steps=5), round=2)
+    sent = run_round(model, variant, TRAIN.subset(range(200)), InnerConfig(steps=5), round=2)
     path_model = model.compose(Path((0,)))
     masks = round_masks(path_model, variant, 2, 0)
     assert sent.nbytes == variant_bytes(path_model, variant, masks)["upload"]
     assert sent.nbytes == sum(wire_bytes(held_shape(masks.get(n), p.shape), 4) for n, p in path_model.named_parameters())
-    fp32 = Worker(Path((0,)), task.batches(range(200), 16, 0), 200.0).run_round(model, InnerConfig(steps=5), round=2)
+    fp32 = run_round(model, Variant(), TRAIN.subset(range(200)), InnerConfig(steps=5), round=2)
     assert fp32.nbytes == 4 * sum(p.numel() for p in path_model.parameters())
     assert sent.nbytes * 12 < fp32.nbytes  # int4 at half width
     update = decode(model, sent)
@@ -146,13 +157,11 @@ def test_int4_half_width_worker_sends_exactly_what_its_variant_costs():
 
 def test_a_quantized_worker_sends_the_change_of_the_weights_it_computed_with():
     """A 4-bit client's outer gradient ends at its fake-quantized weights, not at its latent full-precision copy."""
-    task = load_task("digits")
-    model = task.model_spec((1,)).build()
+    model = DIGITS.build((1,))
     path_model = model.compose(Path((0,)))
     start = {n: dequantize(q) for n, q in deliver(path_model, Variant(4), {}).items()}
-    worker = Worker(Path((0,)), task.batches(range(200), 16, 0), 200.0, Variant(4))
-    worker.feedback = ErrorFeedback(32)  # the outer gradient unquantized, to see where it ends
-    sent = worker.run_round(model, InnerConfig(steps=20), round=0)
+    # the outer gradient unquantized (32-bit error feedback), to see where it ends
+    sent = run_round(model, Variant(4), TRAIN.subset(range(200)), InnerConfig(steps=20), feedback=ErrorFeedback(32))
     matrices = [n for n, p in path_model.named_parameters() if p.dim() >= 2]
     for name in matrices:
         end = start[name] - dequantize(sent.tensors[name])
@@ -162,23 +171,21 @@ def test_a_quantized_worker_sends_the_change_of_the_weights_it_computed_with():
 
 def test_one_fp32_worker_with_plain_outer_sgd_lands_on_its_own_end_point():
     """Pins the sign of the outer gradient end to end: start - end, stepped with lr 1 and no momentum."""
-    task = load_task("digits")
-    model = task.model_spec((1,)).build()
-    reference = copy.deepcopy(model.compose(Path((0,))))
-    inner = InnerConfig(steps=7)
-    train_local(reference, task.batches(range(task.n_units), inner.batch_size, 0), inner)
-    train_federation(model, [Assignment(Path((0,)), range(task.n_units))], task, 1, inner, OuterOptimizer(model, lr=1.0, momentum=0.0))
+    inner = InnerConfig(steps=7, schedule="constant")
+    reference = DIGITS.build((1,)).compose(Path((0,)))
+    train_local(reference, TRAIN.batches(inner.batch_size, 0), inner)
+    config = Config(grid=(1,), rounds=1, inner=inner, outer=OuterConfig(lr=1.0, momentum=0.0))
+    model = run_federation(DIGITS, config, [LocalClient(TRAIN)]).engine.model
     for a, b in zip(model.compose(Path((0,))).parameters(), reference.parameters()):
         assert torch.allclose(a, b, atol=1e-6)
 
 
 def test_mixed_federation_trains_every_variant():
-    task = load_task("digits")
-    model = task.model_spec((1,)).build()
-    variants = [Variant(32), Variant(8), Variant(4, 0.5, "rolling"), Variant(32, 0.25, "static")]
-    units = range(task.n_units)
-    history = train_federation(model, [Assignment(Path((0,)), units, v) for v in variants], task, 3, InnerConfig(steps=20), OuterOptimizer(model))
-    assert [s.variant for s in history[0]] == ["fp32", "int8", "int4-p50", "fp32-p25"]
+    history = []
+    clients = [LocalClient(TRAIN, profile) for profile in ("fp32", "int8", "int4-p50", "fp32-p25")]
+    config = Config(grid=(1,), rounds=3, inner=InnerConfig(steps=20))
+    run_federation(DIGITS, config, clients, on_round=lambda engine, metrics, uploads: history.append(uploads))
+    assert [u.variant.name for u in history[0]] == ["fp32", "int8", "int4-p50", "fp32-p25"]
     assert all(last.loss < first.loss for first, last in zip(history[0], history[-1]))
 
 

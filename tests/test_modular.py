@@ -1,12 +1,15 @@
 import pytest
 import torch
 
+from conftest import lm_grid, mlp_grid
+from torch import nn
+
 from fedmoe.modular import ModularModel, Path, flatten_states, unflatten_states
-from fedmoe.models import ModelSpec, build_model
+from fedmoe.spec import Spec, load_spec
 
 
 def test_grid_paths_and_composition_share_modules():
-    model = build_model("mlp", (2, 3), depth=3)
+    model = mlp_grid((2, 3), depth=3)
     assert model.grid == (2, 3)
     assert len(model.paths()) == 6 and model.paths()[0] == Path((0, 0))
     a, b = model.compose(Path((1, 0))), model.compose(Path((1, 2)))
@@ -15,15 +18,15 @@ def test_grid_paths_and_composition_share_modules():
 
 
 def test_modules_start_different_and_builds_are_reproducible():
-    model = build_model("mlp", (3,), seed=1)
+    model = mlp_grid((3,), seed=1)
     w = [model.module(f"0.{i}")[0][0].weight for i in range(3)]
     assert not torch.equal(w[0], w[1])
-    again = build_model("mlp", (3,), seed=1)
+    again = mlp_grid((3,), seed=1)
     assert all(torch.equal(x, y) for x, y in zip(model.parameters(), again.parameters()))
 
 
 def test_compose_rejects_paths_outside_the_grid():
-    model = build_model("mlp", (2, 2))
+    model = mlp_grid((2, 2))
     with pytest.raises(ValueError, match="level 1 has modules 0..1"):
         model.compose(Path((0, 2)))
     with pytest.raises(ValueError, match="levels"):
@@ -31,7 +34,7 @@ def test_compose_rejects_paths_outside_the_grid():
 
 
 def test_load_module_states_changes_only_the_named_module():
-    model = build_model("mlp", (2, 2))
+    model = mlp_grid((2, 2))
     before = model.module_states()
     model.load_module_states({"0.1": {n: t + 1 for n, t in before["0.1"].items()}})
     after = model.module_states()
@@ -40,14 +43,14 @@ def test_load_module_states_changes_only_the_named_module():
 
 
 def test_flatten_roundtrip_and_path_parse():
-    model = build_model("byte-lm", (2, 1), d_model=32, n_layers=2, n_heads=2, context=16)
+    model = lm_grid((2, 1), d_model=32, n_layers=2, n_heads=2, context=16)
     states = model.module_states()
     assert unflatten_states(flatten_states(states)).keys() == states.keys()
     assert Path.parse(str(Path((3, 0, 12)))) == Path((3, 0, 12))
 
 
 def test_byte_lm_is_causal():
-    lm = build_model("byte-lm", (1,), d_model=32, n_layers=2, n_heads=2, context=16).compose(Path((0,))).eval()
+    lm = lm_grid((1,), d_model=32, n_layers=2, n_heads=2, context=16).compose(Path((0,))).eval()
     x = torch.randint(0, 256, (1, 16))
     y = x.clone()
     y[0, 10:] = (y[0, 10:] + 1) % 256
@@ -56,11 +59,25 @@ def test_byte_lm_is_causal():
         assert not torch.allclose(lm(x)[0, 10:], lm(y)[0, 10:])
 
 
-def test_model_spec_roundtrip():
-    spec = ModelSpec("mlp", (4,), {"hidden": 16})
-    assert ModelSpec.from_dict(spec.to_dict()) == spec
-    assert spec.build().grid == (4,)
-    with pytest.raises(ValueError, match="unknown model family"):
-        build_model("nope", (1,))
+def test_a_spec_of_fixed_levels_builds_any_number_of_modules_per_level():
+    spec = Spec("two-level", [lambda: nn.Linear(4, 8), lambda: nn.Linear(8, 3)])
+    model = spec.build((3, 2), seed=5)
+    assert model.grid == (3, 2) and model.compose(Path((2, 1)))(torch.rand(2, 4)).shape == (2, 3)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), spec.build((3, 2), seed=5).parameters()))
+    with pytest.raises(ValueError, match="give a grid of 2 number"):
+        spec.build((4,))
     with pytest.raises(ValueError):
         ModularModel([])
+
+
+def test_specs_are_named_by_import_string():
+    spec = load_spec("fedmoe.models.digits:spec")
+    assert spec.ref == "fedmoe.models.digits:spec" and spec.name == "digits"
+    with pytest.raises(ValueError, match="package.module:attr"):
+        load_spec("fedmoe.models.digits")
+    with pytest.raises(ValueError, match="cannot import"):
+        load_spec("no_such_package.mod:spec")
+    with pytest.raises(ValueError, match="no attribute"):
+        load_spec("fedmoe.models.digits:nope")
+    with pytest.raises(ValueError, match="not a fedmoe.Spec"):
+        load_spec("fedmoe.models.digits:client_data")

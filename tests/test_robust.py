@@ -5,15 +5,17 @@ import copy
 import pytest
 import torch
 
+from fedmoe.aggregate import aggregate, clipped, robust_average, update_norm
 from fedmoe.compress.quant import dequantize, quantize
-from fedmoe.experiment import evaluate_model
-from fedmoe.federation import Assignment, train_federation
+from fedmoe.config import Config, InnerConfig, OuterConfig
+from fedmoe.data import load_digits_split
+from fedmoe.federation import LocalClient, run_federation
 from fedmoe.modular import Path
 from fedmoe.outer import OuterOptimizer, Update
-from fedmoe.aggregate import aggregate, clipped, robust_average, update_norm
-from fedmoe.tasks import digits_task
-from fedmoe.train import InnerConfig
-from fedmoe.worker import Upload, Variant, Worker
+from fedmoe.spec import load_spec
+from fedmoe.worker import Upload, Variant, Worker, make_job
+
+DIGITS = load_spec("fedmoe.models.digits:spec")
 
 
 def one(values, mask=None):
@@ -41,16 +43,17 @@ def test_norm_clipping_scales_only_large_updates():
 
 
 def test_one_poisoned_client_wrecks_the_mean_but_not_the_robust_rules():
-    task = digits_task()
-    model = task.model_spec((1,)).build()
+    train, test = load_digits_split()
+    config = Config(grid=(1,), rounds=3, inner=InnerConfig(steps=100), outer=OuterConfig(lr=1.0, momentum=0.0))
+    model = run_federation(DIGITS, config, [LocalClient(train)]).engine.model
     path = Path((0,))
-    train_federation(model, [Assignment(path, range(task.n_units))], task, 3, InnerConfig(steps=100), OuterOptimizer(model, 1.0, 0.0))
     inner = InnerConfig(steps=50)
     variants = [Variant(32), Variant(8), Variant(4), Variant(32, 0.5, "static"), Variant(8)]
-    uploads = [
-        Worker(path, task.batches(range(i, task.n_units, 5), 32, i), 250.0, v, i).run_round(model, inner, 0)
-        for i, v in enumerate(variants)
-    ]
+    uploads = []
+    for i, v in enumerate(variants):
+        part = train.subset(range(i, len(train), 5))
+        worker = Worker(DIGITS, copy.deepcopy(model.compose(path)), part.batches(32, i), 250.0, v)
+        uploads.append(worker.train_round(make_job(model, path, v, 0, i, inner)))
     honest = uploads[-1]
     poison = Upload(path, Variant(32), 0, honest.seed, 250.0,
                     {n: quantize(-50 * dequantize(q), 32) for n, q in honest.tensors.items()}, 0.0)
@@ -59,10 +62,10 @@ def test_one_poisoned_client_wrecks_the_mean_but_not_the_robust_rules():
         for name, batch in (("clean", uploads[:-1]), ("poisoned", [*uploads[:-1], poison])):
             after = copy.deepcopy(model)
             OuterOptimizer(after, lr=1.0, momentum=0.0).step(*aggregate(after, batch, rule, trim=0.25))
-            accuracy[rule, name] = evaluate_model(after.compose(path), task)
+            accuracy[rule, name] = DIGITS.evaluate(after.compose(path), test)["accuracy"]
     assert accuracy["mean", "clean"] > 0.9 and accuracy["mean", "poisoned"] < 0.5, accuracy
     for rule in ("median", "trimmed-mean"):
         assert accuracy[rule, "poisoned"] > accuracy["mean", "clean"] - 0.03, accuracy
     clipped_mean = copy.deepcopy(model)
     OuterOptimizer(clipped_mean, lr=1.0, momentum=0.0).step(*aggregate(clipped_mean, [*uploads[:-1], poison], "mean", clip_norm=1.0))
-    assert evaluate_model(clipped_mean.compose(path), task) > accuracy["mean", "poisoned"]
+    assert DIGITS.evaluate(clipped_mean.compose(path), test)["accuracy"] > accuracy["mean", "poisoned"]

@@ -4,8 +4,9 @@ import torch
 from torch import nn
 
 from fedmoe.ensemble import Ensemble
+from fedmoe.models.lm import byte_transformer_levels
 from fedmoe.modular import ModularModel, Path
-from fedmoe.models import ModelSpec
+from fedmoe.spec import Spec, load_spec
 from fedmoe.router import CentroidRouter, LearnedRouter, router_from_state, shard_labels
 
 
@@ -57,37 +58,71 @@ class Constant(nn.Module):
 
 def constant_ensemble(centres):
     model = ModularModel([[Constant([5.0, 0.0, 0.0]), Constant([0.0, 5.0, 0.0]), Constant([0.0, 0.0, 5.0])]])
-    return Ensemble(ModelSpec("mlp", (3,)), model, model.paths(), CentroidRouter(centres, temperature=1.0))
+    return Ensemble(Spec("constant", [lambda: Constant([0.0, 0.0, 0.0])]), model, model.paths(), CentroidRouter(centres, temperature=1.0))
 
 
 def test_topk_mixture_runs_only_the_chosen_experts_and_mixes_by_renormalised_router_weights():
     _, _, centres = blobs()
     ensemble = constant_ensemble(centres)
     features = torch.tensor([[0.2, 0.1], [5.1, 0.0], [0.3, 4.0]], dtype=torch.float32)
-    top1 = ensemble.predict(torch.zeros(3, 1), features, top_k=1)
+    top1 = ensemble.predict(torch.zeros(3, 1), top_k=1, features=features)
     assert top1.experts[:, 0].tolist() == [0, 1, 2]
     assert torch.allclose(top1.weights, torch.ones(3, 1))
-    assert torch.allclose(top1.probs[0], torch.softmax(torch.tensor([5.0, 0.0, 0.0]), -1))
-    full = ensemble.predict(torch.zeros(3, 1), features)
+    assert torch.allclose(top1.outputs[0], torch.softmax(torch.tensor([5.0, 0.0, 0.0]), -1))
+    full = ensemble.predict(torch.zeros(3, 1), features=features)
     route = ensemble.router.probs(features)
     expert_probs = torch.softmax(torch.eye(3) * 5.0, -1)
-    assert torch.allclose(full.probs, route @ expert_probs, atol=1e-6)
-    top2 = ensemble.predict(torch.zeros(3, 1), features, top_k=2)
+    assert torch.allclose(full.outputs, route @ expert_probs, atol=1e-6)
+    top2 = ensemble.predict(torch.zeros(3, 1), top_k=2, features=features)
     assert torch.allclose(top2.weights.sum(-1), torch.ones(3)) and top2.experts.shape == (3, 2)
     with pytest.raises(ValueError, match="top_k"):
-        ensemble.predict(torch.zeros(3, 1), features, top_k=4)
+        ensemble.predict(torch.zeros(3, 1), top_k=4, features=features)
+
+
+def tiny_lm() -> Spec:
+    return Spec("tiny-lm", byte_transformer_levels(d_model=32, n_layers=1, n_heads=2, context=8),
+                featurize=lambda x: torch.stack([(x < 128).float().mean(1), (x >= 128).float().mean(1)], 1))
+
+
+TINY_LM = tiny_lm()
 
 
 def test_ensemble_of_sequence_outputs_mixes_per_sequence(tmp_path):
-    spec = ModelSpec("byte-lm", (2,), {"d_model": 32, "n_layers": 1, "n_heads": 2, "context": 8})
-    model = spec.build(seed=3)
+    spec = load_spec("test_router_ensemble:TINY_LM")
+    model = spec.build((2,), seed=3)
     ensemble = Ensemble(spec, model, model.paths(), CentroidRouter(np.eye(2, dtype=np.float32)))
-    x, f = torch.randint(0, 256, (4, 8)), torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.9, 0.1], [0.5, 0.5]])
-    out = ensemble.predict(x, f).probs
+    x = torch.randint(0, 256, (4, 8))
+    out = ensemble.predict(x).outputs
     assert out.shape == (4, 8, 256) and torch.allclose(out.sum(-1), torch.ones(4, 8), atol=1e-5)
     ensemble.save(tmp_path / "ens")
     again = Ensemble.load(tmp_path / "ens")
-    assert again.paths == [Path((0,)), Path((1,))]
-    assert torch.equal(again.predict(x, f).probs, out)  # identical outputs after a reload
+    assert again.paths == [Path((0,)), Path((1,))] and again.spec.ref == "test_router_ensemble:TINY_LM"
+    assert torch.equal(again.predict(x).outputs, out)  # identical outputs after a reload, through the recorded spec
     for k in (1, 2):
-        assert torch.equal(again.predict(x, f, top_k=k).experts, ensemble.predict(x, f, top_k=k).experts)
+        assert torch.equal(again.predict(x, top_k=k).experts, ensemble.predict(x, top_k=k).experts)
+
+
+def test_an_ensemble_of_a_spec_without_an_import_string_says_how_to_save_it(tmp_path):
+    model = TINY_LM.build((2,))
+    with pytest.raises(ValueError, match="load_spec"):
+        Ensemble(TINY_LM, model, model.paths(), CentroidRouter(np.eye(2, dtype=np.float32))).save(tmp_path / "ens")
+
+
+def test_loading_a_checkpoint_through_another_spec_names_the_differences(tmp_path):
+    spec = load_spec("test_router_ensemble:TINY_LM")
+    model = spec.build((2,))
+    Ensemble(spec, model, model.paths(), CentroidRouter(np.eye(2, dtype=np.float32))).save(tmp_path / "ens")
+    with pytest.raises(ValueError, match="do not fit spec"):
+        Ensemble.load(tmp_path / "ens", spec="fedmoe.models.bible:spec")
+
+
+def test_values_mix_linearly():
+    spec = Spec("values", [lambda: nn.Linear(2, 2)], mix="values")
+    model = spec.build((2,))
+    router = CentroidRouter(np.array([[0.0, 0.0], [1.0, 1.0]], dtype=np.float32), temperature=1.0)
+    x = torch.tensor([[0.2, 0.4]])
+    mixed = Ensemble(spec, model, model.paths(), router).predict(x).outputs
+    w = router.probs(x)[0]
+    with torch.no_grad():
+        expected = w[0] * model.module("0.0")(x) + w[1] * model.module("0.1")(x)
+    assert torch.allclose(mixed, expected, atol=1e-6)

@@ -5,18 +5,16 @@ from fedmoe.data.bible import (
     encode_bytes,
     lm_eval_split,
     load_bible_documents,
-    sample_windows,
     split_documents,
     text_features,
 )
 from fedmoe.data.digits import load_digits_split
 from fedmoe.data.partition import Clustering, balanced_kmeans, client_part, dirichlet, iid, kmeans, nearest, shard_sizes
-from fedmoe.data.types import Document, Split
+from fedmoe.data.types import Document
 
 __all__ = [
     "Clustering",
     "Document",
-    "Split",
     "balanced_kmeans",
     "client_part",
     "decode_bytes",
@@ -28,7 +26,6 @@ __all__ = [
     "load_bible_documents",
     "load_digits_split",
     "nearest",
-    "sample_windows",
     "shard_sizes",
     "split_documents",
     "text_features",

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from sklearn.feature_extraction.text import HashingVectorizer
 
-from fedmoe.data.types import Document, Split
+from fedmoe.data.types import Document
+from fedmoe.spec import Examples
 
 _VECTORIZER = HashingVectorizer(n_features=1024, stop_words="english", alternate_sign=False, norm="l2", lowercase=True)
 
@@ -62,40 +63,17 @@ def decode_bytes(t: torch.Tensor) -> str:
     return t.to(torch.uint8).numpy().tobytes().decode("utf-8", errors="replace")
 
 
-@lru_cache(maxsize=64)
-def _packed(docs: tuple[Document, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """All documents' bytes concatenated (uint8), with each document's start and length."""
+def lm_eval_split(docs: Sequence[Document], n: int, length: int, seed: int = 0) -> Examples:
+    """A fixed LM test set: n windows of `length` bytes and their next-byte targets, documents picked by byte length."""
     encoded = [d.text.encode("utf-8") for d in docs]
-    lengths = torch.tensor([len(b) for b in encoded], dtype=torch.int64)
-    starts = torch.cumsum(lengths, 0) - lengths
-    data = torch.from_numpy(np.frombuffer(b"".join(encoded), dtype=np.uint8).copy())
-    return data, starts, lengths
-
-
-def sample_windows(docs: Sequence[Document], n: int, length: int, generator: torch.Generator) -> torch.Tensor:
-    """n random byte windows (int64, (n, length)), documents picked in proportion to their byte length."""
-    data, starts, lengths = _packed(tuple(docs))
-    weights = (lengths * (lengths >= length)).double()
-    if weights.sum() == 0:
-        raise ValueError(f"no document has at least {length} bytes")
-    doc = torch.multinomial(weights, n, replacement=True, generator=generator)
-    room = (lengths[doc] - length + 1).double()
-    offset = (torch.rand(n, generator=generator, dtype=torch.float64) * room).long()
-    index = (starts[doc] + offset).unsqueeze(1) + torch.arange(length)
-    return data[index].long()
-
-
-def lm_eval_split(docs: Sequence[Document], n: int, length: int, context: int = 512, seed: int = 0) -> Split:
-    """A fixed LM test set: next-byte targets of n windows, features from the `context` bytes preceding each."""
-    data, starts, lengths = _packed(tuple(docs))
-    eligible = (lengths >= context + length + 1).numpy()
+    lengths = np.array([len(b) for b in encoded])
+    eligible = lengths >= length + 1
     if not eligible.any():
-        raise ValueError(f"no document holds {context} bytes of context plus a {length + 1}-byte window")
+        raise ValueError(f"no document holds a {length + 1}-byte window")
     rng = np.random.default_rng(seed)
-    weights = lengths.numpy() * eligible
-    doc = rng.choice(len(weights), size=n, p=weights / weights.sum())
-    offset = rng.integers(context, lengths.numpy()[doc] - length)  # window is [offset, offset + length]
-    begin = starts.numpy()[doc] + offset
-    windows = data[torch.from_numpy(begin).unsqueeze(1) + torch.arange(length + 1)].long()
-    prefixes = [decode_bytes(data[b - context : b]) for b in begin.tolist()]
-    return Split(windows[:, :-1].contiguous(), windows[:, 1:].contiguous(), text_features(prefixes))
+    weights = lengths * eligible
+    doc = rng.choice(len(docs), size=n, p=weights / weights.sum())
+    offset = rng.integers(0, lengths[doc] - length)  # window is [offset, offset + length]
+    windows = torch.stack([torch.frombuffer(bytearray(encoded[d][o : o + length + 1]), dtype=torch.uint8) for d, o in zip(doc, offset)])
+    windows = windows.long()
+    return Examples(windows[:, :-1].contiguous(), windows[:, 1:].contiguous())

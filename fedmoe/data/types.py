@@ -1,24 +1,8 @@
-"""Plain data containers shared by the loaders and the partitioners."""
+"""Plain data containers of the loaders."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import numpy as np
-import torch
-
-
-@dataclass(frozen=True, eq=False)
-class Split:
-    """Model inputs and targets of a set of examples, with the features the router and partitioners see."""
-
-    inputs: torch.Tensor
-    targets: torch.Tensor
-    features: np.ndarray
-
-    def __len__(self) -> int:
-        """Number of examples."""
-        return len(self.targets)
 
 
 @dataclass(frozen=True)

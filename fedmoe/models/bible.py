@@ -53,8 +53,7 @@ def client_data(partition: int, partitions: int) -> ClientData:
 
 def eval_data() -> Examples:
     """Windows of held-out chapters (fixed, seed 0)."""
-    split = lm_eval_split(_documents()[1], EVAL_WINDOWS, CONTEXT)
-    return Examples(split.inputs, split.targets)
+    return lm_eval_split(_documents()[1], EVAL_WINDOWS, CONTEXT)
 
 
 def encode_text(text: str) -> torch.Tensor:
