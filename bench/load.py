@@ -9,6 +9,7 @@ accepted updates per second, then the largest N held with p99 under 1 s and no e
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 import statistics
 import subprocess
@@ -22,14 +23,18 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from fedmoe.clients.runtime import connect, join, push_frames
-from fedmoe.compress.quant import quantize
-from fedmoe.modular import Path
 from fedmoe.assignment import PROFILES
+from fedmoe.clients.runtime import Retry, connect, join, push_frames, variant_of
+from fedmoe.compress.quant import quantize
+from fedmoe.config import DEFAULT_SPEC
+from fedmoe.modular import Path
+from fedmoe.spec import load_spec
 from fedmoe.v1 import coordinator_pb2 as pb
 from fedmoe.v1 import coordinator_pb2_grpc as pb_grpc
 from fedmoe.wire import decode_tensors
-from fedmoe.worker import Upload, Variant
+from fedmoe.worker import Upload
+
+SPEC = load_spec(DEFAULT_SPEC)
 
 
 def start_coordinator(n: int, state: str) -> tuple[subprocess.Popen, int]:
@@ -43,7 +48,7 @@ def start_coordinator(n: int, state: str) -> tuple[subprocess.Popen, int]:
     raise RuntimeError("the coordinator did not start")
 
 
-def client_loop(port: int, stop: threading.Event, latencies: list[float], errors: list[str], accepted: list[int]) -> None:
+def client_loop(port: int, features: tuple, stop: threading.Event, latencies: list[float], errors: list[str], accepted: list[int]) -> None:
     """Join, then heartbeat; when told to train, pull and push a zero update (no local training: this measures the coordinator)."""
     with connect(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.CoordinatorStub(channel)
@@ -56,7 +61,7 @@ def client_loop(port: int, stop: threading.Event, latencies: list[float], errors
                 latencies.append(time.perf_counter() - started)
 
         try:
-            session = timed(lambda: join(stub, PROFILES["fp32"], "load", None, time.monotonic() + 30))
+            session = timed(lambda: join(stub, PROFILES["fp32"], "load", features, retry=Retry(f"127.0.0.1:{port}", 30.0)))
             while not stop.is_set():
                 beat = timed(lambda: stub.Heartbeat(pb.HeartbeatRequest(client_id=session.client_id), metadata=session.metadata, timeout=30))
                 if beat.action != pb.HeartbeatReply.TRAIN:
@@ -66,8 +71,8 @@ def client_loop(port: int, stop: threading.Event, latencies: list[float], errors
                 a = frames[0].assignment
                 delivered = decode_tensors((f.tensor for f in frames[1:]), 1 << 30)
                 zeros = {n: quantize(torch.zeros(q.shape), q.bits) for n, q in delivered.items()}
-                upload = Upload(Path.parse(a.path), Variant(a.variant.bits, a.variant.density, a.variant.scheme), a.round, a.seed, 1.0, zeros, 0.0)
-                timed(lambda: stub.Push(push_frames(session, upload), metadata=session.metadata, timeout=30))
+                upload = Upload(Path.parse(a.path), variant_of(a.variant), a.round, a.seed, 1.0, zeros, 0.0)
+                timed(functools.partial(stub.Push, push_frames(session, upload), metadata=session.metadata, timeout=30))
                 accepted.append(1)
         except grpc.RpcError as e:
             errors.append(f"{e.code().name}: {e.details()}")
@@ -75,13 +80,14 @@ def client_loop(port: int, stop: threading.Event, latencies: list[float], errors
 
 def run_level(n: int, seconds: float) -> dict[str, float]:
     """Drive n clients for `seconds`; return latency percentiles, errors and accepted updates per second."""
+    features = SPEC.feature_statistics(SPEC.data(0, 1).train)  # every client reports the same routing statistics
     with tempfile.TemporaryDirectory() as state:
         proc, port = start_coordinator(n, state)
         latencies: list[float] = []
         errors: list[str] = []
         accepted: list[int] = []
         stop = threading.Event()
-        threads = [threading.Thread(target=client_loop, args=(port, stop, latencies, errors, accepted)) for _ in range(n)]
+        threads = [threading.Thread(target=client_loop, args=(port, features, stop, latencies, errors, accepted)) for _ in range(n)]
         try:
             started = time.perf_counter()
             for t in threads:

@@ -17,15 +17,16 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from fedmoe.clients.runtime import connect, join, push_frames
-from fedmoe.compress.quant import quantize
-from fedmoe.modular import Path
-from fedmoe.server.coordinator import Coordinator, CoordinatorConfig
-from fedmoe.server.service import start_server
 from fedmoe.aggregate import aggregate
 from fedmoe.assignment import PROFILES
-from fedmoe.tasks import digits_task
-from fedmoe.train import InnerConfig
+from fedmoe.clients.runtime import connect, join, push_frames
+from fedmoe.compress.quant import quantize
+from fedmoe.config import Config
+from fedmoe.models.classifier import mlp_levels
+from fedmoe.modular import Path
+from fedmoe.server.coordinator import Coordinator
+from fedmoe.server.service import start_server
+from fedmoe.spec import Examples, Spec
 from fedmoe.v1 import coordinator_pb2 as pb
 from fedmoe.v1 import coordinator_pb2_grpc as pb_grpc
 from fedmoe.wire import CHUNK_BYTES, decode_tensors
@@ -57,17 +58,24 @@ def raw_stream_seconds(size: int) -> float:
     return elapsed
 
 
+def mlp_spec(hidden: int, depth: int) -> Spec:
+    """A digits-shaped MLP of the given width and depth (64 inputs, 10 classes)."""
+    return Spec(f"mlp-{hidden}x{depth}", mlp_levels(in_dim=64, hidden=hidden, depth=depth, classes=10))
+
+
 def pull_push_seconds() -> tuple[int, float, float]:
     """(module bytes, Pull seconds, Push seconds) for a ~100 MB path through the coordinator."""
-    task = digits_task(hidden=3500, depth=3)
+    spec = mlp_spec(3500, 3)
+    features = spec.feature_statistics(Examples(torch.rand(16, 64), torch.zeros(16, dtype=torch.int64)))
     with tempfile.TemporaryDirectory() as state:
-        coordinator = Coordinator(CoordinatorConfig(grid=(1,), rounds=1, inner=InnerConfig(steps=1), min_clients=2), state, task=task)
-        size = 4 * sum(p.numel() for p in coordinator.model.parameters())
+        config = Config(grid=(1,), rounds=1, inner={"steps": 1}, policy={"min_clients": 2})
+        coordinator = Coordinator(config, state, spec=spec)
+        size = 4 * sum(p.numel() for p in coordinator.engine.model.parameters())
         server, port = start_server(coordinator, "127.0.0.1:0")
         try:
             with connect(f"127.0.0.1:{port}") as channel:
                 stub = pb_grpc.CoordinatorStub(channel)
-                sessions = [join(stub, PROFILES["fp32"], f"bench{i}", None, float("inf")) for i in range(2)]
+                sessions = [join(stub, PROFILES["fp32"], f"bench{i}", features) for i in range(2)]
                 pulls, pushes = [], []
                 for _ in range(REPEATS):
                     started = time.perf_counter()
@@ -87,8 +95,7 @@ def pull_push_seconds() -> tuple[int, float, float]:
 
 def aggregation_seconds(bits: int, n_updates: int = 16) -> float:
     """Seconds for the coordinator to decode and average one round of n updates of a 10M-parameter path."""
-    task = digits_task(hidden=3150, depth=2)  # about 10M parameters
-    model = task.model_spec((1,)).build()
+    model = mlp_spec(3150, 2).build((1,))  # about 10M parameters
     path = Path((0,))
     params = dict(model.compose(path).named_parameters())
     generator = torch.Generator().manual_seed(0)
@@ -112,7 +119,7 @@ def main() -> None:
     for name, seconds in (("raw gRPC byte stream", raw_s), ("Pull (stream + checksum + decode)", pull_s), ("Push (stream + decode + durable write)", push_s)):
         table.add_row(name, f"{seconds:.2f}", f"{mb / seconds:.0f}", f"{(mb / seconds) / (mb / raw_s):.2f}")
     console.print(table)
-    n_params = sum(p.numel() for p in digits_task(hidden=3150, depth=2).model_spec((1,)).build().parameters())
+    n_params = sum(p.numel() for p in mlp_spec(3150, 2).build((1,)).parameters())
     agg = Table(title=f"aggregation of one round: 16 updates of {n_params / 1e6:.1f}M parameters")
     agg.add_column("update bits")
     agg.add_column("seconds", justify="right")

@@ -1,4 +1,4 @@
-"""The client SDK: `run(server, profile, data=..., model_fn=...)` joins a federation and trains until it is done."""
+"""The client SDK: `run(server, spec, profile, data=...)` joins a federation with your data and trains."""
 
 from fedmoe.clients.runtime import run
 

@@ -1,9 +1,23 @@
-"""The client runtime: join a coordinator, then pull, train and push each round until training is done."""
+"""The client SDK: join a coordinator with your data, then pull, train and push each round until it is done.
+
+    from fedmoe.clients import run
+    run("coordinator.example:7000", "mypkg.problem:spec", "int8", data=(inputs, targets), certs="certs")
+
+`run` checks what it can before it joins, and each error names the fix: the server address, the device
+profile, the form of `data`, the first batch against the spec (two tensors, target dtype, an input shape
+the model accepts, labels in range for classifiers) and the model against the coordinator's (parameter
+names and shapes). An unreachable coordinator is retried with a WARNING per attempt for `retry_s` seconds.
+The client trains with the same `fedmoe.worker.Worker` as every other runner.
+"""
 
 from __future__ import annotations
 
+import copy
+import functools
+import itertools
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -12,29 +26,249 @@ from pathlib import Path as FsPath
 from typing import Any, TypeVar
 
 import grpc
+import numpy as np
+import torch
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from torch import nn
 
-from fedmoe.experiment import make_shards
-from fedmoe.modular import ModularModel, Path
-from fedmoe.models import ModelSpec
-from fedmoe.security import channel_credentials, new_signing_key, public_bytes, update_digest
 from fedmoe.assignment import PROFILES, DeviceProfile
-from fedmoe.tasks import load_task
-from fedmoe.train import Batch, InnerConfig
+from fedmoe.config import InnerConfig
+from fedmoe.ensemble import describe_mismatch
+from fedmoe.modular import ModularModel, Path
+from fedmoe.security import channel_credentials, new_signing_key, public_bytes, update_digest
+from fedmoe.spec import Batch, ClientData, Examples, Spec, cross_entropy, load_spec
 from fedmoe.v1 import coordinator_pb2 as pb
 from fedmoe.v1 import coordinator_pb2_grpc as pb_grpc
 from fedmoe.wire import decode_tensors, encode_tensors
-from fedmoe.worker import Upload, Variant, Worker, round_masks, signed_fields
+from fedmoe.worker import Job, Upload, Variant, Worker, round_masks, signed_fields
 
 log = logging.getLogger("fedmoe.client")
 T = TypeVar("T")
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+SCHEMES = ("http://", "https://", "grpc://", "grpcs://")
 MAX_PULL_BYTES = 4 << 30
+CALL_TIMEOUT_S = 30.0
+STREAM_TIMEOUT_S = 600.0
+PROBE_EXAMPLES = 8  # examples of an `Examples` run through the model to check its inputs
+
+
+# -- checks before joining -------------------------------------------------------------------
+def check_address(server: str) -> str:
+    """`server` as host:port, or ValueError naming the fix (a scheme, no port, IPv6 without brackets)."""
+    if not isinstance(server, str):
+        raise TypeError(f"server is a 'host:port' string, got {type(server).__name__}")
+    text = server.strip()
+    for scheme in SCHEMES:
+        if text.lower().startswith(scheme):
+            rest = text[len(scheme):].rstrip("/")
+            raise ValueError(f"server {server!r}: drop the scheme: give host:port, e.g. {rest!r}")
+    host, sep, port = text.rpartition(":")
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        raise ValueError(f"server {server!r}: put an IPv6 address in brackets, e.g. '[{host}]:{port}'")
+    if not sep or not host or "/" in text or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"server {server!r} is not host:port: give e.g. '127.0.0.1:7000' or "
+                         "'coordinator.example:7000'")
+    return text
+
+
+def resolve_profile(profile: str | DeviceProfile) -> DeviceProfile:
+    """A device profile by name (see `fedmoe.assignment.PROFILES`), or the one given."""
+    if isinstance(profile, DeviceProfile):
+        return profile
+    if isinstance(profile, str) and profile in PROFILES:
+        return PROFILES[profile]
+    raise ValueError(f"unknown profile {profile!r}; known: {', '.join(PROFILES)} "
+                     "(or pass a fedmoe.assignment.DeviceProfile)")
+
+
+def resolve_weight(weight: Any) -> float | None:
+    """`weight` as a positive float (it is signed as a float), or None."""
+    if weight is None:
+        return None
+    try:
+        value = float(weight)
+    except (TypeError, ValueError):
+        raise TypeError(f"weight is the number of examples behind your data, a number; "
+                        f"got {type(weight).__name__}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"weight is the number of examples behind your data, a positive number; "
+                         f"got {weight!r}")
+    return value
+
+
+def check_data_form(data: Any) -> None:
+    """Raise TypeError unless `data` is None, ClientData, Examples, a tuple of two tensors or an iterator."""
+    if data is None or isinstance(data, ClientData | Examples | Iterator):
+        return
+    if isinstance(data, tuple) and len(data) == 2:
+        if all(isinstance(t, torch.Tensor) for t in data):
+            return
+        kinds = ", ".join(type(t).__name__ for t in data)
+        raise TypeError(f"data as a tuple is (inputs, targets), two torch tensors; got ({kinds}): "
+                        "convert them with torch.as_tensor")
+    hint = "wrap it: iter(batches) or a generator" if hasattr(data, "__iter__") else "see fedmoe.clients.run"
+    raise TypeError(f"data is a {type(data).__name__}, not one of: None (the spec's data), ClientData, "
+                    "Examples, an (inputs, targets) tuple of tensors, or an endless iterator of "
+                    f"(inputs, targets) batches; {hint}")
+
+
+def check_batch(spec: Spec, batch: Any, probe: nn.Module, all_targets: torch.Tensor | None = None) -> None:
+    """Check a batch against the spec, raising TypeError/ValueError that names the fix.
+
+    Two tensors of equal length; for a cross-entropy spec, integer targets; inputs that the model
+    (`probe`, a path of a one-module-per-level build of the spec) accepts and the featurizer turns into
+    (N, F) features; for classifiers, labels in range (on `all_targets` when given); a loss the spec computes.
+    """
+    name = spec.ref or spec.name
+    sequence = isinstance(batch, tuple | list)
+    if not (sequence and len(batch) == 2 and all(isinstance(t, torch.Tensor) for t in batch)):
+        got = f"a {type(batch).__name__}" + (f" of {len(batch)}" if sequence else "")
+        raise TypeError(f"a batch is two torch tensors (inputs, targets), got {got}: "
+                        "make your data yield (inputs, targets) tuples")
+    inputs, targets = batch
+    if len(inputs) != len(targets) or len(inputs) == 0:
+        raise ValueError(f"a batch has {len(inputs)} inputs and {len(targets)} targets: "
+                         "give one target per input (and at least one)")
+    classifier = spec.loss is cross_entropy
+    if classifier and (targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool):
+        raise TypeError(f"targets are {targets.dtype}, but spec {name!r} trains with cross-entropy, "
+                        "which takes class indices: pass targets.long()")
+    weights = next(probe.parameters(), None)
+    try:
+        with torch.no_grad():
+            outputs = probe(inputs)
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        hint = ""
+        if weights is not None and inputs.is_floating_point() and inputs.dtype != weights.dtype:
+            hint = f"; the model's weights are {weights.dtype}: convert them with inputs.to({weights.dtype})"
+        raise ValueError(f"the model of spec {name!r} does not accept inputs of shape {tuple(inputs.shape)} "
+                         f"({inputs.dtype}): {e}{hint}. Give inputs shaped as the spec's first module expects"
+                         ) from None
+    try:
+        features = spec.featurize(inputs)
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        raise ValueError(f"spec {name!r}'s featurize fails on inputs of shape {tuple(inputs.shape)}: {e}"
+                         ) from None
+    if not isinstance(features, torch.Tensor) or features.dim() != 2 or len(features) != len(inputs):
+        got = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+        raise ValueError(f"spec {name!r}'s featurize must return (N, F) routing features, got {got}")
+    if classifier:
+        n, labels = outputs.shape[-1], targets if all_targets is None else all_targets
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= n:
+            raise ValueError(f"labels run from {low} to {high}, but the model of spec {name!r} has {n} "
+                             f"outputs (labels 0..{n - 1}): renumber the classes from 0, "
+                             f"or give the model {high + 1} outputs")
+    try:
+        spec.loss(outputs, targets)
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        raise ValueError(f"spec {name!r}'s loss fails on outputs of shape {tuple(outputs.shape)} and "
+                         f"targets of shape {tuple(targets.shape)} ({targets.dtype}): {e}") from None
+
+
+def check_model(spec: Spec, model: dict[str, Any], grid: ModularModel) -> None:
+    """Raise ValueError unless `grid` (this client's build) has the coordinator's parameters and shapes."""
+    expected = {k: {n: tuple(s) for n, s in d.items()} for k, d in model["shapes"].items()}
+    found = {k: {n: tuple(t.shape) for n, t in d.items()} for k, d in grid.module_states().items()}
+    if expected != found:
+        grid_text = "x".join(map(str, model["grid"]))
+        raise ValueError(f"spec {spec.ref or spec.name!r} builds a model unlike the coordinator's "
+                         f"(spec {model['spec']!r}, grid {grid_text}): {describe_mismatch(expected, found)}; "
+                         "run the client with the coordinator's spec")
+
+
+@dataclass(frozen=True, eq=False)
+class LocalData:
+    """A client's data as it trains on it: batches (made once assigned), weight, routing statistics."""
+
+    batches: Callable[[int, int], Iterator[Batch]]  # (batch_size, seed) -> batches
+    weight: float
+    feature_sum: np.ndarray
+    examples: float
+
+
+def prepare_data(spec: Spec, data: Any, weight: float | None, partition: int, partitions: int) -> LocalData:
+    """Turn any accepted form of `data` into `LocalData`, checking it against the spec (see `run`)."""
+    if data is None:
+        if spec.data is None:
+            raise ValueError(f"spec {spec.ref or spec.name!r} has no data loader: "
+                             "pass data= (your examples or batches)")
+        if not 0 <= partition < partitions:
+            raise ValueError(f"partition must be in 0..{partitions - 1} (partitions={partitions}), "
+                             f"got {partition}")
+        data = spec.data(partition, partitions)
+    if isinstance(data, ClientData):
+        data = data.train
+    if isinstance(data, tuple):
+        data = Examples(*data)
+    levels = spec.default_levels
+    probe = spec.build((1,) * levels).compose(Path((0,) * levels))
+    if isinstance(data, Examples):
+        check_batch(spec, (data.inputs[:PROBE_EXAMPLES], data.targets[:PROBE_EXAMPLES]), probe, data.targets)
+        feature_sum, count = spec.feature_statistics(data)
+        return LocalData(data.batches, weight or float(len(data)), feature_sum, float(count))
+    if weight is None:
+        raise ValueError("with an iterator of batches, pass weight= "
+                         "(the number of examples behind them: its weight in the average)")
+    first = next(data, None)
+    if first is None:
+        raise ValueError("the data iterator is empty: give an endless iterator of (inputs, targets) batches")
+    check_batch(spec, first, probe)
+    batch_sum, count = spec.feature_statistics(Examples(*first))
+    stream = endless(itertools.chain([first], data))
+    return LocalData(lambda size, seed: stream, weight, batch_sum * (weight / count), weight)
+
+
+def endless(batches: Iterator[Batch]) -> Iterator[Batch]:
+    """The batches, then a clear error instead of StopIteration when a finite iterator runs out."""
+    drawn = 0
+    for batch in batches:
+        drawn += 1
+        yield batch
+    raise ValueError(f"the data iterator ran out after {drawn} batches: training draws inner.steps batches "
+                     "every round; give an endless one (itertools.cycle, or a generator with `while True`)")
+
+
+# -- the wire --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Retry:
+    """Calls retried while the coordinator at `server` is down: `retry_s` per outage, until `deadline`."""
+
+    server: str
+    retry_s: float = 120.0
+    deadline: float = math.inf
+
+    def __call__(self, call: Callable[[], T], what: str) -> T:
+        """Run `call`, retrying UNAVAILABLE / DEADLINE_EXCEEDED with backoff and a WARNING per retry."""
+        delay, since = 0.5, None
+        while True:
+            try:
+                return call()
+            except grpc.RpcError as e:
+                if e.code() not in RETRYABLE:
+                    raise
+                now = time.monotonic()
+                since = now if since is None else since
+                wait = min(delay, since + self.retry_s - now)
+                if wait <= 0:
+                    raise ConnectionError(
+                        f"cannot reach the coordinator at {self.server} for {self.retry_s:g} s "
+                        f"({what}: {e.code().name}: {e.details()}): check the address (host:port), "
+                        "that `fedmoe server` runs there and the port is open, and pass certs= (--certs) "
+                        "if it speaks TLS; raise retry_s (--retry) to wait longer"
+                    ) from None
+                if now + wait > self.deadline:
+                    raise TimeoutError(f"{what}: the overall timeout (timeout_s) ran out while the "
+                                       f"coordinator at {self.server} was unreachable") from None
+                log.warning("%s: cannot reach the coordinator at %s (%s); retrying in %.1f s, for up to %g s",
+                            what, self.server, e.code().name, wait, self.retry_s)
+                time.sleep(wait)
+                delay = min(2 * delay, 10.0)
 
 
 @dataclass
 class Session:
-    """A joined client: its id, token, update-signing key and the coordinator's model description."""
+    """A joined client: id, token, update-signing key, the coordinator's model description, assignment."""
 
     client_id: str
     token: str
@@ -56,108 +290,66 @@ def connect(server: str, certs: str | None = None) -> grpc.Channel:
     return grpc.insecure_channel(server, options=options)
 
 
-def retrying(call: Callable[[], T], deadline: float, what: str) -> T:
-    """Run `call`, retrying with exponential backoff while the coordinator is unreachable, until `deadline`."""
-    delay = 0.2
-    while True:
-        try:
-            return call()
-        except grpc.RpcError as e:
-            if e.code() not in RETRYABLE or time.monotonic() + delay > deadline:
-                raise
-            log.info("%s: coordinator unreachable (%s); retrying in %.1f s", what, e.code().name, delay)
-            time.sleep(delay)
-            delay = min(2 * delay, 5.0)
-
-
 def profile_message(profile: DeviceProfile) -> pb.DeviceProfile:
     """The wire form of a device profile."""
     return pb.DeviceProfile(name=profile.name, memory_bytes=profile.memory_bytes, bits=profile.bits,
                             densities=list(profile.densities), speed=profile.speed)
 
 
-def join(stub: pb_grpc.CoordinatorStub, profile: DeviceProfile, name: str, state_file: FsPath | None, deadline: float) -> Session:
-    """Join, or rejoin with the identity kept in `state_file` (a client that restarts keeps its path)."""
+def describe_coordinator(stub: pb_grpc.CoordinatorStub, retry: Retry) -> dict[str, Any]:
+    """The coordinator's model description (spec, grid, seed, shapes), from Status, before joining."""
+    reply = retry(lambda: stub.Status(pb.StatusRequest(), timeout=CALL_TIMEOUT_S), "status")
+    return json.loads(reply.json)["model"]
+
+
+def join(stub: pb_grpc.CoordinatorStub, profile: DeviceProfile, name: str, features: tuple[np.ndarray, float],
+         state_file: FsPath | None = None, retry: Retry | None = None) -> Session:
+    """Join with the routing statistics (feature sum, examples) of the client's data, or rejoin with the
+    identity in `state_file` (a client that restarts keeps its path)."""
+    retry = retry or Retry("coordinator")
     saved = json.loads(state_file.read_text()) if state_file and state_file.exists() else {}
     metadata = (("authorization", f"Bearer {saved['token']}"),) if saved else ()
     key = new_signing_key()  # a fresh key per process: the private key never leaves memory
-    request = pb.JoinRequest(profile=profile_message(profile), name=name, client_id=saved.get("client_id", ""), public_key=public_bytes(key))
-    reply = retrying(lambda: stub.Join(request, metadata=metadata, timeout=30), deadline, "join")
+    feature_sum, examples = features
+    request = pb.JoinRequest(
+        profile=profile_message(profile), name=name, client_id=saved.get("client_id", ""),
+        public_key=public_bytes(key), feature_sum=np.asarray(feature_sum, dtype=np.float64).tolist(),
+        examples=float(examples),
+    )
+    reply = retry(lambda: stub.Join(request, metadata=metadata, timeout=CALL_TIMEOUT_S), "join")
     if state_file:
         state_file.write_text(json.dumps({"client_id": reply.client_id, "token": reply.token}))
         state_file.chmod(0o600)
     return Session(reply.client_id, reply.token, json.loads(reply.model_json), reply.assignment, key)
 
 
-def run(
-    server: str,
-    profile: str | DeviceProfile = "fp32",
-    data: Iterator[Batch] | None = None,
-    weight: float | None = None,
-    model_fn: Callable[[ModelSpec], ModularModel] | None = None,
-    certs: str | None = None,
-    name: str = "",
-    state_file: str | None = None,
-    poll_s: float = 0.2,
-    timeout_s: float = 3600.0,
-) -> dict[str, Any]:
-    """Join the federation at `server` and train the assigned path every round until training is done.
-
-    `data` is an endless iterator of (inputs, targets) batches from the user's own data (by default
-    the coordinator's built-in task, on the shard it assigns); `weight` is the data's size for
-    averaging; `model_fn` builds the grid from the coordinator's ModelSpec (default: the built-in
-    families). Returns a summary: client id, path, variant, rounds trained and bytes uploaded.
-    """
-    profile = PROFILES[profile] if isinstance(profile, str) else profile
-    deadline = time.monotonic() + timeout_s
-    with connect(server, certs) as channel:
-        stub = pb_grpc.CoordinatorStub(channel)
-        session = join(stub, profile, name, FsPath(state_file) if state_file else None, deadline)
-        a = session.assignment
-        spec = ModelSpec.from_dict(session.model["model"])
-        if data is None:
-            task = load_task(session.model["task"])
-            shards, _ = make_shards(task, session.model["partition"], a.shards, session.model["seed"], session.model["clustering"])
-            data, weight = task.batches(shards[a.shard], a.batch_size, a.seed), float(len(shards[a.shard]))
-        variant = Variant(a.variant.bits, round(a.variant.density, 6), a.variant.scheme)
-        worker = Worker(Path.parse(a.path), data, weight or 1.0, variant, a.seed)
-        log.info("joined as %s: path %s, variant %s", session.client_id, a.path, variant.name)
-        trained, uploaded = [], 0
-        while time.monotonic() < deadline:
-            beat = retrying(lambda: stub.Heartbeat(pb.HeartbeatRequest(client_id=session.client_id), metadata=session.metadata, timeout=30), deadline, "heartbeat")
-            if beat.action == pb.HeartbeatReply.DONE:
-                break
-            if beat.action == pb.HeartbeatReply.WAIT:
-                time.sleep(poll_s)
-                continue
-            upload = train_round(stub, session, worker, spec, model_fn, deadline)
-            try:
-                reply = retrying(lambda: stub.Push(push_frames(session, upload), metadata=session.metadata, timeout=600), deadline, "push")
-            except grpc.RpcError as e:
-                if e.code() not in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS):
-                    raise
-                log.info("round %d: update not used (%s)", upload.round, e.details())
-                continue
-            trained.append(upload.round)
-            uploaded += upload.nbytes
-            log.info("round %d: loss %.4f, sent %d bytes; round %d is open", upload.round, upload.loss, upload.nbytes, reply.round)
-        else:
-            raise TimeoutError(f"training did not finish within {timeout_s} s")
-    return {"client_id": session.client_id, "path": a.path, "variant": variant.name, "rounds": trained, "upload_bytes": uploaded}
+def variant_of(message: pb.Variant) -> Variant:
+    """A variant from its wire form (densities travel as float32)."""
+    return Variant(message.bits, round(message.density, 6), message.scheme)
 
 
-def train_round(stub: pb_grpc.CoordinatorStub, session: Session, worker: Worker, spec: ModelSpec,
-                model_fn: Callable[[ModelSpec], ModularModel] | None, deadline: float) -> Upload:
-    """Pull this round's weights, train them locally and return the compressed outer gradient."""
-    frames = retrying(lambda: list(stub.Pull(pb.PullRequest(client_id=session.client_id), metadata=session.metadata, timeout=600)), deadline, "pull")
+def pull_job(stub: pb_grpc.CoordinatorStub, session: Session, path_model: nn.Module,
+             retry: Retry | None = None) -> Job:
+    """Pull this round's assignment and weights: the job, its masks recomputed from (variant, round, seed)."""
+    retry = retry or Retry("coordinator")
+    request = pb.PullRequest(client_id=session.client_id)
+    frames = retry(lambda: list(stub.Pull(request, metadata=session.metadata, timeout=STREAM_TIMEOUT_S)),
+                   "pull")
     if not frames or frames[0].WhichOneof("frame") != "assignment":
         raise ValueError("the coordinator's Pull stream did not start with an assignment")
     a = frames[0].assignment
-    delivered = decode_tensors((f.tensor for f in frames[1:]), MAX_PULL_BYTES)
-    path_model = (model_fn or ModelSpec.build)(spec).compose(worker.path)
-    masks = round_masks(path_model, worker.variant, a.round, worker.seed)
-    inner = InnerConfig(steps=a.inner_steps, lr=a.inner_lr, batch_size=a.batch_size)
-    return worker.train_round(path_model, delivered, masks, inner, a.round)
+    tensors = decode_tensors((f.tensor for f in frames[1:]), MAX_PULL_BYTES)
+    variant = variant_of(a.variant)
+    inner = InnerConfig(steps=a.inner_steps, lr=a.lr, weight_decay=a.weight_decay, batch_size=a.batch_size,
+                        grad_clip=a.grad_clip)
+    masks = round_masks(path_model, variant, a.round, a.seed)
+    return Job(Path.parse(a.path), variant, a.round, a.seed, inner, tensors, masks)
+
+
+def push(stub: pb_grpc.CoordinatorStub, session: Session, upload: Upload, update_id: str) -> pb.PushReply:
+    """Push one update; retrying it with the same `update_id` cannot count it twice."""
+    frames = push_frames(session, upload, update_id)
+    return stub.Push(frames, metadata=session.metadata, timeout=STREAM_TIMEOUT_S)
 
 
 def push_frames(session: Session, upload: Upload, update_id: str | None = None) -> Iterator[pb.PushFrame]:
@@ -165,9 +357,110 @@ def push_frames(session: Session, upload: Upload, update_id: str | None = None) 
     v = upload.variant
     update_id = update_id or uuid.uuid4().hex
     digest = update_digest(signed_fields(session.client_id, update_id, upload), upload.tensors)
-    header = pb.PushHeader(client_id=session.client_id, round=upload.round, path=str(upload.path),
-                           variant=pb.Variant(bits=v.bits, density=v.density, scheme=v.scheme), seed=upload.seed,
-                           weight=upload.weight, loss=upload.loss, update_id=update_id, signature=session.signing_key.sign(digest))
+    header = pb.PushHeader(
+        client_id=session.client_id, round=upload.round, path=str(upload.path),
+        variant=pb.Variant(bits=v.bits, density=v.density, scheme=v.scheme), seed=upload.seed,
+        weight=upload.weight, loss=upload.loss, update_id=update_id,
+        signature=session.signing_key.sign(digest),
+    )
     yield pb.PushFrame(header=header)
     for frame in encode_tensors(upload.tensors):
         yield pb.PushFrame(tensor=frame)
+
+
+# -- the client ------------------------------------------------------------------------------
+def run(
+    server: str,
+    spec: Spec | str | None = None,
+    profile: str | DeviceProfile = "fp32",
+    data: Any = None,
+    weight: float | None = None,
+    certs: str | None = None,
+    name: str = "",
+    state_file: str | None = None,
+    partition: int = 0,
+    partitions: int = 1,
+    retry_s: float = 120.0,
+    timeout_s: float | None = None,
+    poll_s: float = 0.2,
+) -> dict[str, Any]:
+    """Join the federation at `server` ("host:port") and train the assigned path every round until it is done.
+
+    - `spec`: a `Spec` or its import string; None: the coordinator's, loaded by its import string (it must be
+      importable here). Its grid must match the coordinator's parameter for parameter.
+    - `profile`: a name from `fedmoe.assignment.PROFILES` or a `DeviceProfile`.
+    - `data`: None (the spec's `data(partition, partitions)`), a `ClientData` (its train split), `Examples`,
+      or an (inputs, targets) tuple of tensors: fedmoe samples the batches, the weight is the number of
+      examples and the routing statistics are exact. Or an endless iterator of (inputs, targets) batches:
+      then `weight` (the number of examples behind it) is required, and the routing statistics are the
+      mean features of its first batch, counted as `weight` examples.
+    - `weight`: the client's weight in the average (default: its number of examples).
+    - `certs`: a `fedmoe certs` directory when the coordinator speaks TLS. `state_file` keeps this client's
+      identity, so that it rejoins as itself after a restart.
+    - `retry_s`: how long an unreachable coordinator is retried (a WARNING per retry) before ConnectionError;
+      `timeout_s`: an overall limit (None: none). `poll_s`: the wait between heartbeats while waiting.
+
+    Raises TypeError/ValueError, naming the fix, for anything wrong that can be found before joining.
+    Returns a summary: client id, spec, path, variant, examples (weight), rounds trained and bytes uploaded.
+    """
+    server = check_address(server)
+    device = resolve_profile(profile)
+    weight = resolve_weight(weight)
+    check_data_form(data)
+    spec = load_spec(spec) if spec is not None else None
+    local = prepare_data(spec, data, weight, partition, partitions) if spec is not None else None
+    retry = Retry(server, retry_s, math.inf if timeout_s is None else time.monotonic() + timeout_s)
+    with connect(server, certs) as channel:
+        stub = pb_grpc.CoordinatorStub(channel)
+        model = describe_coordinator(stub, retry)
+        if spec is None:
+            if not model["spec"]:
+                raise ValueError(f"the coordinator at {server} runs a spec without an import string: "
+                                 "pass spec= (the same Spec)")
+            spec = load_spec(model["spec"])
+        grid = spec.build(model["grid"], model["seed"])
+        check_model(spec, model, grid)
+        local = local or prepare_data(spec, data, weight, partition, partitions)
+        saved = FsPath(state_file) if state_file else None
+        session = join(stub, device, name, (local.feature_sum, local.examples), saved, retry)
+        check_model(spec, session.model, grid)
+        a = session.assignment
+        path, variant = Path.parse(a.path), variant_of(a.variant)
+        path_model = copy.deepcopy(grid.compose(path))
+        del grid  # the client keeps only its path
+        worker = Worker(spec, path_model, local.batches(a.batch_size, a.seed), local.weight, variant)
+        log.info("joined %s as %s: path %s, variant %s, %g examples", server, session.client_id, path,
+                 variant.name, local.weight)
+        trained, uploaded = train_until_done(stub, session, worker, retry, poll_s, timeout_s)
+    return {"client_id": session.client_id, "spec": spec.ref, "path": str(path), "variant": variant.name,
+            "examples": local.weight, "rounds": trained, "upload_bytes": uploaded}
+
+
+def train_until_done(stub: pb_grpc.CoordinatorStub, session: Session, worker: Worker, retry: Retry,
+                     poll_s: float, timeout_s: float | None) -> tuple[list[int], int]:
+    """Heartbeat; pull, train and push when told to, until told done. The rounds trained, bytes sent."""
+    trained, uploaded = [], 0
+    heartbeat = pb.HeartbeatRequest(client_id=session.client_id)
+    while True:
+        if time.monotonic() > retry.deadline:
+            raise TimeoutError(f"training did not finish within {timeout_s:g} s (timeout_s)")
+        beat = retry(lambda: stub.Heartbeat(heartbeat, metadata=session.metadata, timeout=CALL_TIMEOUT_S),
+                     "heartbeat")
+        if beat.action == pb.HeartbeatReply.DONE:
+            return trained, uploaded
+        if beat.action == pb.HeartbeatReply.WAIT:
+            time.sleep(poll_s)
+            continue
+        upload = worker.train_round(pull_job(stub, session, worker.path_model, retry))
+        update_id = uuid.uuid4().hex  # the same id on every retry: a stored update is not counted twice
+        try:
+            reply = retry(functools.partial(push, stub, session, upload, update_id), "push")
+        except grpc.RpcError as e:
+            if e.code() not in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS):
+                raise
+            log.info("round %d: update not used (%s)", upload.round, e.details())
+            continue
+        trained.append(upload.round)
+        uploaded += upload.nbytes
+        log.info("round %d: loss %.4f, sent %d bytes; round %d is open", upload.round, upload.loss,
+                 upload.nbytes, reply.round)

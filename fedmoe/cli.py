@@ -63,61 +63,65 @@ def describe(config: Config) -> str:
 
 @app.command()
 def demo(
-    task: Annotated[str, typer.Option(click_type=click.Choice(["digits", "bible"]), help="digits (MLP classifier) or bible (byte-level transformer LM).")] = "digits",
-    grid: Annotated[str, typer.Option(help="Modules per level: 4 = four independent experts, 2x2 = DiPaCo grid of four paths.")] = "4",
-    rounds: Annotated[int, typer.Option(min=1, help="Outer rounds in all.")] = 10,
+    spec: SpecOption = None,
+    config_file: ConfigOption = None,
+    sets: SetOption = None,
+    grid: GridOption = None,
+    rounds: RoundsOption = None,
+    steps: StepsOption = None,
+    lr: LrOption = None,
+    batch_size: BatchOption = None,
+    outer_lr: OuterLrOption = None,
+    outer_momentum: OuterMomentumOption = None,
+    seed: SeedOption = None,
     shared_rounds: Annotated[int, typer.Option(min=0, help="Rounds of one shared model on all data before the paths branch.")] = 3,
-    steps: Annotated[int, typer.Option(min=1, help="Inner steps per round per path (H).")] = 50,
-    batch_size: Annotated[int, typer.Option(min=1)] = 32,
-    lr: Annotated[float, typer.Option(help="Inner AdamW learning rate (cosine-decayed over the rounds).")] = 3e-3,
-    outer_lr: Annotated[float, typer.Option(help="Outer SGD learning rate.")] = 1.0,
-    outer_momentum: Annotated[float, typer.Option(help="Outer Nesterov momentum (DiLoCo: 0.9 with lr 0.7).")] = 0.0,
-    clustering: Annotated[str, typer.Option(click_type=click.Choice(["kmeans", "balanced-kmeans"]), help="How clustered shards are made.")] = "kmeans",
     router: Annotated[str, typer.Option(click_type=click.Choice(["learned", "centroid"]), help="learned (MLP on shard labels) or centroid (c-BTM).")] = "learned",
     profiles: Annotated[str, typer.Option(help="Clients per path: a mix (fp32, mixed, int4-p50) or profile names joined by commas; empty = one full-precision client per path.")] = "",
-    scheme: Annotated[str, typer.Option(click_type=click.Choice(["rolling", "static", "random", "magnitude"]), help="Sub-models of pruned clients: rolling (FedRolex), static (HeteroFL), random, magnitude.")] = "rolling",
+    scheme: Annotated[str | None, typer.Option(click_type=click.Choice(["rolling", "static", "random", "magnitude"]), help="Sub-models of pruned clients: rolling (FedRolex), static (HeteroFL), random, magnitude.")] = None,
     seeds: Annotated[int, typer.Option(min=1, help="Repeat with this many seeds; the table shows mean and spread.")] = 3,
     out: Annotated[Path, typer.Option(help="Directory for results.json, the plot and the ensemble checkpoint.")] = Path("runs/demo"),
 ) -> None:
     """Train experts on clustered and on random shards in-process, route, and compare with a dense model."""
-    from dataclasses import asdict
-
-    from fedmoe.experiment import ExperimentConfig, compare
-    from fedmoe.plots import plot_rounds
     from fedmoe.assignment import parse_profiles
-    from fedmoe.tasks import load_task
-    from fedmoe.train import InnerConfig
+    from fedmoe.experiment import Experiment, compare
+    from fedmoe.plots import plot_rounds
+    from fedmoe.spec import load_spec
 
     try:
         mix = parse_profiles(profiles)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--profiles") from None
-    config = ExperimentConfig(
-        parse_grid(grid), rounds, shared_rounds, InnerConfig(steps, lr, batch_size=batch_size),
-        outer_lr, outer_momentum, clustering, router, profiles=mix, scheme=scheme,
-    )
-    if shared_rounds >= rounds:
-        raise typer.BadParameter(f"--shared-rounds ({shared_rounds}) must be smaller than --rounds ({rounds})")
+    config = make_config(config_file, sets, spec=spec, grid=grid, rounds=rounds, inner__steps=steps, inner__lr=lr,
+                         inner__batch_size=batch_size, outer__lr=outer_lr, outer__momentum=outer_momentum, seed=seed,
+                         compression__scheme=scheme, clients__profiles=mix or None)
+    if shared_rounds >= config.rounds:
+        raise typer.BadParameter(f"--shared-rounds ({shared_rounds}) must be smaller than --rounds ({config.rounds})")
+    experiment = Experiment(config, shared_rounds, router)
     started = time.perf_counter()
-    with console.status(f"loading {task}"):
-        data = load_task(task)
+    try:
+        with console.status(f"loading {config.spec}"):
+            problem = load_spec(config.spec)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--spec") from None
+    console.print(f"[bold]{problem.name}[/]: {describe(config)}")
     console.print(
-        f"[bold]{task}[/]: {data.n_units} training units; {config.n_paths} paths on grid {grid}: {shared_rounds} shared rounds, "
-        f"then {rounds - shared_rounds} rounds x {steps} steps per client; {config.workers_per_path} client(s) per path"
-        f"{' (' + ', '.join(mix) + ')' if mix else ''}; dense baseline: {rounds} rounds x {config.steps_per_round} steps; {seeds} seed(s)"
+        f"{config.n_paths} paths: {shared_rounds} shared rounds, then {config.rounds - shared_rounds} rounds; "
+        f"{len(experiment.profiles)} client(s) per path ({', '.join(experiment.profiles)}); "
+        f"dense baseline: {config.rounds} rounds x {experiment.steps_per_round} steps; {seeds} seed(s)"
     )
-    comparison = compare(data, config, seeds)
+    comparison = compare(problem, experiment, seeds)
     out.mkdir(parents=True, exist_ok=True)
     first = {p: runs[0] for p, runs in comparison.experts.items()}
-    first["clustered"].ensemble.save(out / "ensemble", extra={"task": task})
-    plot = plot_rounds(comparison.dense[0], list(first.values()), data.metric, out / f"{data.metric}.png")
+    first["clustered"].ensemble.save(out / "ensemble")
+    plot = plot_rounds(comparison.dense[0], list(first.values()), problem.metric, out / f"{problem.metric}.png")
     rows = comparison.rows()
     seconds = time.perf_counter() - started
-    results = {"task": task, "metric": data.metric, "seconds": seconds, "config": asdict(config), "rows": rows,
+    results = {"spec": config.spec, "metric": problem.metric, "seconds": seconds, "config": config.model_dump(mode="json"),
+               "shared_rounds": shared_rounds, "router": router, "rows": rows,
                "clients": {p: r.clients for p, r in first.items()},
                "rounds": {"dense": comparison.dense[0].rounds, **{p: r.rounds for p, r in first.items()}}}
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    console.print(results_table(task, data.metric, rows, seeds))
+    console.print(results_table(problem.name, problem.metric, rows, seeds))
     if mix:
         console.print(clients_table(first["clustered"].clients))
     console.print(f"wrote {out / 'results.json'}, {plot} and {out / 'ensemble'} in {seconds:.0f} s")
@@ -165,7 +169,7 @@ def setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
 
-def check_tls(address: str, certs: Path | None, insecure: bool) -> None:
+def check_tls(address: str, certs: str | Path | None, insecure: bool) -> None:
     """Plain text only on loopback, or when asked for explicitly."""
     host = address.rsplit(":", 1)[0]
     if certs is None and not insecure and host not in LOOPBACK:
@@ -183,44 +187,62 @@ def wait_for_signal(server, until=None, poll_s: float = 0.5) -> None:
     server.stop(grace=2).wait()
 
 
+def fail(message: str) -> None:
+    """Print `message` as an error on stderr and exit with status 1."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
+
+
 @app.command()
 def server(
-    address: Annotated[str, typer.Option(help="host:port to listen on.")] = "127.0.0.1:7000",
+    spec: SpecOption = None,
+    config_file: ConfigOption = None,
+    sets: SetOption = None,
+    grid: GridOption = None,
+    rounds: RoundsOption = None,
+    steps: StepsOption = None,
+    lr: LrOption = None,
+    batch_size: BatchOption = None,
+    outer_lr: OuterLrOption = None,
+    outer_momentum: OuterMomentumOption = None,
+    seed: SeedOption = None,
+    address: Annotated[str | None, typer.Option(help="host:port to listen on (transport.address; default 127.0.0.1:7000).")] = None,
     state: Annotated[Path, typer.Option(help="State directory: checkpoints, pending updates, the final ensemble.")] = Path("runs/coordinator"),
-    task: Annotated[str, typer.Option(click_type=click.Choice(["digits", "bible"]))] = "digits",
-    grid: Annotated[str, typer.Option(help="Modules per level, e.g. 4 or 2x2.")] = "4",
-    rounds: Annotated[int, typer.Option(min=1)] = 10,
-    steps: Annotated[int, typer.Option(min=1, help="Inner steps per round per client.")] = 50,
-    lr: float = 3e-3,
-    batch_size: Annotated[int, typer.Option(min=1)] = 32,
-    outer_lr: float = 0.7,
-    outer_momentum: float = 0.9,
-    scheme: Annotated[str, typer.Option(click_type=click.Choice(["rolling", "static", "random"]))] = "rolling",
-    min_clients: Annotated[int, typer.Option(min=1, help="Clients to wait for before the first round.")] = 1,
-    quorum: Annotated[float, typer.Option(help="Fraction of the members whose updates close a round.")] = 1.0,
-    deadline: Annotated[float, typer.Option(help="Seconds after which a round closes with the updates it has.")] = 300.0,
-    late: Annotated[str, typer.Option(click_type=click.Choice(["drop", "stale"]), help="Updates for a closed round: drop, or count with weight 1/(1 + staleness).")] = "drop",
-    aggregation: Annotated[str, typer.Option(click_type=click.Choice(["mean", "median", "trimmed-mean"]), help="How updates are combined per coordinate.")] = "mean",
-    trim: Annotated[float, typer.Option(help="Fraction trimmed at each end by trimmed-mean.")] = 0.2,
+    min_clients: Annotated[int | None, typer.Option(min=1, help="Clients to wait for before the first round (policy.min_clients).")] = None,
+    quorum: Annotated[float | None, typer.Option(help="Fraction of the members whose updates close a round (policy.quorum).")] = None,
+    deadline: Annotated[float | None, typer.Option(help="Seconds after which a round closes with the updates it has (policy.deadline_s).")] = None,
+    late: Annotated[str | None, typer.Option(click_type=click.Choice(["drop", "stale"]), help="Updates for a closed round: drop, or count with weight 1/(1 + staleness).")] = None,
+    aggregation: Annotated[str | None, typer.Option(click_type=click.Choice(["mean", "median", "trimmed-mean"]), help="How updates are combined per coordinate.")] = None,
+    trim: Annotated[float | None, typer.Option(help="Fraction trimmed at each end by trimmed-mean.")] = None,
     clip_norm: Annotated[float | None, typer.Option(help="Scale down updates whose norm is above this.")] = None,
-    certs: Annotated[Path | None, typer.Option(help="TLS: a directory made by `fedmoe certs`.")] = None,
+    certs: Annotated[Path | None, typer.Option(help="TLS: a directory made by `fedmoe certs` (transport.certs).")] = None,
     insecure: Annotated[bool, typer.Option(help="Allow plain text on a non-loopback address.")] = False,
     exit_when_done: Annotated[bool, typer.Option(help="Stop once the last round closed and the clients were told.")] = False,
-    seed: int = 0,
     verbose: Annotated[bool, typer.Option("--verbose/--quiet")] = True,
 ) -> None:
-    """Run the coordinator: clients join, pull their path, train it and push outer gradients."""
-    from fedmoe.server.coordinator import Coordinator, CoordinatorConfig
+    """Run the coordinator: clients join with their data's routing statistics, pull their path, train it and push outer gradients."""
+    from fedmoe.server.coordinator import Coordinator
     from fedmoe.server.service import start_server
-    from fedmoe.train import InnerConfig
 
+    config = make_config(
+        config_file, sets, spec=spec, grid=grid, rounds=rounds, inner__steps=steps, inner__lr=lr, inner__batch_size=batch_size,
+        outer__lr=outer_lr, outer__momentum=outer_momentum, seed=seed, transport__address=address,
+        transport__certs=str(certs) if certs else None, policy__min_clients=min_clients, policy__quorum=quorum,
+        policy__deadline_s=deadline, policy__late=late, aggregation__rule=aggregation, aggregation__trim=trim,
+        aggregation__clip_norm=clip_norm,
+    )
     setup_logging(verbose)
-    check_tls(address, certs, insecure)
-    config = CoordinatorConfig(task, parse_grid(grid), rounds, InnerConfig(steps, lr, batch_size=batch_size), outer_lr, outer_momentum,
-                               scheme=scheme, min_clients=min_clients, quorum=quorum, deadline_s=deadline, late=late,
-                               aggregation=aggregation, trim=trim, clip_norm=clip_norm, seed=seed)
-    coordinator = Coordinator(config, state)
-    grpc_server, port = start_server(coordinator, address, str(certs) if certs else None)
+    transport = config.transport
+    check_tls(transport.address, transport.certs, insecure)
+    try:
+        coordinator = Coordinator(config, state)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    console.print(describe(config))
+    try:
+        grpc_server, port = start_server(coordinator, transport.address, transport.certs, max_update_bytes=transport.max_update_bytes)
+    except OSError as e:
+        fail(str(e))
     console.print(f"coordinator on port {port}, state in {state}", style="bold")
     if exit_when_done:
         finished_at: list[float] = []
@@ -238,35 +260,45 @@ def server(
 @app.command()
 def client(
     server: Annotated[str, typer.Option(help="The coordinator, host:port.")] = "127.0.0.1:7000",
+    spec: Annotated[str | None, typer.Option(help="The spec, 'package.module:attr' (default: the coordinator's; it must be importable here).")] = None,
     profile: Annotated[str, typer.Option(help="Device profile: fp32, fp16, int8, int4, int4-p50, fp32-p25, laptop.")] = "fp32",
-    name: str = "",
+    partition: Annotated[int, typer.Option(min=0, help="The part of the spec's data this client holds: spec.data(partition, partitions).")] = 0,
+    partitions: Annotated[int, typer.Option(min=1, help="How many parts the spec's data is cut into.")] = 1,
+    name: Annotated[str, typer.Option(help="A label for the coordinator's logs and status.")] = "",
     certs: Annotated[Path | None, typer.Option(help="TLS: the directory with ca.pem from `fedmoe certs`.")] = None,
     state_file: Annotated[Path | None, typer.Option(help="Keep this client's identity here, to rejoin after a restart.")] = None,
-    timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 3600.0,
+    retry: Annotated[float, typer.Option(min=0, help="Seconds to keep retrying an unreachable coordinator.")] = 120.0,
+    timeout: Annotated[float | None, typer.Option(help="Give up after this many seconds in all (default: no limit).")] = None,
     verbose: Annotated[bool, typer.Option("--verbose/--quiet")] = True,
 ) -> None:
-    """Join a federation with the built-in data and train until the coordinator says done."""
+    """Join a federation with this machine's part of the spec's data and train until the coordinator says done."""
+    import grpc
+
     from fedmoe.clients import run
-    from fedmoe.assignment import PROFILES
 
     setup_logging(verbose)
-    if profile not in PROFILES:
-        raise typer.BadParameter(f"unknown profile {profile!r}; known: {', '.join(PROFILES)}", param_hint="--profile")
-    summary = run(server, profile, certs=str(certs) if certs else None, name=name, state_file=str(state_file) if state_file else None, timeout_s=timeout)
+    try:
+        summary = run(server, spec, profile, certs=str(certs) if certs else None, name=name,
+                      state_file=str(state_file) if state_file else None, partition=partition, partitions=partitions,
+                      retry_s=retry, timeout_s=timeout)
+    except (ValueError, TypeError, ConnectionError, TimeoutError) as e:
+        fail(str(e))
+    except grpc.RpcError as e:
+        fail(f"the coordinator at {server} refused: {e.code().name}: {e.details()}")
     console.print_json(json.dumps(summary))
 
 
 @app.command()
 def serve(
-    checkpoint: Annotated[Path, typer.Option(help="An ensemble checkpoint directory.")] = Path("runs/coordinator/ensemble"),
-    address: str = "127.0.0.1:7100",
-    top_k: Annotated[int, typer.Option(min=1)] = 1,
+    checkpoint: Annotated[Path, typer.Option(help="An ensemble checkpoint directory (of any spec importable here).")] = Path("runs/coordinator/ensemble"),
+    address: Annotated[str, typer.Option(help="host:port to listen on.")] = "127.0.0.1:7100",
+    top_k: Annotated[int, typer.Option(min=1, help="Experts mixed per prediction unless a request says otherwise.")] = 1,
     certs: Annotated[Path | None, typer.Option(help="TLS: a directory made by `fedmoe certs`.")] = None,
-    insecure: bool = False,
+    insecure: Annotated[bool, typer.Option(help="Allow plain text on a non-loopback address.")] = False,
     wait: Annotated[float, typer.Option(help="Seconds to wait for the checkpoint to appear (a coordinator still training).")] = 0.0,
     verbose: Annotated[bool, typer.Option("--verbose/--quiet")] = True,
 ) -> None:
-    """Answer Predict requests with a trained router + ensemble."""
+    """Answer Predict requests with a trained router + ensemble: `inputs` as a (1, N) float tensor, or `text` through the spec."""
     from fedmoe.ensemble import Ensemble
     from fedmoe.server.inference import start_inference
 
@@ -275,34 +307,55 @@ def serve(
     deadline = time.monotonic() + wait
     while not (checkpoint / "manifest.json").exists() and time.monotonic() < deadline:
         time.sleep(1.0)
-    grpc_server, port = start_inference(Ensemble.load(checkpoint), address, top_k, str(certs) if certs else None)
+    try:
+        ensemble = Ensemble.load(checkpoint)
+    except (ValueError, OSError) as e:
+        fail(f"cannot load an ensemble from {checkpoint}: {e}")
+    try:
+        grpc_server, port = start_inference(ensemble, address, top_k, str(certs) if certs else None)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--top-k") from None
+    except OSError as e:
+        fail(str(e))
     console.print(f"inference on port {port}", style="bold")
     wait_for_signal(grpc_server)
 
 
 @app.command()
 def predict(
-    server: str = "127.0.0.1:7100",
-    inputs: Annotated[str, typer.Option(help="Comma-separated input values (a classifier's features).")] = "",
-    digit: Annotated[int | None, typer.Option(help="Send this test example of the bundled digits instead.")] = None,
-    text: Annotated[str, typer.Option(help="A prompt, for a byte language model.")] = "",
+    server: Annotated[str, typer.Option(help="An inference service (`fedmoe serve`), host:port.")] = "127.0.0.1:7100",
+    inputs: Annotated[str, typer.Option(help="Comma-separated input values: one example, sent as a (1, N) float tensor.")] = "",
+    digit: Annotated[int | None, typer.Option(min=0, help="Send this test example of the bundled digits instead.")] = None,
+    text: Annotated[str, typer.Option(help="A prompt, for a spec with encode_text (e.g. a language model).")] = "",
     top_k: Annotated[int, typer.Option(min=0, help="0: the server's default.")] = 0,
     certs: Annotated[Path | None, typer.Option(help="TLS: the directory with ca.pem.")] = None,
 ) -> None:
-    """Ask an inference service for one prediction; prints the answer as JSON."""
+    """Ask an inference service for one prediction; prints the mixed outputs, the largest one's index, experts and weights as JSON."""
+    import grpc
+
     from fedmoe.clients.runtime import connect
     from fedmoe.v1 import inference_pb2, inference_pb2_grpc
 
-    values = [float(v) for v in inputs.split(",") if v.strip()]
+    try:
+        values = [float(v) for v in inputs.split(",") if v.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"give numbers separated by commas, got {inputs!r}", param_hint="--inputs") from None
     if digit is not None:
         from fedmoe.data import load_digits_split
 
-        values = load_digits_split()[1].inputs[digit].tolist()
+        test = load_digits_split()[1]
+        if digit >= len(test):
+            raise typer.BadParameter(f"the digits test split has {len(test)} examples", param_hint="--digit")
+        values = test.inputs[digit].tolist()
     with connect(server, str(certs) if certs else None) as channel:
-        reply = inference_pb2_grpc.InferenceStub(channel).Predict(inference_pb2.PredictRequest(inputs=values, text=text, top_k=top_k), timeout=30)
-    probs = list(reply.probs)
-    console.print_json(json.dumps({"prediction": max(range(len(probs)), key=probs.__getitem__), "probs": [round(p, 5) for p in probs],
-                                   "experts": list(reply.experts), "paths": list(reply.paths), "weights": list(reply.weights)}))
+        try:
+            reply = inference_pb2_grpc.InferenceStub(channel).Predict(
+                inference_pb2.PredictRequest(inputs=values, text=text, top_k=top_k), timeout=30)
+        except grpc.RpcError as e:
+            fail(f"{server}: {e.code().name}: {e.details()}")
+    outputs = list(reply.outputs)
+    typer.echo(json.dumps({"prediction": max(range(len(outputs)), key=outputs.__getitem__), "outputs": outputs,
+                           "experts": list(reply.experts), "paths": list(reply.paths), "weights": list(reply.weights)}, indent=2))
 
 
 @app.command()
@@ -325,51 +378,53 @@ def certs(
 
 @app.command()
 def simulate(
-    clients: Annotated[int, typer.Option(min=1, help="Virtual clients (Flower SuperNodes); the paths share them out in turn, at least one each.")] = 8,
-    profiles: Annotated[str, typer.Option(help="Device profiles the clients of each path cycle through: a mix (fp32, mixed, int4-p50) or profile names joined by commas.")] = "mixed",
-    rounds: Annotated[int, typer.Option(min=1, help="Outer rounds.")] = 3,
-    task: Annotated[str, typer.Option(click_type=click.Choice(["digits", "bible"]))] = "digits",
-    grid: Annotated[str, typer.Option(help="Modules per level: 4 = four independent experts, 2x2 = DiPaCo grid of four paths.")] = "4",
-    steps: Annotated[int, typer.Option(min=1, help="Inner steps per round per client (H).")] = 20,
-    lr: Annotated[float, typer.Option(help="Inner AdamW learning rate.")] = 3e-3,
-    batch_size: Annotated[int, typer.Option(min=1)] = 32,
-    outer_lr: Annotated[float, typer.Option(help="Outer SGD learning rate.")] = 0.7,
-    outer_momentum: Annotated[float, typer.Option(help="Outer Nesterov momentum.")] = 0.9,
-    partition: Annotated[str, typer.Option(click_type=click.Choice(["clustered", "random"]), help="Shards by clustering the features, or at random.")] = "clustered",
-    clustering: Annotated[str, typer.Option(click_type=click.Choice(["kmeans", "balanced-kmeans"]))] = "kmeans",
-    scheme: Annotated[str, typer.Option(click_type=click.Choice(["rolling", "static", "random"]), help="Sub-models of pruned clients.")] = "rolling",
-    lr_schedule: Annotated[str, typer.Option(click_type=click.Choice(["constant", "cosine"]), help="Inner learning rate over the rounds.")] = "constant",
-    seed: int = 0,
+    spec: SpecOption = None,
+    config_file: ConfigOption = None,
+    sets: SetOption = None,
+    grid: GridOption = None,
+    rounds: RoundsOption = None,
+    steps: StepsOption = None,
+    lr: LrOption = None,
+    batch_size: BatchOption = None,
+    outer_lr: OuterLrOption = None,
+    outer_momentum: OuterMomentumOption = None,
+    seed: SeedOption = None,
+    clients: Annotated[int | None, typer.Option(min=1, help="Virtual clients (Flower SuperNodes), client i holding spec.data(i, n) (clients.count; default: one per path).")] = None,
+    profiles: Annotated[str | None, typer.Option(help="Device profiles the clients cycle through (clients.profiles): a mix (fp32, mixed, int4-p50) or profile names joined by commas.")] = None,
     cpus_per_client: Annotated[float, typer.Option(min=0, help="CPUs Ray reserves for each virtual client.")] = 1.0,
     gpus_per_client: Annotated[float, typer.Option(min=0, help="GPUs (or fractions) Ray reserves for each virtual client.")] = 0.0,
     ray_address: Annotated[str | None, typer.Option(help="An existing Ray cluster: head:6379 from one of its machines, ray://head:10001 from outside (default: $RAY_ADDRESS, else a local Ray).")] = None,
     out: Annotated[Path | None, typer.Option(help="Directory for the ensemble checkpoint and results.json.")] = Path("runs/simulate"),
     verbose: Annotated[bool, typer.Option(help="Flower's debug logs.")] = False,
 ) -> None:
-    """Train experts/paths with virtual Flower clients (simulation engine, Ray backend), ensembled by federated centroids."""
+    """Train the spec's grid with virtual Flower clients on Ray, routed by federated centroids."""
     from fedmoe.assignment import parse_profiles
-    from fedmoe.strategies.flower import simulate as run_simulation
+    from fedmoe.strategies.flower import simulate_federation
 
     try:
-        mix = parse_profiles(profiles)
+        mix = parse_profiles(profiles) if profiles is not None else None
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--profiles") from None
-    if not mix:
-        raise typer.BadParameter("name at least one profile", param_hint="--profiles")
+    config = make_config(
+        config_file, sets, spec=spec, grid=grid, rounds=rounds, inner__steps=steps, inner__lr=lr,
+        inner__batch_size=batch_size, outer__lr=outer_lr, outer__momentum=outer_momentum, seed=seed,
+        clients__count=clients, clients__profiles=mix,
+    )
+    console.print(describe(config))
     try:
-        results = run_simulation(
-            clients, mix, rounds, parse_grid(grid), steps, task=task, lr=lr, batch_size=batch_size, outer_lr=outer_lr,
-            outer_momentum=outer_momentum, partition=partition, clustering=clustering, scheme=scheme, lr_schedule=lr_schedule,
-            seed=seed, cpus_per_client=cpus_per_client, gpus_per_client=gpus_per_client, ray_address=ray_address, out=out,
-            verbose=verbose,
-        )
+        results = simulate_federation(config, cpus_per_client, gpus_per_client, ray_address, out, verbose)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
-    table = Table(title=f"{task}: {clients} virtual clients ({', '.join(mix)}) on grid {grid}, {rounds} rounds x {steps} steps")
-    for column in ("round", "clients", "mean inner loss", "upload bytes", f"ensemble top-1 {results['metric'].replace('_', ' ')}"):
+    metric = results["metric"]
+    variants = sorted({c["variant"] for c in results["clients"]})
+    grid_text = "x".join(map(str, config.grid))
+    table = Table(title=f"{len(results['clients'])} virtual clients ({', '.join(variants)}), grid {grid_text}")
+    heading = f"ensemble top-1 {metric.replace('_', ' ')}"
+    for column in ("round", "updates", "mean inner loss", "upload bytes", heading):
         table.add_column(column, justify="right")
     for r in results["rounds"]:
-        table.add_row(str(r["round"]), str(r["clients"]), f"{r['loss']:.4f}", f"{r['upload_bytes']:,}", f"{r['top1']:.4f}")
+        score = f"{r[metric]:.4f}" if metric in r else "-"
+        table.add_row(str(r["round"]), str(r["updates"]), f"{r['loss']:.4f}", f"{r['upload_bytes']:,}", score)
     console.print(table)
     console.print(f"{results['seconds']:.0f} s" + (f"; wrote {out}" if out else ""))
 

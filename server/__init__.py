@@ -1,0 +1,1 @@
+"""The gRPC deployment: the coordinator (`coordinator.Coordinator`, `service.start_server`) and inference."""

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import socket
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path as FsPath
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from fedmoe.assignment import DeviceProfile
+from fedmoe.config import InnerConfig
+from fedmoe.engine import Assignment
 from fedmoe.modular import Path
 from fedmoe.security import AuthError, TokenAuthority, bearer, server_credentials
-from fedmoe.assignment import DeviceProfile
-from fedmoe.server.coordinator import Coordinator, Member, Rejected
+from fedmoe.server.coordinator import Coordinator, Rejected
 from fedmoe.v1 import coordinator_pb2 as pb
 from fedmoe.v1 import coordinator_pb2_grpc as pb_grpc
 from fedmoe.wire import WireError, decode_tensors, encode_tensors
@@ -22,6 +27,7 @@ from fedmoe.worker import Upload, Variant
 
 log = logging.getLogger("fedmoe.server")
 MAX_UPDATE_BYTES = 4 << 30
+MESSAGE_OPTIONS = [("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send_message_length", 8 << 20)]
 
 
 def abort(context: grpc.ServicerContext, code: str, detail: str) -> None:
@@ -30,20 +36,23 @@ def abort(context: grpc.ServicerContext, code: str, detail: str) -> None:
     context.abort(getattr(grpc.StatusCode, code), detail)
 
 
-def assignment_message(coordinator: Coordinator, member: Member, round: int) -> pb.Assignment:
-    """The Assignment a member trains this round."""
-    inner = coordinator.config.inner
+def assignment_message(assignment: Assignment, round: int, inner: InnerConfig) -> pb.Assignment:
+    """The Assignment a member trains in `round`, with that round's inner settings."""
+    v = assignment.variant
     return pb.Assignment(
-        path=member.path, variant=pb.Variant(**member.variant), round=round, seed=member.seed, shard=member.shard,
-        shards=len(coordinator.paths), inner_steps=inner.steps, inner_lr=inner.lr, batch_size=inner.batch_size,
+        path=str(assignment.path), variant=pb.Variant(bits=v.bits, density=v.density, scheme=v.scheme),
+        round=round, seed=assignment.seed, inner_steps=inner.steps, batch_size=inner.batch_size, lr=inner.lr,
+        weight_decay=inner.weight_decay, grad_clip=inner.grad_clip,
     )
 
 
 class CoordinatorService(pb_grpc.CoordinatorServicer):
     """Join, Pull, Push, Heartbeat and Status on top of a `Coordinator`."""
 
-    def __init__(self, coordinator: Coordinator, tokens: TokenAuthority, max_update_bytes: int = MAX_UPDATE_BYTES):
+    def __init__(self, coordinator: Coordinator, tokens: TokenAuthority,
+                 max_update_bytes: int = MAX_UPDATE_BYTES):
         self.coordinator, self.tokens, self.max_update_bytes = coordinator, tokens, max_update_bytes
+        self.model_json = json.dumps(coordinator.model)
 
     def authenticate(self, context: grpc.ServicerContext, client_id: str) -> None:
         """The call must carry a valid token issued to `client_id`."""
@@ -62,24 +71,27 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             self.authenticate(context, request.client_id)
         p = request.profile
         profile = DeviceProfile(p.name, p.memory_bytes, p.bits, tuple(p.densities) or (1.0,), p.speed or 1.0)
+        coordinator = self.coordinator
         try:
-            member = self.coordinator.join(profile, request.name, request.client_id, request.public_key)
+            member = coordinator.join(profile, request.name, request.client_id, request.public_key,
+                                      np.asarray(request.feature_sum, dtype=np.float64), request.examples)
         except Rejected as e:
             abort(context, e.code, e.detail)
-        model = json.dumps({"task": self.coordinator.config.task, "model": self.coordinator.spec.to_dict(),
-                            "partition": self.coordinator.config.partition, "clustering": self.coordinator.config.clustering,
-                            "seed": self.coordinator.config.seed})
-        return pb.JoinReply(client_id=member.client_id, token=self.tokens.issue(member.client_id), model_json=model,
-                            assignment=assignment_message(self.coordinator, member, self.coordinator.round))
+        with coordinator.lock:
+            message = assignment_message(coordinator.assignment(member.client_id), coordinator.round,
+                                         coordinator.engine.inner(coordinator.round))
+        return pb.JoinReply(client_id=member.client_id, token=self.tokens.issue(member.client_id),
+                            model_json=self.model_json, assignment=message)
 
     def Pull(self, request: pb.PullRequest, context: grpc.ServicerContext) -> Iterator[pb.PullFrame]:
         self.authenticate(context, request.client_id)
         try:
-            member, round, tensors = self.coordinator.assignment(request.client_id)
+            job = self.coordinator.job(request.client_id)
         except Rejected as e:
             abort(context, e.code, e.detail)
-        yield pb.PullFrame(assignment=assignment_message(self.coordinator, member, round))
-        for frame in encode_tensors(tensors):
+        assignment = Assignment(job.path, job.variant, job.seed)
+        yield pb.PullFrame(assignment=assignment_message(assignment, job.round, job.inner))
+        for frame in encode_tensors(job.tensors):
             yield pb.PullFrame(tensor=frame)
 
     def Push(self, request_iterator: Iterator[pb.PushFrame], context: grpc.ServicerContext) -> pb.PushReply:
@@ -90,7 +102,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self.authenticate(context, header.client_id)
         try:
             tensors = decode_tensors(tensor_frames(request_iterator), self.max_update_bytes)
-            upload = Upload(Path.parse(header.path), Variant(header.variant.bits, round(header.variant.density, 6), header.variant.scheme),
+            v = header.variant
+            upload = Upload(Path.parse(header.path), Variant(v.bits, round(v.density, 6), v.scheme),
                             header.round, header.seed, header.weight, tensors, header.loss)
             open_round = self.coordinator.submit(upload, header.client_id, header.update_id, header.signature)
         except WireError as e:
@@ -122,31 +135,65 @@ def tensor_frames(frames: Iterator[pb.PushFrame]) -> Iterator:
 
 
 def listen(server: grpc.Server, address: str, certs: str | None, service: str) -> int:
-    """Add health checking (overall and for `service`), bind `address` (TLS with `certs`), start; return the port."""
+    """Add health checking (overall and for `service`), bind `address` (TLS with `certs`), start; the port.
+
+    `server` must be made with `server_options` (no port sharing): a port in use raises OSError
+    "port N is in use".
+    """
     health_servicer = health.HealthServicer()
     for name in ("", service):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_secure_port(address, server_credentials(certs)) if certs else server.add_insecure_port(address)
+    try:
+        if certs:
+            port = server.add_secure_port(address, server_credentials(certs))
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError:
+        port = 0
     if port == 0:
-        raise OSError(f"cannot listen on {address}")
+        raise OSError(bind_error(address))
     server.start()
     return port
 
 
-def start_server(
-    coordinator: Coordinator, address: str, certs: str | None = None, workers: int = 16, max_update_bytes: int = MAX_UPDATE_BYTES
-) -> tuple[grpc.Server, int]:
+def server_options(*extra: tuple[str, int]) -> list[tuple[str, int]]:
+    """gRPC server options without SO_REUSEPORT: a second server on a port in use fails, not shares it."""
+    return [("grpc.so_reuseport", 0), *extra]
+
+
+def bind_error(address: str) -> str:
+    """Why `address` cannot be listened on, found by binding a plain socket to it."""
+    host, _, port = address.rpartition(":")
+    try:
+        infos = socket.getaddrinfo(host.strip("[]") or None, int(port), type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except (OSError, ValueError) as e:
+        return f"cannot listen on {address}: {e} (give --address host:port)"
+    for family, kind, proto, _, sockaddr in infos:
+        with socket.socket(family, kind, proto) as probe:
+            try:
+                probe.bind(sockaddr)
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    return f"port {port} is in use: stop the server listening there, or give another address"
+                return f"cannot listen on {address}: {e.strerror}"
+    return f"cannot listen on {address}"
+
+
+def start_server(coordinator: Coordinator, address: str, certs: str | None = None, workers: int = 16,
+                 max_update_bytes: int = MAX_UPDATE_BYTES) -> tuple[grpc.Server, int]:
     """Start the coordinator (and the standard health service) on `address`; returns the server and its port.
 
     With `certs` (a directory made by `fedmoe certs`) the port speaks TLS; otherwise it is plain text.
-    A push that declares more than `max_update_bytes` is refused before its data is read.
+    A push that declares more than `max_update_bytes` is refused before its data is read. Raises OSError
+    when the port is in use.
     """
-    options = [("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send_message_length", 8 << 20)]
+    options = server_options(*MESSAGE_OPTIONS)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=options)
     tokens = TokenAuthority.load_or_create(FsPath(coordinator.state_dir) / "token.secret")
-    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorService(coordinator, tokens, max_update_bytes), server)
+    service = CoordinatorService(coordinator, tokens, max_update_bytes)
+    pb_grpc.add_CoordinatorServicer_to_server(service, server)
     port = listen(server, address, certs, "fedmoe.v1.Coordinator")
     log.info("coordinator listening on %s (port %d, %s)", address, port, "TLS" if certs else "plain text")
     return server, port
-

@@ -53,6 +53,16 @@ def test_the_topology_is_a_coordinator_four_unlike_clients_and_a_router_over_tls
     assert {"coordinator", "router"} <= {certs[i + 1] for i, a in enumerate(certs) if a == "--host"} and "--if-missing" in certs
 
 
+def test_each_client_holds_its_own_part_of_the_coordinators_spec_data():
+    commands = [s["command"] for s in compose()["services"].values()]
+    server = next(c for c in commands if c[0] == "server")
+    clients = [c for c in commands if c[0] == "client"]
+    assert sorted(int(option(c, "--partition")) for c in clients) == list(range(len(clients)))
+    assert {option(c, "--partitions") for c in clients} == {str(len(clients))}
+    assert {option(c, "--spec") for c in clients} == {option(server, "--spec")}  # the same spec (None: the default) everywhere
+    assert all(parse(c).params["partitions"] == len(clients) for c in clients)
+
+
 def test_ports_volumes_and_dependencies_are_consistent():
     spec = compose()
     services, declared = spec["services"], set(spec["volumes"])

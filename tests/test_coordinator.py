@@ -1,33 +1,42 @@
-"""The coordinator over real gRPC on 127.0.0.1: big tensors, bad input, restarts."""
+"""The coordinator over real gRPC on 127.0.0.1: big tensors, bad input, restarts, and agreement with the in-process runner."""
 
+import copy
+import functools
 import json
 import struct
 import threading
+import time
 import uuid
 
 import grpc
+import numpy as np
 import pytest
 import torch
 from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedmoe.clients.runtime import Session, connect, join, push_frames, run, train_round
-from fedmoe.compress.quant import QTensor, quantize
-from fedmoe.modular import Path
-from fedmoe.server import coordinator as coordinator_module
-from fedmoe.server.coordinator import Coordinator, CoordinatorConfig, Rejected
-from fedmoe.server.service import start_server
 from fedmoe.assignment import PROFILES
-from fedmoe.tasks import digits_task
-from fedmoe.train import InnerConfig
+from fedmoe.clients.runtime import Session, connect, join, pull_job, push_frames, run, variant_of
+from fedmoe.compress.quant import QTensor, quantize
+from fedmoe.config import Config
+from fedmoe.federation import run_federation
+from fedmoe.models.classifier import mlp_levels
+from fedmoe.modular import Path
+from fedmoe.security import new_signing_key, update_digest
+from fedmoe.server.coordinator import Coordinator, Rejected
+from fedmoe.server.service import start_server
+from fedmoe.spec import Spec, load_spec
 from fedmoe.v1 import coordinator_pb2 as pb
 from fedmoe.v1 import coordinator_pb2_grpc as pb_grpc
 from fedmoe.v1 import tensor_pb2
-from fedmoe.security import new_signing_key, update_digest
-from fedmoe.worker import Upload, Variant, Worker, round_masks, signed_fields
+from fedmoe.worker import Upload, Worker, signed_fields
 
-CONFIG = CoordinatorConfig(grid=(2,), rounds=2, inner=InnerConfig(steps=5), min_clients=2)
+SPEC = load_spec("fedmoe.models.digits:spec")
+CONFIG = Config(grid=(2,), rounds=2, inner={"steps": 5}, policy={"min_clients": 2})
+DATA = SPEC.data(0, 2).train.subset(range(100))
+FEATURES = SPEC.feature_statistics(DATA)
+big_spec = Spec("big", mlp_levels(in_dim=64, hidden=2500, depth=3, classes=10))  # 12.7M parameters: 51 MB at fp32
 
 
 @pytest.fixture
@@ -44,15 +53,14 @@ def federation(tmp_path):
 
 
 def joined(stub, profile="fp32"):
-    session = join(stub, PROFILES[profile], profile, None, deadline=float("inf"))
+    session = join(stub, PROFILES[profile], profile, FEATURES)
     a = session.assignment
-    task = digits_task()
-    worker = Worker(Path.parse(a.path), task.batches(range(100), 16, a.seed), 100.0, Variant(a.variant.bits, a.variant.density, a.variant.scheme), a.seed)
-    return session, worker
+    path_model = copy.deepcopy(SPEC.build(CONFIG.grid, CONFIG.seed).compose(Path.parse(a.path)))
+    return session, Worker(SPEC, path_model, DATA.batches(16, a.seed), len(DATA), variant_of(a.variant))
 
 
-def trained_upload(coordinator, stub, session, worker):
-    return train_round(stub, session, worker, coordinator.spec, None, float("inf"))
+def trained_upload(stub, session, worker):
+    return worker.train_round(pull_job(stub, session, worker.path_model))
 
 
 def push(stub, session, upload, update_id=None):
@@ -66,12 +74,12 @@ def code_of(call):
 
 
 def snapshot(coordinator):
-    return {k: {n: t.clone() for n, t in s.items()} for k, s in coordinator.model.module_states().items()}, dict(coordinator.pending)
+    return {k: {n: t.clone() for n, t in s.items()} for k, s in coordinator.engine.model.module_states().items()}, dict(coordinator.pending)
 
 
 def unchanged(coordinator, before):
     states, pending = before
-    now = coordinator.model.module_states()
+    now = coordinator.engine.model.module_states()
     return pending.keys() == coordinator.pending.keys() and all(torch.equal(now[k][n], t) for k, s in states.items() for n, t in s.items())
 
 
@@ -79,7 +87,7 @@ def test_bad_input_gets_a_precise_status_and_changes_nothing(federation):
     coordinator, stub = federation
     a, worker_a = joined(stub)
     b, _ = joined(stub, "int8")
-    upload = trained_upload(coordinator, stub, a, worker_a)
+    upload = trained_upload(stub, a, worker_a)
     before = snapshot(coordinator)
     forged = Session(a.client_id, a.token[:-2] + ("AA" if not a.token.endswith("AA") else "BB"), a.model, a.assignment, a.signing_key)
     assert code_of(lambda: push(stub, forged, upload)) == grpc.StatusCode.UNAUTHENTICATED
@@ -131,20 +139,40 @@ def test_bad_input_gets_a_precise_status_and_changes_nothing(federation):
     assert len(coordinator.pending) == 1 and coordinator.round == 0
 
 
+def test_a_join_without_good_routing_statistics_is_refused_and_admits_nobody(federation):
+    coordinator, stub = federation
+    feature_sum, count = FEATURES
+    for bad in [(np.zeros(0), 0.0), (feature_sum, 0.0), (np.full_like(feature_sum, np.nan), count)]:
+        assert code_of(functools.partial(join, stub, PROFILES["fp32"], "bad", bad)) == grpc.StatusCode.INVALID_ARGUMENT
+    joined(stub)
+    with pytest.raises(grpc.RpcError) as error:
+        join(stub, PROFILES["fp32"], "narrow", (feature_sum[:10], count))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "routing features" in error.value.details()
+    assert list(coordinator.members) == ["c0000"] and list(coordinator.engine.assignments) == ["c0000"]
+
+
+def test_a_config_that_cannot_run_over_the_network_or_another_federations_state_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="compression.scheme=rolling"):
+        Coordinator(CONFIG.with_overrides({"compression.scheme": "magnitude"}), tmp_path / "a")
+    Coordinator(CONFIG, tmp_path / "b").save_state()
+    with pytest.raises(ValueError, match="another federation .*grid"):
+        Coordinator(CONFIG.with_overrides({"grid": "3"}), tmp_path / "b")
+
+
 def test_uploads_are_checked_outside_the_lock_and_admitted_once(federation, monkeypatch):
     coordinator, stub = federation
     a, worker_a = joined(stub)
     joined(stub, "int8")  # a second member: a's update alone does not close the round
-    upload = trained_upload(coordinator, stub, a, worker_a)
+    upload = trained_upload(stub, a, worker_a)
     decoding, release = threading.Semaphore(0), threading.Event()
-    real_decode = coordinator_module.decode
+    real_decode = coordinator.engine.decode
 
-    def held_decode(model, upload):
+    def held_decode(client_id, upload):
         decoding.release()
         assert release.wait(10)
-        return real_decode(model, upload)
+        return real_decode(client_id, upload)
 
-    monkeypatch.setattr(coordinator_module, "decode", held_decode)
+    monkeypatch.setattr(coordinator.engine, "decode", held_decode)
     outcomes = []
 
     def submit(update_id):
@@ -178,8 +206,8 @@ def test_acknowledged_updates_survive_a_restart_and_are_applied_once(tmp_path):
         stub = pb_grpc.CoordinatorStub(channel)
         a, worker_a = joined(stub)
         b, worker_b = joined(stub, "int4-p50")
-        upload_a = trained_upload(coordinator, stub, a, worker_a)
-        upload_b = trained_upload(coordinator, stub, b, worker_b)
+        upload_a = trained_upload(stub, a, worker_a)
+        upload_b = trained_upload(stub, b, worker_b)
         assert push(stub, a, upload_a).accepted
         if restart:  # the coordinator dies after acknowledging a's update
             channel.close()
@@ -193,25 +221,59 @@ def test_acknowledged_updates_survive_a_restart_and_are_applied_once(tmp_path):
         channel.close()
         server.stop(0).wait()
         assert coordinator.round == 1 and coordinator.metrics[0]["updates"] == 2
-        return coordinator.model.module_states()
+        return coordinator.engine.model.module_states()
 
     straight = federation_round(tmp_path / "a", restart=False)
     restarted = federation_round(tmp_path / "b", restart=True)
     assert all(torch.equal(straight[k][n], restarted[k][n]) for k in straight for n in straight[k])
     resumed = Coordinator(CONFIG, tmp_path / "b")
-    assert resumed.round == 1 and not resumed.pending
-    assert all(torch.equal(resumed.model.module_states()[k][n], restarted[k][n]) for k in straight for n in straight[k])
+    assert resumed.round == 1 and not resumed.pending and resumed.engine.feature_counts == {"c0000": 100.0, "c0001": 100.0}
+    assert all(torch.equal(resumed.engine.model.module_states()[k][n], restarted[k][n]) for k in straight for n in straight[k])
+
+
+def test_sdk_clients_over_grpc_train_the_same_weights_as_the_in_process_runner(tmp_path):
+    config = Config(grid=(2,), rounds=2, inner={"steps": 5}, policy={"min_clients": 2})
+    local = run_federation(SPEC, config)
+    coordinator = Coordinator(config, tmp_path / "state")
+    server, port = start_server(coordinator, "127.0.0.1:0")
+    summaries = {}
+
+    def client(i):
+        summaries[i] = run(f"127.0.0.1:{port}", partition=i, partitions=2)  # the coordinator's spec, loaded by its name
+
+    try:
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(2)]
+        for i, t in enumerate(threads):  # client i joins i-th, as the in-process runner enrols it
+            t.start()
+            deadline = time.monotonic() + 60
+            while len(coordinator.members) <= i:
+                assert time.monotonic() < deadline and t.is_alive()
+                time.sleep(0.05)
+        for t in threads:
+            t.join(120)
+    finally:
+        server.stop(0).wait()
+    assert [summaries[i]["rounds"] for i in range(2)] == [[0, 1], [0, 1]]
+    assert coordinator.engine.assignments == local.engine.assignments
+    grpc_states, local_states = coordinator.engine.model.module_states(), local.engine.model.module_states()
+    for k, state in local_states.items():
+        for n, t in state.items():
+            assert torch.allclose(grpc_states[k][n], t, atol=1e-6), f"{k}/{n}"
+    ensemble = tmp_path / "state" / "ensemble"
+    assert json.loads((ensemble / "manifest.json").read_text())["metrics"] == coordinator.metrics
+    assert [m["updates"] for m in coordinator.metrics] == [2, 2]
+    assert coordinator.metrics[-1]["accuracy"] == pytest.approx(local.rounds[-1]["accuracy"], abs=1e-6)
 
 
 def test_a_50_mb_expert_is_pulled_and_pushed_through_the_stream(tmp_path):
-    task = digits_task(hidden=2500, depth=3)  # 12.7M parameters: 51 MB at fp32
-    config = CoordinatorConfig(grid=(1,), rounds=1, inner=InnerConfig(steps=1, batch_size=8))
-    coordinator = Coordinator(config, tmp_path / "state", task=task)
-    size = 4 * sum(p.numel() for p in coordinator.model.parameters())
+    spec = load_spec(f"{__name__}:big_spec")
+    config = Config(grid=(1,), rounds=1, inner={"steps": 1, "batch_size": 8})
+    coordinator = Coordinator(config, tmp_path / "state", spec=spec)
+    size = 4 * sum(p.numel() for p in coordinator.engine.model.parameters())
     assert size > 50e6
     server, port = start_server(coordinator, "127.0.0.1:0")
     try:
-        summary = run(f"127.0.0.1:{port}", "fp32", timeout_s=300)
+        summary = run(f"127.0.0.1:{port}", spec, "fp32", data=(DATA.inputs, DATA.targets), timeout_s=300)
     finally:
         server.stop(0).wait()
     assert summary["rounds"] == [0] and summary["upload_bytes"] == size
@@ -220,21 +282,19 @@ def test_a_50_mb_expert_is_pulled_and_pushed_through_the_stream(tmp_path):
 
 @pytest.mark.parametrize("late", ["drop", "stale"])
 def test_a_straggler_update_is_dropped_or_counted_with_staleness_weight(tmp_path, late):
-    config = CoordinatorConfig(grid=(1,), rounds=3, inner=InnerConfig(steps=3), quorum=0.5, late=late)
+    config = Config(grid=(1,), rounds=3, inner={"steps": 3}, policy={"quorum": 0.5, "late": late})
     coordinator = Coordinator(config, tmp_path / "state")
-    fast, slow = (coordinator.join(PROFILES["fp32"], name) for name in ("fast", "slow"))
-    task = digits_task()
+    fast, slow = (coordinator.join(PROFILES["fp32"], name, feature_sum=FEATURES[0], examples=FEATURES[1]) for name in ("fast", "slow"))
 
     def upload_of(member):
-        worker = Worker(Path.parse(member.path), task.batches(range(50), 8, member.seed), 50.0, Variant(**member.variant), member.seed)
-        _, round, delivered = coordinator.assignment(member.client_id)
-        path_model = coordinator.spec.build().compose(worker.path)
-        return worker.train_round(path_model, delivered, round_masks(path_model, worker.variant, round, member.seed), config.inner, round)
+        job = coordinator.job(member.client_id)
+        path_model = copy.deepcopy(SPEC.build(config.grid).compose(job.path))
+        return Worker(SPEC, path_model, DATA.batches(8, job.seed), 50, job.variant).train_round(job)
 
     late_upload = upload_of(slow)  # pulled round 0 ...
     assert coordinator.submit(upload_of(fast), fast.client_id, "u1") == 1  # ... which closes without it (quorum 1 of 2)
     if late == "drop":
-        with pytest.raises(Exception) as rejected:
+        with pytest.raises(Rejected) as rejected:
             coordinator.submit(late_upload, slow.client_id, "u2")
         assert rejected.value.code == "FAILED_PRECONDITION" and not coordinator.pending
     else:
@@ -249,7 +309,7 @@ def test_an_oversize_update_is_refused_before_its_data_is_read(tmp_path):
         with connect(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.CoordinatorStub(channel)
             a, worker = joined(stub)
-            upload = trained_upload(coordinator, stub, a, worker)
+            upload = trained_upload(stub, a, worker)
             assert upload.nbytes > 1000
             assert code_of(lambda: push(stub, a, upload)) == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert not coordinator.pending

@@ -45,12 +45,23 @@ class Hosts:
 
     def __exit__(self, *exc):
         for ns in self.namespaces.values():
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True, check=False)
 
     def run(self, name, args, **kwargs):
         """Start `fedmoe args` on host `name`."""
         return subprocess.Popen(["ip", "netns", "exec", self.namespaces[name], *PYTHON, *args], **kwargs)
+
+    def logged(self, name, args, log):
+        """Start `fedmoe args` on host `name`, its output going to the file `log`."""
+        with open(log, "w") as out:
+            return self.run(name, args, stdout=out, stderr=subprocess.STDOUT)
+
+
+def client_options(command: list[str]) -> list[str]:
+    """The options of a compose client that say what it is and which data it holds (the test gives server, certs and state)."""
+    return [arg for name in ("--spec", "--profile", "--partition", "--partitions") if name in command
+            for arg in (name, command[command.index(name) + 1])]
 
 
 def namespaces_unavailable() -> str | None:
@@ -59,10 +70,10 @@ def namespaces_unavailable() -> str | None:
     if shutil.which("ip") is None:
         return "the `ip` command (iproute2) is not installed"
     probe = f"fmprobe{os.getpid() % 10000}"
-    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True, check=False)
     if made.returncode != 0:
         return f"`ip netns add` is not allowed here: {made.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True, check=False)
     return None
 
 
@@ -71,21 +82,20 @@ def test_compose_topology_across_network_namespaces(tmp_path):
     if reason:
         pytest.skip(reason)
     services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
-    clients = {name: s["command"][s["command"].index("--profile") + 1] for name, s in services.items() if s["command"][0] == "client"}
+    clients = {name: client_options(s["command"]) for name, s in services.items() if s["command"][0] == "client"}
     with Hosts(["coordinator", *clients, "router", "user"]) as hosts:
         coordinator, router = hosts.addresses["coordinator"], hosts.addresses["router"]
         certs, state = tmp_path / "certs", tmp_path / "state"
         subprocess.run(PYTHON + ["certs", "--out", str(certs), "--host", coordinator, "--host", router], check=True, capture_output=True)
-        logs = {name: open(tmp_path / f"{name}.log", "w") for name in ["coordinator", *clients, "router"]}
-        procs = [hosts.run("coordinator", ["server", "--address", f"{coordinator}:7000", "--state", str(state), "--certs", str(certs),
-                                           "--grid", "4", "--rounds", "3", "--steps", "10", "--min-clients", str(len(clients))],
-                           stdout=logs["coordinator"], stderr=subprocess.STDOUT)]
+        procs = [hosts.logged("coordinator", ["server", "--address", f"{coordinator}:7000", "--state", str(state), "--certs", str(certs),
+                                              "--grid", "4", "--rounds", "3", "--steps", "10", "--min-clients", str(len(clients))],
+                              tmp_path / "coordinator.log")]
         try:
-            procs.append(hosts.run("router", ["serve", "--checkpoint", str(state / "ensemble"), "--address", f"{router}:7100",
-                                              "--certs", str(certs), "--wait", "240"], stdout=logs["router"], stderr=subprocess.STDOUT))
-            workers = [hosts.run(name, ["client", "--server", f"{coordinator}:7000", "--certs", str(certs), "--profile", profile,
-                                        "--timeout", "240"], stdout=logs[name], stderr=subprocess.STDOUT)
-                       for name, profile in clients.items()]
+            procs.append(hosts.logged("router", ["serve", "--checkpoint", str(state / "ensemble"), "--address", f"{router}:7100",
+                                                 "--certs", str(certs), "--wait", "240"], tmp_path / "router.log"))
+            workers = [hosts.logged(name, ["client", "--server", f"{coordinator}:7000", "--certs", str(certs), *options, "--timeout", "240"],
+                                    tmp_path / f"{name}.log")
+                       for name, options in clients.items()]
             procs += workers
             for name, proc in zip(clients, workers):
                 assert proc.wait(timeout=300) == 0, (tmp_path / f"{name}.log").read_text()[-2000:]
@@ -99,7 +109,7 @@ def test_compose_topology_across_network_namespaces(tmp_path):
             out, err = ask.communicate(timeout=60)
             assert ask.returncode == 0, err
             answer = json.loads(out)
-            assert 0 <= answer["prediction"] < 10 and len(answer["experts"]) == 1 and abs(sum(answer["probs"]) - 1) < 1e-3
+            assert 0 <= answer["prediction"] < 10 and len(answer["experts"]) == 1 and abs(sum(answer["outputs"]) - 1) < 1e-3
             status = json.loads((state / "ensemble" / "manifest.json").read_text())
             assert len(status["metrics"]) == 3 and all(m["updates"] == len(clients) for m in status["metrics"])
         finally:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from fedmoe.v1 import tensor_pb2 as fedmoe_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66\x65\x64moe/v1/coordinator.proto\x12\tfedmoe.v1\x1a\x16\x66\x65\x64moe/v1/tensor.proto\"c\n\rDeviceProfile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x04\x12\x0c\n\x04\x62its\x18\x03 \x01(\r\x12\x11\n\tdensities\x18\x04 \x03(\x02\x12\r\n\x05speed\x18\x05 \x01(\x02\"8\n\x07Variant\x12\x0c\n\x04\x62its\x18\x01 \x01(\r\x12\x0f\n\x07\x64\x65nsity\x18\x02 \x01(\x02\x12\x0e\n\x06scheme\x18\x03 \x01(\t\"\xb6\x01\n\nAssignment\x12\x0c\n\x04path\x18\x01 \x01(\t\x12#\n\x07variant\x18\x02 \x01(\x0b\x32\x12.fedmoe.v1.Variant\x12\r\n\x05round\x18\x03 \x01(\r\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\r\n\x05shard\x18\x05 \x01(\r\x12\x0e\n\x06shards\x18\x06 \x01(\r\x12\x13\n\x0binner_steps\x18\x07 \x01(\r\x12\x10\n\x08inner_lr\x18\x08 \x01(\x02\x12\x12\n\nbatch_size\x18\t \x01(\r\"m\n\x0bJoinRequest\x12)\n\x07profile\x18\x01 \x01(\x0b\x32\x18.fedmoe.v1.DeviceProfile\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\tclient_id\x18\x03 \x01(\t\x12\x12\n\npublic_key\x18\x04 \x01(\x0c\"l\n\tJoinReply\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x12\n\nmodel_json\x18\x03 \x01(\t\x12)\n\nassignment\x18\x04 \x01(\x0b\x32\x15.fedmoe.v1.Assignment\" \n\x0bPullRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\"k\n\tPullFrame\x12+\n\nassignment\x18\x01 \x01(\x0b\x32\x15.fedmoe.v1.AssignmentH\x00\x12(\n\x06tensor\x18\x02 \x01(\x0b\x32\x16.fedmoe.v1.TensorFrameH\x00\x42\x07\n\x05\x66rame\"\xb3\x01\n\nPushHeader\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x0c\n\x04path\x18\x03 \x01(\t\x12#\n\x07variant\x18\x04 \x01(\x0b\x32\x12.fedmoe.v1.Variant\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x0e\n\x06weight\x18\x06 \x01(\x01\x12\x0c\n\x04loss\x18\x07 \x01(\x02\x12\x11\n\tupdate_id\x18\x08 \x01(\t\x12\x11\n\tsignature\x18\t \x01(\x0c\"g\n\tPushFrame\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.fedmoe.v1.PushHeaderH\x00\x12(\n\x06tensor\x18\x02 \x01(\x0b\x32\x16.fedmoe.v1.TensorFrameH\x00\x42\x07\n\x05\x66rame\"<\n\tPushReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\r\n\x05round\x18\x02 \x01(\r\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"%\n\x10HeartbeatRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\"z\n\x0eHeartbeatReply\x12\x30\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32 .fedmoe.v1.HeartbeatReply.Action\x12\r\n\x05round\x18\x02 \x01(\r\"\'\n\x06\x41\x63tion\x12\x08\n\x04WAIT\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\x08\n\x04\x44ONE\x10\x02\"\x0f\n\rStatusRequest\"\x1b\n\x0bStatusReply\x12\x0c\n\x04json\x18\x01 \x01(\t2\xb2\x02\n\x0b\x43oordinator\x12\x34\n\x04Join\x12\x16.fedmoe.v1.JoinRequest\x1a\x14.fedmoe.v1.JoinReply\x12\x36\n\x04Pull\x12\x16.fedmoe.v1.PullRequest\x1a\x14.fedmoe.v1.PullFrame0\x01\x12\x34\n\x04Push\x12\x14.fedmoe.v1.PushFrame\x1a\x14.fedmoe.v1.PushReply(\x01\x12\x43\n\tHeartbeat\x12\x1b.fedmoe.v1.HeartbeatRequest\x1a\x19.fedmoe.v1.HeartbeatReply\x12:\n\x06Status\x12\x18.fedmoe.v1.StatusRequest\x1a\x16.fedmoe.v1.StatusReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66\x65\x64moe/v1/coordinator.proto\x12\tfedmoe.v1\x1a\x16\x66\x65\x64moe/v1/tensor.proto\"c\n\rDeviceProfile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x04\x12\x0c\n\x04\x62its\x18\x03 \x01(\r\x12\x11\n\tdensities\x18\x04 \x03(\x02\x12\r\n\x05speed\x18\x05 \x01(\x02\"8\n\x07Variant\x12\x0c\n\x04\x62its\x18\x01 \x01(\r\x12\x0f\n\x07\x64\x65nsity\x18\x02 \x01(\x02\x12\x0e\n\x06scheme\x18\x03 \x01(\t\"\xe5\x01\n\nAssignment\x12\x0c\n\x04path\x18\x01 \x01(\t\x12#\n\x07variant\x18\x02 \x01(\x0b\x32\x12.fedmoe.v1.Variant\x12\r\n\x05round\x18\x03 \x01(\r\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x13\n\x0binner_steps\x18\x07 \x01(\r\x12\x12\n\nbatch_size\x18\t \x01(\r\x12\n\n\x02lr\x18\n \x01(\x01\x12\x14\n\x0cweight_decay\x18\x0b \x01(\x01\x12\x11\n\tgrad_clip\x18\x0c \x01(\x01J\x04\x08\x05\x10\x06J\x04\x08\x06\x10\x07J\x04\x08\x08\x10\tR\x05shardR\x06shardsR\x08inner_lr\"\x94\x01\n\x0bJoinRequest\x12)\n\x07profile\x18\x01 \x01(\x0b\x32\x18.fedmoe.v1.DeviceProfile\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\tclient_id\x18\x03 \x01(\t\x12\x12\n\npublic_key\x18\x04 \x01(\x0c\x12\x13\n\x0b\x66\x65\x61ture_sum\x18\x05 \x03(\x01\x12\x10\n\x08\x65xamples\x18\x06 \x01(\x01\"l\n\tJoinReply\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x12\n\nmodel_json\x18\x03 \x01(\t\x12)\n\nassignment\x18\x04 \x01(\x0b\x32\x15.fedmoe.v1.Assignment\" \n\x0bPullRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\"k\n\tPullFrame\x12+\n\nassignment\x18\x01 \x01(\x0b\x32\x15.fedmoe.v1.AssignmentH\x00\x12(\n\x06tensor\x18\x02 \x01(\x0b\x32\x16.fedmoe.v1.TensorFrameH\x00\x42\x07\n\x05\x66rame\"\xb3\x01\n\nPushHeader\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x0c\n\x04path\x18\x03 \x01(\t\x12#\n\x07variant\x18\x04 \x01(\x0b\x32\x12.fedmoe.v1.Variant\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x0e\n\x06weight\x18\x06 \x01(\x01\x12\x0c\n\x04loss\x18\x07 \x01(\x02\x12\x11\n\tupdate_id\x18\x08 \x01(\t\x12\x11\n\tsignature\x18\t \x01(\x0c\"g\n\tPushFrame\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.fedmoe.v1.PushHeaderH\x00\x12(\n\x06tensor\x18\x02 \x01(\x0b\x32\x16.fedmoe.v1.TensorFrameH\x00\x42\x07\n\x05\x66rame\"<\n\tPushReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\r\n\x05round\x18\x02 \x01(\r\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"%\n\x10HeartbeatRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\"z\n\x0eHeartbeatReply\x12\x30\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32 .fedmoe.v1.HeartbeatReply.Action\x12\r\n\x05round\x18\x02 \x01(\r\"\'\n\x06\x41\x63tion\x12\x08\n\x04WAIT\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\x08\n\x04\x44ONE\x10\x02\"\x0f\n\rStatusRequest\"\x1b\n\x0bStatusReply\x12\x0c\n\x04json\x18\x01 \x01(\t2\xb2\x02\n\x0b\x43oordinator\x12\x34\n\x04Join\x12\x16.fedmoe.v1.JoinRequest\x1a\x14.fedmoe.v1.JoinReply\x12\x36\n\x04Pull\x12\x16.fedmoe.v1.PullRequest\x1a\x14.fedmoe.v1.PullFrame0\x01\x12\x34\n\x04Push\x12\x14.fedmoe.v1.PushFrame\x1a\x14.fedmoe.v1.PushReply(\x01\x12\x43\n\tHeartbeat\x12\x1b.fedmoe.v1.HeartbeatRequest\x1a\x19.fedmoe.v1.HeartbeatReply\x12:\n\x06Status\x12\x18.fedmoe.v1.StatusRequest\x1a\x16.fedmoe.v1.StatusReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,31 +37,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_VARIANT']._serialized_start=167
   _globals['_VARIANT']._serialized_end=223
   _globals['_ASSIGNMENT']._serialized_start=226
-  _globals['_ASSIGNMENT']._serialized_end=408
-  _globals['_JOINREQUEST']._serialized_start=410
-  _globals['_JOINREQUEST']._serialized_end=519
-  _globals['_JOINREPLY']._serialized_start=521
-  _globals['_JOINREPLY']._serialized_end=629
-  _globals['_PULLREQUEST']._serialized_start=631
-  _globals['_PULLREQUEST']._serialized_end=663
-  _globals['_PULLFRAME']._serialized_start=665
-  _globals['_PULLFRAME']._serialized_end=772
-  _globals['_PUSHHEADER']._serialized_start=775
-  _globals['_PUSHHEADER']._serialized_end=954
-  _globals['_PUSHFRAME']._serialized_start=956
-  _globals['_PUSHFRAME']._serialized_end=1059
-  _globals['_PUSHREPLY']._serialized_start=1061
-  _globals['_PUSHREPLY']._serialized_end=1121
-  _globals['_HEARTBEATREQUEST']._serialized_start=1123
-  _globals['_HEARTBEATREQUEST']._serialized_end=1160
-  _globals['_HEARTBEATREPLY']._serialized_start=1162
-  _globals['_HEARTBEATREPLY']._serialized_end=1284
-  _globals['_HEARTBEATREPLY_ACTION']._serialized_start=1245
-  _globals['_HEARTBEATREPLY_ACTION']._serialized_end=1284
-  _globals['_STATUSREQUEST']._serialized_start=1286
-  _globals['_STATUSREQUEST']._serialized_end=1301
-  _globals['_STATUSREPLY']._serialized_start=1303
-  _globals['_STATUSREPLY']._serialized_end=1330
-  _globals['_COORDINATOR']._serialized_start=1333
-  _globals['_COORDINATOR']._serialized_end=1639
+  _globals['_ASSIGNMENT']._serialized_end=455
+  _globals['_JOINREQUEST']._serialized_start=458
+  _globals['_JOINREQUEST']._serialized_end=606
+  _globals['_JOINREPLY']._serialized_start=608
+  _globals['_JOINREPLY']._serialized_end=716
+  _globals['_PULLREQUEST']._serialized_start=718
+  _globals['_PULLREQUEST']._serialized_end=750
+  _globals['_PULLFRAME']._serialized_start=752
+  _globals['_PULLFRAME']._serialized_end=859
+  _globals['_PUSHHEADER']._serialized_start=862
+  _globals['_PUSHHEADER']._serialized_end=1041
+  _globals['_PUSHFRAME']._serialized_start=1043
+  _globals['_PUSHFRAME']._serialized_end=1146
+  _globals['_PUSHREPLY']._serialized_start=1148
+  _globals['_PUSHREPLY']._serialized_end=1208
+  _globals['_HEARTBEATREQUEST']._serialized_start=1210
+  _globals['_HEARTBEATREQUEST']._serialized_end=1247
+  _globals['_HEARTBEATREPLY']._serialized_start=1249
+  _globals['_HEARTBEATREPLY']._serialized_end=1371
+  _globals['_HEARTBEATREPLY_ACTION']._serialized_start=1332
+  _globals['_HEARTBEATREPLY_ACTION']._serialized_end=1371
+  _globals['_STATUSREQUEST']._serialized_start=1373
+  _globals['_STATUSREQUEST']._serialized_end=1388
+  _globals['_STATUSREPLY']._serialized_start=1390
+  _globals['_STATUSREPLY']._serialized_end=1417
+  _globals['_COORDINATOR']._serialized_start=1420
+  _globals['_COORDINATOR']._serialized_end=1726
 # @@protoc_insertion_point(module_scope)

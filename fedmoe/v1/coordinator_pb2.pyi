@@ -33,38 +33,42 @@ class Variant(_message.Message):
     def __init__(self, bits: _Optional[int] = ..., density: _Optional[float] = ..., scheme: _Optional[str] = ...) -> None: ...
 
 class Assignment(_message.Message):
-    __slots__ = ("path", "variant", "round", "seed", "shard", "shards", "inner_steps", "inner_lr", "batch_size")
+    __slots__ = ("path", "variant", "round", "seed", "inner_steps", "batch_size", "lr", "weight_decay", "grad_clip")
     PATH_FIELD_NUMBER: _ClassVar[int]
     VARIANT_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
-    SHARD_FIELD_NUMBER: _ClassVar[int]
-    SHARDS_FIELD_NUMBER: _ClassVar[int]
     INNER_STEPS_FIELD_NUMBER: _ClassVar[int]
-    INNER_LR_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
+    GRAD_CLIP_FIELD_NUMBER: _ClassVar[int]
     path: str
     variant: Variant
     round: int
     seed: int
-    shard: int
-    shards: int
     inner_steps: int
-    inner_lr: float
     batch_size: int
-    def __init__(self, path: _Optional[str] = ..., variant: _Optional[_Union[Variant, _Mapping]] = ..., round: _Optional[int] = ..., seed: _Optional[int] = ..., shard: _Optional[int] = ..., shards: _Optional[int] = ..., inner_steps: _Optional[int] = ..., inner_lr: _Optional[float] = ..., batch_size: _Optional[int] = ...) -> None: ...
+    lr: float
+    weight_decay: float
+    grad_clip: float
+    def __init__(self, path: _Optional[str] = ..., variant: _Optional[_Union[Variant, _Mapping]] = ..., round: _Optional[int] = ..., seed: _Optional[int] = ..., inner_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., weight_decay: _Optional[float] = ..., grad_clip: _Optional[float] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("profile", "name", "client_id", "public_key")
+    __slots__ = ("profile", "name", "client_id", "public_key", "feature_sum", "examples")
     PROFILE_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_SUM_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     profile: DeviceProfile
     name: str
     client_id: str
     public_key: bytes
-    def __init__(self, profile: _Optional[_Union[DeviceProfile, _Mapping]] = ..., name: _Optional[str] = ..., client_id: _Optional[str] = ..., public_key: _Optional[bytes] = ...) -> None: ...
+    feature_sum: _containers.RepeatedScalarFieldContainer[float]
+    examples: float
+    def __init__(self, profile: _Optional[_Union[DeviceProfile, _Mapping]] = ..., name: _Optional[str] = ..., client_id: _Optional[str] = ..., public_key: _Optional[bytes] = ..., feature_sum: _Optional[_Iterable[float]] = ..., examples: _Optional[float] = ...) -> None: ...
 
 class JoinReply(_message.Message):
     __slots__ = ("client_id", "token", "model_json", "assignment")

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66\x65\x64moe/v1/inference.proto\x12\tfedmoe.v1\"=\n\x0ePredictRequest\x12\x0e\n\x06inputs\x18\x01 \x03(\x02\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\r\n\x05top_k\x18\x03 \x01(\r\"N\n\x0cPredictReply\x12\r\n\x05probs\x18\x01 \x03(\x02\x12\x0f\n\x07\x65xperts\x18\x02 \x03(\r\x12\x0f\n\x07weights\x18\x03 \x03(\x02\x12\r\n\x05paths\x18\x04 \x03(\t2J\n\tInference\x12=\n\x07Predict\x12\x19.fedmoe.v1.PredictRequest\x1a\x17.fedmoe.v1.PredictReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66\x65\x64moe/v1/inference.proto\x12\tfedmoe.v1\"=\n\x0ePredictRequest\x12\x0e\n\x06inputs\x18\x01 \x03(\x02\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\r\n\x05top_k\x18\x03 \x01(\r\"P\n\x0cPredictReply\x12\x0f\n\x07outputs\x18\x01 \x03(\x02\x12\x0f\n\x07\x65xperts\x18\x02 \x03(\r\x12\x0f\n\x07weights\x18\x03 \x03(\x02\x12\r\n\x05paths\x18\x04 \x03(\t2J\n\tInference\x12=\n\x07Predict\x12\x19.fedmoe.v1.PredictRequest\x1a\x17.fedmoe.v1.PredictReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,7 +34,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREDICTREQUEST']._serialized_start=40
   _globals['_PREDICTREQUEST']._serialized_end=101
   _globals['_PREDICTREPLY']._serialized_start=103
-  _globals['_PREDICTREPLY']._serialized_end=181
-  _globals['_INFERENCE']._serialized_start=183
-  _globals['_INFERENCE']._serialized_end=257
+  _globals['_PREDICTREPLY']._serialized_end=183
+  _globals['_INFERENCE']._serialized_start=185
+  _globals['_INFERENCE']._serialized_end=259
 # @@protoc_insertion_point(module_scope)

@@ -17,13 +17,13 @@ class PredictRequest(_message.Message):
     def __init__(self, inputs: _Optional[_Iterable[float]] = ..., text: _Optional[str] = ..., top_k: _Optional[int] = ...) -> None: ...
 
 class PredictReply(_message.Message):
-    __slots__ = ("probs", "experts", "weights", "paths")
-    PROBS_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("outputs", "experts", "weights", "paths")
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     PATHS_FIELD_NUMBER: _ClassVar[int]
-    probs: _containers.RepeatedScalarFieldContainer[float]
+    outputs: _containers.RepeatedScalarFieldContainer[float]
     experts: _containers.RepeatedScalarFieldContainer[int]
     weights: _containers.RepeatedScalarFieldContainer[float]
     paths: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, probs: _Optional[_Iterable[float]] = ..., experts: _Optional[_Iterable[int]] = ..., weights: _Optional[_Iterable[float]] = ..., paths: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(self, outputs: _Optional[_Iterable[float]] = ..., experts: _Optional[_Iterable[int]] = ..., weights: _Optional[_Iterable[float]] = ..., paths: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class InferenceStub:
-    """The router + ensemble service: an input in, the mixed output distribution and the experts that ran out.
+    """The router + ensemble service: an input in, the mixed outputs and the experts that ran out.
     """
 
     def __init__(self, channel):
@@ -43,7 +43,7 @@ class InferenceStub:
 
 
 class InferenceServicer:
-    """The router + ensemble service: an input in, the mixed output distribution and the experts that ran out.
+    """The router + ensemble service: an input in, the mixed outputs and the experts that ran out.
     """
 
     def Predict(self, request, context):
@@ -69,7 +69,7 @@ def add_InferenceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Inference:
-    """The router + ensemble service: an input in, the mixed output distribution and the experts that ran out.
+    """The router + ensemble service: an input in, the mixed outputs and the experts that ran out.
     """
 
     @staticmethod
