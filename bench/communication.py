@@ -3,14 +3,15 @@
 Side by side, all run through Flower's simulation engine with the same number of clients and the same
 model family (the digits MLP):
 
-- Flower's stock FedAvg (`flwr.serverapp.strategy.FedAvg`): one dense MLP, every client trains it for
-  one local epoch per round and uploads its fp32 weights; once with the clients holding iid parts of the
-  data (FedAvg's best case, the reference the ratios refer to) and once with the clients holding exactly
-  the data of fedmoe's clients (the same federation). Then both again with as many local steps per round
-  as fedmoe's clients take (H);
-- fedmoe: one MLP expert per clustered shard, routed by federated centroids (top-1), the clients shared
-  out among the experts, H local steps per round, DiLoCo outer steps (lr 0.7, Nesterov momentum 0.9),
-  outer gradients uploaded at 8 and at 4 bits.
+- Flower's stock FedAvg (`flwr.serverapp.strategy.FedAvg`, bench/fedavg.py): one dense MLP, every client
+  trains it for one local epoch per round and uploads its fp32 weights; once with the clients holding iid
+  parts of the data (FedAvg's best case, the reference the ratios refer to) and once with the clients
+  holding exactly the data of fedmoe's clients (client i of n: `spec.data(i, n)`, one k-means cluster of
+  the digits). Then both again with as many local steps per round as fedmoe's clients take (H);
+- fedmoe (`fedmoe.strategies.flower`): MLP experts, the clients shared out among them, routed by federated
+  centroids (top-1), H local steps per round at a constant inner learning rate, DiLoCo outer steps (lr 0.7,
+  Nesterov momentum 0.9: `resolve_outer` with several clients per expert), outer gradients uploaded at 8
+  and at 4 bits.
 
 Upload bytes are tensor bytes (payload and per-channel scales), without message framing. Runs of one
 local epoch per round stop at `--max-rounds`, runs of H local steps at `--max-rounds-h`; a run that
@@ -26,11 +27,13 @@ import argparse
 import time
 from dataclasses import dataclass
 
+from fedavg import fedavg_baseline
+from fedmoe.strategies.flower import simulate_federation
 from rich.console import Console
 from rich.table import Table
 
-from fedmoe.strategies.flower import FlowerConfig, cached_task, fedavg_baseline, simulate_federation
-from fedmoe.train import InnerConfig
+from fedmoe.config import ClientsConfig, Config, InnerConfig
+from fedmoe.data import load_digits_split
 
 BATCH_SIZE = 32
 
@@ -55,25 +58,31 @@ class Run:
 
 
 def runs_for_seed(args: argparse.Namespace, seed: int, console: Console) -> list[Run]:
-    """The six runs of one seed: FedAvg (1 epoch, H steps) x (iid, fedmoe's clients), then fedmoe int8 and int4."""
-    epoch_steps = cached_task("digits").n_units / args.clients / BATCH_SIZE
+    """The six runs of one seed: FedAvg (1 epoch, H steps) x (iid, fedmoe's clients), fedmoe int8 and int4."""
+    epoch_steps = len(load_digits_split()[0]) / args.clients / BATCH_SIZE
     long_epochs = max(1, round(args.steps / epoch_steps))
     runs: list[Run] = []
     for epochs, rounds in ((1, args.max_rounds), (long_epochs, args.max_rounds_h)):
-        for data, paths in (("iid", 0), ("fedmoe's clients", args.grid)):
-            console.print(f"seed {seed}: FedAvg, {epochs} local epoch(s), {data}: {args.clients} clients, {rounds} rounds ...")
+        for data, iid in (("iid", True), ("fedmoe's clients", False)):
+            console.print(f"seed {seed}: FedAvg, {epochs} local epoch(s), {data}: {args.clients} clients, "
+                          f"{rounds} rounds ...")
             started = time.perf_counter()
-            result = fedavg_baseline(args.clients, rounds, epochs=epochs, batch_size=BATCH_SIZE, paths=paths, seed=seed)["rounds"]
-            runs.append(Run(f"Flower FedAvg, fp32, {epochs} epoch{'s' * (epochs > 1)}", data, result[0]["local_steps"],
-                            [r["accuracy"] for r in result], [r["upload_bytes_per_client"] for r in result], time.perf_counter() - started))
+            rows = fedavg_baseline(args.clients, rounds, epochs=epochs, batch_size=BATCH_SIZE, iid=iid,
+                                   seed=seed)["rounds"]
+            label = f"Flower FedAvg, fp32, {epochs} epoch{'s' * (epochs > 1)}"
+            runs.append(Run(label, data, rows[0]["local_steps"],
+                            [r["accuracy"] for r in rows], [r["upload_bytes_per_client"] for r in rows],
+                            time.perf_counter() - started))
     for bits in (8, 4):
-        console.print(f"seed {seed}: fedmoe int{bits}: {args.clients} clients, {args.max_rounds_h} rounds ...")
+        console.print(f"seed {seed}: fedmoe int{bits}: {args.clients} clients, {args.max_rounds_h} rounds")
         started = time.perf_counter()
-        config = FlowerConfig(grid=(args.grid,), clients=args.clients, profiles=(f"int{bits}",), rounds=args.max_rounds_h,
-                              inner=InnerConfig(steps=args.steps, batch_size=BATCH_SIZE), seed=seed)
-        result = simulate_federation(config)["rounds"]
-        runs.append(Run(f"fedmoe, {args.grid} experts, int{bits}", "fedmoe's clients", args.steps, [r["top1"] for r in result],
-                        [r["upload_bytes"] / r["clients"] for r in result], time.perf_counter() - started))
+        config = Config(grid=(args.grid,), rounds=args.max_rounds_h, seed=seed,
+                        inner=InnerConfig(steps=args.steps, batch_size=BATCH_SIZE, schedule="constant"),
+                        clients=ClientsConfig(count=args.clients, profiles=(f"int{bits}",)))
+        rows = simulate_federation(config)["rounds"]
+        runs.append(Run(f"fedmoe, {args.grid} experts, int{bits}", "fedmoe's clients", args.steps,
+                        [r["accuracy"] for r in rows], [r["upload_bytes"] / r["updates"] for r in rows],
+                        time.perf_counter() - started))
     return runs
 
 

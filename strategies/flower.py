@@ -1,24 +1,23 @@
-"""Flower adapter: the same training as `train_federation`, run by Flower's simulation engine (Ray backend).
+"""The Flower runner: the round engine (`fedmoe.engine.Engine`) driven over Flower's Message API.
 
-The only module of the project that imports flwr. `ExpertStrategy` (a `flwr.serverapp.strategy.Strategy`)
-wraps the pure core: `client_assignments` gives every client a path, a part of that path's shard and a
-variant (through `assign_clients`); `deliver` makes what each node receives; the `ClientApp` runs
-`Worker.train_round`; `aggregate` and `OuterOptimizer.step` apply the DiLoCo outer step. Client i (the
-i-th node by node id) is the i-th worker `train_federation` builds from `Federation.assignments`
-(batches seeded `seed + 1000 * i`, worker seed `seed + i`, weight its number of units), so a run
-through Flower and a run in-process reach the same weights.
+The only module of fedmoe that imports flwr. The ServerApp holds the engine and never any data: it waits
+for its nodes, asks each for the routing statistics of its own data (a QUERY; the node answers
+`spec.feature_statistics` of its training examples, a sum and a count), enrols them in the order of the
+partitions they hold (node with partition i is client f"c{i:04d}", its device profile chosen as
+`fedmoe.federation.default_clients` chooses it), and then `EngineStrategy` sends each client its
+`engine.job` every round and closes the round with `engine.close_round` (the configured aggregation rule
+and the DiLoCo outer step). The ClientApp loads the spec by its import string and its own data with
+`spec.data(partition-id, num-partitions)` of its node config, and trains with the shared `Worker`. The
+same spec and `Config` reach the same weights as `fedmoe.run_federation`.
 
 On the wire a `QTensor` is two uint8 arrays in an ArrayRecord (`name/payload`, `name/scales`) and its
-bit-width and shape in a ConfigRecord (`name/bits`, `name/shape`). A node's AdamW state, error-feedback
-residuals and batch-sampler state stay in its `Context.state` between rounds (the simulation engine
-keeps each node's Context and hands it to whichever Ray actor runs the node next), pickled into one bytes
-value of a ConfigRecord: `ErrorFeedback` keeps its residuals private, and the state never leaves the node.
-The centroid router is built from federated statistics: every client sends the sum and count of its
-units' feature vectors and the server divides. The routed ensemble (top-1) is evaluated on the test split after every round.
+bit-width and shape in a ConfigRecord (`name/bits`, `name/shape`). A node's optimiser state, error-feedback
+residuals and batch-sampler state stay in its `Context.state` between rounds, pickled into one bytes value
+(the simulation engine keeps each node's Context and hands it to whichever Ray actor runs the node next).
 
-`fedavg_baseline` runs Flower's stock FedAvg on the task's dense model, the peer baseline of
-bench/communication.py. Flower never phones home nor installs anything from here: the environment
-variables below are set at import.
+Settings come as a `Config` (`simulate_federation`, `fedmoe simulate`) or from the Flower run config
+(`flwr run .`, `[tool.flwr.app.config]`; see `config_from_run_config`). Flower never phones home nor
+installs anything from here: the environment variables below are set at import.
 """
 
 from __future__ import annotations
@@ -32,39 +31,32 @@ for _name, _value in (
 ):
     os.environ.setdefault(_name, _value)
 
+import copy
 import json
 import logging
-import math
 import pickle
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path as FsPath
 from typing import Any
 
 import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.serverapp.strategy import Strategy
 from flwr.simulation import run_simulation
+from torch import nn
 
+from fedmoe.assignment import PROFILES, parse_profiles
 from fedmoe.compress.quant import QTensor
-from fedmoe.data import iid
-from fedmoe.ensemble import Ensemble
-from fedmoe.experiment import ExperimentConfig, assign_clients, evaluate_ensemble, evaluate_model, lr_scale, make_shards, outer_optimizer
-from fedmoe.federation import Assignment
+from fedmoe.config import Config, InnerConfig
+from fedmoe.engine import NETWORK_SCHEMES, Engine
 from fedmoe.modular import ModularModel, Path
-from fedmoe.models import ModelSpec
-from fedmoe.outer import OuterOptimizer
-from fedmoe.router import CentroidRouter
-from fedmoe.aggregate import aggregate
-from fedmoe.assignment import parse_profiles
-from fedmoe.tasks import Task, load_task
-from fedmoe.train import Batch, InnerConfig, train_local
-from fedmoe.worker import Upload, Variant, Worker, deliver, round_masks
+from fedmoe.outer import Update
+from fedmoe.spec import Spec, load_spec
+from fedmoe.worker import Job, Upload, Variant, Worker, round_masks
 
 log = logging.getLogger("fedmoe.flower")
 
@@ -72,136 +64,48 @@ STATE_KEY = "fedmoe-worker"
 NODE_WAIT_S = 600.0
 
 
-@dataclass(frozen=True)
-class FlowerConfig:
-    """A federation run through Flower: task, grid, clients and their device profiles, rounds, inner and outer settings.
+# -- settings ---------------------------------------------------------------------------------------
+def config_from_run_config(run_config: Mapping[str, Any]) -> Config:
+    """The `Config` of a Flower run config (`[tool.flwr.app.config]` in pyproject.toml, `flwr run -c`).
 
-    The paths of the grid share the clients out in turn: path p gets `clients // n_paths` of them, one
-    more for the first `clients % n_paths` paths, and its clients cycle through `profiles` and split its
-    shard evenly at random (`assign_clients`). With `clients = n_paths * len(profiles)` this is exactly
-    `assign_clients` for the same settings. Sub-model schemes are width schemes only: a client rebuilds its
-    masks from (variant, round, seed) and shapes, never from weights it does not hold.
+    "spec" is the spec's import string and "config" an optional fedmoe TOML file; every other key is a
+    dotted Config key overriding the file's (Flower flattens nested tables, so `[tool.flwr.app.config.inner]
+    steps = 20` arrives as "inner.steps"). Shortcuts: "grid" as "2x2", "clients" for clients.count,
+    "profiles" (a mix or profile names joined by commas) for clients.profiles. An empty string leaves a key
+    unset (the file's value, else the default: e.g. outer.lr "" is chosen by `resolve_outer`). "out" (the
+    checkpoint directory) is the ServerApp's, not the Config's.
     """
-
-    task: str = "digits"
-    grid: tuple[int, ...] = (4,)
-    clients: int = 8
-    profiles: tuple[str, ...] = ("fp32", "int8", "int4-p50", "fp32-p25")
-    rounds: int = 3
-    inner: InnerConfig = field(default_factory=lambda: InnerConfig(steps=20))
-    outer_lr: float = 0.7
-    outer_momentum: float = 0.9
-    partition: str = "clustered"
-    clustering: str = "kmeans"
-    scheme: str = "rolling"
-    lr_schedule: str = "constant"
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.scheme == "magnitude":
-            raise ValueError("magnitude masks depend on weights a pruned client never receives: use rolling, static or random")
-        if not self.profiles:
-            raise ValueError("name at least one device profile")
-        parse_profiles(",".join(self.profiles))
-        if self.clients < self.n_paths:
-            raise ValueError(f"{self.clients} clients cannot train {self.n_paths} paths: give at least one client per path")
-        if self.rounds < 1:
-            raise ValueError(f"rounds must be at least 1, got {self.rounds}")
-
-    @property
-    def n_paths(self) -> int:
-        """Number of paths, hence of shards and of experts in the ensemble."""
-        return math.prod(self.grid)
-
-    def experiment(self, profiles: tuple[str, ...] | None = None) -> ExperimentConfig:
-        """The in-process experiment settings these stand for (no shared phase, centroid router)."""
-        return ExperimentConfig(
-            self.grid, self.rounds, 0, self.inner, self.outer_lr, self.outer_momentum, self.clustering, "centroid",
-            self.lr_schedule, self.profiles if profiles is None else profiles, self.scheme, self.seed,
-        )
-
-    @classmethod
-    def from_run_config(cls, run_config: Mapping[str, Any]) -> FlowerConfig:
-        """Settings from a Flower run config (`[tool.flwr.app.config]` in pyproject.toml, `flwr run -c`)."""
-        default = cls()
-        get = run_config.get
-        inner = InnerConfig(
-            steps=int(get("steps", default.inner.steps)), lr=float(get("lr", default.inner.lr)),
-            batch_size=int(get("batch-size", default.inner.batch_size)),
-        )
-        return cls(
-            task=str(get("task", default.task)),
-            grid=tuple(int(n) for n in str(get("grid", "x".join(map(str, default.grid)))).lower().split("x")),
-            clients=int(get("clients", default.clients)),
-            profiles=parse_profiles(str(get("profiles", ",".join(default.profiles)))),
-            rounds=int(get("rounds", default.rounds)),
-            inner=inner,
-            outer_lr=float(get("outer-lr", default.outer_lr)),
-            outer_momentum=float(get("outer-momentum", default.outer_momentum)),
-            partition=str(get("partition", default.partition)),
-            clustering=str(get("clustering", default.clustering)),
-            scheme=str(get("scheme", default.scheme)),
-            lr_schedule=str(get("lr-schedule", default.lr_schedule)),
-            seed=int(get("seed", default.seed)),
-        )
+    values = dict(run_config)
+    values.pop("out", None)
+    config_file = str(values.pop("config", "") or "") or None
+    overrides: dict[str, Any] = {}
+    for key, value in values.items():
+        if value == "":
+            continue
+        if key == "clients":
+            key = "clients.count"
+        if key in ("profiles", "clients.profiles"):
+            key, value = "clients.profiles", parse_profiles(str(value))
+        overrides[key] = value
+    return Config.load(config_file, overrides)
 
 
-def client_assignments(model: ModularModel, paths: list[Path], shards: list[np.ndarray], config: FlowerConfig) -> list[Assignment]:
-    """Every client's assignment, path by path, as `assign_clients` makes them (see `FlowerConfig`)."""
-    assignments: list[Assignment] = []
-    for p, (path, units) in enumerate(zip(paths, shards)):
-        k = config.clients // len(paths) + (p < config.clients % len(paths))
-        profiles = tuple(config.profiles[j % len(config.profiles)] for j in range(k))
-        assignments += assign_clients(model, [path], [units], config.experiment(profiles))
-    return assignments
+def load_checked(config: Config) -> Spec:
+    """The spec of `config`, after refusing what a Flower federation cannot run."""
+    if config.compression.scheme not in NETWORK_SCHEMES:
+        raise ValueError(f"compression.scheme {config.compression.scheme!r}: its masks depend on weights a "
+                         f"pruned client never receives; use one of {', '.join(NETWORK_SCHEMES)}")
+    spec = load_spec(config.spec)
+    if spec.data is None:
+        raise ValueError(f"spec {spec.ref or spec.name!r} has no data loader: Flower's clients load their "
+                         "data with spec.data")
+    return spec
 
 
-@dataclass
-class Federation:
-    """The server's side of a run: task, grid and its shards, one assignment per client, the outer optimiser."""
-
-    config: FlowerConfig
-    task: Task
-    spec: ModelSpec
-    model: ModularModel
-    paths: list[Path]
-    shards: list[np.ndarray]
-    assignments: list[Assignment]
-    outer: OuterOptimizer
-    schedule: Callable[[int], float] | None
-
-    def inner(self, round: int) -> InnerConfig:
-        """The inner settings of round `round` (0-based), learning rate scheduled as `train_federation` does."""
-        inner = self.config.inner
-        return inner if self.schedule is None else replace(inner, lr=inner.lr * self.schedule(round))
-
-    def worker_seed(self, client: int) -> int:
-        """Client `client`'s worker seed (sub-model masks)."""
-        return self.config.seed + client
-
-    def batch_seed(self, client: int) -> int:
-        """Client `client`'s batch-sampler seed."""
-        return self.config.seed + 1000 * client
-
-
-def build_federation(config: FlowerConfig) -> Federation:
-    """The grid, shards, client assignments and outer optimiser of a run; the same for the same config."""
-    task = cached_task(config.task)
-    spec = task.model_spec(config.grid)
-    model = spec.build(config.seed)
-    paths = model.paths()
-    shards, _ = make_shards(task, config.partition, len(paths), config.seed, config.clustering)
-    experiment = config.experiment()
-    return Federation(
-        config, task, spec, model, paths, shards, client_assignments(model, paths, shards, config),
-        outer_optimizer(model, experiment), lr_scale(experiment),
-    )
-
-
-@lru_cache(maxsize=4)
-def cached_task(name: str) -> Task:
-    """A task by name, loaded once per process (server, or a Ray actor running many nodes)."""
-    return load_task(name)
+def client_profile(config: Config, index: int) -> str:
+    """The device profile of the `index`-th client enrolled, as `fedmoe.federation.default_clients` gives."""
+    profiles = parse_profiles(",".join(config.clients.profiles)) or ("fp32",)
+    return profiles[(index // config.n_paths) % len(profiles)]
 
 
 # -- wire form --------------------------------------------------------------------------------------
@@ -231,70 +135,115 @@ def decode_tensors(arrays: ArrayRecord, meta: ConfigRecord) -> dict[str, QTensor
     }
 
 
-# -- server -----------------------------------------------------------------------------------------
-class ExpertStrategy(Strategy):
-    """DiLoCo over a grid of experts/paths: each node gets its own path and variant, replies are aggregated per module.
+def _header(path: Path, variant: Variant, round: int, seed: int) -> dict[str, Any]:
+    return {"path": str(path), "bits": variant.bits, "density": variant.density, "scheme": variant.scheme,
+            "round": round, "seed": seed}
 
-    `nodes[i]` runs client i of `federation.assignments`. The global model lives in `federation.model`;
-    the ArrayRecord that `Strategy.start` passes around is its state, returned after every outer step.
+
+def _variant(header: ConfigRecord) -> Variant:
+    return Variant(int(header["bits"]), float(header["density"]), str(header["scheme"]))
+
+
+def encode_job(job: Job, config: Config) -> RecordDict:
+    """A job as records: its tensors, a header (with what a client builds its path model from), inner."""
+    weights, shapes = encode_tensors(job.tensors)
+    header = ConfigRecord({
+        **_header(job.path, job.variant, job.round, job.seed),
+        "spec": config.spec, "grid": list(config.grid), "config-seed": config.seed,
+    })
+    inner = ConfigRecord(job.inner.model_dump())
+    return RecordDict({"weights": weights, "shapes": shapes, "job": header, "inner": inner})
+
+
+def decode_job(content: RecordDict, path_model: nn.Module) -> Job:
+    """The job of `encode_job`, its masks recomputed for `path_model` (the client's own copy of its path)."""
+    header = content["job"]
+    variant, round, seed = _variant(header), int(header["round"]), int(header["seed"])
+    inner = InnerConfig(**{key: content["inner"][key] for key in InnerConfig.model_fields})
+    tensors = decode_tensors(content["weights"], content["shapes"])
+    masks = round_masks(path_model, variant, round, seed)
+    return Job(Path.parse(str(header["path"])), variant, round, seed, inner, tensors, masks)
+
+
+def encode_upload(upload: Upload) -> RecordDict:
+    """An upload as records: its tensors, a header (path, variant, round, seed), its weight and inner loss."""
+    arrays, shapes = encode_tensors(upload.tensors)
+    metrics = MetricRecord({"weight": upload.weight, "loss": upload.loss, "upload-bytes": upload.nbytes})
+    header = ConfigRecord(_header(upload.path, upload.variant, upload.round, upload.seed))
+    return RecordDict({"upload": arrays, "shapes": shapes, "header": header, "metrics": metrics})
+
+
+def decode_upload(content: RecordDict) -> Upload:
+    """Inverse of `encode_upload` (the engine checks it against the sender's assignment)."""
+    header, metrics = content["header"], content["metrics"]
+    tensors = decode_tensors(content["upload"], content["shapes"])
+    path, round, seed = Path.parse(str(header["path"])), int(header["round"]), int(header["seed"])
+    weight, loss = float(metrics["weight"]), float(metrics["loss"])
+    return Upload(path, _variant(header), round, seed, weight, tensors, loss)
+
+
+# -- server -----------------------------------------------------------------------------------------
+class EngineStrategy(Strategy):
+    """The engine's rounds as a Flower Strategy: each client gets its own job, the engine closes the round.
+
+    `clients` maps node ids to enrolled client ids. The ArrayRecord that `Strategy.start` passes around
+    is the grid's state, returned after every outer step; `rounds` collects `engine.close_round`'s metrics.
     """
 
-    def __init__(self, federation: Federation, nodes: list[int]):
-        if len(nodes) != len(federation.assignments):
-            raise ValueError(f"{len(nodes)} nodes for {len(federation.assignments)} clients")
-        self.federation = federation
-        self.nodes = nodes
-        self.client_of = {node: i for i, node in enumerate(nodes)}
+    def __init__(self, engine: Engine, clients: Mapping[int, str]):
+        self.engine = engine
+        self.clients = dict(clients)
+        self.rounds: list[dict[str, Any]] = []
 
     def summary(self) -> None:
         """Log the run's shape."""
-        fed = self.federation
-        variants = sorted({a.variant.name for a in fed.assignments})
-        log.info("%d clients on %d paths (grid %s), variants %s", len(self.nodes), len(fed.paths), fed.config.grid, ", ".join(variants))
+        engine = self.engine
+        variants = sorted({engine.assignments[c].variant.name for c in self.clients.values()})
+        log.info("%d clients on %d paths (grid %s), variants %s, aggregation %s", len(self.clients),
+                 len(engine.paths), "x".join(map(str, engine.config.grid)), ", ".join(variants),
+                 engine.config.aggregation.rule)
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        """One message per client: its path as its variant holds it, and its job (path, variant, round, seeds, units)."""
-        fed, round = self.federation, server_round - 1
-        inner = fed.inner(round)
-        messages = []
-        for i, (node, a) in enumerate(zip(self.nodes, fed.assignments)):
-            path_model = fed.model.compose(a.path)
-            masks = round_masks(path_model, a.variant, round, fed.worker_seed(i))
-            weights, shapes = encode_tensors(deliver(path_model, a.variant, masks))
-            job = ConfigRecord({
-                "client": i, "task": fed.config.task, "spec": json.dumps(fed.spec.to_dict()), "path": str(a.path),
-                "bits": a.variant.bits, "density": a.variant.density, "scheme": a.variant.scheme, "round": round,
-                "seed": fed.worker_seed(i), "batch-seed": fed.batch_seed(i), "units": [int(u) for u in a.units],
-                **{f"inner-{k.replace('_', '-')}": v for k, v in asdict(inner).items()},
-            })
-            content = RecordDict({"weights": weights, "shapes": shapes, "job": job})
-            messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(server_round)))
-        return messages
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """One message per client: `engine.job` of the open round in wire form."""
+        return [
+            Message(encode_job(self.engine.job(client_id), self.engine.config), dst_node_id=node,
+                    message_type=MessageType.TRAIN, group_id=str(server_round))
+            for node, client_id in self.clients.items()
+        ]
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Decode the uploads (in client order), average them per module and take the outer step."""
-        fed, round = self.federation, server_round - 1
-        uploads: dict[int, Upload] = {}
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Decode and check the uploads, then close the round with them in client order (failed or refused
+        replies are left out)."""
+        received: dict[str, tuple[Upload, Update]] = {}
         for reply in replies:
+            node = reply.metadata.src_node_id
             if reply.has_error():
-                log.warning("round %d: node %d failed: %s", server_round, reply.metadata.src_node_id, reply.error.reason)
+                log.warning("round %d: node %d failed: %s", server_round, node, reply.error.reason)
                 continue
-            i = self.client_of[reply.metadata.src_node_id]
-            a = fed.assignments[i]
-            tensors = decode_tensors(reply.content["upload"], reply.content["shapes"])
-            loss = float(reply.content["metrics"]["loss"])
-            uploads[i] = Upload(a.path, a.variant, round, fed.worker_seed(i), float(len(a.units)), tensors, loss)
-        ordered = [uploads[i] for i in sorted(uploads)]
-        fed.outer.step(*aggregate(fed.model, ordered))
-        metrics = MetricRecord({
-            "clients": len(ordered),
-            "loss": float(np.mean([u.loss for u in ordered])) if ordered else float("nan"),
-            "upload-bytes": sum(u.nbytes for u in ordered),
-        })
-        return ArrayRecord(fed.model.state_dict()), metrics
+            client_id = self.clients[node]
+            try:
+                upload = decode_upload(reply.content)
+                if upload.round != self.engine.round:
+                    raise ValueError(f"update for round {upload.round}, round {self.engine.round} is open")
+                received[client_id] = (upload, self.engine.decode(client_id, upload))
+            except (KeyError, ValueError) as e:
+                log.warning("round %d: refused the update of %s (node %d): %s", server_round, client_id,
+                            node, e)
+        if not received:
+            raise RuntimeError(f"round {server_round}: no client sent a usable update")
+        ordered = [received[c] for c in sorted(received)]
+        metrics = self.engine.close_round([u for u, _ in ordered], [d for _, d in ordered])
+        self.rounds.append(metrics)
+        return ArrayRecord(self.engine.model.state_dict()), MetricRecord(metrics)
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        """No client-side evaluation: the routed ensemble is evaluated on the server."""
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """No client-side evaluation: the engine evaluates the routed ensemble on the spec's eval set."""
         return []
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -312,76 +261,88 @@ def wait_for_nodes(grid: Grid, n: int, timeout_s: float = NODE_WAIT_S) -> list[i
     return nodes[:n]
 
 
-def federated_centroids(grid: Grid, federation: Federation, nodes: list[int]) -> np.ndarray:
-    """Each path's centroid from its clients' feature sums and counts (the clients never send their data)."""
-    fed = federation
-    messages = [
-        Message(RecordDict({"job": ConfigRecord({"task": fed.config.task, "units": [int(u) for u in a.units]})}), dst_node_id=node, message_type=MessageType.QUERY)
-        for node, a in zip(nodes, fed.assignments)
-    ]
-    client_of = {node: i for i, node in enumerate(nodes)}
-    path_index = {path: k for k, path in enumerate(fed.paths)}
-    sums = np.zeros((len(fed.paths), fed.task.features.shape[1]))
-    counts = np.zeros(len(fed.paths))
+def enrol(grid: Grid, engine: Engine, nodes: list[int]) -> dict[int, str]:
+    """Ask every node for its partition and routing statistics, then enrol the nodes in partition order.
+
+    The i-th node enrolled is client f"c{i:04d}" with `client_profile(config, i)`; its path, variant and seed
+    come from `engine.assign`. Returns {node id: client id}.
+    """
+    content = RecordDict({"query": ConfigRecord({"spec": engine.config.spec})})
+    messages = [Message(content, dst_node_id=node, message_type=MessageType.QUERY) for node in nodes]
+    reports: dict[int, tuple[int, np.ndarray, float]] = {}
     for reply in grid.send_and_receive(messages):
+        node = reply.metadata.src_node_id
         if reply.has_error():
-            raise RuntimeError(f"node {reply.metadata.src_node_id} failed to send its feature statistics: {reply.error.reason}")
-        k = path_index[fed.assignments[client_of[reply.metadata.src_node_id]].path]
-        sums[k] += reply.content["stats"]["sum"].numpy()
-        counts[k] += float(reply.content["count"]["count"])
-    if (counts == 0).any():
-        raise RuntimeError(f"no feature statistics for paths {np.flatnonzero(counts == 0).tolist()}")
-    return (sums / counts[:, None]).astype(np.float32)
+            raise RuntimeError(f"node {node} failed to send its routing statistics: {reply.error.reason}")
+        stats = reply.content["stats"]
+        feature_sum = reply.content["features"]["sum"].numpy()
+        reports[node] = (int(stats["partition-id"]), feature_sum, float(stats["count"]))
+    missing = sorted(set(nodes) - set(reports))
+    if missing:
+        raise RuntimeError(f"no routing statistics from nodes {missing}")
+    clients = {}
+    for i, node in enumerate(sorted(nodes, key=lambda n: (reports[n][0], n))):
+        client_id = f"c{i:04d}"
+        engine.assign(client_id, PROFILES[client_profile(engine.config, i)])
+        engine.add_features(client_id, *reports[node][1:])
+        clients[node] = client_id
+    return clients
 
 
-def run_server(grid: Grid, config: FlowerConfig, out: FsPath | None = None) -> dict[str, Any]:
-    """The ServerApp's work: route by federated centroids, train `config.rounds` rounds, evaluate after each.
+def run_server(grid: Grid, config: Config, out: FsPath | None = None) -> dict[str, Any]:
+    """The ServerApp's work: enrol the nodes, train `config.rounds` rounds with the engine, save the ensemble.
 
-    Returns the config, the clients and per-round metrics (mean inner loss, upload bytes, ensemble top-1);
-    saves the ensemble checkpoint and results.json to `out` when given.
+    Returns the config, the spec's headline metric, the ensemble's metrics before training ("initial", when
+    the spec has an eval set), each round's metrics (`Engine.close_round`'s), the clients (path, variant,
+    examples) and the seconds taken; saves the ensemble checkpoint and results.json to `out` when given.
     """
     started = time.perf_counter()
-    fed = build_federation(config)
-    nodes = wait_for_nodes(grid, config.clients)
-    centroids = federated_centroids(grid, fed, nodes)
-    ensemble = Ensemble(fed.spec, fed.model, fed.paths, CentroidRouter(centroids))
+    spec = load_checked(config)
+    engine = Engine(spec, config)
+    clients = enrol(grid, engine, wait_for_nodes(grid, config.clients.count or config.n_paths))
+    strategy = EngineStrategy(engine, clients)
+    initial: dict[str, float] = {}
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        top1 = evaluate_ensemble(ensemble, fed.task, 1)
-        log.info("round %d/%d: routed ensemble top-1 %s %.4f", server_round, config.rounds, fed.task.metric, top1)
-        return MetricRecord({"top1": top1})
+        if server_round == 0:
+            initial.update(engine.evaluate())
+            return MetricRecord(initial)
+        return MetricRecord({key: strategy.rounds[-1][key] for key in initial})
 
-    strategy = ExpertStrategy(fed, nodes)
-    result = strategy.start(grid, ArrayRecord(fed.model.state_dict()), num_rounds=config.rounds, evaluate_fn=evaluate)
-    rounds = [
-        {"round": r, "top1": float(result.evaluate_metrics_serverapp[r]["top1"]), **{k.replace("-", "_"): m[k] for k in m}}
-        for r, m in sorted(result.train_metrics_clientapp.items())
-    ]
+    strategy.start(grid, ArrayRecord(engine.model.state_dict()), num_rounds=config.rounds - engine.round,
+                   evaluate_fn=evaluate if spec.eval_data is not None else None)
+    assignments, counts = {c: engine.assignments[c] for c in sorted(clients.values())}, engine.feature_counts
     results = {
-        "config": asdict(config),
-        "metric": fed.task.metric,
-        "initial_top1": float(result.evaluate_metrics_serverapp[0]["top1"]),
-        "rounds": rounds,
-        "clients": [{"client": i, "path": str(a.path), "variant": a.variant.name, "units": len(a.units)} for i, a in enumerate(fed.assignments)],
-        "centroids": centroids.tolist(),
+        "config": config.model_dump(mode="json"),
+        "metric": spec.metric,
+        "initial": initial,
+        "rounds": strategy.rounds,
+        "clients": [
+            {"client": c, "path": str(a.path), "variant": a.variant.name, "examples": int(counts[c])}
+            for c, a in assignments.items()
+        ],
         "seconds": time.perf_counter() - started,
     }
     if out is not None:
-        ensemble.save(out, extra={"task": config.task, "flower": asdict(config)})
+        engine.ensemble().save(out, extra={"config": results["config"]})
         (FsPath(out) / "results.json").write_text(json.dumps(results, indent=2))
     return results
 
 
-def make_server_app(config: FlowerConfig | None = None, out: FsPath | None = None, report: Callable[[dict[str, Any]], None] | None = None) -> ServerApp:
+def make_server_app(
+    config: Config | None = None,
+    out: FsPath | None = None,
+    report: Callable[[dict[str, Any]], None] | None = None,
+) -> ServerApp:
     """A ServerApp running `run_server`; settings from `config`, else from the run config (`flwr run`).
 
-    `out` (else the run config's "out", when not empty) receives the checkpoint; `report` receives the results.
+    `out` (else the run config's "out", when not empty) receives the checkpoint; `report` the results.
     """
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        settings = config or FlowerConfig.from_run_config(context.run_config)
+        settings = config or config_from_run_config(context.run_config)
         directory = out or (FsPath(str(context.run_config["out"])) if context.run_config.get("out") else None)
         results = run_server(grid, settings, directory)
         if report is not None:
@@ -391,63 +352,70 @@ def make_server_app(config: FlowerConfig | None = None, out: FsPath | None = Non
 
 
 # -- client -----------------------------------------------------------------------------------------
-class _Batches:
-    """The stream `Task.batches` yields (same generator, same draws), whose generator state can be kept between rounds."""
+@lru_cache(maxsize=8)
+def cached_spec(ref: str) -> Spec:
+    """A spec by import string, loaded once per process (a Ray actor runs many nodes)."""
+    return load_spec(ref)
 
-    def __init__(self, task: Task, units: np.ndarray, batch_size: int, seed: int):
-        self.task, self.units, self.batch_size = task, np.asarray(units), batch_size
-        self.generator = torch.Generator().manual_seed(seed)
 
-    def __iter__(self) -> _Batches:
-        return self
+@lru_cache(maxsize=4)
+def _grid(ref: str, grid: tuple[int, ...], seed: int) -> ModularModel:
+    return cached_spec(ref).build(grid, seed)
 
-    def __next__(self) -> Batch:
-        return self.task.sample(self.units, self.batch_size, self.generator)
+
+def node_partition(context: Context) -> tuple[int, int]:
+    """This node's (partition-id, num-partitions) from its node config (the simulation engine sets them)."""
+    config = context.node_config
+    if "partition-id" not in config or "num-partitions" not in config:
+        raise ValueError("this node has no partition-id / num-partitions in its node config "
+                         "(start a SuperNode with --node-config 'partition-id=0 num-partitions=4')")
+    return int(config["partition-id"]), int(config["num-partitions"])
 
 
 client_app = ClientApp()
 
 
+@client_app.query()
+def routing_statistics(msg: Message, context: Context) -> Message:
+    """Reply with this node's partition and the sum and count of its training examples' routing features."""
+    spec = cached_spec(str(msg.content["query"]["spec"]))
+    partition, partitions = node_partition(context)
+    total, count = spec.feature_statistics(spec.data(partition, partitions).train)
+    stats = ConfigRecord({"partition-id": partition, "count": count})
+    content = RecordDict({"features": ArrayRecord({"sum": Array(total)}), "stats": stats})
+    return Message(content, reply_to=msg)
+
+
 @client_app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train this node's path for one round and reply with its outer gradient in wire form."""
-    job = msg.content["job"]
-    task = cached_task(str(job["task"]))
-    path = Path.parse(str(job["path"]))
-    variant = Variant(int(job["bits"]), float(job["density"]), str(job["scheme"]))
-    inner = InnerConfig(**{k: job[f"inner-{k.replace('_', '-')}"] for k in InnerConfig.__dataclass_fields__})
-    units = np.asarray(job["units"], dtype=np.int64)
-    round, seed = int(job["round"]), int(job["seed"])
-    batches = _Batches(task, units, inner.batch_size, int(job["batch-seed"]))
-    worker = Worker(path, batches, float(len(units)), variant, seed)
-    if STATE_KEY in context.state:  # this node's own state from its previous rounds, pickled by this function below
+    """Train this node's path for one round on its own data and reply with its outer gradient in wire form."""
+    header = msg.content["job"]
+    ref, grid = str(header["spec"]), tuple(int(n) for n in header["grid"])
+    spec = cached_spec(ref)
+    path = Path.parse(str(header["path"]))
+    path_model = copy.deepcopy(_grid(ref, grid, int(header["config-seed"])).compose(path))
+    job = decode_job(msg.content, path_model)
+    train_set = spec.data(*node_partition(context)).train
+    batches = train_set.batches(job.inner.batch_size, job.seed)
+    worker = Worker(spec, path_model, batches, len(train_set), job.variant)
+    if STATE_KEY in context.state:  # this node's own state from its previous rounds, pickled below
         state = pickle.loads(context.state[STATE_KEY]["state"])
         worker.optimizer_state, worker.feedback = state["optimizer"], state["feedback"]
         batches.generator.set_state(state["generator"])
-    path_model = ModelSpec.from_dict(json.loads(str(job["spec"]))).build().compose(path)
-    masks = round_masks(path_model, variant, round, seed)
-    upload = worker.train_round(path_model, decode_tensors(msg.content["weights"], msg.content["shapes"]), masks, inner, round)
-    state = {"optimizer": worker.optimizer_state, "feedback": worker.feedback, "generator": batches.generator.get_state()}
+    upload = worker.train_round(job)
+    state = {"optimizer": worker.optimizer_state, "feedback": worker.feedback,
+             "generator": batches.generator.get_state()}
     context.state[STATE_KEY] = ConfigRecord({"state": pickle.dumps(state)})
-    arrays, shapes = encode_tensors(upload.tensors)
-    metrics = MetricRecord({"loss": upload.loss, "weight": upload.weight, "upload-bytes": upload.nbytes})
-    return Message(RecordDict({"upload": arrays, "shapes": shapes, "metrics": metrics}), reply_to=msg)
-
-
-@client_app.query()
-def feature_stats(msg: Message, context: Context) -> Message:
-    """Reply with the sum and the count of this node's units' feature vectors."""
-    job = msg.content["job"]
-    features = cached_task(str(job["task"])).features[np.asarray(job["units"], dtype=np.int64)].astype(np.float64)
-    content = RecordDict({"stats": ArrayRecord({"sum": Array(features.sum(0))}), "count": MetricRecord({"count": len(features)})})
-    return Message(content, reply_to=msg)
+    return Message(encode_upload(upload), reply_to=msg)
 
 
 server_app = make_server_app()
 
 
 # -- running a simulation ---------------------------------------------------------------------------
-def backend_config(cpus_per_client: float = 1, gpus_per_client: float = 0, ray_address: str | None = None) -> dict[str, Any]:
+def backend_config(
+    cpus_per_client: float = 1, gpus_per_client: float = 0, ray_address: str | None = None
+) -> dict[str, Any]:
     """Ray backend settings: resources per virtual client and, for an existing cluster, its address."""
     config: dict[str, Any] = {"client_resources": {"num_cpus": cpus_per_client, "num_gpus": gpus_per_client}}
     address = ray_address or os.environ.get("RAY_ADDRESS")
@@ -457,156 +425,50 @@ def backend_config(cpus_per_client: float = 1, gpus_per_client: float = 0, ray_a
 
 
 class _RunSimulationNotice(logging.Filter):
-    """Drops Flower's advice to call `flwr run` instead of `run_simulation`: fedmoe makes that call, and offers `flwr run` too."""
+    """Drops Flower's advice to call `flwr run` instead of `run_simulation` (fedmoe offers `flwr run` too)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "`run_simulation` function is deprecated" not in record.getMessage()
 
 
-def _run(server: ServerApp, client: ClientApp, nodes: int, cpus_per_client: float, gpus_per_client: float, ray_address: str | None, verbose: bool) -> None:
+def run_apps(
+    server: ServerApp,
+    client: ClientApp,
+    nodes: int,
+    cpus_per_client: float = 1,
+    gpus_per_client: float = 0,
+    ray_address: str | None = None,
+    verbose: bool = False,
+) -> None:
+    """Run a ServerApp and a ClientApp on `nodes` virtual nodes with Flower's simulation engine (Ray)."""
     notice, flower_log = _RunSimulationNotice(), logging.getLogger("flwr")
     flower_log.addFilter(notice)
     try:
-        run_simulation(server, client, nodes, backend_config=backend_config(cpus_per_client, gpus_per_client, ray_address), verbose_logging=verbose)
+        backend = backend_config(cpus_per_client, gpus_per_client, ray_address)
+        run_simulation(server, client, nodes, backend_config=backend, verbose_logging=verbose)
     finally:
         flower_log.removeFilter(notice)
 
 
 def simulate_federation(
-    config: FlowerConfig,
+    config: Config,
     cpus_per_client: float = 1,
     gpus_per_client: float = 0,
     ray_address: str | None = None,
     out: FsPath | None = None,
     verbose: bool = False,
 ) -> dict[str, Any]:
-    """Run `config` with `config.clients` virtual nodes on Ray (local, or the cluster at `ray_address`/RAY_ADDRESS).
+    """Run `config` with `config.clients.count` (default: one per path) virtual nodes on Ray (local, or the
+    cluster at `ray_address` / $RAY_ADDRESS); node i holds `spec.data(i, n)`.
 
-    Returns what `run_server` returns; raises what the ServerApp raised.
+    Returns what `run_server` returns; raises ValueError for a config Flower cannot run, and what the
+    ServerApp raised.
     """
+    load_checked(config)
     results: list[dict[str, Any]] = []
-    _run(make_server_app(config, out, results.append), client_app, config.clients, cpus_per_client, gpus_per_client, ray_address, verbose)
+    nodes = config.clients.count or config.n_paths
+    server = make_server_app(config, out, results.append)
+    run_apps(server, client_app, nodes, cpus_per_client, gpus_per_client, ray_address, verbose)
     if not results:
         raise RuntimeError("the simulation ended without results")
     return results[0]
-
-
-def simulate(
-    clients: int,
-    profiles: tuple[str, ...],
-    rounds: int,
-    grid: tuple[int, ...] = (4,),
-    steps: int = 20,
-    task: str = "digits",
-    lr: float = 3e-3,
-    batch_size: int = 32,
-    outer_lr: float = 0.7,
-    outer_momentum: float = 0.9,
-    partition: str = "clustered",
-    clustering: str = "kmeans",
-    scheme: str = "rolling",
-    lr_schedule: str = "constant",
-    seed: int = 0,
-    cpus_per_client: float = 1,
-    gpus_per_client: float = 0,
-    ray_address: str | None = None,
-    out: FsPath | None = None,
-    verbose: bool = False,
-) -> dict[str, Any]:
-    """Train experts/paths with `clients` virtual Flower clients of the given device profiles; per-round metrics.
-
-    See `FlowerConfig` for how clients are assigned and `simulate_federation` for the rest.
-    """
-    config = FlowerConfig(
-        task, tuple(grid), clients, tuple(profiles), rounds, InnerConfig(steps, lr, batch_size=batch_size), outer_lr, outer_momentum,
-        partition, clustering, scheme, lr_schedule, seed,
-    )
-    return simulate_federation(config, cpus_per_client, gpus_per_client, ray_address, out, verbose)
-
-
-# -- the peer baseline: Flower's stock FedAvg on the dense model ------------------------------------
-fedavg_client_app = ClientApp()
-
-
-@lru_cache(maxsize=4)
-def fedmoe_client_units(task: str, paths: int, clients: int, seed: int) -> tuple[np.ndarray, ...]:
-    """The units each client holds in the fedmoe federation of `clients` clients on `paths` clustered shards."""
-    return tuple(a.units for a in build_federation(FlowerConfig(task, (paths,), clients, seed=seed)).assignments)
-
-
-@fedavg_client_app.train()
-def fedavg_train(msg: Message, context: Context) -> Message:
-    """Train the dense model for the configured local epochs on this node's part of the data; reply with its weights.
-
-    The part is an iid one (`paths` 0), or what the fedmoe client with the same id holds when its federation
-    has `paths` clustered shards: the same clients with the same data.
-    """
-    config = msg.content["config"]
-    task = cached_task(str(config["task"]))
-    partition, partitions = int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
-    seed, batch_size, paths = int(config["seed"]), int(config["batch-size"]), int(config["paths"])
-    units = fedmoe_client_units(task.name, paths, partitions, seed)[partition] if paths else iid(task.n_units, partitions, seed=seed)[partition]
-    model = ModelSpec.from_dict(json.loads(str(config["spec"]))).build()
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    steps = int(config["epochs"]) * math.ceil(len(units) / batch_size)
-    inner = InnerConfig(steps, float(config["lr"]), batch_size=batch_size)
-    batches = task.batches(units, batch_size, seed + 1000 * partition + int(config["server-round"]))
-    loss, _ = train_local(model.compose(Path((0,))), batches, inner)
-    state = model.state_dict()
-    metrics = MetricRecord({"num-examples": len(units), "loss": loss, "local-steps": steps,
-                            "upload-bytes": sum(t.numel() * t.element_size() for t in state.values())})
-    return Message(RecordDict({"arrays": ArrayRecord(state), "metrics": metrics}), reply_to=msg)
-
-
-def fedavg_baseline(
-    clients: int,
-    rounds: int,
-    task: str = "digits",
-    epochs: int = 1,
-    lr: float = 3e-3,
-    batch_size: int = 32,
-    paths: int = 0,
-    seed: int = 0,
-    cpus_per_client: float = 1,
-    gpus_per_client: float = 0,
-    ray_address: str | None = None,
-    verbose: bool = False,
-) -> dict[str, Any]:
-    """Flower's FedAvg on the task's dense model (one module), each client `epochs` local AdamW epochs per round.
-
-    Clients hold iid parts of the data (`paths` 0), or the data of the fedmoe clients in a federation of
-    `paths` clustered shards (`fedmoe_client_units`). Returns per-round test metric (server side), bytes
-    each client uploaded (its fp32 weights) and its local steps.
-    """
-    results: list[dict[str, Any]] = []
-    server = ServerApp()
-
-    @server.main()
-    def main(grid: Grid, context: Context) -> None:
-        data = cached_task(task)
-        spec = data.model_spec((1,))
-        model = spec.build(seed)
-        dense = model.compose(Path((0,)))
-
-        def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-            model.load_state_dict(arrays.to_torch_state_dict())
-            return MetricRecord({data.metric: evaluate_model(dense, data)})
-
-        strategy = FedAvg(fraction_evaluate=0.0, min_train_nodes=clients, min_available_nodes=clients)
-        train_config = ConfigRecord({"task": task, "spec": json.dumps(spec.to_dict()), "epochs": epochs, "lr": lr, "batch-size": batch_size, "paths": paths, "seed": seed})
-        result = strategy.start(grid, ArrayRecord(model.state_dict()), num_rounds=rounds, train_config=train_config, evaluate_fn=evaluate)
-        results.append({
-            "metric": data.metric,
-            "rounds": [
-                {"round": r, data.metric: float(result.evaluate_metrics_serverapp[r][data.metric]),
-                 "loss": float(m["loss"]), "upload_bytes_per_client": int(round(float(m["upload-bytes"]))),
-                 "local_steps": float(m["local-steps"])}
-                for r, m in sorted(result.train_metrics_clientapp.items())
-            ],
-        })
-
-    _run(server, fedavg_client_app, clients, cpus_per_client, gpus_per_client, ray_address, verbose)
-    if not results:
-        raise RuntimeError("the simulation ended without results")
-    return results[0]
-

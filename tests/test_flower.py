@@ -1,4 +1,4 @@
-"""The Flower adapter: a simulation through Flower (Ray backend) equals the in-process runner."""
+"""The Flower runner: a simulation through Flower (Ray backend) equals the in-process runner on one Config."""
 
 from __future__ import annotations
 
@@ -11,135 +11,223 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
+import tomllib
 from pathlib import Path
 
-for _name, _value in (("FLWR_TELEMETRY_ENABLED", "0"), ("FLWR_DISABLE_UPDATE_CHECK", "1"), ("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")):
+for _name, _value in (
+    ("FLWR_TELEMETRY_ENABLED", "0"),
+    ("FLWR_DISABLE_UPDATE_CHECK", "1"),
+    ("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1"),
+):
     os.environ.setdefault(_name, _value)
 
 import numpy as np
 import pytest
 import torch
-
-from fedmoe.compress.quant import quantize
-from fedmoe.ensemble import Ensemble
-from fedmoe.experiment import assign_clients
-from fedmoe.federation import train_federation
-from fedmoe.assignment import MIXES
 from fedmoe.strategies.flower import (
-    FlowerConfig, build_federation, client_assignments, decode_tensors, encode_tensors, fedavg_baseline, fedmoe_client_units, simulate_federation,
+    config_from_run_config,
+    decode_job,
+    decode_tensors,
+    decode_upload,
+    encode_job,
+    encode_tensors,
+    encode_upload,
+    load_checked,
+    simulate_federation,
 )
-from fedmoe.train import InnerConfig
+from flwr.common.config import flatten_dict
 
-CONFIG = FlowerConfig(grid=(2,), clients=10, profiles=MIXES["mixed"], rounds=2, inner=InnerConfig(steps=8), lr_schedule="cosine")
+from fedmoe import Config, Ensemble, load_spec, run_federation
+from fedmoe.assignment import MIXES, PROFILES
+from fedmoe.compress.quant import quantize
+from fedmoe.config import ClientsConfig, InnerConfig
+from fedmoe.data import load_digits_split
+from fedmoe.engine import Engine
+from fedmoe.modular import Path as GridPath
+from fedmoe.spec import Spec
+from fedmoe.worker import Upload, Variant
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+SPEC = load_spec("fedmoe.models.digits:spec")
+CONFIG = Config(grid=(2,), rounds=2, inner=InnerConfig(steps=8, schedule="cosine"),
+                clients=ClientsConfig(count=10, profiles=MIXES["mixed"]))
 
 
 @pytest.fixture(scope="module")
 def flower_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Ensemble]:
-    """One Flower simulation: 10 virtual clients of mixed profiles, 2 rounds on digits; its results and checkpoint."""
+    """One Flower simulation: 10 virtual clients of mixed profiles, 2 rounds on digits."""
     out = tmp_path_factory.mktemp("flower") / "ensemble"
     results = simulate_federation(CONFIG, out=out)
     return results, Ensemble.load(out)
 
 
 @pytest.fixture(scope="module")
-def in_process() -> tuple:
-    """The same config through `train_federation` in this process: the federation and its per-round stats."""
-    fed = build_federation(CONFIG)
-    history = train_federation(fed.model, fed.assignments, fed.task, CONFIG.rounds, CONFIG.inner, fed.outer, CONFIG.seed, lr_scale=fed.schedule)
-    return fed, history
+def in_process():
+    """The same config through `run_federation` in this process."""
+    return run_federation(SPEC, CONFIG)
 
 
-def test_grid_weights_equal_the_in_process_run(flower_run: tuple[dict, Ensemble], in_process: tuple) -> None:
+def test_grid_weights_equal_the_in_process_run(flower_run: tuple[dict, Ensemble], in_process) -> None:
     _, ensemble = flower_run
-    fed, _ = in_process
-    initial = fed.spec.build(CONFIG.seed).module_states()
-    flower, local = ensemble.model.module_states(), fed.model.module_states()
+    initial = SPEC.build(CONFIG.grid, CONFIG.seed).module_states()
+    flower, local = ensemble.model.module_states(), in_process.engine.model.module_states()
     assert flower.keys() == local.keys() == initial.keys()
     for key in local:
         for name, t in local[key].items():
             assert not torch.equal(t, initial[key][name]), f"{key}/{name} did not change"
-            assert torch.allclose(flower[key][name], t, rtol=1e-4, atol=1e-5), f"{key}/{name}: max diff {(flower[key][name] - t).abs().max():.2e}"
+            got = flower[key][name]
+            message = f"{key}/{name}: max diff {(got - t).abs().max():.2e}"
+            assert torch.allclose(got, t, rtol=1e-4, atol=1e-5), message
 
 
-def test_round_metrics_match_the_in_process_run(flower_run: tuple[dict, Ensemble], in_process: tuple) -> None:
+def test_round_metrics_match_the_in_process_run(flower_run: tuple[dict, Ensemble], in_process) -> None:
     results, _ = flower_run
-    _, history = in_process
+    assert results["metric"] == "accuracy" and results["config"] == CONFIG.model_dump(mode="json")
     assert [r["round"] for r in results["rounds"]] == [1, 2]
-    assert [c["variant"] for c in results["clients"]] == ["fp32", "int8", "int4-p50", "fp32-p25", "fp32"] * 2
-    for row, stats in zip(results["rounds"], history):
-        assert row["clients"] == 10
-        assert row["upload_bytes"] == sum(s.upload_bytes for s in stats)
-        assert row["loss"] == pytest.approx(np.mean([s.loss for s in stats]), rel=1e-4)
-        assert 0.0 <= row["top1"] <= 1.0
+    variants = [v for v in MIXES["mixed"] for _ in range(2)] + ["fp32"] * 2  # profile i // 2 of the mix
+    assert [c["variant"] for c in results["clients"]] == variants
+    assert results["clients"] == in_process.clients
+    for row, local in zip(results["rounds"], in_process.rounds, strict=True):
+        assert row.keys() == local.keys()
+        assert (row["updates"], row["upload_bytes"]) == (10, local["upload_bytes"])
+        assert row["loss"] == pytest.approx(local["loss"], rel=1e-4)
+        assert row["accuracy"] == pytest.approx(local["accuracy"], abs=1e-3)
+        assert 0.0 <= row["accuracy"] <= 1.0
+    assert 0.0 <= results["initial"]["accuracy"] <= 1.0
 
 
-def test_federated_centroids_are_the_shard_means(flower_run: tuple[dict, Ensemble]) -> None:
-    _, ensemble = flower_run
-    fed = build_federation(CONFIG)
-    expected = np.stack([fed.task.features[shard].mean(0) for shard in fed.shards])
-    assert np.allclose(ensemble.router.centroids.numpy(), expected, atol=1e-6)
+def test_federated_centroids_are_the_mean_features_of_each_paths_clients(flower_run: tuple) -> None:
+    results, ensemble = flower_run
+    n = CONFIG.clients.count
+    by_path: dict[str, list[torch.Tensor]] = {}
+    for i, client in enumerate(results["clients"]):
+        by_path.setdefault(client["path"], []).append(SPEC.featurize(SPEC.data(i, n).train.inputs))
+    assert [str(p) for p in ensemble.paths] == sorted(by_path)
+    expected = np.stack([torch.cat(by_path[str(p)]).double().mean(0).numpy() for p in ensemble.paths])
+    assert np.allclose(ensemble.router.centroids.numpy(), expected, atol=1e-5)
 
 
-def test_clients_are_assign_clients_when_every_path_has_one_per_profile() -> None:
-    config = replace(CONFIG, clients=2 * len(MIXES["mixed"]))
-    fed = build_federation(config)
-    expected = assign_clients(fed.model, fed.paths, fed.shards, config.experiment())
-    got = client_assignments(fed.model, fed.paths, fed.shards, config)
-    assert [(a.path, a.variant, a.units.tolist()) for a in got] == [(a.path, a.variant, a.units.tolist()) for a in expected]
-
-
-def test_tensors_round_trip_through_records() -> None:
+def test_jobs_uploads_and_tensors_round_trip_through_records() -> None:
     tensors = {f"0.{bits}.weight": quantize(torch.randn(5, 3), bits) for bits in (32, 16, 8, 4)}
     decoded = decode_tensors(*encode_tensors(tensors))
     assert decoded.keys() == tensors.keys()
     for name, q in tensors.items():
-        assert (decoded[name].bits, decoded[name].shape, decoded[name].payload, decoded[name].scales) == (q.bits, q.shape, q.payload, q.scales)
+        got = decoded[name]
+        assert (got.bits, got.shape, got.payload, got.scales) == (q.bits, q.shape, q.payload, q.scales)
+
+    config = CONFIG.model_copy(update={"grid": (2, 2)})
+    engine = Engine(SPEC, config)
+    a = engine.assign("c0000", PROFILES["int4-p50"])
+    job = engine.job("c0000")
+    got = decode_job(encode_job(job, config), SPEC.build(config.grid).compose(a.path))
+    fields = ("path", "variant", "round", "seed", "inner")
+    assert [getattr(got, f) for f in fields] == [getattr(job, f) for f in fields]
+    assert got.masks.keys() == job.masks.keys()
+    assert all(torch.equal(got.masks[k], job.masks[k]) for k in job.masks)
+
+    def wire(tensors: dict) -> dict:
+        return {k: (q.bits, q.shape, q.payload, q.scales) for k, q in tensors.items()}
+
+    assert wire(got.tensors) == wire(job.tensors)
+
+    upload = Upload(GridPath((1, 0)), Variant(8, 0.5, "static"), 3, 7, 120.0, tensors, 1.25)
+    back = decode_upload(encode_upload(upload))
+    assert (back.path, back.variant, back.round, back.seed, back.weight, back.loss, back.nbytes) == (
+        upload.path, upload.variant, upload.round, upload.seed, upload.weight, upload.loss, upload.nbytes)
 
 
-def test_config_from_run_config_and_refusals() -> None:
-    config = FlowerConfig.from_run_config({"grid": "2x2", "clients": 6, "profiles": "mixed", "steps": 7, "outer-lr": 1.0})
-    assert (config.grid, config.clients, config.profiles, config.inner.steps, config.outer_lr) == ((2, 2), 6, MIXES["mixed"], 7, 1.0)
+def test_config_from_run_config_and_refusals(tmp_path: Path) -> None:
+    config = config_from_run_config({
+        "spec": "fedmoe.models.digits:spec", "config": "", "out": "runs/x", "grid": "2x2", "clients": 6,
+        "profiles": "mixed", "inner.steps": 7, "inner.batch-size": 16, "outer.lr": 1.0, "outer.momentum": "",
+        "aggregation.rule": "median",
+    })
+    assert (config.grid, config.clients.count, config.clients.profiles) == ((2, 2), 6, MIXES["mixed"])
+    assert (config.inner.steps, config.inner.batch_size) == (7, 16)
+    assert (config.outer.lr, config.outer.momentum, config.aggregation.rule) == (1.0, None, "median")
+    job = tmp_path / "job.toml"
+    job.write_text('[federation]\ngrid = [3]\nrounds = 5\n\n[inner]\nsteps = 9\nlr = 0.01\n')
+    config = config_from_run_config({"config": str(job), "inner.steps": 3, "clients.profiles": "fp32,int8"})
+    assert (config.grid, config.rounds, config.inner.steps, config.inner.lr) == ((3,), 5, 3, 0.01)
+    assert config.clients.profiles == ("fp32", "int8")
+
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        table = tomllib.load(f)["tool"]["flwr"]["app"]["config"]
+    config = config_from_run_config(flatten_dict(table))  # what `flwr run .` hands the ServerApp
+    assert config.spec == "fedmoe.models.digits:spec" and load_checked(config).name == "digits"
+
+    with pytest.raises(ValueError, match="stepz"):
+        config_from_run_config({"inner.stepz": 3})
     with pytest.raises(ValueError, match="magnitude"):
-        FlowerConfig(scheme="magnitude")
-    with pytest.raises(ValueError, match="at least one client per path"):
-        FlowerConfig(grid=(4,), clients=3)
+        simulate_federation(Config(compression={"scheme": "magnitude"}))
+    with pytest.raises(ValueError, match="data loader"):
+        load_checked(Config(spec=f"{__name__}:NO_DATA"))
 
 
-def test_fedavg_baseline_on_fedmoe_clients_data_learns_and_uploads_fp32_weights() -> None:
-    clients, paths = 4, 2
-    fed = build_federation(FlowerConfig(grid=(paths,), clients=clients))
-    units = fedmoe_client_units("digits", paths, clients, 0)
-    assert [u.tolist() for u in units] == [a.units.tolist() for a in fed.assignments]
-    assert sorted(np.concatenate(units).tolist()) == list(range(fed.task.n_units))
-    result = fedavg_baseline(clients, 2, epochs=2, paths=paths)
-    dense = fed.task.model_spec((1,)).build()
-    assert [r["upload_bytes_per_client"] for r in result["rounds"]] == [4 * sum(p.numel() for p in dense.parameters())] * 2
-    expected_steps = np.average([2 * -(-len(u) // 32) for u in units], weights=[len(u) for u in units])
+NO_DATA = Spec(name="no-data", levels=[lambda: torch.nn.Linear(2, 2)])
+
+
+def test_a_robust_rule_runs_through_flower() -> None:
+    """aggregation.rule reaches the engine: Flower's median run is the in-process one, unlike the mean's."""
+    config = Config(grid=(2,), rounds=1, inner=InnerConfig(steps=4), clients=ClientsConfig(count=6),
+                    aggregation={"rule": "median"})
+    with tempfile.TemporaryDirectory() as tmp:
+        simulate_federation(config, out=Path(tmp))
+        flower = Ensemble.load(tmp).model.module_states()
+    median = run_federation(SPEC, config).engine.model.module_states()
+    mean_config = config.with_overrides({"aggregation.rule": "mean"})
+    mean = run_federation(SPEC, mean_config).engine.model.module_states()
+    for key in median:
+        for name, t in median[key].items():
+            assert torch.allclose(flower[key][name], t, rtol=1e-4, atol=1e-5), f"{key}/{name}"
+    assert any(not torch.allclose(median[k][n], mean[k][n]) for k in median for n in median[k])
+
+
+def test_fedavg_baseline_on_fedmoe_clients_data_learns_and_uploads_fp32_weights(monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(BENCH))
+    paths = [str(BENCH), os.environ.get("PYTHONPATH")]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, paths)))  # Ray's workers import it too
+    from fedavg import client_examples, dense_model, fedavg_baseline
+
+    clients = 2  # two k-means clusters of digits: FedAvg learns on them in two rounds (on four, not yet)
+    fedmoe_parts = [client_examples(SPEC, i, clients) for i in range(clients)]
+    assert all(torch.equal(p.inputs, SPEC.data(i, clients).train.inputs) for i, p in enumerate(fedmoe_parts))
+    iid = [client_examples(SPEC, i, clients, iid=True) for i in range(clients)]
+    assert sum(map(len, fedmoe_parts)) == sum(map(len, iid)) == len(load_digits_split()[0].targets)
+    result = fedavg_baseline(clients, 2, epochs=2)
+    dense = dense_model(SPEC)
+    fp32_weights = 4 * sum(p.numel() for p in dense.parameters())
+    assert [r["upload_bytes_per_client"] for r in result["rounds"]] == [fp32_weights] * 2
+    sizes = [len(p) for p in fedmoe_parts]
+    expected_steps = np.average([2 * -(-n // 32) for n in sizes], weights=sizes)
     assert result["rounds"][0]["local_steps"] == pytest.approx(expected_steps)
     assert result["rounds"][-1]["accuracy"] > 0.2  # ten classes: chance is 0.1
 
 
 def test_flwr_run_trains_the_app_from_pyproject(tmp_path) -> None:
     """`flwr run .` on a local simulation federation runs the ServerApp/ClientApp named in pyproject.toml."""
-    root = Path(__file__).resolve().parents[1]
     home, out = tmp_path / "flwr-home", tmp_path / "ensemble"
     home.mkdir()
-    (home / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n')
+    federation = '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
+    (home / "config.toml").write_text(federation)
     flwr = Path(sys.executable).with_name("flwr")
-    env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{flwr.parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # flwr starts flower-superlink from PATH
-    command = [str(flwr), "run", str(root), "--federation-config", "num-supernodes=4",
-               "--run-config", f"rounds=1 steps=3 clients=4 grid='2' out='{out}'", "--stream"]
+    path = f"{flwr.parent}{os.pathsep}{os.environ.get('PATH', '')}"  # flwr starts flower-superlink from PATH
+    env = {**os.environ, "FLWR_HOME": str(home), "PATH": path}
+    command = [str(flwr), "run", str(ROOT), "--federation-config", "num-supernodes=4",
+               "--run-config", f"rounds=1 inner.steps=3 clients=4 grid='2' out='{out}'", "--stream"]
     try:
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+        done = subprocess.run(command, env=env, check=False, capture_output=True, text=True, timeout=240)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         results = json.loads((out / "results.json").read_text())
-        assert results["config"]["clients"] == 4 and results["config"]["grid"] == [2]
+        config = results["config"]
+        assert (config["clients"]["count"], config["grid"], config["inner"]["steps"]) == (4, [2], 3)
+        assert config["spec"] == "fedmoe.models.digits:spec"
         assert [r["round"] for r in results["rounds"]] == [1]
-        assert results["rounds"][0]["clients"] == 4
-        assert Ensemble.load(out).model.module_states().keys() == build_federation(FlowerConfig(grid=(2,), clients=4)).model.module_states().keys()
-    finally:  # the local SuperLink that `flwr run` started stays up by design: stop the one under this FLWR_HOME
-        ps = subprocess.run(["ps", "-ewwo", "pid=,args="], capture_output=True, text=True).stdout
+        assert results["rounds"][0]["updates"] == 4
+        assert Ensemble.load(out).model.module_states().keys() == SPEC.build((2,)).module_states().keys()
+    finally:  # the local SuperLink that `flwr run` started stays up by design: stop the one of this FLWR_HOME
+        ps = subprocess.run(["ps", "-ewwo", "pid=,args="], check=False, capture_output=True, text=True).stdout
         for line in ps.splitlines():
             pid, _, args = line.strip().partition(" ")
             if str(home) in args:
@@ -147,31 +235,34 @@ def test_flwr_run_trains_the_app_from_pyproject(tmp_path) -> None:
 
 
 def test_simulate_runs_on_an_existing_ray_cluster(tmp_path) -> None:
-    """`fedmoe simulate --ray-address` sends the virtual clients to a running Ray cluster (a head from `ray start`)."""
+    """`fedmoe simulate --ray-address` sends the virtual clients to a running Ray cluster (`ray start`)."""
     bin_dir = Path(sys.executable).parent
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ray_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths live under it
     head = subprocess.Popen(
-        [str(bin_dir / "ray"), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-         "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={ray_dir}"],
+        [str(bin_dir / "ray"), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
+         "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={ray_dir}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     address, out = f"127.0.0.1:{port}", tmp_path / "ensemble"
     try:
         deadline = time.monotonic() + 90
-        while subprocess.run([str(bin_dir / "ray"), "status", f"--address={address}"], capture_output=True).returncode != 0:
+        status = [str(bin_dir / "ray"), "status", f"--address={address}"]
+        while subprocess.run(status, check=False, capture_output=True).returncode != 0:
             assert head.poll() is None and time.monotonic() < deadline, "the Ray head did not come up"
             time.sleep(1)
         done = subprocess.run(
-            [str(bin_dir / "fedmoe"), "simulate", "--clients", "4", "--grid", "2", "--rounds", "1", "--steps", "2",
-             "--ray-address", address, "--out", str(out)],
-            capture_output=True, text=True, timeout=240,
+            [str(bin_dir / "fedmoe"), "simulate", "--clients", "4", "--grid", "2", "--rounds", "1", "--steps",
+             "2", "--profiles", "mixed", "--ray-address", address, "--out", str(out)],
+            check=False, capture_output=True, text=True, timeout=240,
         )
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert "spec fedmoe.models.digits:spec, grid 2, 1 rounds x 2 steps" in done.stdout
         results = json.loads((out / "results.json").read_text())
-        assert [r["clients"] for r in results["rounds"]] == [4]
+        assert [r["updates"] for r in results["rounds"]] == [4]
+        assert [c["variant"] for c in results["clients"]] == ["fp32", "fp32", "int8", "int8"]
         drivers = list(Path(ray_dir).glob("session_*/logs/python-core-driver-*"))
         assert drivers, "no driver connected to the cluster"
     finally:
