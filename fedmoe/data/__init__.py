@@ -9,14 +9,14 @@ from fedmoe.data.bible import (
     text_features,
 )
 from fedmoe.data.digits import load_digits_split
-from fedmoe.data.partition import Clustering, balanced_kmeans, client_part, dirichlet, iid, kmeans, nearest, shard_sizes
+from fedmoe.data.partition import Clustering, balanced_kmeans, client_parts, dirichlet, iid, kmeans, nearest, shard_sizes
 from fedmoe.data.types import Document
 
 __all__ = [
     "Clustering",
     "Document",
     "balanced_kmeans",
-    "client_part",
+    "client_parts",
     "decode_bytes",
     "encode_bytes",
     "dirichlet",

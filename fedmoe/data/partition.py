@@ -124,22 +124,20 @@ def nearest(features: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     return _squared_distances(np.asarray(features, dtype=np.float64), np.asarray(centroids, dtype=np.float64)).argmin(1)
 
 
-def client_part(
-    train_features: np.ndarray, test_features: np.ndarray | None, partition: int, partitions: int, how: str = "clustered", seed: int = 0
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """The indices of the training (and held-out) units that client `partition` of `partitions` holds.
+def client_parts(
+    train_features: np.ndarray, test_features: np.ndarray | None, partitions: int, how: str = "clustered", seed: int = 0
+) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """The indices of the training (and held-out) units each of `partitions` simulated clients holds.
 
     "clustered": client i holds k-means cluster i of the training units (k = partitions) and the held-out
     units nearest to that cluster's centroid, so each client's data is about one thing; "iid": equal random parts.
     For specs that simulate clients on a bundled data set; a real client simply loads what it has.
     """
-    if not 0 <= partition < partitions:
-        raise ValueError(f"partition must be in 0..{partitions - 1}, got {partition}")
     if how == "clustered":
         clusters = kmeans(train_features, partitions, seed=seed)
-        test = None if test_features is None else np.flatnonzero(nearest(test_features, clusters.centroids) == partition)
-        return clusters.shards[partition], test
+        nearest_test = None if test_features is None else nearest(test_features, clusters.centroids)
+        return [(shard, None if nearest_test is None else np.flatnonzero(nearest_test == i)) for i, shard in enumerate(clusters.shards)]
     if how == "iid":
-        test = None if test_features is None else iid(len(test_features), partitions, seed=seed)[partition]
-        return iid(len(train_features), partitions, seed=seed)[partition], test
+        tests = [None] * partitions if test_features is None else iid(len(test_features), partitions, seed=seed)
+        return list(zip(iid(len(train_features), partitions, seed=seed), tests))
     raise ValueError(f"unknown partitioning {how!r}; known: clustered, iid")

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from fedmoe.data import decode_bytes, encode_bytes, lm_eval_split, load_bible_documents, split_documents, text_features
-from fedmoe.data.partition import client_part
+from fedmoe.data.partition import client_parts
 from fedmoe.models.lm import byte_transformer_levels
 from fedmoe.spec import ClientData, Examples, Spec
 
@@ -43,12 +43,17 @@ def _documents() -> tuple[list, list, np.ndarray]:
     return train, test, text_features([d.text for d in train])
 
 
-@lru_cache(maxsize=16)
+@lru_cache(maxsize=4)
+def _parts(partitions: int) -> list:
+    return client_parts(_documents()[2], None, partitions)
+
+
 def client_data(partition: int, partitions: int) -> ClientData:
     """Client `partition` of `partitions`: windows of one k-means cluster of the training chapters."""
-    train, _, features = _documents()
-    mine, _ = client_part(features, None, partition, partitions)
-    return ClientData(windows([train[i].text for i in mine]))
+    if not 0 <= partition < partitions:
+        raise ValueError(f"partition must be in 0..{partitions - 1}, got {partition}")
+    mine, _ = _parts(partitions)[partition]
+    return ClientData(windows([_documents()[0][i].text for i in mine]))
 
 
 def eval_data() -> Examples:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from fedmoe.data import client_part, load_digits_split
+from fedmoe.data import client_parts, load_digits_split
 from fedmoe.models.classifier import mlp_levels
 from fedmoe.spec import ClientData, Examples, Spec
 
@@ -19,11 +19,18 @@ def _splits() -> tuple[Examples, Examples]:
     return load_digits_split()
 
 
-@lru_cache(maxsize=16)
+@lru_cache(maxsize=4)
+def _parts(partitions: int) -> list:
+    train, test = _splits()
+    return client_parts(train.inputs.numpy(), test.inputs.numpy(), partitions)
+
+
 def client_data(partition: int, partitions: int) -> ClientData:
     """Client `partition` of `partitions`: one k-means cluster of the training digits, and the nearby test digits."""
+    if not 0 <= partition < partitions:
+        raise ValueError(f"partition must be in 0..{partitions - 1}, got {partition}")
     train, test = _splits()
-    mine, held_out = client_part(train.inputs.numpy(), test.inputs.numpy(), partition, partitions)
+    mine, held_out = _parts(partitions)[partition]
     return ClientData(train.subset(mine), test.subset(held_out))
 
 
