@@ -19,21 +19,21 @@ for _name, _value in (
 ):
     os.environ.setdefault(_name, _value)
 
-import math
-from typing import Any
+import math  # noqa: E402
+from typing import Any  # noqa: E402
 
-import torch
-from fedmoe.strategies.flower import cached_spec, node_partition, run_apps
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
-from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
+import torch  # noqa: E402
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
+from flwr.serverapp import Grid, ServerApp  # noqa: E402
+from flwr.serverapp.strategy import FedAvg  # noqa: E402
 
-from fedmoe.config import DEFAULT_SPEC, InnerConfig
-from fedmoe.data import iid as iid_parts
-from fedmoe.modular import ModularModel, Path
-from fedmoe.spec import Examples, Spec
-from fedmoe.train import train_local
+from fedmoe.config import DEFAULT_SPEC, InnerConfig  # noqa: E402
+from fedmoe.data import iid as iid_parts  # noqa: E402
+from fedmoe.modular import ModularModel, Path  # noqa: E402
+from fedmoe.spec import Examples, Spec  # noqa: E402
+from fedmoe.strategies.flower import cached_spec, node_partition, run_apps  # noqa: E402
+from fedmoe.train import train_local  # noqa: E402
 
 
 def dense_model(spec: Spec, seed: int = 0) -> ModularModel:
@@ -41,8 +41,9 @@ def dense_model(spec: Spec, seed: int = 0) -> ModularModel:
     return spec.build((1,) * spec.default_levels, seed)
 
 
-def client_examples(spec: Spec, partition: int, partitions: int,
-                    iid: bool = False, seed: int = 0) -> Examples:
+def client_examples(
+    spec: Spec, partition: int, partitions: int, iid: bool = False, seed: int = 0
+) -> Examples:
     """The training examples of client `partition`: fedmoe's client's own, or an iid part of all clients'."""
     if not iid:
         return spec.data(partition, partitions).train
@@ -70,8 +71,14 @@ def fedavg_train(msg: Message, context: Context) -> Message:
     dense = model.compose(Path((0,) * len(model.grid)))
     loss, _ = train_local(dense, batches, inner, loss_fn=spec.loss, optimizer=spec.optimizer)
     state = model.state_dict()
-    metrics = MetricRecord({"num-examples": len(train), "loss": loss, "local-steps": steps,
-                            "upload-bytes": sum(t.numel() * t.element_size() for t in state.values())})
+    metrics = MetricRecord(
+        {
+            "num-examples": len(train),
+            "loss": loss,
+            "local-steps": steps,
+            "upload-bytes": sum(t.numel() * t.element_size() for t in state.values()),
+        }
+    )
     return Message(RecordDict({"arrays": ArrayRecord(state), "metrics": metrics}), reply_to=msg)
 
 
@@ -115,15 +122,21 @@ def fedavg_baseline(
         )
         initial = ArrayRecord(model.state_dict())
         result = strategy.start(grid, initial, rounds, train_config=train_config, evaluate_fn=evaluate)
-        results.append({
-            "metric": problem.metric,
-            "rounds": [
-                {"round": r, problem.metric: float(result.evaluate_metrics_serverapp[r][problem.metric]),
-                 "loss": float(m["loss"]), "upload_bytes_per_client": round(float(m["upload-bytes"])),
-                 "local_steps": float(m["local-steps"])}
-                for r, m in sorted(result.train_metrics_clientapp.items())
-            ],
-        })
+        results.append(
+            {
+                "metric": problem.metric,
+                "rounds": [
+                    {
+                        "round": r,
+                        problem.metric: float(result.evaluate_metrics_serverapp[r][problem.metric]),
+                        "loss": float(m["loss"]),
+                        "upload_bytes_per_client": round(float(m["upload-bytes"])),
+                        "local_steps": float(m["local-steps"]),
+                    }
+                    for r, m in sorted(result.train_metrics_clientapp.items())
+                ],
+            }
+        )
 
     run_apps(server, fedavg_client_app, clients, cpus_per_client, gpus_per_client, ray_address, verbose)
     if not results:

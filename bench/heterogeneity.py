@@ -36,16 +36,27 @@ ROWS = [  # (label, profiles, scheme)
 ]
 DIGITS, BIBLE = "fedmoe.models.digits:spec", "fedmoe.models.bible:spec"
 SETTINGS = {  # spec -> (experiment, seeds)
-    DIGITS: (Experiment(Config(grid=(4,), rounds=10, inner=InnerConfig(steps=50, lr=3e-3, batch_size=32)), 3), 3),
-    BIBLE: (Experiment(Config(grid=(2,), rounds=4, inner=InnerConfig(steps=30, lr=2e-3, batch_size=16)), 1, "centroid"), 1),
+    DIGITS: (
+        Experiment(Config(grid=(4,), rounds=10, inner=InnerConfig(steps=50, lr=3e-3, batch_size=32)), 3),
+        3,
+    ),
+    BIBLE: (
+        Experiment(
+            Config(grid=(2,), rounds=4, inner=InnerConfig(steps=30, lr=2e-3, batch_size=16)), 1, "centroid"
+        ),
+        1,
+    ),
 }
 
 
 def with_clients(experiment: Experiment, profiles: tuple[str, ...], scheme: str, seed: int) -> Experiment:
     """The experiment with these client profiles, sub-model scheme and seed."""
     config = experiment.config
-    update = {"seed": config.seed + seed, "clients": config.clients.model_copy(update={"profiles": profiles}),
-              "compression": config.compression.model_copy(update={"scheme": scheme})}
+    update = {
+        "seed": config.seed + seed,
+        "clients": config.clients.model_copy(update={"profiles": profiles}),
+        "compression": config.compression.model_copy(update={"scheme": scheme}),
+    }
     return replace(experiment, config=config.model_copy(update=update))
 
 
@@ -60,7 +71,9 @@ def run(ref: str, seeds: int) -> Table:
         seeded = with_clients(base, ROWS[0][1], "rolling", seed)
         dense = train_dense(spec, seeded, seeded.steps_per_round, progress=True)
         for label, profiles, scheme in ROWS:
-            results[label].append(train_experts(spec, with_clients(base, profiles, scheme, seed), "clustered", True, dense))
+            results[label].append(
+                train_experts(spec, with_clients(base, profiles, scheme, seed), "clustered", True, dense)
+            )
     mean = statistics.fmean
     summary = {
         label: (
@@ -72,20 +85,47 @@ def run(ref: str, seeds: int) -> Table:
     }
     metric0, upload0, weights0 = summary["all fp32"]
     accuracy = spec.metric == "accuracy"
-    table = Table(title=f"{spec.name}: {base.config.n_paths} paths x 4 clients, ensemble top-1, mean of {seeds} seed(s), {time.perf_counter() - started:.0f} s")
-    for column in ("client mix", spec.metric, "vs all fp32", "upload B/client/round", "ratio", "weights B/client", "ratio"):
+    table = Table(
+        title=(
+            f"{spec.name}: {base.config.n_paths} paths x 4 clients, ensemble top-1, mean of {seeds} seed(s), "
+            f"{time.perf_counter() - started:.0f} s"
+        )
+    )
+    for column in (
+        "client mix",
+        spec.metric,
+        "vs all fp32",
+        "upload B/client/round",
+        "ratio",
+        "weights B/client",
+        "ratio",
+    ):
         table.add_column(column, justify="left" if column == "client mix" else "right")
     for label, (metric, upload, weights) in summary.items():
         delta = f"{100 * (metric - metric0):+.2f} pt" if accuracy else f"{metric / metric0:.3f}x"
         value = f"{100 * metric:.2f}%" if accuracy else f"{metric:.4f}"
-        table.add_row(label, value, delta, f"{upload:,.0f}", f"{upload / upload0:.3f}", f"{weights:,.0f}", f"{weights / weights0:.3f}")
+        table.add_row(
+            label,
+            value,
+            delta,
+            f"{upload:,.0f}",
+            f"{upload / upload0:.3f}",
+            f"{weights:,.0f}",
+            f"{weights / weights0:.3f}",
+        )
     return table
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--spec", choices=sorted(SETTINGS), action="append", help="spec(s) to run (default: both)")
-    parser.add_argument("--seeds", type=int, default=0, help="seeds per spec (default: 3 for digits, 1 for bible)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--spec", choices=sorted(SETTINGS), action="append", help="spec(s) to run (default: both)"
+    )
+    parser.add_argument(
+        "--seeds", type=int, default=0, help="seeds per spec (default: 3 for digits, 1 for bible)"
+    )
     args = parser.parse_args()
     console = Console(width=160)
     for ref in args.spec or list(SETTINGS):

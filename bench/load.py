@@ -39,8 +39,28 @@ SPEC = load_spec(DEFAULT_SPEC)
 
 def start_coordinator(n: int, state: str) -> tuple[subprocess.Popen, int]:
     """A `fedmoe server` process whose rounds close when all n clients pushed."""
-    proc = subprocess.Popen([sys.executable, "-m", "fedmoe.cli", "server", "--address", "127.0.0.1:0", "--state", state, "--rounds", "100000",
-                             "--steps", "1", "--min-clients", str(n), "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fedmoe.cli",
+            "server",
+            "--address",
+            "127.0.0.1:0",
+            "--state",
+            state,
+            "--rounds",
+            "100000",
+            "--steps",
+            "1",
+            "--min-clients",
+            str(n),
+            "--quiet",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     for line in proc.stdout:
         found = re.search(r"on port (\d+)", line)
         if found:
@@ -48,8 +68,17 @@ def start_coordinator(n: int, state: str) -> tuple[subprocess.Popen, int]:
     raise RuntimeError("the coordinator did not start")
 
 
-def client_loop(port: int, features: tuple, stop: threading.Event, latencies: list[float], errors: list[str], accepted: list[int]) -> None:
-    """Join, then heartbeat; when told to train, pull and push a zero update (no local training: this measures the coordinator)."""
+def client_loop(
+    port: int,
+    features: tuple,
+    stop: threading.Event,
+    latencies: list[float],
+    errors: list[str],
+    accepted: list[int],
+) -> None:
+    """Join, then heartbeat; when told to train, pull and push a zero update (no local training:
+    this measures the coordinator).
+    """
     with connect(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.CoordinatorStub(channel)
 
@@ -61,18 +90,36 @@ def client_loop(port: int, features: tuple, stop: threading.Event, latencies: li
                 latencies.append(time.perf_counter() - started)
 
         try:
-            session = timed(lambda: join(stub, PROFILES["fp32"], "load", features, retry=Retry(f"127.0.0.1:{port}", 30.0)))
+            session = timed(
+                lambda: join(stub, PROFILES["fp32"], "load", features, retry=Retry(f"127.0.0.1:{port}", 30.0))
+            )
             while not stop.is_set():
-                beat = timed(lambda: stub.Heartbeat(pb.HeartbeatRequest(client_id=session.client_id), metadata=session.metadata, timeout=30))
+                beat = timed(
+                    lambda: stub.Heartbeat(
+                        pb.HeartbeatRequest(client_id=session.client_id),
+                        metadata=session.metadata,
+                        timeout=30,
+                    )
+                )
                 if beat.action != pb.HeartbeatReply.TRAIN:
                     time.sleep(0.05)
                     continue
-                frames = timed(lambda: list(stub.Pull(pb.PullRequest(client_id=session.client_id), metadata=session.metadata, timeout=30)))
+                frames = timed(
+                    lambda: list(
+                        stub.Pull(
+                            pb.PullRequest(client_id=session.client_id), metadata=session.metadata, timeout=30
+                        )
+                    )
+                )
                 a = frames[0].assignment
                 delivered = decode_tensors((f.tensor for f in frames[1:]), 1 << 30)
                 zeros = {n: quantize(torch.zeros(q.shape), q.bits) for n, q in delivered.items()}
                 upload = Upload(Path.parse(a.path), variant_of(a.variant), a.round, a.seed, 1.0, zeros, 0.0)
-                timed(functools.partial(stub.Push, push_frames(session, upload), metadata=session.metadata, timeout=30))
+                timed(
+                    functools.partial(
+                        stub.Push, push_frames(session, upload), metadata=session.metadata, timeout=30
+                    )
+                )
                 accepted.append(1)
         except grpc.RpcError as e:
             errors.append(f"{e.code().name}: {e.details()}")
@@ -80,14 +127,18 @@ def client_loop(port: int, features: tuple, stop: threading.Event, latencies: li
 
 def run_level(n: int, seconds: float) -> dict[str, float]:
     """Drive n clients for `seconds`; return latency percentiles, errors and accepted updates per second."""
-    features = SPEC.feature_statistics(SPEC.data(0, 1).train)  # every client reports the same routing statistics
+    # every client reports the same routing statistics
+    features = SPEC.feature_statistics(SPEC.data(0, 1).train)
     with tempfile.TemporaryDirectory() as state:
         proc, port = start_coordinator(n, state)
         latencies: list[float] = []
         errors: list[str] = []
         accepted: list[int] = []
         stop = threading.Event()
-        threads = [threading.Thread(target=client_loop, args=(port, features, stop, latencies, errors, accepted)) for _ in range(n)]
+        threads = [
+            threading.Thread(target=client_loop, args=(port, features, stop, latencies, errors, accepted))
+            for _ in range(n)
+        ]
         try:
             started = time.perf_counter()
             for t in threads:
@@ -101,12 +152,21 @@ def run_level(n: int, seconds: float) -> dict[str, float]:
             proc.kill()
             proc.wait()
     cuts = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [float("nan")] * 99
-    return {"n": n, "calls": len(latencies), "p50": cuts[49], "p99": cuts[98], "errors": len(errors),
-            "updates_per_s": len(accepted) / elapsed, "first_error": errors[0] if errors else ""}
+    return {
+        "n": n,
+        "calls": len(latencies),
+        "p50": cuts[49],
+        "p99": cuts[98],
+        "errors": len(errors),
+        "updates_per_s": len(accepted) / elapsed,
+        "first_error": errors[0] if errors else "",
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--clients", type=int, nargs="+", default=[8, 32, 64, 128, 256])
     parser.add_argument("--seconds", type=float, default=15.0, help="load duration per level (bounded)")
     args = parser.parse_args()
@@ -117,7 +177,14 @@ def main() -> None:
     held = None
     for n in args.clients:
         r = run_level(n, args.seconds)
-        table.add_row(str(n), str(r["calls"]), f"{1000 * r['p50']:.1f}", f"{1000 * r['p99']:.1f}", str(r["errors"]), f"{r['updates_per_s']:.1f}")
+        table.add_row(
+            str(n),
+            str(r["calls"]),
+            f"{1000 * r['p50']:.1f}",
+            f"{1000 * r['p99']:.1f}",
+            str(r["errors"]),
+            f"{r['updates_per_s']:.1f}",
+        )
         if r["errors"] == 0 and r["p99"] < 1.0:
             held = n
         elif r["first_error"]:

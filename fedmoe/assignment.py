@@ -14,7 +14,9 @@ TRAINING_BYTES_PER_PARAM = 16  # latent fp32 weight, its gradient and two AdamW 
 
 @dataclass(frozen=True)
 class DeviceProfile:
-    """What a client announces: memory budget, bit-width, densities it accepts (largest first), relative speed."""
+    """What a client announces: memory budget, bit-width, densities it accepts (largest first),
+    relative speed.
+    """
 
     name: str
     memory_bytes: int
@@ -45,12 +47,17 @@ def parse_profiles(text: str) -> tuple[str, ...]:
     names = MIXES.get(text) or tuple(n.strip() for n in text.split(",") if n.strip())
     unknown = [n for n in names if n not in PROFILES]
     if unknown:
-        raise ValueError(f"unknown profile(s) {', '.join(unknown)}; known: {', '.join(PROFILES)}; mixes: {', '.join(MIXES)}")
+        raise ValueError(
+            f"unknown profile(s) {', '.join(unknown)}; known: {', '.join(PROFILES)}; "
+            f"mixes: {', '.join(MIXES)}"
+        )
     return names
 
 
 def training_bytes(model: nn.Module, variant: Variant) -> int:
-    """Bytes a client needs to train its sub-model: the stored weights plus fp32 training state per held parameter."""
+    """Bytes a client needs to train its sub-model: the stored weights plus fp32 training state per held
+    parameter.
+    """
     masks = round_masks(model, variant, 0, 0)
     held = sum(int(masks[n].sum()) if n in masks else p.numel() for n, p in model.named_parameters())
     return variant_bytes(model, variant, masks)["weights"] + TRAINING_BYTES_PER_PARAM * held

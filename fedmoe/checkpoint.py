@@ -1,4 +1,6 @@
-"""Checkpoints as a safetensors weights file plus a JSON manifest, written atomically (the manifest is the commit point)."""
+"""Checkpoints as a safetensors weights file plus a JSON manifest,
+written atomically (the manifest is the commit point).
+"""
 
 from __future__ import annotations
 
@@ -51,8 +53,12 @@ def _commit(directory: Path, write: Callable[[Path], str]) -> str:
         raise
 
 
-def save_checkpoint(directory: str | os.PathLike, tensors: Mapping[str, torch.Tensor], manifest: Mapping[str, Any]) -> Path:
-    """Atomically write tensors and manifest to directory, then remove superseded weights and stray temp files."""
+def save_checkpoint(
+    directory: str | os.PathLike, tensors: Mapping[str, torch.Tensor], manifest: Mapping[str, Any]
+) -> Path:
+    """Atomically write tensors and manifest to directory,
+    then remove superseded weights and stray temp files.
+    """
     clash = RESERVED.intersection(manifest)
     if clash:
         raise ValueError(f"manifest keys {sorted(clash)} are reserved for the checkpoint format")
@@ -69,8 +75,13 @@ def save_checkpoint(directory: str | os.PathLike, tensors: Mapping[str, torch.Te
         return f"weights-{digest[:16]}.safetensors"
 
     weights = _commit(directory, write_weights)
-    full = {**manifest, "format": FORMAT, "weights": weights, "sha256": digest,
-            "tensors": {name: {"dtype": str(t.dtype), "shape": list(t.shape)} for name, t in cpu.items()}}
+    full = {
+        **manifest,
+        "format": FORMAT,
+        "weights": weights,
+        "sha256": digest,
+        "tensors": {name: {"dtype": str(t.dtype), "shape": list(t.shape)} for name, t in cpu.items()},
+    }
 
     def write_manifest(tmp: Path) -> str:
         tmp.write_text(json.dumps(full, indent=2), encoding="utf-8")
@@ -78,7 +89,9 @@ def save_checkpoint(directory: str | os.PathLike, tensors: Mapping[str, torch.Te
 
     _commit(directory, write_manifest)  # the commit point
     for path in directory.iterdir():
-        stale = path.name.startswith("weights-") and path.name.endswith(".safetensors") and path.name != weights
+        stale = (
+            path.name.startswith("weights-") and path.name.endswith(".safetensors") and path.name != weights
+        )
         if stale or path.name.startswith(_TMP_PREFIX):
             path.unlink(missing_ok=True)
     return directory
@@ -103,7 +116,9 @@ def load_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, torch.Tenso
         raise CheckpointError(f"missing weights file {weights} named by {path}")
     digest = _sha256(weights)
     if digest != manifest.get("sha256"):
-        raise CheckpointError(f"sha256 mismatch for {weights}: manifest {manifest.get('sha256')}, file {digest}")
+        raise CheckpointError(
+            f"sha256 mismatch for {weights}: manifest {manifest.get('sha256')}, file {digest}"
+        )
     try:
         tensors = load_file(str(weights))
     except Exception as e:  # the hash matched, so this is a writer bug rather than disk damage

@@ -13,12 +13,16 @@ from typing import Annotated
 
 import click
 import typer
-
-from fedmoe.config import Config
 from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(help="fedmoe: train experts and paths on unlike machines, ensemble them with a router.", no_args_is_help=True, add_completion=False)
+from fedmoe.config import Config
+
+app = typer.Typer(
+    help="fedmoe: train experts and paths on unlike machines, ensemble them with a router.",
+    no_args_is_help=True,
+    add_completion=False,
+)
 console = Console()
 
 
@@ -27,21 +31,49 @@ def root() -> None:
     """fedmoe: train experts and paths on unlike machines, ensemble them with a router."""
 
 
-SpecOption = Annotated[str | None, typer.Option(help="The spec, as an import string 'package.module:attr' (default: the config's, else fedmoe.models.digits:spec).")]
-ConfigOption = Annotated[Path | None, typer.Option("--config", help="A TOML config file (see fedmoe.config).")]
-SetOption = Annotated[list[str] | None, typer.Option("--set", help="Override a config key, e.g. --set inner.steps=20 (repeatable; applied last).")]
-GridOption = Annotated[str | None, typer.Option(help="Modules per level: 4 = four independent experts, 2x2 = a DiPaCo grid of four paths.")]
+SpecOption = Annotated[
+    str | None,
+    typer.Option(
+        help=(
+            "The spec, as an import string 'package.module:attr' (default: the config's, else "
+            "fedmoe.models.digits:spec)."
+        )
+    ),
+]
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", help="A TOML config file (see fedmoe.config).")
+]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set", help="Override a config key, e.g. --set inner.steps=20 (repeatable; applied last)."
+    ),
+]
+GridOption = Annotated[
+    str | None,
+    typer.Option(help="Modules per level: 4 = four independent experts, 2x2 = a DiPaCo grid of four paths."),
+]
 RoundsOption = Annotated[int | None, typer.Option(min=1, help="Outer rounds.")]
 StepsOption = Annotated[int | None, typer.Option(min=1, help="Inner steps per round per client (H).")]
 LrOption = Annotated[float | None, typer.Option(help="Inner learning rate.")]
 BatchOption = Annotated[int | None, typer.Option(min=1, help="Inner batch size.")]
-OuterLrOption = Annotated[float | None, typer.Option(help="Outer SGD learning rate (default: 1.0 with one worker per module, else 0.7).")]
-OuterMomentumOption = Annotated[float | None, typer.Option(help="Outer Nesterov momentum (default: 0 with one worker per module, else 0.9).")]
-SeedOption = Annotated[int | None, typer.Option(help="Seed of the grid's initialisation and the clients' sampling.")]
+OuterLrOption = Annotated[
+    float | None,
+    typer.Option(help="Outer SGD learning rate (default: 1.0 with one worker per module, else 0.7)."),
+]
+OuterMomentumOption = Annotated[
+    float | None,
+    typer.Option(help="Outer Nesterov momentum (default: 0 with one worker per module, else 0.9)."),
+]
+SeedOption = Annotated[
+    int | None, typer.Option(help="Seed of the grid's initialisation and the clients' sampling.")
+]
 
 
 def make_config(config_file: Path | None, sets: list[str] | None, **shortcuts: object) -> Config:
-    """The run's config: the TOML file, then the shortcut options given (dotted keys, None = not given), then --set."""
+    """The run's config: the TOML file, then the shortcut options given (dotted keys, None = not given),
+    then --set.
+    """
     from fedmoe.config import parse_overrides
 
     try:
@@ -56,9 +88,11 @@ def describe(config: Config) -> str:
     outer = config.outer
     lr = "auto" if outer.lr is None else f"{outer.lr:g}"
     momentum = "auto" if outer.momentum is None else f"{outer.momentum:g}"
-    return (f"spec {config.spec}, grid {'x'.join(map(str, config.grid))}, {config.rounds} rounds x {config.inner.steps} steps "
-            f"(lr {config.inner.lr:g}, {config.inner.schedule}), outer lr {lr} momentum {momentum}, "
-            f"aggregation {config.aggregation.rule}")
+    return (
+        f"spec {config.spec}, grid {'x'.join(map(str, config.grid))}, {config.rounds} rounds x "
+        f"{config.inner.steps} steps (lr {config.inner.lr:g}, {config.inner.schedule}), "
+        f"outer lr {lr} momentum {momentum}, aggregation {config.aggregation.rule}"
+    )
 
 
 @app.command()
@@ -74,12 +108,38 @@ def demo(
     outer_lr: OuterLrOption = None,
     outer_momentum: OuterMomentumOption = None,
     seed: SeedOption = None,
-    shared_rounds: Annotated[int, typer.Option(min=0, help="Rounds of one shared model on all data before the paths branch.")] = 3,
-    router: Annotated[str, typer.Option(click_type=click.Choice(["learned", "centroid"]), help="learned (MLP on shard labels) or centroid (c-BTM).")] = "learned",
-    profiles: Annotated[str, typer.Option(help="Clients per path: a mix (fp32, mixed, int4-p50) or profile names joined by commas; empty = one full-precision client per path.")] = "",
-    scheme: Annotated[str | None, typer.Option(click_type=click.Choice(["rolling", "static", "random", "magnitude"]), help="Sub-models of pruned clients: rolling (FedRolex), static (HeteroFL), random, magnitude.")] = None,
-    seeds: Annotated[int, typer.Option(min=1, help="Repeat with this many seeds; the table shows mean and spread.")] = 3,
-    out: Annotated[Path, typer.Option(help="Directory for results.json, the plot and the ensemble checkpoint.")] = Path("runs/demo"),
+    shared_rounds: Annotated[
+        int, typer.Option(min=0, help="Rounds of one shared model on all data before the paths branch.")
+    ] = 3,
+    router: Annotated[
+        str,
+        typer.Option(
+            click_type=click.Choice(["learned", "centroid"]),
+            help="learned (MLP on shard labels) or centroid (c-BTM).",
+        ),
+    ] = "learned",
+    profiles: Annotated[
+        str,
+        typer.Option(
+            help=(
+                "Clients per path: a mix (fp32, mixed, int4-p50) or profile names joined by commas; empty = "
+                "one full-precision client per path."
+            )
+        ),
+    ] = "",
+    scheme: Annotated[
+        str | None,
+        typer.Option(
+            click_type=click.Choice(["rolling", "static", "random", "magnitude"]),
+            help="Sub-models of pruned clients: rolling (FedRolex), static (HeteroFL), random, magnitude.",
+        ),
+    ] = None,
+    seeds: Annotated[
+        int, typer.Option(min=1, help="Repeat with this many seeds; the table shows mean and spread.")
+    ] = 3,
+    out: Annotated[
+        Path, typer.Option(help="Directory for results.json, the plot and the ensemble checkpoint.")
+    ] = Path("runs/demo"),
 ) -> None:
     """Train experts on clustered and on random shards in-process, route, and compare with a dense model."""
     from fedmoe.assignment import parse_profiles
@@ -91,11 +151,25 @@ def demo(
         mix = parse_profiles(profiles)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--profiles") from None
-    config = make_config(config_file, sets, spec=spec, grid=grid, rounds=rounds, inner__steps=steps, inner__lr=lr,
-                         inner__batch_size=batch_size, outer__lr=outer_lr, outer__momentum=outer_momentum, seed=seed,
-                         compression__scheme=scheme, clients__profiles=mix or None)
+    config = make_config(
+        config_file,
+        sets,
+        spec=spec,
+        grid=grid,
+        rounds=rounds,
+        inner__steps=steps,
+        inner__lr=lr,
+        inner__batch_size=batch_size,
+        outer__lr=outer_lr,
+        outer__momentum=outer_momentum,
+        seed=seed,
+        compression__scheme=scheme,
+        clients__profiles=mix or None,
+    )
     if shared_rounds >= config.rounds:
-        raise typer.BadParameter(f"--shared-rounds ({shared_rounds}) must be smaller than --rounds ({config.rounds})")
+        raise typer.BadParameter(
+            f"--shared-rounds ({shared_rounds}) must be smaller than --rounds ({config.rounds})"
+        )
     experiment = Experiment(config, shared_rounds, router)
     started = time.perf_counter()
     try:
@@ -105,21 +179,30 @@ def demo(
         raise typer.BadParameter(str(e), param_hint="--spec") from None
     console.print(f"[bold]{problem.name}[/]: {describe(config)}")
     console.print(
-        f"{config.n_paths} paths: {shared_rounds} shared rounds, then {config.rounds - shared_rounds} rounds; "
-        f"{len(experiment.profiles)} client(s) per path ({', '.join(experiment.profiles)}); "
+        f"{config.n_paths} paths: {shared_rounds} shared rounds, then {config.rounds - shared_rounds} "
+        f"rounds; {len(experiment.profiles)} client(s) per path ({', '.join(experiment.profiles)}); "
         f"dense baseline: {config.rounds} rounds x {experiment.steps_per_round} steps; {seeds} seed(s)"
     )
     comparison = compare(problem, experiment, seeds)
     out.mkdir(parents=True, exist_ok=True)
     first = {p: runs[0] for p, runs in comparison.experts.items()}
     first["clustered"].ensemble.save(out / "ensemble")
-    plot = plot_rounds(comparison.dense[0], list(first.values()), problem.metric, out / f"{problem.metric}.png")
+    plot = plot_rounds(
+        comparison.dense[0], list(first.values()), problem.metric, out / f"{problem.metric}.png"
+    )
     rows = comparison.rows()
     seconds = time.perf_counter() - started
-    results = {"spec": config.spec, "metric": problem.metric, "seconds": seconds, "config": config.model_dump(mode="json"),
-               "shared_rounds": shared_rounds, "router": router, "rows": rows,
-               "clients": {p: r.clients for p, r in first.items()},
-               "rounds": {"dense": comparison.dense[0].rounds, **{p: r.rounds for p, r in first.items()}}}
+    results = {
+        "spec": config.spec,
+        "metric": problem.metric,
+        "seconds": seconds,
+        "config": config.model_dump(mode="json"),
+        "shared_rounds": shared_rounds,
+        "router": router,
+        "rows": rows,
+        "clients": {p: r.clients for p, r in first.items()},
+        "rounds": {"dense": comparison.dense[0].rounds, **{p: r.rounds for p, r in first.items()}},
+    }
     (out / "results.json").write_text(json.dumps(results, indent=2))
     console.print(results_table(problem.name, problem.metric, rows, seeds))
     if mix:
@@ -133,18 +216,30 @@ def results_table(task: str, metric: str, rows: dict[str, dict[str, list[float]]
 
     def cell(values: list[float], as_percent: bool) -> str:
         scale = 100 if as_percent else 1
-        mean, spread = scale * statistics.fmean(values), scale * (statistics.stdev(values) if len(values) > 1 else 0.0)
+        mean, spread = (
+            scale * statistics.fmean(values),
+            scale * (statistics.stdev(values) if len(values) > 1 else 0.0),
+        )
         text = f"{mean:.1f}%" if as_percent else f"{mean:.3f}"
         return text + (f" ± {spread:.1f}" if as_percent else f" ± {spread:.3f}") * (len(values) > 1)
 
-    table = Table(title=f"{task}: test {metric.replace('_', ' ')} at equal total training steps (mean ± sd over {seeds} seeds)")
+    table = Table(
+        title=(
+            f"{task}: test {metric.replace('_', ' ')} at equal total training steps "
+            f"(mean ± sd over {seeds} seeds)"
+        )
+    )
     table.add_column("model")
     partitions = list(next(iter(rows.values())))
     for p in partitions:
         table.add_column(f"{p} shards", justify="right")
     for name, values in rows.items():
         as_percent = percent or name.startswith("router")
-        table.add_row(name, *(cell(values[p], as_percent) for p in partitions), style="bold" if name in ("ensemble top-1", "dense baseline") else None)
+        table.add_row(
+            name,
+            *(cell(values[p], as_percent) for p in partitions),
+            style="bold" if name in ("ensemble top-1", "dense baseline") else None,
+        )
     return table
 
 
@@ -156,7 +251,9 @@ def clients_table(clients: list[dict]) -> Table:
     by_variant = {c["variant"]: c for c in clients}
     reference = by_variant.get("fp32")
     for name, c in by_variant.items():
-        ratio = f"{c['upload_bytes_per_round'] / reference['upload_bytes_per_round']:.3f}" if reference else "-"
+        ratio = (
+            f"{c['upload_bytes_per_round'] / reference['upload_bytes_per_round']:.3f}" if reference else "-"
+        )
         table.add_row(name, f"{c['weight_bytes']:,}", f"{c['upload_bytes_per_round']:,.0f}", ratio)
     return table
 
@@ -166,14 +263,20 @@ LOOPBACK = ("127.0.0.1", "localhost", "[::1]", "::1")
 
 def setup_logging(verbose: bool) -> None:
     """Log fedmoe's progress to stderr."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
 
 
 def check_tls(address: str, certs: str | Path | None, insecure: bool) -> None:
     """Plain text only on loopback, or when asked for explicitly."""
     host = address.rsplit(":", 1)[0]
     if certs is None and not insecure and host not in LOOPBACK:
-        raise typer.BadParameter(f"{address} is reachable from other hosts: give --certs DIR (made by `fedmoe certs`) or --insecure")
+        raise typer.BadParameter(
+            f"{address} is reachable from other hosts: "
+            "give --certs DIR (made by `fedmoe certs`) or --insecure"
+        )
 
 
 def wait_for_signal(server, until=None, poll_s: float = 0.5) -> None:
@@ -206,29 +309,77 @@ def server(
     outer_lr: OuterLrOption = None,
     outer_momentum: OuterMomentumOption = None,
     seed: SeedOption = None,
-    address: Annotated[str | None, typer.Option(help="host:port to listen on (transport.address; default 127.0.0.1:7000).")] = None,
-    state: Annotated[Path, typer.Option(help="State directory: checkpoints, pending updates, the final ensemble.")] = Path("runs/coordinator"),
-    min_clients: Annotated[int | None, typer.Option(min=1, help="Clients to wait for before the first round (policy.min_clients).")] = None,
-    quorum: Annotated[float | None, typer.Option(help="Fraction of the members whose updates close a round (policy.quorum).")] = None,
-    deadline: Annotated[float | None, typer.Option(help="Seconds after which a round closes with the updates it has (policy.deadline_s).")] = None,
-    late: Annotated[str | None, typer.Option(click_type=click.Choice(["drop", "stale"]), help="Updates for a closed round: drop, or count with weight 1/(1 + staleness).")] = None,
-    aggregation: Annotated[str | None, typer.Option(click_type=click.Choice(["mean", "median", "trimmed-mean"]), help="How updates are combined per coordinate.")] = None,
+    address: Annotated[
+        str | None, typer.Option(help="host:port to listen on (transport.address; default 127.0.0.1:7000).")
+    ] = None,
+    state: Annotated[
+        Path, typer.Option(help="State directory: checkpoints, pending updates, the final ensemble.")
+    ] = Path("runs/coordinator"),
+    min_clients: Annotated[
+        int | None,
+        typer.Option(min=1, help="Clients to wait for before the first round (policy.min_clients)."),
+    ] = None,
+    quorum: Annotated[
+        float | None,
+        typer.Option(help="Fraction of the members whose updates close a round (policy.quorum)."),
+    ] = None,
+    deadline: Annotated[
+        float | None,
+        typer.Option(help="Seconds after which a round closes with the updates it has (policy.deadline_s)."),
+    ] = None,
+    late: Annotated[
+        str | None,
+        typer.Option(
+            click_type=click.Choice(["drop", "stale"]),
+            help="Updates for a closed round: drop, or count with weight 1/(1 + staleness).",
+        ),
+    ] = None,
+    aggregation: Annotated[
+        str | None,
+        typer.Option(
+            click_type=click.Choice(["mean", "median", "trimmed-mean"]),
+            help="How updates are combined per coordinate.",
+        ),
+    ] = None,
     trim: Annotated[float | None, typer.Option(help="Fraction trimmed at each end by trimmed-mean.")] = None,
-    clip_norm: Annotated[float | None, typer.Option(help="Scale down updates whose norm is above this.")] = None,
-    certs: Annotated[Path | None, typer.Option(help="TLS: a directory made by `fedmoe certs` (transport.certs).")] = None,
+    clip_norm: Annotated[
+        float | None, typer.Option(help="Scale down updates whose norm is above this.")
+    ] = None,
+    certs: Annotated[
+        Path | None, typer.Option(help="TLS: a directory made by `fedmoe certs` (transport.certs).")
+    ] = None,
     insecure: Annotated[bool, typer.Option(help="Allow plain text on a non-loopback address.")] = False,
-    exit_when_done: Annotated[bool, typer.Option(help="Stop once the last round closed and the clients were told.")] = False,
+    exit_when_done: Annotated[
+        bool, typer.Option(help="Stop once the last round closed and the clients were told.")
+    ] = False,
     verbose: Annotated[bool, typer.Option("--verbose/--quiet")] = True,
 ) -> None:
-    """Run the coordinator: clients join with their data's routing statistics, pull their path, train it and push outer gradients."""
+    """Run the coordinator: clients join with their data's routing statistics, pull their path,
+    train it and push outer gradients.
+    """
     from fedmoe.server.coordinator import Coordinator
     from fedmoe.server.service import start_server
 
     config = make_config(
-        config_file, sets, spec=spec, grid=grid, rounds=rounds, inner__steps=steps, inner__lr=lr, inner__batch_size=batch_size,
-        outer__lr=outer_lr, outer__momentum=outer_momentum, seed=seed, transport__address=address,
-        transport__certs=str(certs) if certs else None, policy__min_clients=min_clients, policy__quorum=quorum,
-        policy__deadline_s=deadline, policy__late=late, aggregation__rule=aggregation, aggregation__trim=trim,
+        config_file,
+        sets,
+        spec=spec,
+        grid=grid,
+        rounds=rounds,
+        inner__steps=steps,
+        inner__lr=lr,
+        inner__batch_size=batch_size,
+        outer__lr=outer_lr,
+        outer__momentum=outer_momentum,
+        seed=seed,
+        transport__address=address,
+        transport__certs=str(certs) if certs else None,
+        policy__min_clients=min_clients,
+        policy__quorum=quorum,
+        policy__deadline_s=deadline,
+        policy__late=late,
+        aggregation__rule=aggregation,
+        aggregation__trim=trim,
         aggregation__clip_norm=clip_norm,
     )
     setup_logging(verbose)
@@ -240,7 +391,9 @@ def server(
         raise typer.BadParameter(str(e)) from None
     console.print(describe(config))
     try:
-        grpc_server, port = start_server(coordinator, transport.address, transport.certs, max_update_bytes=transport.max_update_bytes)
+        grpc_server, port = start_server(
+            coordinator, transport.address, transport.certs, max_update_bytes=transport.max_update_bytes
+        )
     except OSError as e:
         fail(str(e))
     console.print(f"coordinator on port {port}, state in {state}", style="bold")
@@ -260,27 +413,58 @@ def server(
 @app.command()
 def client(
     server: Annotated[str, typer.Option(help="The coordinator, host:port.")] = "127.0.0.1:7000",
-    spec: Annotated[str | None, typer.Option(help="The spec, 'package.module:attr' (default: the coordinator's; it must be importable here).")] = None,
-    profile: Annotated[str, typer.Option(help="Device profile: fp32, fp16, int8, int4, int4-p50, fp32-p25, laptop.")] = "fp32",
-    partition: Annotated[int, typer.Option(min=0, help="The part of the spec's data this client holds: spec.data(partition, partitions).")] = 0,
+    spec: Annotated[
+        str | None,
+        typer.Option(
+            help="The spec, 'package.module:attr' (default: the coordinator's; it must be importable here)."
+        ),
+    ] = None,
+    profile: Annotated[
+        str, typer.Option(help="Device profile: fp32, fp16, int8, int4, int4-p50, fp32-p25, laptop.")
+    ] = "fp32",
+    partition: Annotated[
+        int,
+        typer.Option(
+            min=0, help="The part of the spec's data this client holds: spec.data(partition, partitions)."
+        ),
+    ] = 0,
     partitions: Annotated[int, typer.Option(min=1, help="How many parts the spec's data is cut into.")] = 1,
     name: Annotated[str, typer.Option(help="A label for the coordinator's logs and status.")] = "",
-    certs: Annotated[Path | None, typer.Option(help="TLS: the directory with ca.pem from `fedmoe certs`.")] = None,
-    state_file: Annotated[Path | None, typer.Option(help="Keep this client's identity here, to rejoin after a restart.")] = None,
-    retry: Annotated[float, typer.Option(min=0, help="Seconds to keep retrying an unreachable coordinator.")] = 120.0,
-    timeout: Annotated[float | None, typer.Option(help="Give up after this many seconds in all (default: no limit).")] = None,
+    certs: Annotated[
+        Path | None, typer.Option(help="TLS: the directory with ca.pem from `fedmoe certs`.")
+    ] = None,
+    state_file: Annotated[
+        Path | None, typer.Option(help="Keep this client's identity here, to rejoin after a restart.")
+    ] = None,
+    retry: Annotated[
+        float, typer.Option(min=0, help="Seconds to keep retrying an unreachable coordinator.")
+    ] = 120.0,
+    timeout: Annotated[
+        float | None, typer.Option(help="Give up after this many seconds in all (default: no limit).")
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose/--quiet")] = True,
 ) -> None:
-    """Join a federation with this machine's part of the spec's data and train until the coordinator says done."""
+    """Join a federation with this machine's part of the spec's data and train until the coordinator says
+    done.
+    """
     import grpc
 
     from fedmoe.clients import run
 
     setup_logging(verbose)
     try:
-        summary = run(server, spec, profile, certs=str(certs) if certs else None, name=name,
-                      state_file=str(state_file) if state_file else None, partition=partition, partitions=partitions,
-                      retry_s=retry, timeout_s=timeout)
+        summary = run(
+            server,
+            spec,
+            profile,
+            certs=str(certs) if certs else None,
+            name=name,
+            state_file=str(state_file) if state_file else None,
+            partition=partition,
+            partitions=partitions,
+            retry_s=retry,
+            timeout_s=timeout,
+        )
     except (ValueError, TypeError, ConnectionError, TimeoutError) as e:
         fail(str(e))
     except grpc.RpcError as e:
@@ -290,15 +474,24 @@ def client(
 
 @app.command()
 def serve(
-    checkpoint: Annotated[Path, typer.Option(help="An ensemble checkpoint directory (of any spec importable here).")] = Path("runs/coordinator/ensemble"),
+    checkpoint: Annotated[
+        Path, typer.Option(help="An ensemble checkpoint directory (of any spec importable here).")
+    ] = Path("runs/coordinator/ensemble"),
     address: Annotated[str, typer.Option(help="host:port to listen on.")] = "127.0.0.1:7100",
-    top_k: Annotated[int, typer.Option(min=1, help="Experts mixed per prediction unless a request says otherwise.")] = 1,
+    top_k: Annotated[
+        int, typer.Option(min=1, help="Experts mixed per prediction unless a request says otherwise.")
+    ] = 1,
     certs: Annotated[Path | None, typer.Option(help="TLS: a directory made by `fedmoe certs`.")] = None,
     insecure: Annotated[bool, typer.Option(help="Allow plain text on a non-loopback address.")] = False,
-    wait: Annotated[float, typer.Option(help="Seconds to wait for the checkpoint to appear (a coordinator still training).")] = 0.0,
+    wait: Annotated[
+        float,
+        typer.Option(help="Seconds to wait for the checkpoint to appear (a coordinator still training)."),
+    ] = 0.0,
     verbose: Annotated[bool, typer.Option("--verbose/--quiet")] = True,
 ) -> None:
-    """Answer Predict requests with a trained router + ensemble: `inputs` as a (1, N) float tensor, or `text` through the spec."""
+    """Answer Predict requests with a trained router + ensemble:
+    `inputs` as a (1, N) float tensor, or `text` through the spec.
+    """
     from fedmoe.ensemble import Ensemble
     from fedmoe.server.inference import start_inference
 
@@ -323,14 +516,24 @@ def serve(
 
 @app.command()
 def predict(
-    server: Annotated[str, typer.Option(help="An inference service (`fedmoe serve`), host:port.")] = "127.0.0.1:7100",
-    inputs: Annotated[str, typer.Option(help="Comma-separated input values: one example, sent as a (1, N) float tensor.")] = "",
-    digit: Annotated[int | None, typer.Option(min=0, help="Send this test example of the bundled digits instead.")] = None,
-    text: Annotated[str, typer.Option(help="A prompt, for a spec with encode_text (e.g. a language model).")] = "",
+    server: Annotated[
+        str, typer.Option(help="An inference service (`fedmoe serve`), host:port.")
+    ] = "127.0.0.1:7100",
+    inputs: Annotated[
+        str, typer.Option(help="Comma-separated input values: one example, sent as a (1, N) float tensor.")
+    ] = "",
+    digit: Annotated[
+        int | None, typer.Option(min=0, help="Send this test example of the bundled digits instead.")
+    ] = None,
+    text: Annotated[
+        str, typer.Option(help="A prompt, for a spec with encode_text (e.g. a language model).")
+    ] = "",
     top_k: Annotated[int, typer.Option(min=0, help="0: the server's default.")] = 0,
     certs: Annotated[Path | None, typer.Option(help="TLS: the directory with ca.pem.")] = None,
 ) -> None:
-    """Ask an inference service for one prediction; prints the mixed outputs, the largest one's index, experts and weights as JSON."""
+    """Ask an inference service for one prediction; prints the mixed outputs, the largest one's index,
+    experts and weights as JSON.
+    """
     import grpc
 
     from fedmoe.clients.runtime import connect
@@ -339,7 +542,9 @@ def predict(
     try:
         values = [float(v) for v in inputs.split(",") if v.strip()]
     except ValueError:
-        raise typer.BadParameter(f"give numbers separated by commas, got {inputs!r}", param_hint="--inputs") from None
+        raise typer.BadParameter(
+            f"give numbers separated by commas, got {inputs!r}", param_hint="--inputs"
+        ) from None
     if digit is not None:
         from fedmoe.data import load_digits_split
 
@@ -350,21 +555,41 @@ def predict(
     with connect(server, str(certs) if certs else None) as channel:
         try:
             reply = inference_pb2_grpc.InferenceStub(channel).Predict(
-                inference_pb2.PredictRequest(inputs=values, text=text, top_k=top_k), timeout=30)
+                inference_pb2.PredictRequest(inputs=values, text=text, top_k=top_k), timeout=30
+            )
         except grpc.RpcError as e:
             fail(f"{server}: {e.code().name}: {e.details()}")
     outputs = list(reply.outputs)
-    typer.echo(json.dumps({"prediction": max(range(len(outputs)), key=outputs.__getitem__), "outputs": outputs,
-                           "experts": list(reply.experts), "paths": list(reply.paths), "weights": list(reply.weights)}, indent=2))
+    typer.echo(
+        json.dumps(
+            {
+                "prediction": max(range(len(outputs)), key=outputs.__getitem__),
+                "outputs": outputs,
+                "experts": list(reply.experts),
+                "paths": list(reply.paths),
+                "weights": list(reply.weights),
+            },
+            indent=2,
+        )
+    )
 
 
 @app.command()
 def certs(
-    out: Annotated[Path, typer.Option(help="Directory for ca.pem, server.pem/.key and client certificates.")] = Path("certs"),
-    host: Annotated[list[str] | None, typer.Option(help="Host names / IPs the server certificate is valid for (repeatable).")] = None,
-    client_name: Annotated[list[str] | None, typer.Option("--client", help="Client certificate names (repeatable).")] = None,
+    out: Annotated[
+        Path, typer.Option(help="Directory for ca.pem, server.pem/.key and client certificates.")
+    ] = Path("certs"),
+    host: Annotated[
+        list[str] | None,
+        typer.Option(help="Host names / IPs the server certificate is valid for (repeatable)."),
+    ] = None,
+    client_name: Annotated[
+        list[str] | None, typer.Option("--client", help="Client certificate names (repeatable).")
+    ] = None,
     overwrite: bool = False,
-    if_missing: Annotated[bool, typer.Option(help="Do nothing when the directory already holds a CA (for one-shot services).")] = False,
+    if_missing: Annotated[
+        bool, typer.Option(help="Do nothing when the directory already holds a CA (for one-shot services).")
+    ] = False,
 ) -> None:
     """Make a CA, a server certificate and client certificates for TLS (with the cryptography package)."""
     from fedmoe.security import CA_KEY, make_certs
@@ -372,7 +597,12 @@ def certs(
     if if_missing and (out / CA_KEY).exists():
         console.print(f"{out} already holds a CA; nothing to do")
         return
-    directory = make_certs(out, tuple(host or ("localhost", "127.0.0.1", "::1")), tuple(client_name or ("client",)), overwrite=overwrite)
+    directory = make_certs(
+        out,
+        tuple(host or ("localhost", "127.0.0.1", "::1")),
+        tuple(client_name or ("client",)),
+        overwrite=overwrite,
+    )
     console.print(f"wrote TLS material to {directory}")
 
 
@@ -389,12 +619,43 @@ def simulate(
     outer_lr: OuterLrOption = None,
     outer_momentum: OuterMomentumOption = None,
     seed: SeedOption = None,
-    clients: Annotated[int | None, typer.Option(min=1, help="Virtual clients (Flower SuperNodes), client i holding spec.data(i, n) (clients.count; default: one per path).")] = None,
-    profiles: Annotated[str | None, typer.Option(help="Device profiles the clients cycle through (clients.profiles): a mix (fp32, mixed, int4-p50) or profile names joined by commas.")] = None,
-    cpus_per_client: Annotated[float, typer.Option(min=0, help="CPUs Ray reserves for each virtual client.")] = 1.0,
-    gpus_per_client: Annotated[float, typer.Option(min=0, help="GPUs (or fractions) Ray reserves for each virtual client.")] = 0.0,
-    ray_address: Annotated[str | None, typer.Option(help="An existing Ray cluster: head:6379 from one of its machines, ray://head:10001 from outside (default: $RAY_ADDRESS, else a local Ray).")] = None,
-    out: Annotated[Path | None, typer.Option(help="Directory for the ensemble checkpoint and results.json.")] = Path("runs/simulate"),
+    clients: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help=(
+                "Virtual clients (Flower SuperNodes), client i holding spec.data(i, n) (clients.count; "
+                "default: one per path)."
+            ),
+        ),
+    ] = None,
+    profiles: Annotated[
+        str | None,
+        typer.Option(
+            help=(
+                "Device profiles the clients cycle through (clients.profiles): a mix (fp32, mixed, int4-p50) "
+                "or profile names joined by commas."
+            )
+        ),
+    ] = None,
+    cpus_per_client: Annotated[
+        float, typer.Option(min=0, help="CPUs Ray reserves for each virtual client.")
+    ] = 1.0,
+    gpus_per_client: Annotated[
+        float, typer.Option(min=0, help="GPUs (or fractions) Ray reserves for each virtual client.")
+    ] = 0.0,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            help=(
+                "An existing Ray cluster: head:6379 from one of its machines, ray://head:10001 from outside "
+                "(default: $RAY_ADDRESS, else a local Ray)."
+            )
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Directory for the ensemble checkpoint and results.json.")
+    ] = Path("runs/simulate"),
     verbose: Annotated[bool, typer.Option(help="Flower's debug logs.")] = False,
 ) -> None:
     """Train the spec's grid with virtual Flower clients on Ray, routed by federated centroids."""
@@ -406,9 +667,19 @@ def simulate(
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--profiles") from None
     config = make_config(
-        config_file, sets, spec=spec, grid=grid, rounds=rounds, inner__steps=steps, inner__lr=lr,
-        inner__batch_size=batch_size, outer__lr=outer_lr, outer__momentum=outer_momentum, seed=seed,
-        clients__count=clients, clients__profiles=mix,
+        config_file,
+        sets,
+        spec=spec,
+        grid=grid,
+        rounds=rounds,
+        inner__steps=steps,
+        inner__lr=lr,
+        inner__batch_size=batch_size,
+        outer__lr=outer_lr,
+        outer__momentum=outer_momentum,
+        seed=seed,
+        clients__count=clients,
+        clients__profiles=mix,
     )
     console.print(describe(config))
     try:
@@ -418,7 +689,9 @@ def simulate(
     metric = results["metric"]
     variants = sorted({c["variant"] for c in results["clients"]})
     grid_text = "x".join(map(str, config.grid))
-    table = Table(title=f"{len(results['clients'])} virtual clients ({', '.join(variants)}), grid {grid_text}")
+    table = Table(
+        title=f"{len(results['clients'])} virtual clients ({', '.join(variants)}), grid {grid_text}"
+    )
     heading = f"ensemble top-1 {metric.replace('_', ' ')}"
     for column in ("round", "updates", "mean inner loss", "upload bytes", heading):
         table.add_column(column, justify="right")
@@ -431,7 +704,9 @@ def simulate(
 
 @app.command()
 def health(
-    server: Annotated[str, typer.Option(help="A coordinator or inference service, host:port.")] = "127.0.0.1:7000",
+    server: Annotated[
+        str, typer.Option(help="A coordinator or inference service, host:port.")
+    ] = "127.0.0.1:7000",
     certs: Annotated[Path | None, typer.Option(help="TLS: the directory with ca.pem.")] = None,
     timeout: float = 5.0,
 ) -> None:
@@ -443,7 +718,11 @@ def health(
 
     with connect(server, str(certs) if certs else None) as channel:
         try:
-            status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout).status
+            status = (
+                health_pb2_grpc.HealthStub(channel)
+                .Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+                .status
+            )
         except grpc.RpcError as e:
             console.print(f"{server}: not serving ({e.code().name})")
             raise typer.Exit(1) from None

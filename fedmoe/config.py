@@ -1,4 +1,5 @@
-"""One config tree for every runner (pydantic): a TOML file plus dotted overrides, the same defaults everywhere.
+"""One config tree for every runner (pydantic): a TOML file plus dotted overrides,
+the same defaults everywhere.
 
     [federation]                       # or top-level keys
     spec = "examples.tabular:spec"
@@ -43,7 +44,9 @@ class InnerConfig(_Section):
     schedule: Literal["constant", "cosine"] = "cosine"
 
     def lr_at(self, round: int, rounds: int, floor: float = 0.1) -> float:
-        """The inner learning rate of round `round` (0-based) of `rounds`: constant, or cosine from lr to floor * lr."""
+        """The inner learning rate of round `round` (0-based) of `rounds`:
+        constant, or cosine from lr to floor * lr.
+        """
         if self.schedule == "constant":
             return self.lr
         progress = min(round / max(rounds - 1, 1), 1.0)
@@ -51,7 +54,9 @@ class InnerConfig(_Section):
 
 
 class OuterConfig(_Section):
-    """The DiLoCo outer step. lr and momentum default by `resolve_outer`: 1.0 / 0 with one worker per module, else 0.7 / 0.9."""
+    """The DiLoCo outer step. lr and momentum default by `resolve_outer`:
+    1.0 / 0 with one worker per module, else 0.7 / 0.9.
+    """
 
     lr: float | None = Field(None, gt=0)
     momentum: float | None = Field(None, ge=0, lt=1)
@@ -59,9 +64,9 @@ class OuterConfig(_Section):
 
 
 class CompressionConfig(_Section):
-    """How pruned clients' sub-models are cut: rolling (FedRolex), static (HeteroFL) or random width slices, or
-    magnitude (in-process only: its masks depend on weights a pruned client never receives). Bit-widths come
-    from each client's device profile."""
+    """How pruned clients' sub-models are cut: rolling (FedRolex), static (HeteroFL) or random width slices,
+    or magnitude (in-process only: its masks depend on weights a pruned client never receives). Bit-widths
+    come from each client's device profile."""
 
     scheme: Literal["rolling", "static", "random", "magnitude"] = "rolling"
 
@@ -92,7 +97,8 @@ class AggregationConfig(_Section):
 
 
 class RoundPolicy(_Section):
-    """When a round closes (networked runs): `quorum` of the members sent, or `deadline_s` passed with at least one update.
+    """When a round closes (networked runs): `quorum` of the members sent,
+    or `deadline_s` passed with at least one update.
 
     The first round opens when `min_clients` have joined. Updates for a closed round are dropped, or with
     `late="stale"` and at most `max_staleness` rounds late counted with weight 1 / (1 + staleness).
@@ -166,7 +172,7 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     for part in parents:
         data = data.setdefault(part, {})
         if not isinstance(data, dict):
-            raise ValueError(f"cannot set {key!r}: {part!r} is not a section")
+            raise ValueError(f"cannot set {key!r}: {part!r} is not a section")  # noqa: TRY004 - callers catch ValueError
     data[last] = value
 
 
@@ -186,7 +192,7 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
 
 
 def parse_grid(text: str) -> tuple[int, ...]:
-    """"4" -> (4,) independent experts; "2x2" -> (2, 2) a two-level DiPaCo grid."""
+    """ "4" -> (4,) independent experts; "2x2" -> (2, 2) a two-level DiPaCo grid."""
     try:
         grid = tuple(int(n) for n in str(text).lower().split("x"))
     except ValueError:
@@ -207,6 +213,12 @@ def resolve_outer(outer: OuterConfig, workers_per_module: int) -> tuple[float, f
     momentum = outer.momentum if outer.momentum is not None else (0.9 if several else 0.0)
     chosen = [name for name, value in (("lr", outer.lr), ("momentum", outer.momentum)) if value is None]
     if chosen:
-        log.info("outer step: lr %g, momentum %g (%s chosen for %s worker(s) per module; set outer.lr / outer.momentum to override)",
-                 lr, momentum, " and ".join(chosen), workers_per_module)
+        log.info(
+            "outer step: lr %g, momentum %g (%s chosen for %s worker(s) per module; set outer.lr / "
+            "outer.momentum to override)",
+            lr,
+            momentum,
+            " and ".join(chosen),
+            workers_per_module,
+        )
     return lr, momentum

@@ -36,7 +36,9 @@ NETWORK_SCHEMES = ("rolling", "static", "random")
 
 @dataclass(frozen=True)
 class Assignment:
-    """A client's place in the federation: the path it trains, the variant it holds, its seed (masks, batches)."""
+    """A client's place in the federation: the path it trains, the variant it holds, its seed (masks,
+    batches).
+    """
 
     path: Path
     variant: Variant
@@ -45,12 +47,22 @@ class Assignment:
     def to_dict(self) -> dict[str, Any]:
         """JSON form, for state files and messages."""
         v = self.variant
-        return {"path": str(self.path), "bits": v.bits, "density": v.density, "scheme": v.scheme, "seed": self.seed}
+        return {
+            "path": str(self.path),
+            "bits": v.bits,
+            "density": v.density,
+            "scheme": v.scheme,
+            "seed": self.seed,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Assignment:
         """Inverse of `to_dict`."""
-        return cls(Path.parse(d["path"]), Variant(int(d["bits"]), float(d["density"]), str(d["scheme"])), int(d["seed"]))
+        return cls(
+            Path.parse(d["path"]),
+            Variant(int(d["bits"]), float(d["density"]), str(d["scheme"])),
+            int(d["seed"]),
+        )
 
 
 class Engine:
@@ -64,7 +76,8 @@ class Engine:
         self.assignments: dict[str, Assignment] = {}
         self.outer = OuterOptimizer(self.model, lr=1.0, momentum=0.0)
         self.outer_choice: tuple[float, float] | None = None  # (lr, momentum), fixed at the first outer step
-        self.feature_sums: dict[str, np.ndarray] = {}  # per client: sum of its routing features, and its count
+        # per client: sum of its routing features, and its count
+        self.feature_sums: dict[str, np.ndarray] = {}
         self.feature_counts: dict[str, float] = {}
         self._eval: Examples | None = None
 
@@ -75,7 +88,8 @@ class Engine:
 
     # -- clients ----------------------------------------------------------------------------
     def assign(self, client_id: str, profile: DeviceProfile) -> Assignment:
-        """Give a new client the least-loaded path (lowest index on ties) and the densest variant its profile fits.
+        """Give a new client the least-loaded path (lowest index on ties)
+        and the densest variant its profile fits.
 
         Raises ValueError when the profile cannot hold a path at any density it accepts.
         """
@@ -94,7 +108,9 @@ class Engine:
         return inner.model_copy(update={"lr": inner.lr_at(round, self.config.rounds)})
 
     def job(self, client_id: str) -> Job:
-        """What `client_id` receives for the open round: its path's weights as its variant holds them, and how to train."""
+        """What `client_id` receives for the open round:
+        its path's weights as its variant holds them, and how to train.
+        """
         a = self.assignments[client_id]
         return make_job(self.model, a.path, a.variant, self.round, a.seed, self.inner(self.round))
 
@@ -102,10 +118,14 @@ class Engine:
         """Raise ValueError unless `upload` is for this client's path, variant and seed."""
         a = self.assignments[client_id]
         if (upload.path, upload.variant, upload.seed) != (a.path, a.variant, a.seed):
-            raise ValueError(f"update is for path {upload.path} {upload.variant}, the assignment is {a.path} {a.variant}")
+            raise ValueError(
+                f"update is for path {upload.path} {upload.variant}, the assignment is {a.path} {a.variant}"
+            )
 
     def decode(self, client_id: str, upload: Upload) -> Update:
-        """Check an upload against the client's assignment and the grid, and turn it into per-module outer gradients."""
+        """Check an upload against the client's assignment and the grid,
+        and turn it into per-module outer gradients.
+        """
         self.check(client_id, upload)
         return decode(self.model, upload)
 
@@ -121,7 +141,9 @@ class Engine:
 
     # -- rounds -----------------------------------------------------------------------------
     def round_due(self, pending: int, members: int, elapsed_s: float) -> bool:
-        """Whether the open round closes now: the quorum of `members` sent, or the deadline passed with at least one update."""
+        """Whether the open round closes now: the quorum of `members` sent,
+        or the deadline passed with at least one update.
+        """
         if self.finished or pending == 0:
             return False
         policy = self.config.policy
@@ -132,7 +154,8 @@ class Engine:
         """Aggregate the round's updates with the configured rule, take the outer step, open the next round.
 
         The first call fixes the outer step's lr and momentum by `resolve_outer`. Returns the round's metrics:
-        updates, mean inner loss, upload bytes, and the ensemble's metrics on the spec's eval set when it has one.
+        updates, mean inner loss, upload bytes, and the ensemble's metrics on the spec's eval set when it has
+        one.
         """
         if not updates:
             raise ValueError("a round closes with at least one update")
@@ -145,8 +168,10 @@ class Engine:
         agg = self.config.aggregation
         self.outer.step(*combine(updates, agg.rule, agg.trim, agg.clip_norm))
         metrics: dict[str, Any] = {
-            "round": self.round + 1, "updates": len(updates),
-            "loss": float(np.mean([u.loss for u in uploads])), "upload_bytes": sum(u.nbytes for u in uploads),
+            "round": self.round + 1,
+            "updates": len(updates),
+            "loss": float(np.mean([u.loss for u in uploads])),
+            "upload_bytes": sum(u.nbytes for u in uploads),
         }
         self.round += 1
         if self.spec.eval_data is not None and self.feature_counts:
@@ -161,7 +186,9 @@ class Engine:
 
     # -- the ensemble -----------------------------------------------------------------------
     def centroids(self) -> tuple[list[Path], np.ndarray]:
-        """The paths that clients reported features for, and each one's centroid (the mean feature of its clients' data)."""
+        """The paths that clients reported features for, and each one's centroid
+        (the mean feature of its clients' data).
+        """
         sums: dict[Path, np.ndarray] = {}
         counts: dict[Path, float] = {}
         for client_id, s in self.feature_sums.items():
@@ -174,7 +201,9 @@ class Engine:
         return paths, np.stack([sums[p] / counts[p] for p in paths]).astype(np.float32)
 
     def ensemble(self) -> Ensemble:
-        """The trained paths with a centroid router over the federated centroids (paths nobody trained are left out)."""
+        """The trained paths with a centroid router over the federated centroids
+        (paths nobody trained are left out).
+        """
         paths, centroids = self.centroids()
         return Ensemble(self.spec, self.model, paths, CentroidRouter(centroids), self.config.grid)
 
@@ -201,9 +230,12 @@ class Engine:
     def state_manifest(self) -> dict[str, Any]:
         """The round, the outer step's choice, assignments and routing statistics, as JSON."""
         return {
-            "round": self.round, "outer": self.outer_choice,
+            "round": self.round,
+            "outer": self.outer_choice,
             "assignments": {c: a.to_dict() for c, a in self.assignments.items()},
-            "features": {c: [self.feature_sums[c].tolist(), self.feature_counts[c]] for c in self.feature_sums},
+            "features": {
+                c: [self.feature_sums[c].tolist(), self.feature_counts[c]] for c in self.feature_sums
+            },
         }
 
     def load_state(self, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]) -> None:

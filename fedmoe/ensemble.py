@@ -33,7 +33,14 @@ class Prediction:
 class Ensemble:
     """Paths of a trained grid plus a router; expert k is `paths[k]`."""
 
-    def __init__(self, spec: Spec, model: ModularModel, paths: Sequence[Path], router: Router, grid: Sequence[int] | None = None):
+    def __init__(
+        self,
+        spec: Spec,
+        model: ModularModel,
+        paths: Sequence[Path],
+        router: Router,
+        grid: Sequence[int] | None = None,
+    ):
         if len(paths) != router.n_experts:
             raise ValueError(f"{len(paths)} paths but the router knows {router.n_experts} experts")
         self.spec, self.model, self.paths, self.router = spec, model, list(paths), router
@@ -41,7 +48,9 @@ class Ensemble:
         self.experts = [model.compose(path).eval() for path in self.paths]
 
     @torch.no_grad()
-    def predict(self, inputs: torch.Tensor, top_k: int | None = None, features: torch.Tensor | None = None) -> Prediction:
+    def predict(
+        self, inputs: torch.Tensor, top_k: int | None = None, features: torch.Tensor | None = None
+    ) -> Prediction:
         """Mix the outputs of the top-k experts (all of them when top_k is None).
 
         Routing features are `spec.featurize(inputs)` unless given. Each expert runs only on the examples
@@ -74,12 +83,19 @@ class Ensemble:
     def save(self, directory: str | os.PathLike, extra: dict[str, Any] | None = None) -> FsPath:
         """Write grid, paths and router to one checkpoint directory, naming the spec by its import string."""
         if not self.spec.ref:
-            raise ValueError(f"spec {self.spec.name!r} has no import string: load it with fedmoe.load_spec('pkg.mod:attr') to save")
+            raise ValueError(
+                f"spec {self.spec.name!r} has no import string: load it with "
+                "fedmoe.load_spec('pkg.mod:attr') to save"
+            )
         tensors = {f"model/{k}": v for k, v in flatten_states(self.model.module_states()).items()}
         tensors |= {f"router/{k}": v for k, v in self.router.tensors().items()}
         manifest = {
-            "kind": "ensemble", "spec": self.spec.ref, "grid": list(self.grid),
-            "paths": [str(p) for p in self.paths], "router": self.router.config(), **(extra or {}),
+            "kind": "ensemble",
+            "spec": self.spec.ref,
+            "grid": list(self.grid),
+            "paths": [str(p) for p in self.paths],
+            "router": self.router.config(),
+            **(extra or {}),
         }
         return save_checkpoint(directory, tensors, manifest)
 
@@ -95,19 +111,27 @@ class Ensemble:
         expected = {k: {n: tuple(p.shape) for n, p in s.items()} for k, s in model.module_states().items()}
         found = {k: {n: tuple(t.shape) for n, t in s.items()} for k, s in states.items()}
         if expected != found:
-            raise ValueError(f"{directory}: the checkpoint's weights do not fit spec {spec.ref or spec.name!r} on grid "
-                             f"{manifest['grid']} ({describe_mismatch(expected, found)})")
+            raise ValueError(
+                f"{directory}: the checkpoint's weights do not fit spec {spec.ref or spec.name!r} on grid "
+                f"{manifest['grid']} ({describe_mismatch(expected, found)})"
+            )
         model.load_module_states(states)
-        router = router_from_state(manifest["router"], {k[7:]: v for k, v in tensors.items() if k.startswith("router/")})
+        router = router_from_state(
+            manifest["router"], {k[7:]: v for k, v in tensors.items() if k.startswith("router/")}
+        )
         return cls(spec, model, [Path.parse(p) for p in manifest["paths"]], router, manifest["grid"])
 
 
-def describe_mismatch(expected: dict[str, dict[str, tuple]], found: dict[str, dict[str, tuple]], most: int = 5) -> str:
+def describe_mismatch(
+    expected: dict[str, dict[str, tuple]], found: dict[str, dict[str, tuple]], most: int = 5
+) -> str:
     """Which parameters differ between two {module: {name: shape}} descriptions, briefly."""
     flat_e = {f"{k}/{n}": s for k, d in expected.items() for n, s in d.items()}
     flat_f = {f"{k}/{n}": s for k, d in found.items() for n, s in d.items()}
     lines = [f"{n}: missing" for n in flat_e if n not in flat_f]
     lines += [f"{n}: unexpected" for n in flat_f if n not in flat_e]
-    lines += [f"{n}: shape {flat_f[n]} vs {flat_e[n]}" for n in flat_e if n in flat_f and flat_f[n] != flat_e[n]]
+    lines += [
+        f"{n}: shape {flat_f[n]} vs {flat_e[n]}" for n in flat_e if n in flat_f and flat_f[n] != flat_e[n]
+    ]
     more = f", and {len(lines) - most} more" if len(lines) > most else ""
     return "; ".join(lines[:most]) + more

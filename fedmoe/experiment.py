@@ -48,7 +48,9 @@ class Experiment:
 
     def __post_init__(self) -> None:
         if not 0 <= self.shared_rounds < self.config.rounds:
-            raise ValueError(f"shared rounds must be in 0..rounds-1, got {self.shared_rounds} of {self.config.rounds}")
+            raise ValueError(
+                f"shared rounds must be in 0..rounds-1, got {self.shared_rounds} of {self.config.rounds}"
+            )
         if self.router not in ROUTERS:
             raise ValueError(f"unknown router {self.router!r}; known: {', '.join(ROUTERS)}")
 
@@ -84,8 +86,12 @@ class RunResult:
 
 
 def branch(states: ModuleStates, grid: Sequence[int]) -> ModuleStates:
-    """Module states that start every module of each level of `grid` from a one-module-per-level model's module of that level."""
-    return {module_key(level, m): states[module_key(level, 0)] for level, n in enumerate(grid) for m in range(n)}
+    """Module states that start every module of each level of `grid` from a one-module-per-level model's
+    module of that level.
+    """
+    return {
+        module_key(level, m): states[module_key(level, 0)] for level, n in enumerate(grid) for m in range(n)
+    }
 
 
 def pooled(parts: Sequence[Examples]) -> Examples:
@@ -113,7 +119,9 @@ def eval_examples(spec: Spec) -> Examples:
     return spec.eval_data()
 
 
-def train_dense(spec: Spec, experiment: Experiment, steps_per_round: int, progress: bool = True, rounds: int | None = None) -> RunResult:
+def train_dense(
+    spec: Spec, experiment: Experiment, steps_per_round: int, progress: bool = True, rounds: int | None = None
+) -> RunResult:
     """One model on all the data, `steps_per_round` inner steps per round, the same schedule and outer step.
 
     The model is cut into as many levels as the grid, one module each (the same function as an uncut model),
@@ -121,10 +129,13 @@ def train_dense(spec: Spec, experiment: Experiment, steps_per_round: int, progre
     """
     config = experiment.config
     levels = len(config.grid)
-    dense_config = config.model_copy(update={
-        "grid": (1,) * levels, "rounds": rounds or config.rounds,
-        "inner": config.inner.model_copy(update={"steps": steps_per_round}),
-    })
+    dense_config = config.model_copy(
+        update={
+            "grid": (1,) * levels,
+            "rounds": rounds or config.rounds,
+            "inner": config.inner.model_copy(update={"steps": steps_per_round}),
+        }
+    )
     test = eval_examples(spec)
     union = pooled(make_shards(spec, "clustered", config.n_paths, config.seed))
     result = RunResult("dense")
@@ -142,12 +153,18 @@ def train_dense(spec: Spec, experiment: Experiment, steps_per_round: int, progre
 
 
 def expert_clients(shards: list[Examples], profiles: Sequence[str], seed: int) -> list[LocalClient]:
-    """One client per profile on each shard, each holding an equal random part of it, in enrolment order (profile-major)."""
+    """One client per profile on each shard, each holding an equal random part of it,
+    in enrolment order (profile-major).
+    """
     parts = [[shard.subset(p) for p in iid(len(shard), len(profiles), seed=seed)] for shard in shards]
-    return [LocalClient(parts[k][j], profile) for j, profile in enumerate(profiles) for k in range(len(shards))]
+    return [
+        LocalClient(parts[k][j], profile) for j, profile in enumerate(profiles) for k in range(len(shards))
+    ]
 
 
-def make_router(kind: str, spec: Spec, engine: Engine, shards: list[Examples], paths: list[Path], seed: int) -> tuple[Any, float]:
+def make_router(
+    kind: str, spec: Spec, engine: Engine, shards: list[Examples], paths: list[Path], seed: int
+) -> tuple[Any, float]:
     """A router over the paths and its accuracy at naming the shard of a training example.
 
     "centroid": the engine's federated centroids; "learned": a small MLP fitted on the examples' features with
@@ -166,7 +183,9 @@ def make_router(kind: str, spec: Spec, engine: Engine, shards: list[Examples], p
     return router, router.fit(features, labels, seed=seed)
 
 
-def train_experts(spec: Spec, experiment: Experiment, partition: str, progress: bool = True, dense: RunResult | None = None) -> RunResult:
+def train_experts(
+    spec: Spec, experiment: Experiment, partition: str, progress: bool = True, dense: RunResult | None = None
+) -> RunResult:
     """Shard the data, give each shard a path, train all paths with DiLoCo, route and ensemble them.
 
     The paths branch from `dense` (a `train_dense` run at `steps_per_round`, whose first `shared_rounds`
@@ -180,36 +199,47 @@ def train_experts(spec: Spec, experiment: Experiment, partition: str, progress: 
     result = RunResult(partition)
     if experiment.shared_rounds:
         if dense is None:
-            dense = train_dense(spec, experiment, experiment.steps_per_round, progress, rounds=experiment.shared_rounds)
+            dense = train_dense(
+                spec, experiment, experiment.steps_per_round, progress, rounds=experiment.shared_rounds
+            )
         if dense.shared_state is None:
             raise ValueError("paths branch from a dense run that kept its shared state")
         engine.model.load_module_states(branch(dense.shared_state, config.grid))
         engine.round = experiment.shared_rounds  # the schedule spans the whole run
-        result.rounds = [{"round": r["round"], "experts": [r["dense"]] * len(paths), "top1": r["dense"]}
-                         for r in dense.rounds[: experiment.shared_rounds]]
+        result.rounds = [
+            {"round": r["round"], "experts": [r["dense"]] * len(paths), "top1": r["dense"]}
+            for r in dense.rounds[: experiment.shared_rounds]
+        ]
     clients = expert_clients(shards, experiment.profiles, config.seed)
     ensemble: Ensemble | None = None
 
     def on_round(engine: Engine, metrics: dict[str, Any], uploads: list) -> None:
         nonlocal ensemble
         if ensemble is None:
-            router, result.router_accuracy = make_router(experiment.router, spec, engine, shards, paths, config.seed)
+            router, result.router_accuracy = make_router(
+                experiment.router, spec, engine, shards, paths, config.seed
+            )
             ensemble = Ensemble(spec, engine.model, paths, router, config.grid)
-        result.rounds.append({
-            "round": metrics["round"],
-            "experts": [spec.evaluate(e, test)[spec.metric] for e in ensemble.experts],
-            "top1": ensemble.score(test, 1)[spec.metric],
-            "upload_bytes": [u.nbytes for u in uploads],
-        })
+        result.rounds.append(
+            {
+                "round": metrics["round"],
+                "experts": [spec.evaluate(e, test)[spec.metric] for e in ensemble.experts],
+                "top1": ensemble.score(test, 1)[spec.metric],
+                "upload_bytes": [u.nbytes for u in uploads],
+            }
+        )
 
-    run = run_federation(spec, config, clients, on_round, f"{partition} experts" if progress else None, engine)
+    run = run_federation(
+        spec, config, clients, on_round, f"{partition} experts" if progress else None, engine
+    )
     assert ensemble is not None
     result.ensemble = ensemble
     result.experts = list(result.rounds[-1]["experts"])
     result.final = {f"top{k}": ensemble.score(test, k)[spec.metric] for k in experiment.top_ks}
-    branched = result.rounds[experiment.shared_rounds:]
+    branched = result.rounds[experiment.shared_rounds :]
     result.clients = [
-        client_footprint(engine, c["client"]) | {"upload_bytes_per_round": statistics.fmean(r["upload_bytes"][i] for r in branched)}
+        client_footprint(engine, c["client"])
+        | {"upload_bytes_per_round": statistics.fmean(r["upload_bytes"][i] for r in branched)}
         for i, c in enumerate(run.clients)
     ]
     return result
@@ -220,7 +250,11 @@ def client_footprint(engine: Engine, client_id: str) -> dict[str, Any]:
     a = engine.assignments[client_id]
     path_model = engine.model.compose(a.path)
     masks = round_masks(path_model, a.variant, 0, 0)
-    return {"path": str(a.path), "variant": a.variant.name, "weight_bytes": variant_bytes(path_model, a.variant, masks)["weights"]}
+    return {
+        "path": str(a.path),
+        "variant": a.variant.name,
+        "weight_bytes": variant_bytes(path_model, a.variant, masks)["weights"],
+    }
 
 
 @dataclass
@@ -234,10 +268,14 @@ class Comparison:
 
     def rows(self) -> dict[str, dict[str, list[float]]]:
         """Per-seed values of each row of the demo table, per partition."""
-        rows: dict[str, dict[str, list[float]]] = {"dense baseline": {p: [r.final["dense"] for r in self.dense] for p in self.experts}}
+        rows: dict[str, dict[str, list[float]]] = {
+            "dense baseline": {p: [r.final["dense"] for r in self.dense] for p in self.experts}
+        }
         for i in range(self.experiment.config.n_paths):
             rows[f"expert {i} alone"] = {p: [r.experts[i] for r in runs] for p, runs in self.experts.items()}
-        rows["router: shard accuracy"] = {p: [r.router_accuracy for r in runs] for p, runs in self.experts.items()}
+        rows["router: shard accuracy"] = {
+            p: [r.router_accuracy for r in runs] for p, runs in self.experts.items()
+        }
         n = self.experiment.config.n_paths
         for k in self.experiment.top_ks:
             name = "full ensemble" if k == n and k > 2 else f"ensemble top-{k}"
@@ -246,11 +284,15 @@ class Comparison:
 
 
 def compare(spec: Spec | str, experiment: Experiment, seeds: int = 1, progress: bool = True) -> Comparison:
-    """Dense baseline vs experts on clustered and on random shards, at equal total steps, for seeds 0..seeds-1."""
+    """Dense baseline vs experts on clustered and on random shards, at equal total steps,
+    for seeds 0..seeds-1.
+    """
     spec = load_spec(spec)
     comparison = Comparison(spec, experiment, [], {p: [] for p in PARTITIONS})
     for seed in range(seeds):
-        seeded = replace(experiment, config=experiment.config.model_copy(update={"seed": experiment.config.seed + seed}))
+        seeded = replace(
+            experiment, config=experiment.config.model_copy(update={"seed": experiment.config.seed + seed})
+        )
         dense = train_dense(spec, seeded, seeded.steps_per_round, progress)
         comparison.dense.append(dense)
         for partition in PARTITIONS:

@@ -28,7 +28,9 @@ from fedmoe.worker import Upload, Worker
 
 @dataclass(frozen=True, eq=False)
 class LocalClient:
-    """A client of the in-process runner: its own data and its device profile (a name from PROFILES, or a profile)."""
+    """A client of the in-process runner: its own data and its device profile (a name from PROFILES,
+    or a profile).
+    """
 
     data: ClientData | Examples
     profile: str | DeviceProfile = "fp32"
@@ -41,7 +43,9 @@ class LocalClient:
 
 @dataclass
 class FederationResult:
-    """A finished in-process federation: the engine (grid, assignments), the routed ensemble, metrics per round."""
+    """A finished in-process federation: the engine (grid, assignments), the routed ensemble,
+    metrics per round.
+    """
 
     engine: Engine
     ensemble: Ensemble
@@ -50,9 +54,13 @@ class FederationResult:
 
 
 def default_clients(spec: Spec, config: Config) -> list[LocalClient]:
-    """`config.clients.count` clients (one per path by default), client i holding `spec.data(i, n)`, profiles in turn."""
+    """`config.clients.count` clients (one per path by default), client i holding `spec.data(i, n)`,
+    profiles in turn.
+    """
     if spec.data is None:
-        raise ValueError(f"spec {spec.name!r} has no data loader: pass each client's data (LocalClient(data, profile))")
+        raise ValueError(
+            f"spec {spec.name!r} has no data loader: pass each client's data (LocalClient(data, profile))"
+        )
     n = config.clients.count or config.n_paths
     profiles = parse_profiles(",".join(config.clients.profiles)) or ("fp32",)
     return [LocalClient(spec.data(i, n), profiles[(i // config.n_paths) % len(profiles)]) for i in range(n)]
@@ -68,7 +76,15 @@ def enrol(engine: Engine, clients: Sequence[LocalClient]) -> tuple[list[str], li
         train = client.train
         engine.add_features(client_id, *engine.spec.feature_statistics(train))
         path_model = copy.deepcopy(engine.model.compose(a.path))
-        workers.append(Worker(engine.spec, path_model, train.batches(engine.config.inner.batch_size, a.seed), len(train), a.variant))
+        workers.append(
+            Worker(
+                engine.spec,
+                path_model,
+                train.batches(engine.config.inner.batch_size, a.seed),
+                len(train),
+                a.variant,
+            )
+        )
         ids.append(client_id)
     return ids, workers
 
@@ -81,7 +97,8 @@ def run_federation(
     progress: str | None = None,
     engine: Engine | None = None,
 ) -> FederationResult:
-    """Train `config.rounds` rounds with every client in this process; return the engine, ensemble and metrics.
+    """Train `config.rounds` rounds with every client in this process;
+    return the engine, ensemble and metrics.
 
     `clients` default to `default_clients`. `on_round(engine, metrics, uploads)` runs after each outer step;
     `progress` labels a progress bar (None: no bar). `engine` continues an existing engine (e.g. one whose
@@ -94,7 +111,9 @@ def run_federation(
     ids, workers = enrol(engine, clients)
     result = FederationResult(engine, engine.ensemble())
     remaining = config.rounds - engine.round
-    with tqdm(total=remaining * len(workers), desc=progress, disable=True if progress is None else None, leave=False) as bar:
+    with tqdm(
+        total=remaining * len(workers), desc=progress, disable=True if progress is None else None, leave=False
+    ) as bar:
         while not engine.finished:
             uploads, updates = [], []
             for client_id, worker in zip(ids, workers):
@@ -108,8 +127,12 @@ def run_federation(
             if on_round is not None:
                 on_round(engine, metrics, uploads)
     result.clients = [
-        {"client": client_id, "path": str(engine.assignments[client_id].path), "variant": engine.assignments[client_id].variant.name,
-         "examples": len(client.train)}
+        {
+            "client": client_id,
+            "path": str(engine.assignments[client_id].path),
+            "variant": engine.assignments[client_id].variant.name,
+            "examples": len(client.train),
+        }
         for client_id, client in zip(ids, clients)
     ]
     return result

@@ -65,7 +65,7 @@ class ModularModel(nn.Module):
 
     def module_keys(self) -> list[str]:
         """Keys of every module in the grid."""
-        return [module_key(l, m) for l, n in enumerate(self.grid) for m in range(n)]
+        return [module_key(level, m) for level, n in enumerate(self.grid) for m in range(n)]
 
     def compose(self, path: Path) -> nn.Sequential:
         """The path as one model. Shares parameters with the grid; deep-copy it to train in isolation."""
@@ -74,7 +74,7 @@ class ModularModel(nn.Module):
         for level, (index, n) in enumerate(zip(path.modules, self.grid)):
             if not 0 <= index < n:
                 raise ValueError(f"path {path}: level {level} has modules 0..{n - 1}, not {index}")
-        return nn.Sequential(*(self.levels[l][m] for l, m in enumerate(path.modules)))
+        return nn.Sequential(*(self.levels[level][m] for level, m in enumerate(path.modules)))
 
     def module_states(self, keys: Sequence[str] | None = None) -> dict[str, dict[str, torch.Tensor]]:
         """Detached copies of the parameters of the given modules (all by default), per module key."""

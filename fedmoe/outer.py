@@ -1,4 +1,6 @@
-"""DiLoCo outer step per module: average outer gradients over the paths that hold a module, then Nesterov SGD."""
+"""DiLoCo outer step per module: average outer gradients over the paths that hold a module,
+then Nesterov SGD.
+"""
 
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ class Update:
 
 
 def average_updates(updates: Sequence[Update]) -> tuple[ModuleStates, ModuleStates]:
-    """Per coordinate, the weighted mean of the outer gradients of the updates that hold it; and that coverage.
+    """Per coordinate, the weighted mean of the outer gradients of the updates that hold it;
+    and that coverage.
 
     Returns (mean, held): `held` is True where at least one update holds the coordinate; the mean
     is 0 elsewhere, and `OuterOptimizer.step` leaves those coordinates and their momentum alone.
@@ -46,7 +49,10 @@ def average_updates(updates: Sequence[Update]) -> tuple[ModuleStates, ModuleStat
                 w = torch.full_like(t, update.weight) if mask is None else mask.to(t.dtype) * update.weight
                 acc[name] = acc[name] + w * t if name in acc else w * t
                 tot[name] = tot[name] + w if name in tot else w
-    mean = {k: {n: torch.where(totals[k][n] > 0, t / totals[k][n].clamp_min(1e-30), 0.0) for n, t in s.items()} for k, s in sums.items()}
+    mean = {
+        k: {n: torch.where(totals[k][n] > 0, t / totals[k][n].clamp_min(1e-30), 0.0) for n, t in s.items()}
+        for k, s in sums.items()
+    }
     held = {k: {n: w > 0 for n, w in s.items()} for k, s in totals.items()}
     return mean, held
 
@@ -56,7 +62,9 @@ class OuterOptimizer:
 
     def __init__(self, model: ModularModel, lr: float = 0.7, momentum: float = 0.9, nesterov: bool = True):
         self.model = model
-        self.sgd = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
+        self.sgd = torch.optim.SGD(
+            model.parameters(), lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0
+        )
 
     def step(self, outer_grads: ModuleStates, held: ModuleStates | None = None) -> None:
         """Apply one outer step to the modules in `outer_grads`.
@@ -70,7 +78,9 @@ class OuterOptimizer:
             for name, grad in state.items():
                 p = params[name]
                 if grad.shape != p.shape:
-                    raise ValueError(f"outer gradient {key}/{name}: shape {tuple(grad.shape)}, expected {tuple(p.shape)}")
+                    raise ValueError(
+                        f"outer gradient {key}/{name}: shape {tuple(grad.shape)}, expected {tuple(p.shape)}"
+                    )
                 p.grad = grad.to(p.dtype).clone()
                 mask = None if held is None else held.get(key, {}).get(name)
                 if mask is not None and not bool(mask.all()):

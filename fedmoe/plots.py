@@ -8,14 +8,16 @@ from typing import TYPE_CHECKING
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 if TYPE_CHECKING:
     from fedmoe.experiment import RunResult
 
 
 def plot_rounds(dense: RunResult, runs: list[RunResult], metric: str, path: Path) -> Path:
-    """Metric per round: each expert alone, the top-1 routed ensemble and the dense baseline; one panel per run."""
+    """Metric per round: each expert alone, the top-1 routed ensemble and the dense baseline;
+    one panel per run.
+    """
     fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 4), sharey=True, squeeze=False)
     dense_x = [r["round"] for r in dense.rounds]
     dense_y = [r["dense"] for r in dense.rounds]

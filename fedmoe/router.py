@@ -54,7 +54,15 @@ class LearnedRouter(nn.Module):
         self.in_dim, self.n_experts, self.hidden = in_dim, n_experts, hidden
         self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, n_experts))
 
-    def fit(self, features: np.ndarray, labels: np.ndarray, steps: int = 500, lr: float = 3e-3, batch_size: int = 128, seed: int = 0) -> float:
+    def fit(
+        self,
+        features: np.ndarray,
+        labels: np.ndarray,
+        steps: int = 500,
+        lr: float = 3e-3,
+        batch_size: int = 128,
+        seed: int = 0,
+    ) -> float:
         """Train on (features, shard label) pairs; return the final training accuracy."""
         x = torch.as_tensor(np.asarray(features), dtype=torch.float32)
         y = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
@@ -95,7 +103,9 @@ def shard_labels(shards: list[np.ndarray], n: int) -> np.ndarray:
     return labels
 
 
-def router_from_state(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> CentroidRouter | LearnedRouter:
+def router_from_state(
+    config: dict[str, Any], tensors: dict[str, torch.Tensor]
+) -> CentroidRouter | LearnedRouter:
     """Rebuild a router saved with `tensors()` and `config()`."""
     kind = config["kind"]
     if kind == "centroid":

@@ -46,7 +46,9 @@ def client_cert_names(client: str) -> tuple[str, str]:
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:
-    """Write data to path atomically (temp file, fsync, os.replace) with exactly `mode`, whatever the umask."""
+    """Write data to path atomically (temp file, fsync, os.replace) with exactly `mode`,
+    whatever the umask.
+    """
     tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
@@ -62,7 +64,9 @@ def _write(path: Path, data: bytes, mode: int) -> None:
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def _cert_pem(cert: x509.Certificate) -> bytes:
@@ -85,7 +89,7 @@ def _leaf(
     sans: Sequence[x509.GeneralName] = (),
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
@@ -140,7 +144,9 @@ def make_certs(
         raise ValueError(f"days must be at least 1, got {days}")
     for name in clients:
         if not _CLIENT_NAME.fullmatch(name):
-            raise ValueError(f"client name {name!r} must match {_CLIENT_NAME.pattern} (it becomes a file name)")
+            raise ValueError(
+                f"client name {name!r} must match {_CLIENT_NAME.pattern} (it becomes a file name)"
+            )
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     if (out / CA_KEY).exists() and not overwrite:
@@ -151,7 +157,7 @@ def make_certs(
 
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedmoe CA")])
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     ca_cert = (
         x509.CertificateBuilder()
         .subject_name(ca_name)
@@ -206,22 +212,32 @@ def _read(directory: str | os.PathLike[str], name: str) -> bytes:
         ) from None
 
 
-def server_credentials(directory: str | os.PathLike[str], require_client_cert: bool = False) -> grpc.ServerCredentials:
-    """Server TLS credentials from server.pem/server.key; with require_client_cert, clients need a cert from ca.pem."""
+def server_credentials(
+    directory: str | os.PathLike[str], require_client_cert: bool = False
+) -> grpc.ServerCredentials:
+    """Server TLS credentials from server.pem/server.key;
+    with require_client_cert, clients need a cert from ca.pem.
+    """
     pair = [(_read(directory, SERVER_KEY), _read(directory, SERVER_CERT))]
     if require_client_cert:
-        return grpc.ssl_server_credentials(pair, root_certificates=_read(directory, CA_CERT), require_client_auth=True)
+        return grpc.ssl_server_credentials(
+            pair, root_certificates=_read(directory, CA_CERT), require_client_auth=True
+        )
     return grpc.ssl_server_credentials(pair)
 
 
-def channel_credentials(directory: str | os.PathLike[str], client: str | None = None) -> grpc.ChannelCredentials:
+def channel_credentials(
+    directory: str | os.PathLike[str], client: str | None = None
+) -> grpc.ChannelCredentials:
     """Channel TLS credentials trusting ca.pem, presenting client-<client>.pem/.key when `client` is given."""
     ca = _read(directory, CA_CERT)
     if client is None:
         return grpc.ssl_channel_credentials(root_certificates=ca)
     cert_name, key_name = client_cert_names(client)
     return grpc.ssl_channel_credentials(
-        root_certificates=ca, private_key=_read(directory, key_name), certificate_chain=_read(directory, cert_name)
+        root_certificates=ca,
+        private_key=_read(directory, key_name),
+        certificate_chain=_read(directory, cert_name),
     )
 
 
@@ -299,7 +315,9 @@ class TokenAuthority:
     def load_or_create(
         cls, path: str | os.PathLike[str], *, ttl_seconds: float = 7 * 24 * 3600
     ) -> TokenAuthority:
-        """An authority whose secret is read from `path`, created there (32 random bytes, mode 0o600) if absent."""
+        """An authority whose secret is read from `path`, created there (32 random bytes,
+        mode 0o600) if absent.
+        """
         file = Path(path)
         try:
             secret = file.read_bytes()
@@ -335,7 +353,9 @@ def public_bytes(key: ed25519.Ed25519PrivateKey) -> bytes:
 
 
 def update_digest(fields: Sequence[object], tensors: Mapping[str, Any]) -> bytes:
-    """SHA-256 over an update's header fields and every tensor's name, bits, shape and bytes (names in order)."""
+    """SHA-256 over an update's header fields and every tensor's name, bits,
+    shape and bytes (names in order).
+    """
     digest = hashlib.sha256("\x1f".join(str(f) for f in fields).encode())
     for name in sorted(tensors):
         q = tensors[name]

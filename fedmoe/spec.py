@@ -44,7 +44,10 @@ class Examples:
 
     def __post_init__(self) -> None:
         if not isinstance(self.inputs, torch.Tensor) or not isinstance(self.targets, torch.Tensor):
-            raise TypeError(f"examples are two tensors (inputs, targets), got {type(self.inputs).__name__}, {type(self.targets).__name__}")
+            raise TypeError(
+                f"examples are two tensors (inputs, targets), got {type(self.inputs).__name__}, "
+                f"{type(self.targets).__name__}"
+            )
         if len(self.inputs) != len(self.targets):
             raise ValueError(f"{len(self.inputs)} inputs but {len(self.targets)} targets")
 
@@ -94,7 +97,10 @@ def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def classification_metrics(mixed: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
     """Accuracy of the argmax and mean negative log-likelihood in bits (bits per byte for byte LMs)."""
     p = mixed.gather(-1, targets.unsqueeze(-1)).squeeze(-1).clamp_min(1e-12)
-    return {"accuracy": (mixed.argmax(-1) == targets).float().mean().item(), "bits_per_byte": (-p.log2()).mean().item()}
+    return {
+        "accuracy": (mixed.argmax(-1) == targets).float().mean().item(),
+        "bits_per_byte": (-p.log2()).mean().item(),
+    }
 
 
 def flat_features(inputs: torch.Tensor) -> torch.Tensor:
@@ -102,8 +108,12 @@ def flat_features(inputs: torch.Tensor) -> torch.Tensor:
     return inputs.reshape(len(inputs), -1).float()
 
 
-def staged_levels(stages: Sequence[Callable[[], nn.Module]]) -> Callable[[int], list[Callable[[], nn.Module]]]:
-    """Levels cut from a stack of stage factories: for n levels, consecutive stages are split evenly into n groups."""
+def staged_levels(
+    stages: Sequence[Callable[[], nn.Module]],
+) -> Callable[[int], list[Callable[[], nn.Module]]]:
+    """Levels cut from a stack of stage factories: for n levels,
+    consecutive stages are split evenly into n groups.
+    """
 
     def levels(n: int) -> list[Callable[[], nn.Module]]:
         groups = list(split_evenly(stages, n))
@@ -119,12 +129,14 @@ class Spec:
     - `levels`: one factory per level (each call returns a fresh module), or a function of the number of
       levels returning them (a model that can be cut into any number of levels; see `staged_levels`).
       Module `m` of level `l` of a grid is `levels[l]()`; a path chains one module per level.
-    - `loss(outputs, targets)`: default cross-entropy. `optimizer(params, lr=..., weight_decay=...)`: default AdamW.
+    - `loss(outputs, targets)`: default cross-entropy. `optimizer(params, lr=..., weight_decay=...)`: default
+      AdamW.
     - `featurize(inputs)`: (N, F) float routing features, used by clustering and the router.
     - `metrics(mixed, targets)`: a dict of scores on mixed outputs; `metric` names the headline one.
     - `mix`: "probabilities" (softmax of each expert's outputs, mixed: classifiers and LMs) or "values"
       (raw outputs mixed, e.g. velocities of flow models).
-    - `data(partition, partitions)`: a client's own `ClientData`; runs on clients only (None: clients bring data).
+    - `data(partition, partitions)`: a client's own `ClientData`; runs on clients only (None: clients bring
+      data).
     - `eval_data()`: an optional small held-out `Examples` the coordinator evaluates on; never training data.
     - `encode_text(text)`: for language models, a prompt as model inputs (one example), for `fedmoe serve`.
     """
@@ -179,7 +191,9 @@ class Spec:
 
     @torch.no_grad()
     def feature_statistics(self, examples: Examples, batch_size: int = 4096) -> tuple[np.ndarray, int]:
-        """The sum of the routing features of `examples` (float64) and their number: what a client reports for routing."""
+        """The sum of the routing features of `examples` (float64) and their number:
+        what a client reports for routing.
+        """
         total: np.ndarray | None = None
         for start in range(0, len(examples), batch_size):
             part = self.featurize(examples.inputs[start : start + batch_size]).double().sum(0).numpy()
@@ -204,11 +218,15 @@ def load_spec(ref: str | Spec) -> Spec:
         return ref
     module_name, sep, attr = ref.partition(":")
     if not sep or not module_name or not attr:
-        raise ValueError(f"a spec is named 'package.module:attr', got {ref!r} (e.g. fedmoe.models.digits:spec)")
+        raise ValueError(
+            f"a spec is named 'package.module:attr', got {ref!r} (e.g. fedmoe.models.digits:spec)"
+        )
     try:
         module = _import(module_name)
     except ImportError as e:
-        raise ValueError(f"cannot import {module_name!r} for spec {ref!r}: {e} (is it installed, or on PYTHONPATH?)") from e
+        raise ValueError(
+            f"cannot import {module_name!r} for spec {ref!r}: {e} (is it installed, or on PYTHONPATH?)"
+        ) from e
     try:
         value: Any = getattr(module, attr)
     except AttributeError:
@@ -216,7 +234,7 @@ def load_spec(ref: str | Spec) -> Spec:
     if callable(value) and not isinstance(value, Spec) and _takes_no_arguments(value):
         value = value()
     if not isinstance(value, Spec):
-        raise ValueError(f"{ref!r} is a {type(value).__name__}, not a fedmoe.Spec")
+        raise ValueError(f"{ref!r} is a {type(value).__name__}, not a fedmoe.Spec")  # noqa: TRY004 - callers catch ValueError
     return replace(value, ref=ref)
 
 

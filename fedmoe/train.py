@@ -1,4 +1,6 @@
-"""The inner loop: H local steps of the spec's optimiser on one client's data. Every runner trains through `train_local`."""
+"""The inner loop: H local steps of the spec's optimiser on one client's data. Every runner trains through
+`train_local`.
+"""
 
 from __future__ import annotations
 

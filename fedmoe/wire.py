@@ -1,9 +1,10 @@
 """Tensors on the wire: `QTensor`s as a stream of `TensorFrame`s, chunked and checksummed.
 
-Each tensor travels as a header (name, bits, shape, byte counts, sha256 of payload || scales) followed by chunks of
-at most `CHUNK_BYTES` (the payload's, then the scales'); one End frame with the tensor count closes the stream.
-Chunks stay far below gRPC's 4 MB default message limit, so that limit never bounds a tensor's size; `decode_tensors`
-bounds it instead, checking the declared sizes against `max_bytes` at each header, before any of its data arrives.
+Each tensor travels as a header (name, bits, shape, byte counts, sha256 of payload || scales) followed by
+chunks of at most `CHUNK_BYTES` (the payload's, then the scales'); one End frame with the tensor count closes
+the stream. Chunks stay far below gRPC's 4 MB default message limit, so that limit never bounds a tensor's
+size; `decode_tensors` bounds it instead, checking the declared sizes against `max_bytes` at each header,
+before any of its data arrives.
 """
 
 from __future__ import annotations
@@ -39,18 +40,30 @@ def _lengths(name: str, bits: int, shape: Sequence[int]) -> tuple[int, int]:
     return wire_bytes(tuple(shape), bits) - scale, scale
 
 
-def encode_tensors(tensors: Mapping[str, QTensor], chunk_bytes: int = CHUNK_BYTES) -> Iterator[tensor_pb2.TensorFrame]:
-    """The frames of tensors: per tensor a header then its chunks of at most chunk_bytes, then one End frame."""
+def encode_tensors(
+    tensors: Mapping[str, QTensor], chunk_bytes: int = CHUNK_BYTES
+) -> Iterator[tensor_pb2.TensorFrame]:
+    """The frames of tensors: per tensor a header then its chunks of at most chunk_bytes,
+    then one End frame.
+    """
     if chunk_bytes < 1:
         raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
     for name, q in tensors.items():
         if (len(q.payload), len(q.scales)) != _lengths(name, q.bits, q.shape):
-            raise _invalid(f"tensor {name!r}: {len(q.payload)} + {len(q.scales)} bytes do not fit "
-                           f"{q.bits} bits and shape {tuple(q.shape)}")
+            raise _invalid(
+                f"tensor {name!r}: {len(q.payload)} + {len(q.scales)} bytes do not fit "
+                f"{q.bits} bits and shape {tuple(q.shape)}"
+            )
         digest = hashlib.sha256(q.payload)
         digest.update(q.scales)
-        header = tensor_pb2.TensorHeader(name=name, bits=q.bits, shape=q.shape, payload_bytes=len(q.payload),
-                                         scale_bytes=len(q.scales), sha256=digest.digest())
+        header = tensor_pb2.TensorHeader(
+            name=name,
+            bits=q.bits,
+            shape=q.shape,
+            payload_bytes=len(q.payload),
+            scale_bytes=len(q.scales),
+            sha256=digest.digest(),
+        )
         yield tensor_pb2.TensorFrame(header=header)
         for part in (q.payload, q.scales):
             view = memoryview(part)
@@ -65,18 +78,25 @@ class _Incoming:
     """A tensor being received: its header's fields, and the bytes so far in a buffer of the declared size."""
 
     def __init__(self, h: tensor_pb2.TensorHeader, seen: Mapping[str, QTensor], budget: int) -> None:
-        """Check the header (a new name, lengths that fit bits and shape, at most budget bytes), then allocate."""
+        """Check the header (a new name, lengths that fit bits and shape, at most budget bytes),
+        then allocate.
+        """
         if not h.name or h.name in seen:
             raise _invalid(f"tensor {h.name!r} sent twice" if h.name else "tensor header without a name")
         payload, scale = _lengths(h.name, h.bits, h.shape)
         if (h.payload_bytes, h.scale_bytes) != (payload, scale):
-            raise _invalid(f"tensor {h.name!r}: declares {h.payload_bytes} payload + {h.scale_bytes} scale bytes, "
-                           f"but {h.bits} bits and shape {tuple(h.shape)} need {payload} + {scale}")
+            raise _invalid(
+                f"tensor {h.name!r}: declares {h.payload_bytes} payload + {h.scale_bytes} scale bytes, "
+                f"but {h.bits} bits and shape {tuple(h.shape)} need {payload} + {scale}"
+            )
         if len(h.sha256) != hashlib.sha256().digest_size:
             raise _invalid(f"tensor {h.name!r}: sha256 must be 32 bytes, got {len(h.sha256)}")
         if payload + scale > budget:
-            raise WireError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"tensor {h.name!r}: declares {payload + scale} "
-                            f"bytes, over the {max(budget, 0)} left under the stream's limit")
+            raise WireError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"tensor {h.name!r}: declares {payload + scale} "
+                f"bytes, over the {max(budget, 0)} left under the stream's limit",
+            )
         self.name, self.bits, self.shape = h.name, h.bits, tuple(h.shape)
         self.payload_bytes, self.sha256 = h.payload_bytes, h.sha256
         self.buffer = bytearray(payload + scale)
@@ -103,13 +123,17 @@ class _Incoming:
         if self.digest.digest() != self.sha256:
             raise _invalid(f"tensor {self.name!r}: sha256 mismatch over its {self.filled} bytes")
         view = memoryview(self.buffer)
-        return QTensor(self.bits, self.shape, bytes(view[: self.payload_bytes]), bytes(view[self.payload_bytes :]))
+        return QTensor(
+            self.bits, self.shape, bytes(view[: self.payload_bytes]), bytes(view[self.payload_bytes :])
+        )
 
 
 def decode_tensors(frames: Iterable[tensor_pb2.TensorFrame], max_bytes: int) -> dict[str, QTensor]:
-    """The tensors of a frame stream, read to its end; raises WireError on a malformed, oversize or truncated stream.
+    """The tensors of a frame stream, read to its end;
+    raises WireError on a malformed, oversize or truncated stream.
 
-    The declared sizes are summed and checked against max_bytes at each header, before that tensor's data is read.
+    The declared sizes are summed and checked against max_bytes at each header, before that tensor's data is
+    read.
     """
     tensors: dict[str, QTensor] = {}
     current: _Incoming | None = None
@@ -127,7 +151,11 @@ def decode_tensors(frames: Iterable[tensor_pb2.TensorFrame], max_bytes: int) -> 
             declared += len(current.buffer)
         elif kind == "chunk":
             if current is None:
-                after = f"after tensor {next(reversed(tensors))!r} was complete" if tensors else "before any header"
+                after = (
+                    f"after tensor {next(reversed(tensors))!r} was complete"
+                    if tensors
+                    else "before any header"
+                )
                 raise _invalid(f"chunk of {len(frame.chunk.data)} bytes {after}")
             current.add(frame.chunk.data)
         elif kind == "end":
@@ -141,6 +169,8 @@ def decode_tensors(frames: Iterable[tensor_pb2.TensorFrame], max_bytes: int) -> 
         if current is not None and (received := current.result()) is not None:
             tensors[current.name], current = received, None
     if not ended:
-        raise WireError(grpc.StatusCode.DATA_LOSS, "stream ended before End" +
-                        (f", after only {current.progress()}" if current else ""))
+        raise WireError(
+            grpc.StatusCode.DATA_LOSS,
+            "stream ended before End" + (f", after only {current.progress()}" if current else ""),
+        )
     return tensors

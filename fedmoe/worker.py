@@ -17,10 +17,26 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from fedmoe.compress.prune import SCHEMES, Masks, check_density, held_shape, held_values, scatter_held, submodel_masks
-from fedmoe.compress.quant import BITS, ErrorFeedback, QTensor, dequantize, fake_quantize, quantize, wire_bytes
-from fedmoe.modular import ModularModel, Path
+from fedmoe.compress.prune import (
+    SCHEMES,
+    Masks,
+    check_density,
+    held_shape,
+    held_values,
+    scatter_held,
+    submodel_masks,
+)
+from fedmoe.compress.quant import (
+    BITS,
+    ErrorFeedback,
+    QTensor,
+    dequantize,
+    fake_quantize,
+    quantize,
+    wire_bytes,
+)
 from fedmoe.config import InnerConfig
+from fedmoe.modular import ModularModel, Path
 from fedmoe.outer import ModuleStates, Update
 from fedmoe.spec import Batch, Spec
 from fedmoe.train import train_local
@@ -101,9 +117,21 @@ class Upload:
 
 
 def signed_fields(client_id: str, update_id: str, upload: Upload) -> list[object]:
-    """The header fields an update's signature covers, besides its tensors (see fedmoe.security.update_digest)."""
+    """The header fields an update's signature covers,
+    besides its tensors (see fedmoe.security.update_digest).
+    """
     v = upload.variant
-    return [client_id, update_id, upload.round, upload.path, v.bits, v.density, v.scheme, upload.seed, upload.weight]
+    return [
+        client_id,
+        update_id,
+        upload.round,
+        upload.path,
+        v.bits,
+        v.density,
+        v.scheme,
+        upload.seed,
+        upload.weight,
+    ]
 
 
 def round_masks(path_model: nn.Module, variant: Variant, round: int, seed: int) -> Masks:
@@ -121,12 +149,16 @@ def decode(model: ModularModel, upload: Upload) -> Update:
     masks = round_masks(path_model, upload.variant, upload.round, upload.seed)
     params = dict(path_model.named_parameters())
     if set(upload.tensors) != set(params):
-        raise ValueError(f"upload for path {upload.path} has tensors {sorted(set(upload.tensors) ^ set(params))} wrong")
+        raise ValueError(
+            f"upload for path {upload.path} has tensors {sorted(set(upload.tensors) ^ set(params))} wrong"
+        )
     deltas = {}
     for name, q in upload.tensors.items():
         expected = held_shape(masks.get(name), params[name].shape)
         if q.shape != expected or q.bits != upload.variant.bits:
-            raise ValueError(f"{name}: got {q.bits}-bit {q.shape}, expected {upload.variant.bits}-bit {expected}")
+            raise ValueError(
+                f"{name}: got {q.bits}-bit {q.shape}, expected {upload.variant.bits}-bit {expected}"
+            )
         deltas[name] = scatter_held(dequantize(q), masks.get(name), params[name].shape)
     return group_by_module(upload.path, deltas, masks, upload.weight)
 
@@ -146,7 +178,10 @@ def group_by_module(path: Path, deltas: dict[str, torch.Tensor], masks: Masks, w
 
 def deliver(path_model: nn.Module, variant: Variant, masks: Masks) -> dict[str, QTensor]:
     """The path's weights as a client of `variant` receives them: held coordinates only, at its bit-width."""
-    return {name: quantize(held_values(p.detach(), masks.get(name)), variant.bits) for name, p in path_model.named_parameters()}
+    return {
+        name: quantize(held_values(p.detach(), masks.get(name)), variant.bits)
+        for name, p in path_model.named_parameters()
+    }
 
 
 @dataclass(frozen=True, eq=False)
@@ -164,8 +199,12 @@ class Job:
     masks: Masks
 
 
-def make_job(model: ModularModel, path: Path, variant: Variant, round: int, seed: int, inner: InnerConfig) -> Job:
-    """The job of a client of `variant` on `path` of the grid `model` (holding the weights the round starts from)."""
+def make_job(
+    model: ModularModel, path: Path, variant: Variant, round: int, seed: int, inner: InnerConfig
+) -> Job:
+    """The job of a client of `variant` on `path` of the grid `model`
+    (holding the weights the round starts from).
+    """
     path_model = model.compose(path)
     masks = round_masks(path_model, variant, round, seed)
     return Job(path, variant, round, seed, inner, deliver(path_model, variant, masks), masks)
@@ -173,7 +212,8 @@ def make_job(model: ModularModel, path: Path, variant: Variant, round: int, seed
 
 @dataclass
 class Worker:
-    """A client training its path on its data with its variant; keeps optimiser state and error feedback across rounds.
+    """A client training its path on its data with its variant;
+    keeps optimiser state and error feedback across rounds.
 
     `path_model` is the client's own copy of its path (built once from the spec); each round loads the
     delivered weights into it.
@@ -205,7 +245,8 @@ class Worker:
         loss, self.optimizer_state = train_local(
             path_model, self.batches, job.inner, self.optimizer_state, self.spec.loss, self.spec.optimizer
         )
-        for module, name, _ in restrictions:  # keep the weights as the client computed with them: masked, fake-quantized
+        # keep the weights as the client computed with them: masked, fake-quantized
+        for module, name, _ in restrictions:
             parametrize.remove_parametrizations(module, name, leave_parametrized=True)
         tensors = {}
         for name, p in path_model.named_parameters():
@@ -214,7 +255,9 @@ class Worker:
             tensors[name] = self.feedback.compress(name, delta if mask is None else delta * mask, mask)
         return Upload(job.path, self.variant, job.round, job.seed, self.weight, tensors, loss)
 
-    def restrictions(self, model: nn.Module, masks: Masks) -> list[tuple[nn.Module, str, torch.Tensor | None]]:
+    def restrictions(
+        self, model: nn.Module, masks: Masks
+    ) -> list[tuple[nn.Module, str, torch.Tensor | None]]:
         """(module, parameter name, mask) for every parameter trained under a mask or fake-quantization."""
         out = []
         for module_name, module in model.named_modules():

@@ -78,8 +78,13 @@ class Coordinator:
     network (magnitude pruning) or a state directory of another federation.
     """
 
-    def __init__(self, config: Config, state_dir: str | FsPath, spec: Spec | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        config: Config,
+        state_dir: str | FsPath,
+        spec: Spec | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         scheme = config.compression.scheme
         if scheme not in NETWORK_SCHEMES:
             raise ValueError(
@@ -117,8 +122,15 @@ class Coordinator:
         return self.finished and self.told_done >= set(self.members)
 
     # -- membership -------------------------------------------------------------------------
-    def join(self, profile: DeviceProfile, name: str = "", client_id: str = "", public_key: bytes = b"",
-             feature_sum: np.ndarray | None = None, examples: float = 0.0) -> Member:
+    def join(
+        self,
+        profile: DeviceProfile,
+        name: str = "",
+        client_id: str = "",
+        public_key: bytes = b"",
+        feature_sum: np.ndarray | None = None,
+        examples: float = 0.0,
+    ) -> Member:
         """Admit a client with its routing statistics; give it a path and a variant that fits, or re-admit it.
 
         A new client must send `feature_sum` (the sum of its examples' routing features) and `examples`
@@ -136,9 +148,11 @@ class Coordinator:
                 self.save_state()
                 return member
             if feature_sum is None or not len(feature_sum):
-                raise Rejected("INVALID_ARGUMENT",
-                               "a client joins with the routing statistics of its data (feature_sum and "
-                               "examples: spec.feature_statistics(examples)); update the client")
+                raise Rejected(
+                    "INVALID_ARGUMENT",
+                    "a client joins with the routing statistics of its data (feature_sum and "
+                    "examples: spec.feature_statistics(examples)); update the client",
+                )
             client_id = f"c{len(self.members):04d}"
             try:
                 assignment = self.engine.assign(client_id, profile)
@@ -154,8 +168,15 @@ class Coordinator:
             if len(self.members) == self.config.policy.min_clients:  # round 0 opens: its deadline runs
                 self.round_opened = self.clock()
             self.save_state()
-            log.info("client %s (%s, %s) joined: path %s, variant %s, %g examples", client_id, member.name,
-                     profile.name, assignment.path, assignment.variant.name, examples)
+            log.info(
+                "client %s (%s, %s) joined: path %s, variant %s, %g examples",
+                client_id,
+                member.name,
+                profile.name,
+                assignment.path,
+                assignment.variant.name,
+                examples,
+            )
             return member
 
     def add_features(self, client_id: str, feature_sum: np.ndarray, examples: float) -> None:
@@ -220,14 +241,18 @@ class Coordinator:
             raise Rejected("INVALID_ARGUMENT", str(e)) from None
         norm, limit = update_norm(update), self.config.aggregation.max_update_norm
         if not np.isfinite(norm) or norm > limit:
-            raise Rejected("INVALID_ARGUMENT",
-                           f"outer gradient norm {norm:.3g} is not finite or above {limit:g} "
-                           "(aggregation.max_update_norm)")
+            raise Rejected(
+                "INVALID_ARGUMENT",
+                f"outer gradient norm {norm:.3g} is not finite or above {limit:g} "
+                "(aggregation.max_update_norm)",
+            )
         with self.lock:
             # the round, the pending set or the key may have changed meanwhile
             if self.admissible(upload, client_id, update_id) != public_key:
-                raise Rejected("UNAUTHENTICATED",
-                               f"client {client_id} rejoined with another key while its update was checked")
+                raise Rejected(
+                    "UNAUTHENTICATED",
+                    f"client {client_id} rejoined with another key while its update was checked",
+                )
             staleness = self.round - upload.round
             if staleness:
                 upload = replace(upload, weight=upload.weight / (1 + staleness))
@@ -250,11 +275,13 @@ class Coordinator:
         staleness = self.round - upload.round
         late_ok = policy.late == "stale" and staleness <= policy.max_staleness
         if self.finished or staleness < 0 or (staleness > 0 and not late_ok):
-            raise Rejected("FAILED_PRECONDITION",
-                           f"update for round {upload.round}, but round {self.round} is open")
+            raise Rejected(
+                "FAILED_PRECONDITION", f"update for round {upload.round}, but round {self.round} is open"
+            )
         if client_id in self.pending:
-            raise Rejected("ALREADY_EXISTS",
-                           f"client {client_id} already sent its update for round {self.round}")
+            raise Rejected(
+                "ALREADY_EXISTS", f"client {client_id} already sent its update for round {self.round}"
+            )
         try:
             self.engine.check(client_id, upload)
         except ValueError as e:
@@ -272,8 +299,9 @@ class Coordinator:
         updates = [update for _, update in self.pending.values()]
         metrics = self.engine.close_round(uploads, updates)
         self.metrics.append(metrics)
-        shown = (f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                 for k, v in metrics.items() if k != "round")
+        shown = (
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items() if k != "round"
+        )
         log.info("round %d closed: %s", metrics["round"], ", ".join(shown))
         self.pending.clear()
         self.round_opened = self.clock()
@@ -289,8 +317,12 @@ class Coordinator:
         with self.lock:
             assignments = self.engine.assignments
             return {
-                "round": self.round, "rounds": self.config.rounds, "finished": self.finished,
-                "pending": sorted(self.pending), "metrics": self.metrics, "model": self.model,
+                "round": self.round,
+                "rounds": self.config.rounds,
+                "finished": self.finished,
+                "pending": sorted(self.pending),
+                "metrics": self.metrics,
+                "model": self.model,
                 "members": [{**asdict(m), **assignments[c].to_dict()} for c, m in self.members.items()],
             }
 
@@ -298,9 +330,12 @@ class Coordinator:
     def save_state(self) -> None:
         """Checkpoint the engine (grid, momentum, round, assignments, routing statistics) and members."""
         manifest = {
-            "kind": "coordinator", "config": self.config.model_dump(mode="json"),
-            "engine": self.engine.state_manifest(), "members": [asdict(m) for m in self.members.values()],
-            "seen_updates": sorted(self.seen_updates), "metrics": self.metrics,
+            "kind": "coordinator",
+            "config": self.config.model_dump(mode="json"),
+            "engine": self.engine.state_manifest(),
+            "members": [asdict(m) for m in self.members.values()],
+            "seen_updates": sorted(self.seen_updates),
+            "metrics": self.metrics,
         }
         save_checkpoint(self.state_dir / "state", self.engine.state_tensors(), manifest)
 
@@ -313,9 +348,11 @@ class Coordinator:
         differ = [key for key in RESUME_KEYS if saved[key] != now[key]]
         if differ:
             theirs = ", ".join(f"{k} {saved[k]}" for k in differ)
-            raise ValueError(f"{self.state_dir} holds the state of another federation ({theirs}, not "
-                             f"{', '.join(str(now[k]) for k in differ)}): give another state directory, "
-                             "or the same settings")
+            raise ValueError(
+                f"{self.state_dir} holds the state of another federation ({theirs}, not "
+                f"{', '.join(str(now[k]) for k in differ)}): give another state directory, "
+                "or the same settings"
+            )
         self.engine.load_state(tensors, manifest["engine"])
         self.members = {m["client_id"]: Member(**m) for m in manifest["members"]}
         self.seen_updates = set(manifest["seen_updates"])
@@ -329,8 +366,12 @@ class Coordinator:
             if counted_in == self.round:
                 self.pending[client_id] = (upload, self.engine.decode(client_id, upload))
                 self.seen_updates.add(update_id)
-        log.info("resumed at round %d with %d members and %d pending updates", self.round, len(self.members),
-                 len(self.pending))
+        log.info(
+            "resumed at round %d with %d members and %d pending updates",
+            self.round,
+            len(self.members),
+            len(self.pending),
+        )
 
     def write_pending(self, client_id: str, update_id: str, upload: Upload) -> None:
         """Make an accepted upload durable before it is acknowledged."""
@@ -341,9 +382,17 @@ class Coordinator:
             tensors[f"{name}/scales"] = byte_tensor(q.scales)
             meta[name] = {"bits": q.bits, "shape": list(q.shape)}
         manifest = {
-            "kind": "upload", "client_id": client_id, "update_id": update_id, "path": str(upload.path),
-            "variant": asdict(upload.variant), "round": upload.round, "seed": upload.seed,
-            "weight": upload.weight, "loss": upload.loss, "qtensors": meta, "counted_in": self.round,
+            "kind": "upload",
+            "client_id": client_id,
+            "update_id": update_id,
+            "path": str(upload.path),
+            "variant": asdict(upload.variant),
+            "round": upload.round,
+            "seed": upload.seed,
+            "weight": upload.weight,
+            "loss": upload.loss,
+            "qtensors": meta,
+            "counted_in": self.round,
         }
         save_checkpoint(self.state_dir / "pending" / f"r{self.round}-{client_id}", tensors, manifest)
 
@@ -351,10 +400,21 @@ class Coordinator:
         """Inverse of `write_pending`: client id, update id, the round the upload counts in, the upload."""
         tensors, m = load_checkpoint(directory)
         qtensors = {
-            name: QTensor(meta["bits"], tuple(meta["shape"]), tensors[f"{name}/payload"].numpy().tobytes(),
-                          tensors[f"{name}/scales"].numpy().tobytes())
+            name: QTensor(
+                meta["bits"],
+                tuple(meta["shape"]),
+                tensors[f"{name}/payload"].numpy().tobytes(),
+                tensors[f"{name}/scales"].numpy().tobytes(),
+            )
             for name, meta in m["qtensors"].items()
         }
-        upload = Upload(Path.parse(m["path"]), Variant(**m["variant"]), m["round"], m["seed"], m["weight"],
-                        qtensors, m["loss"])
+        upload = Upload(
+            Path.parse(m["path"]),
+            Variant(**m["variant"]),
+            m["round"],
+            m["seed"],
+            m["weight"],
+            qtensors,
+            m["loss"],
+        )
         return m["client_id"], m["update_id"], m["counted_in"], upload

@@ -21,8 +21,10 @@ def example(ensemble: Ensemble, request: pb.PredictRequest) -> torch.Tensor:
     spec = ensemble.spec
     if request.text:
         if spec.encode_text is None:
-            raise ValueError(f"spec {spec.ref or spec.name!r} has no encode_text: send `inputs` (numbers), "
-                             "or give the spec an encode_text to take text")
+            raise ValueError(
+                f"spec {spec.ref or spec.name!r} has no encode_text: send `inputs` (numbers), "
+                "or give the spec an encode_text to take text"
+            )
         return spec.encode_text(request.text)
     if not request.inputs:
         raise ValueError("send `inputs` (one example's numbers) or `text`")
@@ -60,8 +62,9 @@ class InferenceService(pb_grpc.InferenceServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
 
 
-def start_inference(ensemble: Ensemble, address: str, top_k: int = 1,
-                    certs: str | None = None) -> tuple[grpc.Server, int]:
+def start_inference(
+    ensemble: Ensemble, address: str, top_k: int = 1, certs: str | None = None
+) -> tuple[grpc.Server, int]:
     """Serve Predict (and health checking) on `address`; returns the server and its port.
 
     Raises ValueError for a top-k the ensemble cannot mix, OSError when the port is in use.

@@ -40,17 +40,24 @@ def assignment_message(assignment: Assignment, round: int, inner: InnerConfig) -
     """The Assignment a member trains in `round`, with that round's inner settings."""
     v = assignment.variant
     return pb.Assignment(
-        path=str(assignment.path), variant=pb.Variant(bits=v.bits, density=v.density, scheme=v.scheme),
-        round=round, seed=assignment.seed, inner_steps=inner.steps, batch_size=inner.batch_size, lr=inner.lr,
-        weight_decay=inner.weight_decay, grad_clip=inner.grad_clip,
+        path=str(assignment.path),
+        variant=pb.Variant(bits=v.bits, density=v.density, scheme=v.scheme),
+        round=round,
+        seed=assignment.seed,
+        inner_steps=inner.steps,
+        batch_size=inner.batch_size,
+        lr=inner.lr,
+        weight_decay=inner.weight_decay,
+        grad_clip=inner.grad_clip,
     )
 
 
 class CoordinatorService(pb_grpc.CoordinatorServicer):
     """Join, Pull, Push, Heartbeat and Status on top of a `Coordinator`."""
 
-    def __init__(self, coordinator: Coordinator, tokens: TokenAuthority,
-                 max_update_bytes: int = MAX_UPDATE_BYTES):
+    def __init__(
+        self, coordinator: Coordinator, tokens: TokenAuthority, max_update_bytes: int = MAX_UPDATE_BYTES
+    ):
         self.coordinator, self.tokens, self.max_update_bytes = coordinator, tokens, max_update_bytes
         self.model_json = json.dumps(coordinator.model)
 
@@ -73,15 +80,28 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         profile = DeviceProfile(p.name, p.memory_bytes, p.bits, tuple(p.densities) or (1.0,), p.speed or 1.0)
         coordinator = self.coordinator
         try:
-            member = coordinator.join(profile, request.name, request.client_id, request.public_key,
-                                      np.asarray(request.feature_sum, dtype=np.float64), request.examples)
+            member = coordinator.join(
+                profile,
+                request.name,
+                request.client_id,
+                request.public_key,
+                np.asarray(request.feature_sum, dtype=np.float64),
+                request.examples,
+            )
         except Rejected as e:
             abort(context, e.code, e.detail)
         with coordinator.lock:
-            message = assignment_message(coordinator.assignment(member.client_id), coordinator.round,
-                                         coordinator.engine.inner(coordinator.round))
-        return pb.JoinReply(client_id=member.client_id, token=self.tokens.issue(member.client_id),
-                            model_json=self.model_json, assignment=message)
+            message = assignment_message(
+                coordinator.assignment(member.client_id),
+                coordinator.round,
+                coordinator.engine.inner(coordinator.round),
+            )
+        return pb.JoinReply(
+            client_id=member.client_id,
+            token=self.tokens.issue(member.client_id),
+            model_json=self.model_json,
+            assignment=message,
+        )
 
     def Pull(self, request: pb.PullRequest, context: grpc.ServicerContext) -> Iterator[pb.PullFrame]:
         self.authenticate(context, request.client_id)
@@ -103,8 +123,15 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         try:
             tensors = decode_tensors(tensor_frames(request_iterator), self.max_update_bytes)
             v = header.variant
-            upload = Upload(Path.parse(header.path), Variant(v.bits, round(v.density, 6), v.scheme),
-                            header.round, header.seed, header.weight, tensors, header.loss)
+            upload = Upload(
+                Path.parse(header.path),
+                Variant(v.bits, round(v.density, 6), v.scheme),
+                header.round,
+                header.seed,
+                header.weight,
+                tensors,
+                header.loss,
+            )
             open_round = self.coordinator.submit(upload, header.client_id, header.update_id, header.signature)
         except WireError as e:
             abort(context, e.code.name, str(e))
@@ -166,8 +193,9 @@ def bind_error(address: str) -> str:
     """Why `address` cannot be listened on, found by binding a plain socket to it."""
     host, _, port = address.rpartition(":")
     try:
-        infos = socket.getaddrinfo(host.strip("[]") or None, int(port), type=socket.SOCK_STREAM,
-                                   flags=socket.AI_PASSIVE)
+        infos = socket.getaddrinfo(
+            host.strip("[]") or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
     except (OSError, ValueError) as e:
         return f"cannot listen on {address}: {e} (give --address host:port)"
     for family, kind, proto, _, sockaddr in infos:
@@ -181,8 +209,13 @@ def bind_error(address: str) -> str:
     return f"cannot listen on {address}"
 
 
-def start_server(coordinator: Coordinator, address: str, certs: str | None = None, workers: int = 16,
-                 max_update_bytes: int = MAX_UPDATE_BYTES) -> tuple[grpc.Server, int]:
+def start_server(
+    coordinator: Coordinator,
+    address: str,
+    certs: str | None = None,
+    workers: int = 16,
+    max_update_bytes: int = MAX_UPDATE_BYTES,
+) -> tuple[grpc.Server, int]:
     """Start the coordinator (and the standard health service) on `address`; returns the server and its port.
 
     With `certs` (a directory made by `fedmoe certs`) the port speaks TLS; otherwise it is plain text.

@@ -31,32 +31,32 @@ for _name, _value in (
 ):
     os.environ.setdefault(_name, _value)
 
-import copy
-import json
-import logging
-import pickle
-import time
-from collections.abc import Callable, Iterable, Mapping
-from functools import lru_cache
-from pathlib import Path as FsPath
-from typing import Any
+import copy  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import pickle  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable, Iterable, Mapping  # noqa: E402
+from functools import lru_cache  # noqa: E402
+from pathlib import Path as FsPath  # noqa: E402
+from typing import Any  # noqa: E402
 
-import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
-from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import Strategy
-from flwr.simulation import run_simulation
-from torch import nn
+import numpy as np  # noqa: E402
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
+from flwr.serverapp import Grid, ServerApp  # noqa: E402
+from flwr.serverapp.strategy import Strategy  # noqa: E402
+from flwr.simulation import run_simulation  # noqa: E402
+from torch import nn  # noqa: E402
 
-from fedmoe.assignment import PROFILES, parse_profiles
-from fedmoe.compress.quant import QTensor
-from fedmoe.config import Config, InnerConfig
-from fedmoe.engine import NETWORK_SCHEMES, Engine
-from fedmoe.modular import ModularModel, Path
-from fedmoe.outer import Update
-from fedmoe.spec import Spec, load_spec
-from fedmoe.worker import Job, Upload, Variant, Worker, round_masks
+from fedmoe.assignment import PROFILES, parse_profiles  # noqa: E402
+from fedmoe.compress.quant import QTensor  # noqa: E402
+from fedmoe.config import Config, InnerConfig  # noqa: E402
+from fedmoe.engine import NETWORK_SCHEMES, Engine  # noqa: E402
+from fedmoe.modular import ModularModel, Path  # noqa: E402
+from fedmoe.outer import Update  # noqa: E402
+from fedmoe.spec import Spec, load_spec  # noqa: E402
+from fedmoe.worker import Job, Upload, Variant, Worker, round_masks  # noqa: E402
 
 log = logging.getLogger("fedmoe.flower")
 
@@ -93,12 +93,16 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> Config:
 def load_checked(config: Config) -> Spec:
     """The spec of `config`, after refusing what a Flower federation cannot run."""
     if config.compression.scheme not in NETWORK_SCHEMES:
-        raise ValueError(f"compression.scheme {config.compression.scheme!r}: its masks depend on weights a "
-                         f"pruned client never receives; use one of {', '.join(NETWORK_SCHEMES)}")
+        raise ValueError(
+            f"compression.scheme {config.compression.scheme!r}: its masks depend on weights a "
+            f"pruned client never receives; use one of {', '.join(NETWORK_SCHEMES)}"
+        )
     spec = load_spec(config.spec)
     if spec.data is None:
-        raise ValueError(f"spec {spec.ref or spec.name!r} has no data loader: Flower's clients load their "
-                         "data with spec.data")
+        raise ValueError(
+            f"spec {spec.ref or spec.name!r} has no data loader: Flower's clients load their "
+            "data with spec.data"
+        )
     return spec
 
 
@@ -111,11 +115,13 @@ def client_profile(config: Config, index: int) -> str:
 # -- wire form --------------------------------------------------------------------------------------
 def encode_tensors(tensors: Mapping[str, QTensor]) -> tuple[ArrayRecord, ConfigRecord]:
     """QTensors as records: payload and scale bytes as uint8 arrays, bit-width and shape in a ConfigRecord."""
-    arrays = ArrayRecord({
-        f"{name}/{part}": Array(np.frombuffer(getattr(q, part), dtype=np.uint8))
-        for name, q in tensors.items()
-        for part in ("payload", "scales")
-    })
+    arrays = ArrayRecord(
+        {
+            f"{name}/{part}": Array(np.frombuffer(getattr(q, part), dtype=np.uint8))
+            for name, q in tensors.items()
+            for part in ("payload", "scales")
+        }
+    )
     meta = ConfigRecord()
     for name, q in tensors.items():
         meta[f"{name}/bits"] = q.bits
@@ -128,16 +134,24 @@ def decode_tensors(arrays: ArrayRecord, meta: ConfigRecord) -> dict[str, QTensor
     names = [key[: -len("/bits")] for key in meta if key.endswith("/bits")]
     return {
         name: QTensor(
-            int(meta[f"{name}/bits"]), tuple(int(d) for d in meta[f"{name}/shape"]),
-            arrays[f"{name}/payload"].numpy().tobytes(), arrays[f"{name}/scales"].numpy().tobytes(),
+            int(meta[f"{name}/bits"]),
+            tuple(int(d) for d in meta[f"{name}/shape"]),
+            arrays[f"{name}/payload"].numpy().tobytes(),
+            arrays[f"{name}/scales"].numpy().tobytes(),
         )
         for name in names
     }
 
 
 def _header(path: Path, variant: Variant, round: int, seed: int) -> dict[str, Any]:
-    return {"path": str(path), "bits": variant.bits, "density": variant.density, "scheme": variant.scheme,
-            "round": round, "seed": seed}
+    return {
+        "path": str(path),
+        "bits": variant.bits,
+        "density": variant.density,
+        "scheme": variant.scheme,
+        "round": round,
+        "seed": seed,
+    }
 
 
 def _variant(header: ConfigRecord) -> Variant:
@@ -147,10 +161,14 @@ def _variant(header: ConfigRecord) -> Variant:
 def encode_job(job: Job, config: Config) -> RecordDict:
     """A job as records: its tensors, a header (with what a client builds its path model from), inner."""
     weights, shapes = encode_tensors(job.tensors)
-    header = ConfigRecord({
-        **_header(job.path, job.variant, job.round, job.seed),
-        "spec": config.spec, "grid": list(config.grid), "config-seed": config.seed,
-    })
+    header = ConfigRecord(
+        {
+            **_header(job.path, job.variant, job.round, job.seed),
+            "spec": config.spec,
+            "grid": list(config.grid),
+            "config-seed": config.seed,
+        }
+    )
     inner = ConfigRecord(job.inner.model_dump())
     return RecordDict({"weights": weights, "shapes": shapes, "job": header, "inner": inner})
 
@@ -199,17 +217,26 @@ class EngineStrategy(Strategy):
         """Log the run's shape."""
         engine = self.engine
         variants = sorted({engine.assignments[c].variant.name for c in self.clients.values()})
-        log.info("%d clients on %d paths (grid %s), variants %s, aggregation %s", len(self.clients),
-                 len(engine.paths), "x".join(map(str, engine.config.grid)), ", ".join(variants),
-                 engine.config.aggregation.rule)
+        log.info(
+            "%d clients on %d paths (grid %s), variants %s, aggregation %s",
+            len(self.clients),
+            len(engine.paths),
+            "x".join(map(str, engine.config.grid)),
+            ", ".join(variants),
+            engine.config.aggregation.rule,
+        )
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """One message per client: `engine.job` of the open round in wire form."""
         return [
-            Message(encode_job(self.engine.job(client_id), self.engine.config), dst_node_id=node,
-                    message_type=MessageType.TRAIN, group_id=str(server_round))
+            Message(
+                encode_job(self.engine.job(client_id), self.engine.config),
+                dst_node_id=node,
+                message_type=MessageType.TRAIN,
+                group_id=str(server_round),
+            )
             for node, client_id in self.clients.items()
         ]
 
@@ -231,8 +258,9 @@ class EngineStrategy(Strategy):
                     raise ValueError(f"update for round {upload.round}, round {self.engine.round} is open")
                 received[client_id] = (upload, self.engine.decode(client_id, upload))
             except (KeyError, ValueError) as e:
-                log.warning("round %d: refused the update of %s (node %d): %s", server_round, client_id,
-                            node, e)
+                log.warning(
+                    "round %d: refused the update of %s (node %d): %s", server_round, client_id, node, e
+                )
         if not received:
             raise RuntimeError(f"round {server_round}: no client sent a usable update")
         ordered = [received[c] for c in sorted(received)]
@@ -309,8 +337,12 @@ def run_server(grid: Grid, config: Config, out: FsPath | None = None) -> dict[st
             return MetricRecord(initial)
         return MetricRecord({key: strategy.rounds[-1][key] for key in initial})
 
-    strategy.start(grid, ArrayRecord(engine.model.state_dict()), num_rounds=config.rounds - engine.round,
-                   evaluate_fn=evaluate if spec.eval_data is not None else None)
+    strategy.start(
+        grid,
+        ArrayRecord(engine.model.state_dict()),
+        num_rounds=config.rounds - engine.round,
+        evaluate_fn=evaluate if spec.eval_data is not None else None,
+    )
     assignments, counts = {c: engine.assignments[c] for c in sorted(clients.values())}, engine.feature_counts
     results = {
         "config": config.model_dump(mode="json"),
@@ -367,8 +399,10 @@ def node_partition(context: Context) -> tuple[int, int]:
     """This node's (partition-id, num-partitions) from its node config (the simulation engine sets them)."""
     config = context.node_config
     if "partition-id" not in config or "num-partitions" not in config:
-        raise ValueError("this node has no partition-id / num-partitions in its node config "
-                         "(start a SuperNode with --node-config 'partition-id=0 num-partitions=4')")
+        raise ValueError(
+            "this node has no partition-id / num-partitions in its node config "
+            "(start a SuperNode with --node-config 'partition-id=0 num-partitions=4')"
+        )
     return int(config["partition-id"]), int(config["num-partitions"])
 
 
@@ -403,8 +437,11 @@ def train(msg: Message, context: Context) -> Message:
         worker.optimizer_state, worker.feedback = state["optimizer"], state["feedback"]
         batches.generator.set_state(state["generator"])
     upload = worker.train_round(job)
-    state = {"optimizer": worker.optimizer_state, "feedback": worker.feedback,
-             "generator": batches.generator.get_state()}
+    state = {
+        "optimizer": worker.optimizer_state,
+        "feedback": worker.feedback,
+        "generator": batches.generator.get_state(),
+    }
     context.state[STATE_KEY] = ConfigRecord({"state": pickle.dumps(state)})
     return Message(encode_upload(upload), reply_to=msg)
 

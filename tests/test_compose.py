@@ -50,7 +50,9 @@ def test_the_topology_is_a_coordinator_four_unlike_clients_and_a_router_over_tls
         if args[0] in ("server", "serve", "client"):
             assert option(args, "--certs") == "/certs", f"{name} must speak TLS"
     certs = commands["certs"]
-    assert {"coordinator", "router"} <= {certs[i + 1] for i, a in enumerate(certs) if a == "--host"} and "--if-missing" in certs
+    assert {"coordinator", "router"} <= {
+        certs[i + 1] for i, a in enumerate(certs) if a == "--host"
+    } and "--if-missing" in certs
 
 
 def test_each_client_holds_its_own_part_of_the_coordinators_spec_data():
@@ -59,7 +61,8 @@ def test_each_client_holds_its_own_part_of_the_coordinators_spec_data():
     clients = [c for c in commands if c[0] == "client"]
     assert sorted(int(option(c, "--partition")) for c in clients) == list(range(len(clients)))
     assert {option(c, "--partitions") for c in clients} == {str(len(clients))}
-    assert {option(c, "--spec") for c in clients} == {option(server, "--spec")}  # the same spec (None: the default) everywhere
+    # the same spec (None: the default) everywhere
+    assert {option(c, "--spec") for c in clients} == {option(server, "--spec")}
     assert all(parse(c).params["partitions"] == len(clients) for c in clients)
 
 
@@ -70,7 +73,9 @@ def test_ports_volumes_and_dependencies_are_consistent():
         args = service["command"]
         for mapping in service.get("ports", []):
             container_port = str(mapping).split(":")[-1]
-            assert option(args, "--address").endswith(f":{container_port}"), f"{name}: publishes {mapping} but listens elsewhere"
+            assert option(args, "--address").endswith(f":{container_port}"), (
+                f"{name}: publishes {mapping} but listens elsewhere"
+            )
         for volume in service.get("volumes", []):
             assert volume.split(":")[0] in declared, f"{name}: volume {volume} is not declared"
         for dependency in service.get("depends_on", {}):
@@ -79,8 +84,12 @@ def test_ports_volumes_and_dependencies_are_consistent():
         if server:
             host, port = server.split(":")
             target = services[host]["command"]
-            assert option(target, "--address").endswith(f":{port}"), f"{name} talks to {server}, which does not listen there"
-    state_mounts = {name: v for name, s in services.items() for v in s.get("volumes", []) if v.startswith("state:")}
+            assert option(target, "--address").endswith(f":{port}"), (
+                f"{name} talks to {server}, which does not listen there"
+            )
+    state_mounts = {
+        name: v for name, s in services.items() for v in s.get("volumes", []) if v.startswith("state:")
+    }
     assert state_mounts["coordinator"] == "state:/state" and state_mounts["router"] == "state:/state:ro"
     assert option(services["router"]["command"], "--checkpoint").startswith("/state/")
     assert 'ENTRYPOINT ["fedmoe"]' in (ROOT / "Dockerfile").read_text()
@@ -90,7 +99,9 @@ def test_the_readme_describes_the_same_services():
     readme = (ROOT / "README.md").read_text()
     section = readme[readme.index("## docker compose") :]
     for name in compose()["services"]:
-        assert re.search(rf"`{re.escape(name)}`", section), f"README's docker compose section does not mention {name}"
+        assert re.search(rf"`{re.escape(name)}`", section), (
+            f"README's docker compose section does not mention {name}"
+        )
 
 
 def test_a_bad_option_is_caught():

@@ -1,4 +1,6 @@
-"""The coordinator over real gRPC on 127.0.0.1: big tensors, bad input, restarts, and agreement with the in-process runner."""
+"""The coordinator over real gRPC on 127.0.0.1: big tensors, bad input, restarts,
+and agreement with the in-process runner.
+"""
 
 import copy
 import functools
@@ -36,7 +38,8 @@ SPEC = load_spec("fedmoe.models.digits:spec")
 CONFIG = Config(grid=(2,), rounds=2, inner={"steps": 5}, policy={"min_clients": 2})
 DATA = SPEC.data(0, 2).train.subset(range(100))
 FEATURES = SPEC.feature_statistics(DATA)
-big_spec = Spec("big", mlp_levels(in_dim=64, hidden=2500, depth=3, classes=10))  # 12.7M parameters: 51 MB at fp32
+# 12.7M parameters: 51 MB at fp32
+big_spec = Spec("big", mlp_levels(in_dim=64, hidden=2500, depth=3, classes=10))
 
 
 @pytest.fixture
@@ -74,13 +77,17 @@ def code_of(call):
 
 
 def snapshot(coordinator):
-    return {k: {n: t.clone() for n, t in s.items()} for k, s in coordinator.engine.model.module_states().items()}, dict(coordinator.pending)
+    return {
+        k: {n: t.clone() for n, t in s.items()} for k, s in coordinator.engine.model.module_states().items()
+    }, dict(coordinator.pending)
 
 
 def unchanged(coordinator, before):
     states, pending = before
     now = coordinator.engine.model.module_states()
-    return pending.keys() == coordinator.pending.keys() and all(torch.equal(now[k][n], t) for k, s in states.items() for n, t in s.items())
+    return pending.keys() == coordinator.pending.keys() and all(
+        torch.equal(now[k][n], t) for k, s in states.items() for n, t in s.items()
+    )
 
 
 def test_bad_input_gets_a_precise_status_and_changes_nothing(federation):
@@ -89,27 +96,73 @@ def test_bad_input_gets_a_precise_status_and_changes_nothing(federation):
     b, _ = joined(stub, "int8")
     upload = trained_upload(stub, a, worker_a)
     before = snapshot(coordinator)
-    forged = Session(a.client_id, a.token[:-2] + ("AA" if not a.token.endswith("AA") else "BB"), a.model, a.assignment, a.signing_key)
+    forged = Session(
+        a.client_id,
+        a.token[:-2] + ("AA" if not a.token.endswith("AA") else "BB"),
+        a.model,
+        a.assignment,
+        a.signing_key,
+    )
     assert code_of(lambda: push(stub, forged, upload)) == grpc.StatusCode.UNAUTHENTICATED
     as_b = Session(a.client_id, b.token, a.model, a.assignment, a.signing_key)
     assert code_of(lambda: push(stub, as_b, upload)) == grpc.StatusCode.PERMISSION_DENIED
-    assert code_of(lambda: stub.Heartbeat(pb.HeartbeatRequest(client_id=a.client_id), timeout=10)) == grpc.StatusCode.UNAUTHENTICATED
+    assert (
+        code_of(lambda: stub.Heartbeat(pb.HeartbeatRequest(client_id=a.client_id), timeout=10))
+        == grpc.StatusCode.UNAUTHENTICATED
+    )
     stale = Upload(upload.path, upload.variant, 7, upload.seed, upload.weight, upload.tensors, upload.loss)
     assert code_of(lambda: push(stub, a, stale)) == grpc.StatusCode.FAILED_PRECONDITION
     name = next(iter(upload.tensors))
     wrong_shape = dict(upload.tensors, **{name: quantize(torch.zeros(3, 3), 32)})
-    assert code_of(lambda: push(stub, a, Upload(upload.path, upload.variant, 0, upload.seed, 1.0, wrong_shape, 0.0))) == grpc.StatusCode.INVALID_ARGUMENT
+    assert (
+        code_of(
+            lambda: push(stub, a, Upload(upload.path, upload.variant, 0, upload.seed, 1.0, wrong_shape, 0.0))
+        )
+        == grpc.StatusCode.INVALID_ARGUMENT
+    )
     q = upload.tensors[name]
     nan = QTensor(32, q.shape, struct.pack("<f", float("nan")) * (len(q.payload) // 4), b"")
-    assert code_of(lambda: push(stub, a, Upload(upload.path, upload.variant, 0, upload.seed, 1.0, dict(upload.tensors, **{name: nan}), 0.0))) == grpc.StatusCode.INVALID_ARGUMENT
+    assert (
+        code_of(
+            lambda: push(
+                stub,
+                a,
+                Upload(
+                    upload.path, upload.variant, 0, upload.seed, 1.0, dict(upload.tensors, **{name: nan}), 0.0
+                ),
+            )
+        )
+        == grpc.StatusCode.INVALID_ARGUMENT
+    )
     huge = QTensor(32, q.shape, struct.pack("<f", 1e30) * (len(q.payload) // 4), b"")
-    assert code_of(lambda: push(stub, a, Upload(upload.path, upload.variant, 0, upload.seed, 1.0, dict(upload.tensors, **{name: huge}), 0.0))) == grpc.StatusCode.INVALID_ARGUMENT
-    other_path = Upload(Path((1 - upload.path.modules[0],)), upload.variant, 0, upload.seed, 1.0, upload.tensors, 0.0)
+    assert (
+        code_of(
+            lambda: push(
+                stub,
+                a,
+                Upload(
+                    upload.path,
+                    upload.variant,
+                    0,
+                    upload.seed,
+                    1.0,
+                    dict(upload.tensors, **{name: huge}),
+                    0.0,
+                ),
+            )
+        )
+        == grpc.StatusCode.INVALID_ARGUMENT
+    )
+    other_path = Upload(
+        Path((1 - upload.path.modules[0],)), upload.variant, 0, upload.seed, 1.0, upload.tensors, 0.0
+    )
     assert code_of(lambda: push(stub, a, other_path)) == grpc.StatusCode.INVALID_ARGUMENT
 
     def corrupted():
         frames = list(push_frames(a, upload))
-        chunk = next(f for f in frames if f.WhichOneof("frame") == "tensor" and f.tensor.WhichOneof("frame") == "chunk")
+        chunk = next(
+            f for f in frames if f.WhichOneof("frame") == "tensor" and f.tensor.WhichOneof("frame") == "chunk"
+        )
         chunk.tensor.chunk.data = bytes([chunk.tensor.chunk.data[0] ^ 1]) + chunk.tensor.chunk.data[1:]
         return stub.Push(iter(frames), metadata=a.metadata, timeout=60)
 
@@ -122,7 +175,9 @@ def test_bad_input_gets_a_precise_status_and_changes_nothing(federation):
     assert code_of(truncated) == grpc.StatusCode.DATA_LOSS
 
     def resigned(key=None, weight=None):
-        frames = list(push_frames(Session(a.client_id, a.token, a.model, a.assignment, key or a.signing_key), upload))
+        frames = list(
+            push_frames(Session(a.client_id, a.token, a.model, a.assignment, key or a.signing_key), upload)
+        )
         if weight is not None:
             frames[0].header.weight = weight  # changed after signing: a man in the middle, or a cheat
         return stub.Push(iter(frames), metadata=a.metadata, timeout=60)
@@ -130,12 +185,18 @@ def test_bad_input_gets_a_precise_status_and_changes_nothing(federation):
     assert code_of(lambda: resigned(weight=1e6)) == grpc.StatusCode.UNAUTHENTICATED
     assert code_of(lambda: resigned(key=new_signing_key())) == grpc.StatusCode.UNAUTHENTICATED
     wrong_bits = dict(upload.tensors, **{name: quantize(torch.zeros(q.shape), 8)})
-    assert code_of(lambda: push(stub, a, Upload(upload.path, upload.variant, 0, upload.seed, 1.0, wrong_bits, 0.0))) == grpc.StatusCode.INVALID_ARGUMENT
+    assert (
+        code_of(
+            lambda: push(stub, a, Upload(upload.path, upload.variant, 0, upload.seed, 1.0, wrong_bits, 0.0))
+        )
+        == grpc.StatusCode.INVALID_ARGUMENT
+    )
     assert unchanged(coordinator, before)
     update_id = uuid.uuid4().hex
     assert push(stub, a, upload, update_id).accepted
     assert code_of(lambda: push(stub, a, upload, update_id)) == grpc.StatusCode.ALREADY_EXISTS  # a replay
-    assert code_of(lambda: push(stub, a, upload)) == grpc.StatusCode.ALREADY_EXISTS  # a second update for the round
+    # a second update for the round
+    assert code_of(lambda: push(stub, a, upload)) == grpc.StatusCode.ALREADY_EXISTS
     assert len(coordinator.pending) == 1 and coordinator.round == 0
 
 
@@ -143,11 +204,16 @@ def test_a_join_without_good_routing_statistics_is_refused_and_admits_nobody(fed
     coordinator, stub = federation
     feature_sum, count = FEATURES
     for bad in [(np.zeros(0), 0.0), (feature_sum, 0.0), (np.full_like(feature_sum, np.nan), count)]:
-        assert code_of(functools.partial(join, stub, PROFILES["fp32"], "bad", bad)) == grpc.StatusCode.INVALID_ARGUMENT
+        assert (
+            code_of(functools.partial(join, stub, PROFILES["fp32"], "bad", bad))
+            == grpc.StatusCode.INVALID_ARGUMENT
+        )
     joined(stub)
     with pytest.raises(grpc.RpcError) as error:
         join(stub, PROFILES["fp32"], "narrow", (feature_sum[:10], count))
-    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "routing features" in error.value.details()
+    assert (
+        error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "routing features" in error.value.details()
+    )
     assert list(coordinator.members) == ["c0000"] and list(coordinator.engine.assignments) == ["c0000"]
 
 
@@ -176,7 +242,9 @@ def test_uploads_are_checked_outside_the_lock_and_admitted_once(federation, monk
     outcomes = []
 
     def submit(update_id):
-        signature = a.signing_key.sign(update_digest(signed_fields(a.client_id, update_id, upload), upload.tensors))
+        signature = a.signing_key.sign(
+            update_digest(signed_fields(a.client_id, update_id, upload), upload.tensors)
+        )
         try:
             outcomes.append(coordinator.submit(upload, a.client_id, update_id, signature))
         except Rejected as e:
@@ -227,8 +295,16 @@ def test_acknowledged_updates_survive_a_restart_and_are_applied_once(tmp_path):
     restarted = federation_round(tmp_path / "b", restart=True)
     assert all(torch.equal(straight[k][n], restarted[k][n]) for k in straight for n in straight[k])
     resumed = Coordinator(CONFIG, tmp_path / "b")
-    assert resumed.round == 1 and not resumed.pending and resumed.engine.feature_counts == {"c0000": 100.0, "c0001": 100.0}
-    assert all(torch.equal(resumed.engine.model.module_states()[k][n], restarted[k][n]) for k in straight for n in straight[k])
+    assert (
+        resumed.round == 1
+        and not resumed.pending
+        and resumed.engine.feature_counts == {"c0000": 100.0, "c0001": 100.0}
+    )
+    assert all(
+        torch.equal(resumed.engine.model.module_states()[k][n], restarted[k][n])
+        for k in straight
+        for n in straight[k]
+    )
 
 
 def test_sdk_clients_over_grpc_train_the_same_weights_as_the_in_process_runner(tmp_path):
@@ -239,7 +315,8 @@ def test_sdk_clients_over_grpc_train_the_same_weights_as_the_in_process_runner(t
     summaries = {}
 
     def client(i):
-        summaries[i] = run(f"127.0.0.1:{port}", partition=i, partitions=2)  # the coordinator's spec, loaded by its name
+        # the coordinator's spec, loaded by its name
+        summaries[i] = run(f"127.0.0.1:{port}", partition=i, partitions=2)
 
     try:
         threads = [threading.Thread(target=client, args=(i,)) for i in range(2)]
@@ -284,7 +361,10 @@ def test_a_50_mb_expert_is_pulled_and_pushed_through_the_stream(tmp_path):
 def test_a_straggler_update_is_dropped_or_counted_with_staleness_weight(tmp_path, late):
     config = Config(grid=(1,), rounds=3, inner={"steps": 3}, policy={"quorum": 0.5, "late": late})
     coordinator = Coordinator(config, tmp_path / "state")
-    fast, slow = (coordinator.join(PROFILES["fp32"], name, feature_sum=FEATURES[0], examples=FEATURES[1]) for name in ("fast", "slow"))
+    fast, slow = (
+        coordinator.join(PROFILES["fp32"], name, feature_sum=FEATURES[0], examples=FEATURES[1])
+        for name in ("fast", "slow")
+    )
 
     def upload_of(member):
         job = coordinator.job(member.client_id)
@@ -292,13 +372,15 @@ def test_a_straggler_update_is_dropped_or_counted_with_staleness_weight(tmp_path
         return Worker(SPEC, path_model, DATA.batches(8, job.seed), 50, job.variant).train_round(job)
 
     late_upload = upload_of(slow)  # pulled round 0 ...
-    assert coordinator.submit(upload_of(fast), fast.client_id, "u1") == 1  # ... which closes without it (quorum 1 of 2)
+    # ... which closes without it (quorum 1 of 2)
+    assert coordinator.submit(upload_of(fast), fast.client_id, "u1") == 1
     if late == "drop":
         with pytest.raises(Rejected) as rejected:
             coordinator.submit(late_upload, slow.client_id, "u2")
         assert rejected.value.code == "FAILED_PRECONDITION" and not coordinator.pending
     else:
-        assert coordinator.submit(late_upload, slow.client_id, "u2") == 2  # counted in round 1, which it closes
+        # counted in round 1, which it closes
+        assert coordinator.submit(late_upload, slow.client_id, "u2") == 2
         assert coordinator.metrics[1]["updates"] == 1
 
 
@@ -327,7 +409,13 @@ def test_random_push_streams_never_crash_the_server(federation, blobs, with_head
     session = FUZZ_SESSIONS.get(id(coordinator)) or FUZZ_SESSIONS.setdefault(id(coordinator), joined(stub)[0])
     frames = []
     if with_header:
-        frames.append(pb.PushFrame(header=pb.PushHeader(client_id=session.client_id, round=0, path="0", update_id=uuid.uuid4().hex)))
+        frames.append(
+            pb.PushFrame(
+                header=pb.PushHeader(
+                    client_id=session.client_id, round=0, path="0", update_id=uuid.uuid4().hex
+                )
+            )
+        )
     for blob in blobs:
         try:
             frames.append(pb.PushFrame.FromString(blob))
@@ -336,7 +424,13 @@ def test_random_push_streams_never_crash_the_server(federation, blobs, with_head
     before = snapshot(coordinator)
     with pytest.raises(grpc.RpcError) as error:
         stub.Push(iter(frames), metadata=session.metadata, timeout=30)
-    assert error.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.DATA_LOSS, grpc.StatusCode.UNAUTHENTICATED,
-                                  grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.PERMISSION_DENIED)
+    assert error.value.code() in (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.DATA_LOSS,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.PERMISSION_DENIED,
+    )
     assert unchanged(coordinator, before)
     assert json.loads(stub.Status(pb.StatusRequest(), timeout=10).json)["round"] == 0  # still serving

@@ -144,6 +144,11 @@ def test_balanced_kmeans_gives_equal_and_coherent_shards():
 @pytest.mark.parametrize("k", [0, 11])
 def test_impossible_shard_counts_raise(k):
     x = np.zeros((10, 2), dtype=np.float32)
-    for make in (lambda: iid(10, k), lambda: dirichlet(np.arange(10), k), lambda: kmeans(x, k), lambda: balanced_kmeans(x, k)):
+    for make in (
+        lambda: iid(10, k),
+        lambda: dirichlet(np.arange(10), k),
+        lambda: kmeans(x, k),
+        lambda: balanced_kmeans(x, k),
+    ):
         with pytest.raises(ValueError, match="non-empty shards"):
             make()

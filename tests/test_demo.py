@@ -24,10 +24,13 @@ def test_dipaco_grid_trains_shared_modules_from_every_path():
     history = []
     train = DIGITS.data(0, 1).train
     clients = [LocalClient(train.subset(part)) for part in iid(len(train), 4)]  # each path sees every class
-    result = run_federation(DIGITS, config, clients, on_round=lambda engine, metrics, uploads: history.append(uploads))
+    result = run_federation(
+        DIGITS, config, clients, on_round=lambda engine, metrics, uploads: history.append(uploads)
+    )
     after = result.engine.model.module_states()
     assert all(not torch.equal(before[k]["0.0.weight"], after[k]["0.0.weight"]) for k in ("0.0", "0.1"))
-    assert np.mean([u.loss for u in history[-1]]) < np.mean([u.loss for u in history[0]])  # the inner loss falls over the rounds
+    # the inner loss falls over the rounds
+    assert np.mean([u.loss for u in history[-1]]) < np.mean([u.loss for u in history[0]])
     assert result.engine.outer_choice == (0.7, 0.9)  # two paths share every module: DiLoCo's outer step
     test = DIGITS.eval_data()
     assert DIGITS.evaluate(result.engine.model.compose(result.engine.paths[0]), test)["accuracy"] > 0.5
@@ -54,22 +57,48 @@ def test_experts_branch_from_the_dense_run_and_reload_identically(tmp_path):
     again = Ensemble.load(tmp_path / "ens")
     test = DIGITS.eval_data()
     for k in (1, 2):
-        assert torch.equal(again.predict(test.inputs, k).outputs, run.ensemble.predict(test.inputs, k).outputs)
+        assert torch.equal(
+            again.predict(test.inputs, k).outputs, run.ensemble.predict(test.inputs, k).outputs
+        )
     assert again.score(test, 1)["accuracy"] == run.final["top1"] > 0.6
 
 
 def test_fedmoe_help_lists_the_commands():
-    out = subprocess.run([sys.executable, "-m", "fedmoe.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "fedmoe.cli", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     for command in ("demo", "server", "client", "serve", "predict", "simulate", "certs", "health"):
         assert command in out
 
 
 def test_demo_command_end_to_end(tmp_path):
     out = tmp_path / "demo"
-    cmd = [sys.executable, "-m", "fedmoe.cli", "demo", "--rounds", "3", "--shared-rounds", "1", "--steps", "20", "--seeds", "2", "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    cmd = [
+        sys.executable,
+        "-m",
+        "fedmoe.cli",
+        "demo",
+        "--rounds",
+        "3",
+        "--shared-rounds",
+        "1",
+        "--steps",
+        "20",
+        "--seeds",
+        "2",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    for row in ("dense baseline", "expert 0 alone", "ensemble top-1", "ensemble top-2", "full ensemble", "random shards"):
+    for row in (
+        "dense baseline",
+        "expert 0 alone",
+        "ensemble top-1",
+        "ensemble top-2",
+        "full ensemble",
+        "random shards",
+    ):
         assert row in proc.stdout
     results = json.loads((out / "results.json").read_text())
     assert len(results["rows"]["ensemble top-1"]["clustered"]) == 2  # one value per seed
@@ -79,16 +108,38 @@ def test_demo_command_end_to_end(tmp_path):
 
 
 def test_demo_rejects_impossible_settings(tmp_path):
-    cmd = [sys.executable, "-m", "fedmoe.cli", "demo", "--rounds", "2", "--shared-rounds", "2", "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    cmd = [
+        sys.executable,
+        "-m",
+        "fedmoe.cli",
+        "demo",
+        "--rounds",
+        "2",
+        "--shared-rounds",
+        "2",
+        "--out",
+        str(tmp_path),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=120)
     assert proc.returncode != 0 and "shared-rounds" in proc.stderr
-    proc = subprocess.run([*cmd[:4], "--spec", "nowhere:spec", "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "cannot import 'nowhere'" in " ".join(proc.stderr.replace("│", " ").split())
+    proc = subprocess.run(
+        [*cmd[:4], "--spec", "nowhere:spec", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert proc.returncode != 0 and "cannot import 'nowhere'" in " ".join(
+        proc.stderr.replace("│", " ").split()
+    )
 
 
 def test_a_user_spec_with_client_data_given_in_process():
     train = DIGITS.data(0, 2).train
-    clients = [LocalClient(train.subset(range(0, len(train), 2))), LocalClient(train.subset(range(1, len(train), 2)), "int8")]
+    clients = [
+        LocalClient(train.subset(range(0, len(train), 2))),
+        LocalClient(train.subset(range(1, len(train), 2)), "int8"),
+    ]
     result = run_federation(DIGITS, Config(grid=(1,), rounds=1, inner=InnerConfig(steps=3)), clients)
     assert [c["variant"] for c in result.clients] == ["fp32", "int8"]
     assert result.engine.outer_choice == (0.7, 0.9)  # two clients share the one module

@@ -43,8 +43,24 @@ def wait_until(condition, timeout=120.0):
 
 def test_killed_client_rejoins_and_killed_coordinator_resumes(tmp_path):
     port, state = free_port(), tmp_path / "state"
-    server_args = FEDMOE + ["server", "--address", f"127.0.0.1:{port}", "--state", str(state), "--grid", "3", "--rounds", "4",
-                            "--steps", "150", "--min-clients", "3", "--deadline", "15", "--exit-when-done"]
+    server_args = FEDMOE + [
+        "server",
+        "--address",
+        f"127.0.0.1:{port}",
+        "--state",
+        str(state),
+        "--grid",
+        "3",
+        "--rounds",
+        "4",
+        "--steps",
+        "150",
+        "--min-clients",
+        "3",
+        "--deadline",
+        "15",
+        "--exit-when-done",
+    ]
 
     def coordinator_process():
         with open(tmp_path / "server.log", "a") as log:
@@ -53,10 +69,28 @@ def test_killed_client_rejoins_and_killed_coordinator_resumes(tmp_path):
     coordinator = coordinator_process()
 
     def client(name, profile, partition):
-        return subprocess.Popen(FEDMOE + ["client", "--server", f"127.0.0.1:{port}", "--profile", profile, "--timeout", "240",
-                                          "--partition", str(partition), "--partitions", "3",
-                                          "--state-file", str(tmp_path / f"{name}.json"), "--quiet"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen(
+            FEDMOE
+            + [
+                "client",
+                "--server",
+                f"127.0.0.1:{port}",
+                "--profile",
+                profile,
+                "--timeout",
+                "240",
+                "--partition",
+                str(partition),
+                "--partitions",
+                "3",
+                "--state-file",
+                str(tmp_path / f"{name}.json"),
+                "--quiet",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
 
     clients = {"a": client("a", "fp32", 0), "b": client("b", "int8", 1), "c": client("c", "int4-p50", 2)}
     procs = [coordinator, *clients.values()]
@@ -78,7 +112,8 @@ def test_killed_client_rejoins_and_killed_coordinator_resumes(tmp_path):
         for proc in procs:
             proc.kill()
     manifest = json.loads((state / "state" / "manifest.json").read_text())
-    assert manifest["engine"]["round"] == 4 and len(manifest["members"]) == 3  # b rejoined as itself, not as a fourth member
+    # b rejoined as itself, not as a fourth member
+    assert manifest["engine"]["round"] == 4 and len(manifest["members"]) == 3
     updates = [m["updates"] for m in manifest["metrics"]]
     assert len(updates) == 4 and min(updates) >= 1 and max(updates) <= 3
     assert min(updates) < 3  # a round closed at its deadline without b
@@ -95,12 +130,16 @@ def test_a_client_that_drops_off_mid_pull_changes_nothing(tmp_path):
             stub = pb_grpc.CoordinatorStub(channel)
             spec = coordinator.spec
             session = join(stub, PROFILES["fp32"], "x", spec.feature_statistics(spec.data(0, 1).train))
-            before = {k: {n: t.clone() for n, t in s.items()} for k, s in coordinator.engine.model.module_states().items()}
+            before = {
+                k: {n: t.clone() for n, t in s.items()}
+                for k, s in coordinator.engine.model.module_states().items()
+            }
             call = stub.Pull(pb.PullRequest(client_id=session.client_id), metadata=session.metadata)
             next(call)  # the assignment frame, then the client goes away
             call.cancel()
             frames = list(stub.Pull(pb.PullRequest(client_id=session.client_id), metadata=session.metadata))
-            assert frames[0].WhichOneof("frame") == "assignment" and len(frames) > 2  # it can simply pull again
+            # it can simply pull again
+            assert frames[0].WhichOneof("frame") == "assignment" and len(frames) > 2
             after = coordinator.engine.model.module_states()
             assert all(torch.equal(before[k][n], after[k][n]) for k in before for n in before[k])
             assert not coordinator.pending and coordinator.round == 0

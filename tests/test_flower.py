@@ -21,10 +21,20 @@ for _name, _value in (
 ):
     os.environ.setdefault(_name, _value)
 
-import numpy as np
-import pytest
-import torch
-from fedmoe.strategies.flower import (
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from flwr.common.config import flatten_dict  # noqa: E402
+
+from fedmoe import Config, Ensemble, load_spec, run_federation  # noqa: E402
+from fedmoe.assignment import MIXES, PROFILES  # noqa: E402
+from fedmoe.compress.quant import quantize  # noqa: E402
+from fedmoe.config import ClientsConfig, InnerConfig  # noqa: E402
+from fedmoe.data import load_digits_split  # noqa: E402
+from fedmoe.engine import Engine  # noqa: E402
+from fedmoe.modular import Path as GridPath  # noqa: E402
+from fedmoe.spec import Spec  # noqa: E402
+from fedmoe.strategies.flower import (  # noqa: E402
     config_from_run_config,
     decode_job,
     decode_tensors,
@@ -35,23 +45,17 @@ from fedmoe.strategies.flower import (
     load_checked,
     simulate_federation,
 )
-from flwr.common.config import flatten_dict
-
-from fedmoe import Config, Ensemble, load_spec, run_federation
-from fedmoe.assignment import MIXES, PROFILES
-from fedmoe.compress.quant import quantize
-from fedmoe.config import ClientsConfig, InnerConfig
-from fedmoe.data import load_digits_split
-from fedmoe.engine import Engine
-from fedmoe.modular import Path as GridPath
-from fedmoe.spec import Spec
-from fedmoe.worker import Upload, Variant
+from fedmoe.worker import Upload, Variant  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 SPEC = load_spec("fedmoe.models.digits:spec")
-CONFIG = Config(grid=(2,), rounds=2, inner=InnerConfig(steps=8, schedule="cosine"),
-                clients=ClientsConfig(count=10, profiles=MIXES["mixed"]))
+CONFIG = Config(
+    grid=(2,),
+    rounds=2,
+    inner=InnerConfig(steps=8, schedule="cosine"),
+    clients=ClientsConfig(count=10, profiles=MIXES["mixed"]),
+)
 
 
 @pytest.fixture(scope="module")
@@ -134,20 +138,37 @@ def test_jobs_uploads_and_tensors_round_trip_through_records() -> None:
     upload = Upload(GridPath((1, 0)), Variant(8, 0.5, "static"), 3, 7, 120.0, tensors, 1.25)
     back = decode_upload(encode_upload(upload))
     assert (back.path, back.variant, back.round, back.seed, back.weight, back.loss, back.nbytes) == (
-        upload.path, upload.variant, upload.round, upload.seed, upload.weight, upload.loss, upload.nbytes)
+        upload.path,
+        upload.variant,
+        upload.round,
+        upload.seed,
+        upload.weight,
+        upload.loss,
+        upload.nbytes,
+    )
 
 
 def test_config_from_run_config_and_refusals(tmp_path: Path) -> None:
-    config = config_from_run_config({
-        "spec": "fedmoe.models.digits:spec", "config": "", "out": "runs/x", "grid": "2x2", "clients": 6,
-        "profiles": "mixed", "inner.steps": 7, "inner.batch-size": 16, "outer.lr": 1.0, "outer.momentum": "",
-        "aggregation.rule": "median",
-    })
+    config = config_from_run_config(
+        {
+            "spec": "fedmoe.models.digits:spec",
+            "config": "",
+            "out": "runs/x",
+            "grid": "2x2",
+            "clients": 6,
+            "profiles": "mixed",
+            "inner.steps": 7,
+            "inner.batch-size": 16,
+            "outer.lr": 1.0,
+            "outer.momentum": "",
+            "aggregation.rule": "median",
+        }
+    )
     assert (config.grid, config.clients.count, config.clients.profiles) == ((2, 2), 6, MIXES["mixed"])
     assert (config.inner.steps, config.inner.batch_size) == (7, 16)
     assert (config.outer.lr, config.outer.momentum, config.aggregation.rule) == (1.0, None, "median")
     job = tmp_path / "job.toml"
-    job.write_text('[federation]\ngrid = [3]\nrounds = 5\n\n[inner]\nsteps = 9\nlr = 0.01\n')
+    job.write_text("[federation]\ngrid = [3]\nrounds = 5\n\n[inner]\nsteps = 9\nlr = 0.01\n")
     config = config_from_run_config({"config": str(job), "inner.steps": 3, "clients.profiles": "fp32,int8"})
     assert (config.grid, config.rounds, config.inner.steps, config.inner.lr) == ((3,), 5, 3, 0.01)
     assert config.clients.profiles == ("fp32", "int8")
@@ -170,8 +191,13 @@ NO_DATA = Spec(name="no-data", levels=[lambda: torch.nn.Linear(2, 2)])
 
 def test_a_robust_rule_runs_through_flower() -> None:
     """aggregation.rule reaches the engine: Flower's median run is the in-process one, unlike the mean's."""
-    config = Config(grid=(2,), rounds=1, inner=InnerConfig(steps=4), clients=ClientsConfig(count=6),
-                    aggregation={"rule": "median"})
+    config = Config(
+        grid=(2,),
+        rounds=1,
+        inner=InnerConfig(steps=4),
+        clients=ClientsConfig(count=6),
+        aggregation={"rule": "median"},
+    )
     with tempfile.TemporaryDirectory() as tmp:
         simulate_federation(config, out=Path(tmp))
         flower = Ensemble.load(tmp).model.module_states()
@@ -214,8 +240,16 @@ def test_flwr_run_trains_the_app_from_pyproject(tmp_path) -> None:
     flwr = Path(sys.executable).with_name("flwr")
     path = f"{flwr.parent}{os.pathsep}{os.environ.get('PATH', '')}"  # flwr starts flower-superlink from PATH
     env = {**os.environ, "FLWR_HOME": str(home), "PATH": path}
-    command = [str(flwr), "run", str(ROOT), "--federation-config", "num-supernodes=4",
-               "--run-config", f"rounds=1 inner.steps=3 clients=4 grid='2' out='{out}'", "--stream"]
+    command = [
+        str(flwr),
+        "run",
+        str(ROOT),
+        "--federation-config",
+        "num-supernodes=4",
+        "--run-config",
+        f"rounds=1 inner.steps=3 clients=4 grid='2' out='{out}'",
+        "--stream",
+    ]
     try:
         done = subprocess.run(command, env=env, check=False, capture_output=True, text=True, timeout=240)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -242,9 +276,21 @@ def test_simulate_runs_on_an_existing_ray_cluster(tmp_path) -> None:
         port = s.getsockname()[1]
     ray_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths live under it
     head = subprocess.Popen(
-        [str(bin_dir / "ray"), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
-         "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={ray_dir}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [
+            str(bin_dir / "ray"),
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            "--node-ip-address=127.0.0.1",
+            "--num-cpus=2",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+            f"--temp-dir={ray_dir}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     address, out = f"127.0.0.1:{port}", tmp_path / "ensemble"
     try:
@@ -254,9 +300,28 @@ def test_simulate_runs_on_an_existing_ray_cluster(tmp_path) -> None:
             assert head.poll() is None and time.monotonic() < deadline, "the Ray head did not come up"
             time.sleep(1)
         done = subprocess.run(
-            [str(bin_dir / "fedmoe"), "simulate", "--clients", "4", "--grid", "2", "--rounds", "1", "--steps",
-             "2", "--profiles", "mixed", "--ray-address", address, "--out", str(out)],
-            check=False, capture_output=True, text=True, timeout=240,
+            [
+                str(bin_dir / "fedmoe"),
+                "simulate",
+                "--clients",
+                "4",
+                "--grid",
+                "2",
+                "--rounds",
+                "1",
+                "--steps",
+                "2",
+                "--profiles",
+                "mixed",
+                "--ray-address",
+                address,
+                "--out",
+                str(out),
+            ],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=240,
         )
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         assert "spec fedmoe.models.digits:spec, grid 2, 1 rounds x 2 steps" in done.stdout

@@ -4,13 +4,19 @@ import copy
 
 import pytest
 import torch
-
-from fedmoe.compress.prune import held_shape, held_values, hidden_layers, magnitude_masks, scatter_held, width_masks
-from fedmoe.compress.quant import ErrorFeedback, dequantize, fake_quantize, quantize, wire_bytes
 from conftest import lm_grid, mlp_grid
 
 from fedmoe.aggregate import aggregate
 from fedmoe.assignment import DeviceProfile, assign_variant, parse_profiles, training_bytes
+from fedmoe.compress.prune import (
+    held_shape,
+    held_values,
+    hidden_layers,
+    magnitude_masks,
+    scatter_held,
+    width_masks,
+)
+from fedmoe.compress.quant import ErrorFeedback, dequantize, fake_quantize, quantize, wire_bytes
 from fedmoe.config import Config, InnerConfig, OuterConfig
 from fedmoe.data import load_digits_split
 from fedmoe.federation import LocalClient, run_federation
@@ -29,9 +35,18 @@ def mlp(hidden=8, grid=(1,)):
 
 
 def run_round(model, variant, examples, inner, round=0, seed=0, feedback=None):
-    """One client round on path (0,) of `model`, as every runner makes it: a job from the grid, the shared Worker."""
+    """One client round on path (0,) of `model`, as every runner makes it:
+    a job from the grid, the shared Worker.
+    """
     path = Path((0,))
-    worker = Worker(DIGITS, copy.deepcopy(model.compose(path)), examples.batches(16, seed), len(examples), variant, feedback=feedback)
+    worker = Worker(
+        DIGITS,
+        copy.deepcopy(model.compose(path)),
+        examples.batches(16, seed),
+        len(examples),
+        variant,
+        feedback=feedback,
+    )
     return worker.train_round(make_job(model, path, variant, round, seed, inner))
 
 
@@ -42,13 +57,21 @@ def test_width_masks_slice_hidden_units_static_rolling_random():
     assert static["0.0.0.weight"].any(1).tolist() == [True] * 4 + [False] * 4  # rows = kept units
     assert static["0.0.0.bias"].tolist() == [True] * 4 + [False] * 4
     # the middle layer loses rows and columns; the head keeps its rows but only the kept columns
-    assert int(static["0.1.0.weight"].sum()) == 16 and static["0.2.weight"].any(0).tolist() == [True] * 4 + [False] * 4
+    assert (
+        int(static["0.1.0.weight"].sum()) == 16
+        and static["0.2.weight"].any(0).tolist() == [True] * 4 + [False] * 4
+    )
     assert "0.2.bias" not in static and "0.0.0.weight" in static
     rolling = width_masks(path, 0.5, "rolling", round=6)
     assert rolling["0.0.0.bias"].nonzero().flatten().tolist() == [0, 1, 6, 7]  # units 6, 7, 8 % 8, 9 % 8
-    random_a, random_b = width_masks(path, 0.5, "random", round=1, seed=3), width_masks(path, 0.5, "random", round=2, seed=3)
+    random_a, random_b = (
+        width_masks(path, 0.5, "random", round=1, seed=3),
+        width_masks(path, 0.5, "random", round=2, seed=3),
+    )
     assert not torch.equal(random_a["0.0.0.bias"], random_b["0.0.0.bias"])
-    assert torch.equal(random_a["0.0.0.bias"], width_masks(path, 0.5, "random", round=1, seed=3)["0.0.0.bias"])
+    assert torch.equal(
+        random_a["0.0.0.bias"], width_masks(path, 0.5, "random", round=1, seed=3)["0.0.0.bias"]
+    )
     assert width_masks(path, 1.0) == {}
     with pytest.raises(ValueError):
         width_masks(path, 0.0)
@@ -83,7 +106,9 @@ def test_held_values_travel_as_a_submatrix_or_a_flat_vector():
 
 
 def upload(path, variant, weight, values):
-    """A hand-made upload: `values` gives the full-shaped delta per path parameter; only held coordinates travel."""
+    """A hand-made upload: `values` gives the full-shaped delta per path parameter;
+    only held coordinates travel.
+    """
     model = GRID
     masks = round_masks(model.compose(path), variant, 0, 0)
     tensors = {n: quantize(held_values(v, masks.get(n)), variant.bits) for n, v in values.items()}
@@ -100,19 +125,22 @@ def test_aggregate_mixed_masks_bits_and_a_client_that_holds_nothing_of_a_module(
     assert names == ["0.0.0.weight", "0.0.0.bias", "1.0.weight", "1.0.bias"]
     ones = {n: torch.ones_like(p) for n, p in GRID.compose(Path((0, 0))).named_parameters()}
     full = upload(Path((0, 0)), Variant(32), 1.0, ones)  # fp32, dense, path through head 1.0
-    half = upload(Path((0, 1)), Variant(8, 0.5, "static"), 3.0, {n: V * t for n, t in ones.items()})  # int8, unit 0 only, head 1.1
+    # int8, unit 0 only, head 1.1
+    half = upload(Path((0, 1)), Variant(8, 0.5, "static"), 3.0, {n: V * t for n, t in ones.items()})
     mean, held = aggregate(GRID, [full, half])
     shared = (1 * 1 + 3 * V) / 4
     assert torch.allclose(mean["0.0"]["0.0.weight"], torch.tensor([[shared, shared], [1.0, 1.0]]))
     assert torch.allclose(mean["0.0"]["0.0.bias"], torch.tensor([shared, 1.0]))
     assert torch.equal(mean["1.0"]["0.weight"], torch.ones(2, 2))  # only the fp32 client holds head 1.0
-    assert torch.allclose(mean["1.1"]["0.weight"], torch.tensor([[V, 0.0], [V, 0.0]]))  # unit 1 was pruned away
+    # unit 1 was pruned away
+    assert torch.allclose(mean["1.1"]["0.weight"], torch.tensor([[V, 0.0], [V, 0.0]]))
     assert held["1.1"]["0.weight"].tolist() == [[True, False], [True, False]] and held["1.1"]["0.bias"].all()
     model = copy.deepcopy(GRID)
     before = model.module_states()
     OuterOptimizer(model, lr=1.0, momentum=0.0).step(mean, held)
     after = model.module_states()
-    assert torch.equal(after["1.1"]["0.weight"][:, 1], before["1.1"]["0.weight"][:, 1])  # nobody held it: unchanged
+    # nobody held it: unchanged
+    assert torch.equal(after["1.1"]["0.weight"][:, 1], before["1.1"]["0.weight"][:, 1])
     assert torch.allclose(after["1.1"]["0.weight"][:, 0], before["1.1"]["0.weight"][:, 0] - V)
 
 
@@ -120,7 +148,8 @@ def test_unheld_coordinates_keep_their_momentum_too():
     model = copy.deepcopy(GRID)
     outer = OuterOptimizer(model, lr=1.0, momentum=0.9)
     ones = {n: torch.ones_like(p) for n, p in model.compose(Path((0, 1))).named_parameters()}
-    outer.step(*aggregate(model, [upload(Path((0, 1)), Variant(32), 1.0, ones)]))  # momentum builds on every coordinate
+    # momentum builds on every coordinate
+    outer.step(*aggregate(model, [upload(Path((0, 1)), Variant(32), 1.0, ones)]))
     before = model.module_states()
     outer.step(*aggregate(model, [upload(Path((0, 1)), Variant(32, 0.5, "static"), 1.0, ones)]))
     after = model.module_states()
@@ -131,10 +160,14 @@ def test_unheld_coordinates_keep_their_momentum_too():
 def test_decode_rejects_uploads_that_do_not_match_the_variant():
     ones = {n: torch.ones_like(p) for n, p in GRID.compose(Path((0, 0))).named_parameters()}
     good = upload(Path((0, 0)), Variant(4, 0.5, "static"), 1.0, ones)
-    wrong_shape = Upload(good.path, good.variant, 0, 0, 1.0, {**good.tensors, "1.0.weight": quantize(torch.ones(2, 2), 4)}, 0.0)
+    wrong_shape = Upload(
+        good.path, good.variant, 0, 0, 1.0, {**good.tensors, "1.0.weight": quantize(torch.ones(2, 2), 4)}, 0.0
+    )
     with pytest.raises(ValueError, match="1.0.weight"):
         decode(GRID, wrong_shape)
-    missing = Upload(good.path, good.variant, 0, 0, 1.0, {k: v for k, v in good.tensors.items() if k != "1.0.bias"}, 0.0)
+    missing = Upload(
+        good.path, good.variant, 0, 0, 1.0, {k: v for k, v in good.tensors.items() if k != "1.0.bias"}, 0.0
+    )
     with pytest.raises(ValueError):
         decode(GRID, missing)
 
@@ -146,7 +179,9 @@ def test_int4_half_width_worker_sends_exactly_what_its_variant_costs():
     path_model = model.compose(Path((0,)))
     masks = round_masks(path_model, variant, 2, 0)
     assert sent.nbytes == variant_bytes(path_model, variant, masks)["upload"]
-    assert sent.nbytes == sum(wire_bytes(held_shape(masks.get(n), p.shape), 4) for n, p in path_model.named_parameters())
+    assert sent.nbytes == sum(
+        wire_bytes(held_shape(masks.get(n), p.shape), 4) for n, p in path_model.named_parameters()
+    )
     fp32 = run_round(model, Variant(), TRAIN.subset(range(200)), InnerConfig(steps=5), round=2)
     assert fp32.nbytes == 4 * sum(p.numel() for p in path_model.parameters())
     assert sent.nbytes * 12 < fp32.nbytes  # int4 at half width
@@ -156,12 +191,16 @@ def test_int4_half_width_worker_sends_exactly_what_its_variant_costs():
 
 
 def test_a_quantized_worker_sends_the_change_of_the_weights_it_computed_with():
-    """A 4-bit client's outer gradient ends at its fake-quantized weights, not at its latent full-precision copy."""
+    """A 4-bit client's outer gradient ends at its fake-quantized weights,
+    not at its latent full-precision copy.
+    """
     model = DIGITS.build((1,))
     path_model = model.compose(Path((0,)))
     start = {n: dequantize(q) for n, q in deliver(path_model, Variant(4), {}).items()}
     # the outer gradient unquantized (32-bit error feedback), to see where it ends
-    sent = run_round(model, Variant(4), TRAIN.subset(range(200)), InnerConfig(steps=20), feedback=ErrorFeedback(32))
+    sent = run_round(
+        model, Variant(4), TRAIN.subset(range(200)), InnerConfig(steps=20), feedback=ErrorFeedback(32)
+    )
     matrices = [n for n, p in path_model.named_parameters() if p.dim() >= 2]
     for name in matrices:
         end = start[name] - dequantize(sent.tensors[name])

@@ -1,11 +1,17 @@
-"""The rules of direction: the core imports no runner, only the Flower driver imports flwr, no runner imports the demo."""
+"""The rules of direction: the core imports no runner, only the Flower driver imports flwr,
+no runner imports the demo.
+"""
 
 import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CORE = [p for p in (ROOT / "fedmoe").rglob("*.py") if p.name != "cli.py" and "v1" not in p.parts]
-RUNNERS = [*(ROOT / "server").glob("*.py"), *(ROOT / "clients").glob("*.py"), *(ROOT / "strategies").glob("*.py")]
+RUNNERS = [
+    *(ROOT / "server").glob("*.py"),
+    *(ROOT / "clients").glob("*.py"),
+    *(ROOT / "strategies").glob("*.py"),
+]
 
 
 def imported(path: Path) -> set[str]:
@@ -21,17 +27,28 @@ def imported(path: Path) -> set[str]:
 
 def test_the_core_imports_no_runner():
     for path in CORE:
-        bad = {n for n in imported(path) if n.startswith(("fedmoe.server", "fedmoe.clients", "fedmoe.strategies"))}
+        bad = {
+            n
+            for n in imported(path)
+            if n.startswith(("fedmoe.server", "fedmoe.clients", "fedmoe.strategies"))
+        }
         assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
 
 
 def test_only_the_flower_driver_imports_flwr():
     everything = [*CORE, ROOT / "fedmoe" / "cli.py", *RUNNERS]
-    users = {p.relative_to(ROOT).as_posix() for p in everything if any(n.split(".")[0] == "flwr" for n in imported(p))}
+    users = {
+        p.relative_to(ROOT).as_posix()
+        for p in everything
+        if any(n.split(".")[0] == "flwr" for n in imported(p))
+    }
     assert users == {"strategies/flower.py"}
 
 
 def test_no_runner_imports_the_demo():
     for path in RUNNERS:
         assert "fedmoe.experiment" not in imported(path), f"{path.relative_to(ROOT)} imports the demo"
-    assert not [p for p in CORE if p.name not in ("experiment.py", "plots.py") and "fedmoe.experiment" in imported(p)]  # plots: the demo's
+    # plots: the demo's
+    assert not [
+        p for p in CORE if p.name not in ("experiment.py", "plots.py") and "fedmoe.experiment" in imported(p)
+    ]

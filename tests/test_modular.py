@@ -1,6 +1,5 @@
 import pytest
 import torch
-
 from conftest import lm_grid, mlp_grid
 from torch import nn
 

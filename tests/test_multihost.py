@@ -59,9 +59,15 @@ class Hosts:
 
 
 def client_options(command: list[str]) -> list[str]:
-    """The options of a compose client that say what it is and which data it holds (the test gives server, certs and state)."""
-    return [arg for name in ("--spec", "--profile", "--partition", "--partitions") if name in command
-            for arg in (name, command[command.index(name) + 1])]
+    """The options of a compose client that say what it is and which data it holds (the test gives server,
+    certs and state).
+    """
+    return [
+        arg
+        for name in ("--spec", "--profile", "--partition", "--partitions")
+        if name in command
+        for arg in (name, command[command.index(name) + 1])
+    ]
 
 
 def namespaces_unavailable() -> str | None:
@@ -82,36 +88,112 @@ def test_compose_topology_across_network_namespaces(tmp_path):
     if reason:
         pytest.skip(reason)
     services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
-    clients = {name: client_options(s["command"]) for name, s in services.items() if s["command"][0] == "client"}
+    clients = {
+        name: client_options(s["command"]) for name, s in services.items() if s["command"][0] == "client"
+    }
     with Hosts(["coordinator", *clients, "router", "user"]) as hosts:
         coordinator, router = hosts.addresses["coordinator"], hosts.addresses["router"]
         certs, state = tmp_path / "certs", tmp_path / "state"
-        subprocess.run(PYTHON + ["certs", "--out", str(certs), "--host", coordinator, "--host", router], check=True, capture_output=True)
-        procs = [hosts.logged("coordinator", ["server", "--address", f"{coordinator}:7000", "--state", str(state), "--certs", str(certs),
-                                              "--grid", "4", "--rounds", "3", "--steps", "10", "--min-clients", str(len(clients))],
-                              tmp_path / "coordinator.log")]
+        subprocess.run(
+            PYTHON + ["certs", "--out", str(certs), "--host", coordinator, "--host", router],
+            check=True,
+            capture_output=True,
+        )
+        procs = [
+            hosts.logged(
+                "coordinator",
+                [
+                    "server",
+                    "--address",
+                    f"{coordinator}:7000",
+                    "--state",
+                    str(state),
+                    "--certs",
+                    str(certs),
+                    "--grid",
+                    "4",
+                    "--rounds",
+                    "3",
+                    "--steps",
+                    "10",
+                    "--min-clients",
+                    str(len(clients)),
+                ],
+                tmp_path / "coordinator.log",
+            )
+        ]
         try:
-            procs.append(hosts.logged("router", ["serve", "--checkpoint", str(state / "ensemble"), "--address", f"{router}:7100",
-                                                 "--certs", str(certs), "--wait", "240"], tmp_path / "router.log"))
-            workers = [hosts.logged(name, ["client", "--server", f"{coordinator}:7000", "--certs", str(certs), *options, "--timeout", "240"],
-                                    tmp_path / f"{name}.log")
-                       for name, options in clients.items()]
+            procs.append(
+                hosts.logged(
+                    "router",
+                    [
+                        "serve",
+                        "--checkpoint",
+                        str(state / "ensemble"),
+                        "--address",
+                        f"{router}:7100",
+                        "--certs",
+                        str(certs),
+                        "--wait",
+                        "240",
+                    ],
+                    tmp_path / "router.log",
+                )
+            )
+            workers = [
+                hosts.logged(
+                    name,
+                    [
+                        "client",
+                        "--server",
+                        f"{coordinator}:7000",
+                        "--certs",
+                        str(certs),
+                        *options,
+                        "--timeout",
+                        "240",
+                    ],
+                    tmp_path / f"{name}.log",
+                )
+                for name, options in clients.items()
+            ]
             procs += workers
             for name, proc in zip(clients, workers):
                 assert proc.wait(timeout=300) == 0, (tmp_path / f"{name}.log").read_text()[-2000:]
-            health = hosts.run("user", ["health", "--server", f"{router}:7100", "--certs", str(certs)], stdout=subprocess.PIPE, text=True)
+            health = hosts.run(
+                "user",
+                ["health", "--server", f"{router}:7100", "--certs", str(certs)],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
             for _ in range(60):  # the router starts serving once it has loaded the checkpoint
                 if health.wait(timeout=30) == 0:
                     break
-                health = hosts.run("user", ["health", "--server", f"{router}:7100", "--certs", str(certs)], stdout=subprocess.PIPE, text=True)
-            ask = hosts.run("user", ["predict", "--server", f"{router}:7100", "--certs", str(certs), "--digit", "3"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                health = hosts.run(
+                    "user",
+                    ["health", "--server", f"{router}:7100", "--certs", str(certs)],
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+            ask = hosts.run(
+                "user",
+                ["predict", "--server", f"{router}:7100", "--certs", str(certs), "--digit", "3"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
             out, err = ask.communicate(timeout=60)
             assert ask.returncode == 0, err
             answer = json.loads(out)
-            assert 0 <= answer["prediction"] < 10 and len(answer["experts"]) == 1 and abs(sum(answer["outputs"]) - 1) < 1e-3
+            assert (
+                0 <= answer["prediction"] < 10
+                and len(answer["experts"]) == 1
+                and abs(sum(answer["outputs"]) - 1) < 1e-3
+            )
             status = json.loads((state / "ensemble" / "manifest.json").read_text())
-            assert len(status["metrics"]) == 3 and all(m["updates"] == len(clients) for m in status["metrics"])
+            assert len(status["metrics"]) == 3 and all(
+                m["updates"] == len(clients) for m in status["metrics"]
+            )
         finally:
             for proc in procs:
                 proc.kill()

@@ -30,10 +30,16 @@ def test_two_parameter_outer_step_sign_and_arithmetic():
     outer = OuterOptimizer(model, lr=0.7, momentum=0.9, nesterov=True)
     outer.step(avg)
     # first Nesterov step: buf = g, update = g + 0.9 * buf = 1.9 g; theta -= 0.7 * 1.9 * g
-    assert torch.allclose(model.levels[0][0].weight, torch.tensor([[1 - 1.33 * 0.25, 2 - 1.33 * 1.5]]), atol=1e-6)
+    assert torch.allclose(
+        model.levels[0][0].weight, torch.tensor([[1 - 1.33 * 0.25, 2 - 1.33 * 1.5]]), atol=1e-6
+    )
     # second step with the same g: buf = 0.9 g + g = 1.9 g, update = g + 0.9 * 1.9 g = 2.71 g
     outer.step(avg)
-    assert torch.allclose(model.levels[0][0].weight, torch.tensor([[1 - (1.33 + 0.7 * 2.71) * 0.25, 2 - (1.33 + 0.7 * 2.71) * 1.5]]), atol=1e-6)
+    assert torch.allclose(
+        model.levels[0][0].weight,
+        torch.tensor([[1 - (1.33 + 0.7 * 2.71) * 0.25, 2 - (1.33 + 0.7 * 2.71) * 1.5]]),
+        atol=1e-6,
+    )
 
 
 def test_plain_outer_sgd_with_lr_one_lands_on_the_average_of_end_points():
@@ -48,7 +54,7 @@ def test_plain_outer_sgd_with_lr_one_lands_on_the_average_of_end_points():
 def test_modules_average_only_over_the_paths_that_hold_them():
     g = lambda v: {"w": torch.tensor([v])}  # noqa: E731
     updates = [Update({"0.0": g(1.0), "1.0": g(10.0)}, 1.0), Update({"0.0": g(3.0), "1.1": g(20.0)}, 1.0)]
-    avg, held = average_updates(updates)
+    avg, _held = average_updates(updates)
     assert avg["0.0"]["w"].item() == 2.0  # shared module: mean over both paths
     assert avg["1.0"]["w"].item() == 10.0 and avg["1.1"]["w"].item() == 20.0  # each path alone
 

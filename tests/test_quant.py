@@ -37,7 +37,9 @@ def test_int8_by_hand():
     assert struct.unpack("<2e", q.scales) == (0.0157470703125, 1.0)
     assert q.payload == bytes([64, 256 - 127, 32, 0, 0, 0])
     assert q.nbytes == 6 + 4
-    expected = torch.tensor([[64 * 0.0157470703125, -127 * 0.0157470703125, 32 * 0.0157470703125], [0.0, 0.0, 0.0]])
+    expected = torch.tensor(
+        [[64 * 0.0157470703125, -127 * 0.0157470703125, 32 * 0.0157470703125], [0.0, 0.0, 0.0]]
+    )
     assert torch.equal(dequantize(q), expected)
 
 
@@ -69,7 +71,9 @@ def test_pack_int4_rejects_bad_input():
         unpack_int4(bytes([0x11]), 3)
 
 
-@pytest.mark.parametrize("shape, channels", [((7,), 1), ((8,), 1), ((3, 5), 3), ((4, 6), 4), ((2, 3, 3), 2), ((), 1)])
+@pytest.mark.parametrize(
+    "shape, channels", [((7,), 1), ((8,), 1), ((3, 5), 3), ((4, 6), 4), ((2, 3, 3), 2), ((), 1)]
+)
 def test_int4_size_is_half_a_byte_per_value_plus_scales(shape, channels):
     n = math.prod(shape)
     q = quantize(torch.randn(shape), 4)

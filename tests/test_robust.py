@@ -19,13 +19,20 @@ DIGITS = load_spec("fedmoe.models.digits:spec")
 
 
 def one(values, mask=None):
-    return Update({"m": {"w": torch.tensor(values)}}, 1.0, None if mask is None else {"m": {"w": torch.tensor(mask)}})
+    return Update(
+        {"m": {"w": torch.tensor(values)}}, 1.0, None if mask is None else {"m": {"w": torch.tensor(mask)}}
+    )
 
 
 def test_median_and_trimmed_mean_by_hand_with_masks():
-    updates = [one([1.0, 5.0, 0.0]), one([2.0, 7.0, 0.0], [True, True, False]), one([100.0, -50.0, 0.0], [True, False, False])]
+    updates = [
+        one([1.0, 5.0, 0.0]),
+        one([2.0, 7.0, 0.0], [True, True, False]),
+        one([100.0, -50.0, 0.0], [True, False, False]),
+    ]
     median, held = robust_average(updates, "median", 0.0)
-    # coordinate 0: {1, 2, 100} -> 2; coordinate 1: {5, 7} -> 5 (the lower middle value); coordinate 2: {0} -> 0
+    # coordinate 0: {1, 2, 100} -> 2; coordinate 1: {5, 7} -> 5 (the lower middle value);
+    # coordinate 2: {0} -> 0
     assert median["m"]["w"].tolist() == [2.0, 5.0, 0.0] and held["m"]["w"].all()
     trimmed, _ = robust_average(updates, "trimmed-mean", 0.34)
     # three holders: one dropped at each end -> 2; two holders: floor(2 * 0.34) = 0 dropped -> 6
@@ -44,7 +51,9 @@ def test_norm_clipping_scales_only_large_updates():
 
 def test_one_poisoned_client_wrecks_the_mean_but_not_the_robust_rules():
     train, test = load_digits_split()
-    config = Config(grid=(1,), rounds=3, inner=InnerConfig(steps=100), outer=OuterConfig(lr=1.0, momentum=0.0))
+    config = Config(
+        grid=(1,), rounds=3, inner=InnerConfig(steps=100), outer=OuterConfig(lr=1.0, momentum=0.0)
+    )
     model = run_federation(DIGITS, config, [LocalClient(train)]).engine.model
     path = Path((0,))
     inner = InnerConfig(steps=50)
@@ -55,8 +64,15 @@ def test_one_poisoned_client_wrecks_the_mean_but_not_the_robust_rules():
         worker = Worker(DIGITS, copy.deepcopy(model.compose(path)), part.batches(32, i), 250.0, v)
         uploads.append(worker.train_round(make_job(model, path, v, 0, i, inner)))
     honest = uploads[-1]
-    poison = Upload(path, Variant(32), 0, honest.seed, 250.0,
-                    {n: quantize(-50 * dequantize(q), 32) for n, q in honest.tensors.items()}, 0.0)
+    poison = Upload(
+        path,
+        Variant(32),
+        0,
+        honest.seed,
+        250.0,
+        {n: quantize(-50 * dequantize(q), 32) for n, q in honest.tensors.items()},
+        0.0,
+    )
     accuracy = {}
     for rule in ("mean", "median", "trimmed-mean"):
         for name, batch in (("clean", uploads[:-1]), ("poisoned", [*uploads[:-1], poison])):
@@ -67,5 +83,7 @@ def test_one_poisoned_client_wrecks_the_mean_but_not_the_robust_rules():
     for rule in ("median", "trimmed-mean"):
         assert accuracy[rule, "poisoned"] > accuracy["mean", "clean"] - 0.03, accuracy
     clipped_mean = copy.deepcopy(model)
-    OuterOptimizer(clipped_mean, lr=1.0, momentum=0.0).step(*aggregate(clipped_mean, [*uploads[:-1], poison], "mean", clip_norm=1.0))
+    OuterOptimizer(clipped_mean, lr=1.0, momentum=0.0).step(
+        *aggregate(clipped_mean, [*uploads[:-1], poison], "mean", clip_norm=1.0)
+    )
     assert DIGITS.evaluate(clipped_mean.compose(path), test)["accuracy"] > accuracy["mean", "poisoned"]

@@ -6,8 +6,8 @@ from torch import nn
 from fedmoe.ensemble import Ensemble
 from fedmoe.models.lm import byte_transformer_levels
 from fedmoe.modular import ModularModel, Path
-from fedmoe.spec import Spec, load_spec
 from fedmoe.router import CentroidRouter, LearnedRouter, router_from_state, shard_labels
+from fedmoe.spec import Spec, load_spec
 
 
 def blobs(n_per=50, seed=0):
@@ -58,7 +58,12 @@ class Constant(nn.Module):
 
 def constant_ensemble(centres):
     model = ModularModel([[Constant([5.0, 0.0, 0.0]), Constant([0.0, 5.0, 0.0]), Constant([0.0, 0.0, 5.0])]])
-    return Ensemble(Spec("constant", [lambda: Constant([0.0, 0.0, 0.0])]), model, model.paths(), CentroidRouter(centres, temperature=1.0))
+    return Ensemble(
+        Spec("constant", [lambda: Constant([0.0, 0.0, 0.0])]),
+        model,
+        model.paths(),
+        CentroidRouter(centres, temperature=1.0),
+    )
 
 
 def test_topk_mixture_runs_only_the_chosen_experts_and_mixes_by_renormalised_router_weights():
@@ -80,8 +85,11 @@ def test_topk_mixture_runs_only_the_chosen_experts_and_mixes_by_renormalised_rou
 
 
 def tiny_lm() -> Spec:
-    return Spec("tiny-lm", byte_transformer_levels(d_model=32, n_layers=1, n_heads=2, context=8),
-                featurize=lambda x: torch.stack([(x < 128).float().mean(1), (x >= 128).float().mean(1)], 1))
+    return Spec(
+        "tiny-lm",
+        byte_transformer_levels(d_model=32, n_layers=1, n_heads=2, context=8),
+        featurize=lambda x: torch.stack([(x < 128).float().mean(1), (x >= 128).float().mean(1)], 1),
+    )
 
 
 TINY_LM = tiny_lm()
@@ -97,7 +105,8 @@ def test_ensemble_of_sequence_outputs_mixes_per_sequence(tmp_path):
     ensemble.save(tmp_path / "ens")
     again = Ensemble.load(tmp_path / "ens")
     assert again.paths == [Path((0,)), Path((1,))] and again.spec.ref == "test_router_ensemble:TINY_LM"
-    assert torch.equal(again.predict(x).outputs, out)  # identical outputs after a reload, through the recorded spec
+    # identical outputs after a reload, through the recorded spec
+    assert torch.equal(again.predict(x).outputs, out)
     for k in (1, 2):
         assert torch.equal(again.predict(x, top_k=k).experts, ensemble.predict(x, top_k=k).experts)
 
@@ -105,7 +114,9 @@ def test_ensemble_of_sequence_outputs_mixes_per_sequence(tmp_path):
 def test_an_ensemble_of_a_spec_without_an_import_string_says_how_to_save_it(tmp_path):
     model = TINY_LM.build((2,))
     with pytest.raises(ValueError, match="load_spec"):
-        Ensemble(TINY_LM, model, model.paths(), CentroidRouter(np.eye(2, dtype=np.float32))).save(tmp_path / "ens")
+        Ensemble(TINY_LM, model, model.paths(), CentroidRouter(np.eye(2, dtype=np.float32))).save(
+            tmp_path / "ens"
+        )
 
 
 def test_loading_a_checkpoint_through_another_spec_names_the_differences(tmp_path):

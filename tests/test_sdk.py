@@ -44,14 +44,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("server, fix", [
-    ("http://127.0.0.1:7000", "drop the scheme: give host:port, e.g. '127.0.0.1:7000'"),
-    ("https://coordinator.example:7000/", "drop the scheme: give host:port, e.g. 'coordinator.example:7000'"),
-    ("grpc://coordinator:7000", "drop the scheme"),
-    ("coordinator.example", "is not host:port: give e.g. '127.0.0.1:7000'"),
-    ("coordinator:http", "is not host:port"),
-    ("::1:7000", "put an IPv6 address in brackets, e.g. '[::1]:7000'"),
-])
+@pytest.mark.parametrize(
+    "server, fix",
+    [
+        ("http://127.0.0.1:7000", "drop the scheme: give host:port, e.g. '127.0.0.1:7000'"),
+        (
+            "https://coordinator.example:7000/",
+            "drop the scheme: give host:port, e.g. 'coordinator.example:7000'",
+        ),
+        ("grpc://coordinator:7000", "drop the scheme"),
+        ("coordinator.example", "is not host:port: give e.g. '127.0.0.1:7000'"),
+        ("coordinator:http", "is not host:port"),
+        ("::1:7000", "put an IPv6 address in brackets, e.g. '[::1]:7000'"),
+    ],
+)
 def test_a_server_address_that_is_not_host_port_is_refused_with_the_fix(server, fix):
     with pytest.raises(ValueError) as error:
         run(server, SPEC)
@@ -64,23 +70,39 @@ def test_an_unknown_profile_lists_the_known_ones():
         run(NOWHERE, SPEC, "int3")
 
 
-@pytest.mark.parametrize("data, weight, error, fix", [
-    ([(INPUTS, TARGETS)], 100, TypeError, "wrap it: iter(batches) or a generator"),
-    ((INPUTS.numpy(), TARGETS.numpy()), None, TypeError, "convert them with torch.as_tensor"),
-    (42, None, TypeError, "an endless iterator of (inputs, targets) batches"),
-    (iter([{"x": INPUTS}]), 100, TypeError, "got a dict: make your data yield (inputs, targets) tuples"),
-    (iter([INPUTS]), 100, TypeError, "a batch is two torch tensors (inputs, targets), got a Tensor"),
-    (iter([(INPUTS, TARGETS)]), None, ValueError, "with an iterator of batches, pass weight="),
-    ((INPUTS, TARGETS.float()), None, TypeError,
-     f"targets are torch.float32, but {DIGITS} trains with cross-entropy, which takes class indices"),
-    ((INPUTS, TARGETS.float()), None, TypeError, "pass targets.long()"),
-    ((INPUTS[:, :63], TARGETS), None, ValueError, "does not accept inputs of shape (8, 63) (torch.float32)"),
-    ((INPUTS.double(), TARGETS), None, ValueError, "convert them with inputs.to(torch.float32)"),
-    ((INPUTS, TARGETS + 10), None, ValueError,
-     f"but the model of {DIGITS} has 10 outputs (labels 0..9): renumber the classes from 0, or give"),
-    ((INPUTS, TARGETS - 20), None, ValueError, "renumber the classes from 0"),
-    ((INPUTS, TARGETS[:10]), None, ValueError, "64 inputs but 10 targets"),
-])
+@pytest.mark.parametrize(
+    "data, weight, error, fix",
+    [
+        ([(INPUTS, TARGETS)], 100, TypeError, "wrap it: iter(batches) or a generator"),
+        ((INPUTS.numpy(), TARGETS.numpy()), None, TypeError, "convert them with torch.as_tensor"),
+        (42, None, TypeError, "an endless iterator of (inputs, targets) batches"),
+        (iter([{"x": INPUTS}]), 100, TypeError, "got a dict: make your data yield (inputs, targets) tuples"),
+        (iter([INPUTS]), 100, TypeError, "a batch is two torch tensors (inputs, targets), got a Tensor"),
+        (iter([(INPUTS, TARGETS)]), None, ValueError, "with an iterator of batches, pass weight="),
+        (
+            (INPUTS, TARGETS.float()),
+            None,
+            TypeError,
+            f"targets are torch.float32, but {DIGITS} trains with cross-entropy, which takes class indices",
+        ),
+        ((INPUTS, TARGETS.float()), None, TypeError, "pass targets.long()"),
+        (
+            (INPUTS[:, :63], TARGETS),
+            None,
+            ValueError,
+            "does not accept inputs of shape (8, 63) (torch.float32)",
+        ),
+        ((INPUTS.double(), TARGETS), None, ValueError, "convert them with inputs.to(torch.float32)"),
+        (
+            (INPUTS, TARGETS + 10),
+            None,
+            ValueError,
+            f"but the model of {DIGITS} has 10 outputs (labels 0..9): renumber the classes from 0, or give",
+        ),
+        ((INPUTS, TARGETS - 20), None, ValueError, "renumber the classes from 0"),
+        ((INPUTS, TARGETS[:10]), None, ValueError, "64 inputs but 10 targets"),
+    ],
+)
 def test_data_is_checked_against_the_spec_before_joining(data, weight, error, fix):
     with pytest.raises(error) as raised:
         run(NOWHERE, SPEC, data=data, weight=weight)
@@ -145,8 +167,10 @@ def test_every_accepted_form_of_data_trains_and_an_integer_weight_is_signed_as_a
 
     stream = {"spec": SPEC, "data": batches(), "weight": 10_000}  # an int, as people write it
     tensors = {"data": (INPUTS, TARGETS), "profile": "int8"}  # no spec: the coordinator's, by its name
-    threads = [threading.Thread(target=client, args=(name,), kwargs=kwargs)
-               for name, kwargs in (("stream", stream), ("tensors", tensors))]
+    threads = [
+        threading.Thread(target=client, args=(name,), kwargs=kwargs)
+        for name, kwargs in (("stream", stream), ("tensors", tensors))
+    ]
     for t in threads:
         t.start()
     for t in threads:

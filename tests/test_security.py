@@ -79,7 +79,10 @@ def test_server_cert_issued_by_ca_with_sans(certs: Path, other_ca: Path) -> None
     assert isinstance(server.signature_hash_algorithm, hashes.SHA256)
     san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.DNSName) == ["localhost"]
-    assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")]
+    assert san.get_values_for_type(x509.IPAddress) == [
+        ipaddress.ip_address("127.0.0.1"),
+        ipaddress.ip_address("::1"),
+    ]
     assert not server.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     eku = server.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert ExtendedKeyUsageOID.SERVER_AUTH in eku
@@ -160,8 +163,14 @@ def _check_fails(channel: grpc.Channel) -> grpc.StatusCode:
 
 def test_tls_round_trip(serve: Callable[..., int], certs: Path) -> None:
     port = serve()
-    assert _check(grpc.secure_channel(f"localhost:{port}", channel_credentials(certs))) == health_pb2.HealthCheckResponse.SERVING
-    assert _check(grpc.secure_channel(f"127.0.0.1:{port}", channel_credentials(certs))) == health_pb2.HealthCheckResponse.SERVING
+    assert (
+        _check(grpc.secure_channel(f"localhost:{port}", channel_credentials(certs)))
+        == health_pb2.HealthCheckResponse.SERVING
+    )
+    assert (
+        _check(grpc.secure_channel(f"127.0.0.1:{port}", channel_credentials(certs)))
+        == health_pb2.HealthCheckResponse.SERVING
+    )
 
 
 def test_insecure_channel_to_tls_port_fails(serve: Callable[..., int]) -> None:
@@ -171,13 +180,18 @@ def test_insecure_channel_to_tls_port_fails(serve: Callable[..., int]) -> None:
 
 def test_channel_trusting_another_ca_fails(serve: Callable[..., int], other_ca: Path) -> None:
     port = serve()
-    assert _check_fails(grpc.secure_channel(f"localhost:{port}", channel_credentials(other_ca))) == grpc.StatusCode.UNAVAILABLE
+    assert (
+        _check_fails(grpc.secure_channel(f"localhost:{port}", channel_credentials(other_ca)))
+        == grpc.StatusCode.UNAVAILABLE
+    )
 
 
 def test_mutual_tls(serve: Callable[..., int], certs: Path, other_ca: Path) -> None:
     port = serve(require_client_cert=True)
     target = f"localhost:{port}"
-    assert _check_fails(grpc.secure_channel(target, channel_credentials(certs))) == grpc.StatusCode.UNAVAILABLE
+    assert (
+        _check_fails(grpc.secure_channel(target, channel_credentials(certs))) == grpc.StatusCode.UNAVAILABLE
+    )
     # a client cert from another CA, presented while trusting the right server CA
     foreign = grpc.ssl_channel_credentials(
         root_certificates=(certs / "ca.pem").read_bytes(),

@@ -17,8 +17,11 @@ from fedmoe.compress.quant import QTensor, dequantize, quantize
 from fedmoe.v1 import coordinator_pb2, coordinator_pb2_grpc, tensor_pb2
 from fedmoe.wire import CHUNK_BYTES, WireError, decode_tensors, encode_tensors
 
-INVALID, DATA_LOSS, EXHAUSTED = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.DATA_LOSS,
-                                 grpc.StatusCode.RESOURCE_EXHAUSTED)
+INVALID, DATA_LOSS, EXHAUSTED = (
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.DATA_LOSS,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+)
 
 
 def _tensors() -> dict[str, QTensor]:
@@ -42,7 +45,9 @@ def _kinds(frames: list[tensor_pb2.TensorFrame]) -> list[str]:
     return [f.WhichOneof("frame") for f in frames]
 
 
-def _fails(frames: list[tensor_pb2.TensorFrame], code: grpc.StatusCode, match: str, max_bytes: int = 1 << 20) -> None:
+def _fails(
+    frames: list[tensor_pb2.TensorFrame], code: grpc.StatusCode, match: str, max_bytes: int = 1 << 20
+) -> None:
     with pytest.raises(WireError, match=match) as info:
         decode_tensors(frames, max_bytes)
     assert info.value.code == code
@@ -51,7 +56,11 @@ def _fails(frames: list[tensor_pb2.TensorFrame], code: grpc.StatusCode, match: s
 def test_round_trip_spans_many_small_chunks() -> None:
     tensors = _tensors()
     frames = _frames(tensors)
-    assert _kinds(frames)[0] == "header" and _kinds(frames)[-1] == "end" and frames[-1].end.tensors == len(tensors)
+    assert (
+        _kinds(frames)[0] == "header"
+        and _kinds(frames)[-1] == "end"
+        and frames[-1].end.tensors == len(tensors)
+    )
     assert all(len(f.chunk.data) <= 7 for f in frames) and _kinds(frames).count("chunk") > 2 * len(tensors)
     empty = next(i for i, f in enumerate(frames) if f.header.name == "empty")
     assert _kinds(frames)[empty + 1] == "header"  # an empty fp32 tensor sends no chunks
@@ -131,7 +140,11 @@ def test_malformed_streams() -> None:
     _fails(_frames(one)[:-1] + _frames(one), INVALID, "tensor 'w' sent twice")
     _fails(_frames(one) + _frames(one)[:1], INVALID, "header frame after End")
     _fails(_frames(one)[1:], INVALID, "chunk of .* bytes before any header")
-    _fails(_frames(one)[:-1] + [tensor_pb2.TensorFrame(end=tensor_pb2.End(tensors=2))], INVALID, "End counts 2 tensors")
+    _fails(
+        _frames(one)[:-1] + [tensor_pb2.TensorFrame(end=tensor_pb2.End(tensors=2))],
+        INVALID,
+        "End counts 2 tensors",
+    )
     _fails([tensor_pb2.TensorFrame()], INVALID, "frame with no header, chunk or End set")
     frames = _frames(one)
     frames[0].header.name = ""
@@ -172,11 +185,19 @@ def _parsed(data: bytes) -> tensor_pb2.TensorFrame | None:
 
 _HUGE = st.integers(0, 2**64 - 1)
 _random_frames = st.one_of(
-    st.builds(lambda name, bits, shape, p, s, sha: tensor_pb2.TensorFrame(header=tensor_pb2.TensorHeader(
-        name=name, bits=bits, shape=shape, payload_bytes=p, scale_bytes=s, sha256=sha)),
-        st.sampled_from(["", "a", "b"]), st.one_of(st.sampled_from([0, 4, 5, 8, 16, 32]), st.integers(0, 2**32 - 1)),
-        st.lists(st.one_of(st.integers(0, 4), _HUGE), max_size=3), st.one_of(st.integers(0, 40), _HUGE),
-        st.one_of(st.integers(0, 8), _HUGE), st.binary(max_size=33)),
+    st.builds(
+        lambda name, bits, shape, p, s, sha: tensor_pb2.TensorFrame(
+            header=tensor_pb2.TensorHeader(
+                name=name, bits=bits, shape=shape, payload_bytes=p, scale_bytes=s, sha256=sha
+            )
+        ),
+        st.sampled_from(["", "a", "b"]),
+        st.one_of(st.sampled_from([0, 4, 5, 8, 16, 32]), st.integers(0, 2**32 - 1)),
+        st.lists(st.one_of(st.integers(0, 4), _HUGE), max_size=3),
+        st.one_of(st.integers(0, 40), _HUGE),
+        st.one_of(st.integers(0, 8), _HUGE),
+        st.binary(max_size=33),
+    ),
     st.builds(lambda d: tensor_pb2.TensorFrame(chunk=tensor_pb2.Chunk(data=d)), st.binary(max_size=12)),
     st.builds(lambda n: tensor_pb2.TensorFrame(end=tensor_pb2.End(tensors=n)), st.integers(0, 2**32 - 1)),
     st.just(tensor_pb2.TensorFrame()),
@@ -188,7 +209,8 @@ _random_frames = st.one_of(
 @given(st.data(), st.integers(0, 400))
 def test_fuzzed_streams_raise_only_wire_errors(data: st.DataObject, max_bytes: int) -> None:
     frames = _frames({"x": quantize(torch.arange(6.0).reshape(2, 3), 4), "y": quantize(torch.ones(3), 16)}, 3)
-    for _ in range(data.draw(st.integers(0, 4))):  # mutate a valid stream: replace, insert, drop or reorder frames
+    # mutate a valid stream: replace, insert, drop or reorder frames
+    for _ in range(data.draw(st.integers(0, 4))):
         op, i = data.draw(st.sampled_from("rid")), data.draw(st.integers(0, max(len(frames) - 1, 0)))
         if op == "d" and frames:
             del frames[i]
@@ -205,10 +227,13 @@ def test_fuzzed_streams_raise_only_wire_errors(data: st.DataObject, max_bytes: i
 
 
 class _Receiver(coordinator_pb2_grpc.CoordinatorServicer):
-    """Push decodes the tensor stream after the PushHeader; the reply's detail is the sha256 of all payloads."""
+    """Push decodes the tensor stream after the PushHeader;
+    the reply's detail is the sha256 of all payloads.
+    """
 
-    def Push(self, request_iterator: Iterator[coordinator_pb2.PushFrame], context: grpc.ServicerContext
-             ) -> coordinator_pb2.PushReply:
+    def Push(
+        self, request_iterator: Iterator[coordinator_pb2.PushFrame], context: grpc.ServicerContext
+    ) -> coordinator_pb2.PushReply:
         header = next(request_iterator).header
         try:
             tensors = decode_tensors((frame.tensor for frame in request_iterator), 64 << 20)
@@ -234,14 +259,17 @@ def coordinator() -> Iterator[coordinator_pb2_grpc.CoordinatorStub]:
         server.stop(None)
 
 
-def _push(tensors: dict[str, QTensor], frames: list[tensor_pb2.TensorFrame] | None = None
-          ) -> Iterator[coordinator_pb2.PushFrame]:
+def _push(
+    tensors: dict[str, QTensor], frames: list[tensor_pb2.TensorFrame] | None = None
+) -> Iterator[coordinator_pb2.PushFrame]:
     yield coordinator_pb2.PushFrame(header=coordinator_pb2.PushHeader(client_id="c", round=3))
     for frame in encode_tensors(tensors) if frames is None else frames:
         yield coordinator_pb2.PushFrame(tensor=frame)
 
 
-def test_50mb_tensor_through_grpc_with_default_limits(coordinator: coordinator_pb2_grpc.CoordinatorStub) -> None:
+def test_50mb_tensor_through_grpc_with_default_limits(
+    coordinator: coordinator_pb2_grpc.CoordinatorStub,
+) -> None:
     q = quantize(torch.randn(3200, 4096, generator=torch.Generator().manual_seed(1)), 32)
     assert q.nbytes == 50 << 20 and q.nbytes > 4 * CHUNK_BYTES
     reply = coordinator.Push(_push({"w": q}), timeout=120)

@@ -18,13 +18,16 @@ from torch import nn
 from torch.nn.utils import prune
 
 Masks = dict[str, torch.Tensor]
-WIDTH_SCHEMES = ("static", "rolling", "random")  # rebuilt from (variant, round, seed) and shapes alone: usable over the network
+# rebuilt from (variant, round, seed) and shapes alone: usable over the network
+WIDTH_SCHEMES = ("static", "rolling", "random")
 SCHEMES = (*WIDTH_SCHEMES, "magnitude")
 ACTIVATIONS = (nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU)
 
 
 def hidden_layers(model: nn.Module) -> list[tuple[str, nn.Linear, str, nn.Linear]]:
-    """(name, layer, next_name, next_layer) for each Linear whose outputs feed the next Linear through activations only."""
+    """(name, layer, next_name, next_layer) for each Linear whose outputs feed the next Linear through
+    activations only.
+    """
     leaves = [(name, m) for name, m in model.named_modules() if not any(True for _ in m.children())]
     pairs = []
     for i, (name, layer) in enumerate(leaves):
@@ -38,7 +41,9 @@ def hidden_layers(model: nn.Module) -> list[tuple[str, nn.Linear, str, nn.Linear
     return pairs
 
 
-def kept_units(width: int, density: float, scheme: str, round: int, generator: torch.Generator) -> torch.Tensor:
+def kept_units(
+    width: int, density: float, scheme: str, round: int, generator: torch.Generator
+) -> torch.Tensor:
     """Bool vector of the `ceil(density * width)` hidden units a client keeps this round."""
     k = max(1, math.ceil(density * width))
     if scheme == "static":
@@ -54,7 +59,9 @@ def kept_units(width: int, density: float, scheme: str, round: int, generator: t
     return keep
 
 
-def width_masks(model: nn.Module, density: float, scheme: str = "rolling", round: int = 0, seed: int = 0) -> Masks:
+def width_masks(
+    model: nn.Module, density: float, scheme: str = "rolling", round: int = 0, seed: int = 0
+) -> Masks:
     """Masks that keep `density` of the hidden units of every hidden layer of `model`."""
     check_density(density)
     if density == 1.0:
@@ -75,7 +82,9 @@ def width_masks(model: nn.Module, density: float, scheme: str = "rolling", round
 
 
 def magnitude_masks(model: nn.Module, density: float) -> Masks:
-    """Masks that keep the `density` largest-magnitude weights of every Linear (torch.nn.utils.prune's L1 rule)."""
+    """Masks that keep the `density` largest-magnitude weights of every Linear
+    (torch.nn.utils.prune's L1 rule).
+    """
     check_density(density)
     if density == 1.0:
         return {}
@@ -101,7 +110,9 @@ def check_density(density: float) -> None:
 
 
 def held_values(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """The coordinates a client holds, as they travel: a dense sub-matrix for a width mask, else a flat vector."""
+    """The coordinates a client holds, as they travel:
+    a dense sub-matrix for a width mask, else a flat vector.
+    """
     if mask is None:
         return t
     if t.dim() == 2:

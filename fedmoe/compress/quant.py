@@ -1,12 +1,13 @@
-"""Quantization of tensors for the wire: per-channel symmetric int8/int4, fp16, fp32, plus fake-quant and error feedback.
+"""Quantization of tensors for the wire: per-channel symmetric int8/int4, fp16, fp32,
+plus fake-quant and error feedback.
 
-Wire form of a `QTensor` (all little-endian): 32 bits sends the float32 values, 16 bits the IEEE float16 values
-(clamped to +-65504), both without scales. 8 and 4 bits send one float16 scale per channel (channels run along
-dim 0 for tensors of 2+ dims; a 0-d or 1-d tensor is one channel) and the integers q = clamp(round(t / scale),
--qmax, qmax) in row-major order: one int8 per value at 8 bits (qmax 127); at 4 bits (qmax 7) two's-complement
-nibbles, value i in byte i // 2, low nibble for even i, high nibble for odd i, a zero high nibble padding an odd
-count. Rounding is half to even; an all-zero channel gets scale 1; a channel whose max|t| / qmax exceeds the
-float16 range saturates at scale 65504.
+Wire form of a `QTensor` (all little-endian): 32 bits sends the float32 values, 16 bits the IEEE float16
+values (clamped to +-65504), both without scales. 8 and 4 bits send one float16 scale per channel (channels
+run along dim 0 for tensors of 2+ dims; a 0-d or 1-d tensor is one channel) and the integers
+q = clamp(round(t / scale), -qmax, qmax) in row-major order: one int8 per value at 8 bits (qmax 127); at 4
+bits (qmax 7) two's-complement nibbles, value i in byte i // 2, low nibble for even i, high nibble for odd i,
+a zero high nibble padding an odd count. Rounding is half to even; an all-zero channel gets scale 1; a channel
+whose max|t| / qmax exceeds the float16 range saturates at scale 65504.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ _FP16_TINY = 2.0**-24  # smallest positive float16 (subnormal): the floor for a 
 
 @dataclass(frozen=True, eq=False)
 class QTensor:
-    """A tensor in wire form: bit-width, shape, quantized payload bytes and float16 per-channel scale bytes."""
+    """A tensor in wire form: bit-width, shape, quantized payload bytes and float16 per-channel scale
+    bytes.
+    """
 
     bits: int
     shape: tuple[int, ...]
@@ -131,9 +134,13 @@ def dequantize(q: QTensor) -> torch.Tensor:
         raise ValueError(f"invalid shape {shape}")
     payload_len, scales_len = _lengths(shape, q.bits)
     if len(q.payload) != payload_len:
-        raise ValueError(f"{q.bits}-bit payload of shape {shape} must be {payload_len} bytes, got {len(q.payload)}")
+        raise ValueError(
+            f"{q.bits}-bit payload of shape {shape} must be {payload_len} bytes, got {len(q.payload)}"
+        )
     if len(q.scales) != scales_len:
-        raise ValueError(f"{q.bits}-bit scales of shape {shape} must be {scales_len} bytes, got {len(q.scales)}")
+        raise ValueError(
+            f"{q.bits}-bit scales of shape {shape} must be {scales_len} bytes, got {len(q.scales)}"
+        )
     if q.bits == 32:
         return torch.from_numpy(np.frombuffer(q.payload, dtype="<f4").astype(np.float32)).reshape(shape)
     if q.bits == 16:
@@ -161,7 +168,9 @@ def fake_quantize(t: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 class ErrorFeedback:
-    """Client-side error feedback: each tensor's quantization error is added to its next update before quantizing."""
+    """Client-side error feedback: each tensor's quantization error is added to its next update before
+    quantizing.
+    """
 
     def __init__(self, bits: int) -> None:
         _check_bits(bits)
@@ -169,15 +178,19 @@ class ErrorFeedback:
         self._residuals: dict[str, torch.Tensor] = {}
 
     def compress(self, name: str, t: torch.Tensor, mask: torch.Tensor | None = None) -> QTensor:
-        """Quantize the held part (under `mask`) of t plus the residual kept for name; keep the new error as that residual.
+        """Quantize the held part (under `mask`) of t plus the residual kept for name;
+        keep the new error as that residual.
 
-        Residuals are full-shaped, so a coordinate not held this round keeps its residual until it is held again.
+        Residuals are full-shaped, so a coordinate not held this round keeps its residual until it is held
+        again.
         """
         total = t.detach().to("cpu", torch.float32)
         residual = self._residuals.get(name)
         if residual is not None:
             if residual.shape != total.shape:
-                raise ValueError(f"{name!r} has shape {tuple(total.shape)}, its residual {tuple(residual.shape)}")
+                raise ValueError(
+                    f"{name!r} has shape {tuple(total.shape)}, its residual {tuple(residual.shape)}"
+                )
             total = total + residual
         q = quantize(held_values(total, mask), self.bits)
         self._residuals[name] = total - scatter_held(dequantize(q), mask, total.shape)

@@ -9,7 +9,16 @@ from fedmoe.data.bible import (
     text_features,
 )
 from fedmoe.data.digits import load_digits_split
-from fedmoe.data.partition import Clustering, balanced_kmeans, client_parts, dirichlet, iid, kmeans, nearest, shard_sizes
+from fedmoe.data.partition import (
+    Clustering,
+    balanced_kmeans,
+    client_parts,
+    dirichlet,
+    iid,
+    kmeans,
+    nearest,
+    shard_sizes,
+)
 from fedmoe.data.types import Document
 
 __all__ = [
@@ -18,8 +27,8 @@ __all__ = [
     "balanced_kmeans",
     "client_parts",
     "decode_bytes",
-    "encode_bytes",
     "dirichlet",
+    "encode_bytes",
     "iid",
     "kmeans",
     "lm_eval_split",

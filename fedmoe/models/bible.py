@@ -12,7 +12,14 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from fedmoe.data import decode_bytes, encode_bytes, lm_eval_split, load_bible_documents, split_documents, text_features
+from fedmoe.data import (
+    decode_bytes,
+    encode_bytes,
+    lm_eval_split,
+    load_bible_documents,
+    split_documents,
+    text_features,
+)
 from fedmoe.data.partition import client_parts
 from fedmoe.models.lm import byte_transformer_levels
 from fedmoe.spec import ClientData, Examples, Spec
@@ -22,7 +29,9 @@ EVAL_WINDOWS = 256
 
 
 def windows(texts: list[str], length: int = CONTEXT + 1) -> Examples:
-    """Consecutive byte windows of each text (stride `length - 1`): inputs are the first bytes, targets the next."""
+    """Consecutive byte windows of each text (stride `length - 1`):
+    inputs are the first bytes, targets the next.
+    """
     rows = []
     for text in texts:
         data = encode_bytes(text)
@@ -67,6 +76,11 @@ def encode_text(text: str) -> torch.Tensor:
 
 
 spec = Spec(
-    name="bible", levels=byte_transformer_levels(d_model=64, n_layers=2, n_heads=4, context=CONTEXT),
-    featurize=featurize, metric="bits_per_byte", data=client_data, eval_data=eval_data, encode_text=encode_text,
+    name="bible",
+    levels=byte_transformer_levels(d_model=64, n_layers=2, n_heads=4, context=CONTEXT),
+    featurize=featurize,
+    metric="bits_per_byte",
+    data=client_data,
+    eval_data=eval_data,
+    encode_text=encode_text,
 )

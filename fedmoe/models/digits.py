@@ -26,7 +26,9 @@ def _parts(partitions: int) -> list:
 
 
 def client_data(partition: int, partitions: int) -> ClientData:
-    """Client `partition` of `partitions`: one k-means cluster of the training digits, and the nearby test digits."""
+    """Client `partition` of `partitions`: one k-means cluster of the training digits,
+    and the nearby test digits.
+    """
     if not 0 <= partition < partitions:
         raise ValueError(f"partition must be in 0..{partitions - 1}, got {partition}")
     train, test = _splits()
@@ -39,4 +41,9 @@ def eval_data() -> Examples:
     return _splits()[1]
 
 
-spec = Spec(name="digits", levels=mlp_levels(in_dim=64, hidden=32, depth=2, classes=10), data=client_data, eval_data=eval_data)
+spec = Spec(
+    name="digits",
+    levels=mlp_levels(in_dim=64, hidden=32, depth=2, classes=10),
+    data=client_data,
+    eval_data=eval_data,
+)

@@ -39,7 +39,9 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = (
+            self.qkv(self.norm1(x)).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        )
         attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.proj(attn.transpose(1, 2).reshape(b, t, d))
         return x + self.mlp(self.norm2(x))
@@ -60,8 +62,8 @@ class Head(nn.Module):
 def byte_transformer_levels(
     d_model: int = 128, n_layers: int = 4, n_heads: int = 4, context: int = 128
 ) -> Callable[[int], list[Callable[[], nn.Module]]]:
-    """A causal byte LM: embedding, `n_layers` blocks and a head; the blocks are spread over the grid's levels,
-    the embedding joins the first level and the head the last."""
+    """A causal byte LM: embedding, `n_layers` blocks and a head; the blocks are spread over the grid's
+    levels, the embedding joins the first level and the head the last."""
     if d_model % n_heads:
         raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
     blocks: list[Callable[[], nn.Module]] = [lambda: Block(d_model, n_heads)] * n_layers
