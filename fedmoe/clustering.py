@@ -1,0 +1,252 @@
+"""Federated k-means: clients send per-centroid sums and counts of their routing features, never rows.
+
+Each step, the coordinator proposes centroids (and, for balanced k-means, a price per centroid); every
+client assigns its own examples to the nearest one and answers a `ClusterStats`: per centroid, the
+number of its examples, the sum of their features and the sum of their squares (per dimension). The
+statistics of all clients add up to those of the union, so `FederatedKMeans` runs exactly Lloyd's
+algorithm on data it never sees.
+
+Seeding reveals nothing beyond those aggregates: it starts from one centroid (the federation's mean)
+and splits, one at a time, the centroid with the largest within-cluster error into two, moved apart
+along that cluster's per-dimension spread (Linde-Buzo-Gray splitting), running Lloyd's iterations to
+convergence after each split. It is deterministic: the same data gives the same centroids however it
+is spread over clients.
+
+Balanced k-means: once Lloyd has converged with k centroids, the centroids stay and each gets a price
+added to its squared distance, raised while it holds more than its share of the federation's examples
+and lowered while it holds fewer (dual ascent on the size constraint), until the largest cluster is
+within `balance_slack` of N / k. Clients then assign by distance plus price.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True, eq=False)
+class ClusterStats:
+    """Per centroid: the examples nearest to it, counted, summed, and summed squared per dimension."""
+
+    counts: np.ndarray
+    sums: np.ndarray
+    squares: np.ndarray
+    soft: np.ndarray | None = None  # with a softness: the summed soft assignments (balanced k-means' pricing)
+
+    def __add__(self, other: ClusterStats) -> ClusterStats:
+        soft = None if self.soft is None or other.soft is None else self.soft + other.soft
+        return ClusterStats(
+            self.counts + other.counts, self.sums + other.sums, self.squares + other.squares, soft
+        )
+
+    def check(self, k: int, width: int) -> None:
+        """Raise ValueError unless these are finite statistics of `k` centroids over `width` features."""
+        if self.counts.shape != (k,) or self.sums.shape != (k, width) or self.squares.shape != (k, width):
+            raise ValueError(
+                f"cluster statistics of shapes {self.counts.shape}, {self.sums.shape}, {self.squares.shape}; "
+                f"expected ({k},), ({k}, {width}), ({k}, {width})"
+            )
+        if not (
+            np.isfinite(self.counts).all()
+            and np.isfinite(self.sums).all()
+            and np.isfinite(self.squares).all()
+        ):
+            raise ValueError("cluster statistics must be finite")
+        if (self.counts < 0).any() or (self.squares < 0).any():
+            raise ValueError("cluster counts and sums of squares cannot be negative")
+
+
+def squared_distances(features: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """(n, k) squared Euclidean distances, in float64."""
+    x = np.asarray(features, dtype=np.float64)
+    c = np.asarray(centroids, dtype=np.float64)
+    return np.maximum((x * x).sum(1)[:, None] - 2.0 * x @ c.T + (c * c).sum(1)[None, :], 0.0)
+
+
+def nearest(
+    features: np.ndarray, centroids: np.ndarray | None, prices: np.ndarray | None = None
+) -> np.ndarray:
+    """The cluster of each row: the nearest centroid (squared distance plus its price); all 0 for None."""
+    if centroids is None:
+        return np.zeros(len(features), dtype=np.int64)
+    d2 = squared_distances(features, centroids)
+    return (d2 if prices is None else d2 + prices[None, :]).argmin(1)
+
+
+def cluster_stats(
+    features: np.ndarray,
+    centroids: np.ndarray | None,
+    prices: np.ndarray | None = None,
+    softness: float = 0.0,
+) -> ClusterStats:
+    """A client's answer to a proposal: its examples' statistics per nearest centroid (None: one cluster).
+
+    With a softness (balanced k-means' pricing), also the sums of the soft assignments
+    softmax(-(squared distance + price) / softness) over the centroids.
+    """
+    x = np.asarray(features, dtype=np.float64)
+    k = 1 if centroids is None else len(centroids)
+    labels = nearest(x, centroids, prices)
+    soft = None
+    if softness > 0 and centroids is not None:
+        logits = -(squared_distances(x, centroids) + (0.0 if prices is None else prices[None, :])) / softness
+        logits -= logits.max(1, keepdims=True)
+        weights = np.exp(logits)
+        soft = (weights / weights.sum(1, keepdims=True)).sum(0)
+    counts = np.bincount(labels, minlength=k).astype(np.float64)
+    sums = np.zeros((k, x.shape[1]))
+    squares = np.zeros((k, x.shape[1]))
+    np.add.at(sums, labels, x)
+    np.add.at(squares, labels, x * x)
+    return ClusterStats(counts, sums, squares, soft)
+
+
+def histogram(features: np.ndarray, centroids: np.ndarray, prices: np.ndarray | None = None) -> np.ndarray:
+    """How many of a client's examples fall in each cluster: what it reports to be given a path."""
+    return np.bincount(nearest(features, centroids, prices), minlength=len(centroids))
+
+
+class FederatedKMeans:
+    """The coordinator's side of federated k-means (see the module docstring).
+
+    Loop: `proposal()` -> every client answers `cluster_stats(features, *proposal)` -> `update(sum of the
+    answers)`, until `done`. Then `centroids`, `prices` (zeros unless balanced) and `temperature` (the mean
+    squared distance of an example to its centroid: a router's softmax temperature on the data's own scale).
+    """
+
+    def __init__(
+        self,
+        k: int,
+        tol: float = 1e-4,
+        max_iter: int = 300,
+        balanced: bool = False,
+        balance_slack: float = 0.05,
+    ):
+        if k < 1:
+            raise ValueError(f"k-means needs k >= 1, got {k}")
+        self.k, self.tol, self.max_iter, self.balanced, self.balance_slack = (
+            k,
+            tol,
+            max_iter,
+            balanced,
+            balance_slack,
+        )
+        self.centroids: np.ndarray | None = None  # None: the first proposal is "everything in one cluster"
+        self.prices = np.zeros(0)
+        self.done = False
+        self.iterations = 0  # client passes so far
+        self.stage_iterations = 0
+        self.scale = 0.0  # mean per-dimension variance of the federation's features: the unit of `tol`
+        self.temperature = 1.0
+        self.pricing = False  # balanced k-means' last stage: centroids fixed, prices move
+        self.softness = 0.0  # of the soft assignments the pricing asks for: a tenth of the temperature
+        self.last: ClusterStats | None = None
+
+    def proposal(self) -> tuple[np.ndarray | None, np.ndarray | None, float]:
+        """The centroids, prices and softness clients compute their statistics against (None: one cluster)."""
+        if self.centroids is None:
+            return None, None, 0.0
+        return self.centroids, self.prices, self.softness if self.pricing else 0.0
+
+    def update(self, stats: ClusterStats) -> bool:
+        """Fold in the federation's statistics for the current proposal; return whether clustering is done."""
+        if self.done:
+            raise RuntimeError("federated k-means has already converged")
+        stats.check(*((1, stats.sums.shape[-1]) if self.centroids is None else self.centroids.shape))
+        self.iterations += 1
+        self.stage_iterations += 1
+        if self.centroids is None:  # the first pass: one cluster, the federation's moments
+            total = stats.counts.sum()
+            if total <= 0:
+                raise ValueError("no examples to cluster")
+            mean = stats.sums.sum(0) / total
+            self.scale = float(np.mean(np.maximum(stats.squares.sum(0) / total - mean * mean, 0.0))) or 1.0
+            self.centroids, self.prices, self.last = mean[None, :], np.zeros(1), stats
+            return self._next_stage()
+        self.last = stats
+        if self.pricing:  # balanced: the centroids stay, each one's price moves its share toward N / k
+            if self._balanced_enough(stats) or self.stage_iterations >= self.max_iter:
+                return self._finish()
+            self._reprice(stats)
+            return False
+        held = stats.counts > 0
+        new = self.centroids.copy()
+        new[held] = stats.sums[held] / stats.counts[held, None]
+        shift = float(((new - self.centroids) ** 2).sum())
+        self.centroids = new
+        if not held.all():  # an empty cluster restarts by splitting the worst one
+            self._split(np.flatnonzero(~held)[0])
+            return False
+        if shift <= self.tol * self.scale or self.stage_iterations >= self.max_iter:
+            return self._next_stage()
+        return False
+
+    def _next_stage(self) -> bool:
+        """After Lloyd converged: split the worst cluster while fewer than k; then price, or finish."""
+        if len(self.centroids) < self.k:
+            self.centroids = np.vstack([self.centroids, self.centroids[:1]])
+            self.prices = np.append(self.prices, 0.0)
+            self._split(len(self.centroids) - 1)
+            return False
+        self.temperature = self.temperature_estimate(self.last)
+        if self.balanced and not self._balanced_enough(self.last):
+            self.pricing, self.stage_iterations, self.softness = True, 0, 0.1 * self.temperature
+            return False
+        return self._finish()
+
+    def _finish(self) -> bool:
+        self.done = True
+        return True
+
+    def _errors(self, stats: ClusterStats) -> np.ndarray:
+        """Each cluster's sum of squared distances to its mean."""
+        counts = np.maximum(stats.counts, 1.0)
+        return np.maximum(stats.squares.sum(1) - (stats.sums * stats.sums).sum(1) / counts, 0.0)
+
+    def _split(self, slot: int) -> None:
+        """Move centroid `slot` next to the cluster of largest error; push the two apart along its spread."""
+        stats = self.last
+        errors = self._errors(stats)  # of the clusters the statistics were taken over (a new slot has none)
+        if slot < len(errors):
+            errors[slot] = -1.0
+        worst = int(errors.argmax())
+        n = max(stats.counts[worst], 1.0)
+        spread = np.sqrt(np.maximum(stats.squares[worst] / n - (stats.sums[worst] / n) ** 2, 0.0))
+        if not spread.any():
+            spread = np.full_like(spread, np.sqrt(self.scale))
+        step = (
+            0.5 * spread * np.sign(np.arange(len(spread)) % 2 - 0.5)
+        )  # alternate signs: a direction, not the diagonal
+        centre = self.centroids[worst].copy()
+        self.centroids[worst], self.centroids[slot] = centre + step, centre - step
+        self.prices[slot] = self.prices[worst]
+        self.stage_iterations = 0
+
+    def _balanced_enough(self, stats: ClusterStats) -> bool:
+        share = stats.counts.sum() / self.k
+        return bool(stats.counts.max() <= (1 + self.balance_slack) * share)
+
+    def _reprice(self, stats: ClusterStats) -> None:
+        """A Sinkhorn step on the prices: each moves by softness x log(soft count / share)."""
+        if stats.soft is None:
+            return  # the statistics of the last Lloyd pass: the next proposal asks for soft counts
+        share = stats.counts.sum() / self.k
+        self.prices = self.prices + self.softness * np.log(np.maximum(stats.soft, 1e-300) / share)
+        self.prices -= self.prices.mean()
+
+    def temperature_estimate(self, stats: ClusterStats) -> float:
+        """The mean squared distance of an example to its cluster's mean, under these statistics."""
+        return float(self._errors(stats).sum() / max(stats.counts.sum(), 1.0)) or self.scale
+
+
+def federated_kmeans(parts: list[np.ndarray], k: int, **options) -> FederatedKMeans:
+    """Run `FederatedKMeans` with in-process clients, one feature matrix each (in-process runner, tests)."""
+    kmeans = FederatedKMeans(k, **options)
+    while not kmeans.done:
+        stats = [cluster_stats(x, *kmeans.proposal()) for x in parts]
+        total = stats[0]
+        for s in stats[1:]:
+            total = total + s
+        kmeans.update(total)
+    return kmeans
