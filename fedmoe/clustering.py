@@ -107,6 +107,25 @@ def histogram(features: np.ndarray, centroids: np.ndarray, prices: np.ndarray | 
     return np.bincount(nearest(features, centroids, prices), minlength=len(centroids))
 
 
+def members(
+    features: np.ndarray, centroids: np.ndarray, prices: np.ndarray | None, cluster: int
+) -> np.ndarray:
+    """The indices of a client's examples that fall in `cluster`: what it trains the cluster's path on."""
+    return np.flatnonzero(nearest(features, centroids, prices) == cluster)
+
+
+def check_histogram(counts: object, k: int) -> np.ndarray:
+    """A client's histogram as k non-negative whole counts, or ValueError."""
+    values = np.asarray(counts, dtype=np.float64).reshape(-1)
+    if values.shape != (k,) or not np.isfinite(values).all() or (values < 0).any() or (values % 1).any():
+        raise ValueError(
+            f"a histogram is {k} non-negative whole counts, one per cluster, got {values.tolist()[:8]}"
+        )
+    if values.sum() == 0:
+        raise ValueError("a histogram of no examples: the client has nothing to train on")
+    return values.astype(np.int64)
+
+
 class FederatedKMeans:
     """The coordinator's side of federated k-means (see the module docstring).
 
@@ -198,6 +217,27 @@ class FederatedKMeans:
     def _finish(self) -> bool:
         self.done = True
         return True
+
+    def state(self) -> dict[str, object]:
+        """The converged clustering as JSON (what a coordinator keeps across restarts)."""
+        if not self.done:
+            raise RuntimeError("federated k-means has not converged")
+        return {
+            "centroids": self.centroids.tolist(),
+            "prices": self.prices.tolist(),
+            "temperature": self.temperature,
+            "iterations": self.iterations,
+        }
+
+    def restore(self, state: dict[str, object]) -> None:
+        """Take a converged clustering saved by `state`."""
+        self.centroids = np.asarray(state["centroids"], dtype=np.float64)
+        self.prices = np.asarray(state["prices"], dtype=np.float64)
+        self.temperature, self.iterations, self.done = (
+            float(state["temperature"]),
+            int(state["iterations"]),
+            True,
+        )
 
     def _errors(self, stats: ClusterStats) -> np.ndarray:
         """Each cluster's sum of squared distances to its mean."""

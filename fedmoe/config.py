@@ -71,6 +71,25 @@ class CompressionConfig(_Section):
     scheme: Literal["rolling", "static", "random", "magnitude"] = "rolling"
 
 
+class RoutingConfig(_Section):
+    """How paths follow the clients' data.
+
+    "data": federated k-means on the clients' routing features finds one cluster per path (`balanced` for
+    equal sizes over the federation's counts; `tol`, `max_iter` per stage); each client reports how many of
+    its examples fall in each cluster and trains the path of every cluster holding at least `min_share` of
+    them (always its largest) on its examples of that cluster, weighted by their number: no example trains
+    another cluster's path and none is left out above that share. The router routes by the federated
+    centroids, at a temperature from the data. "turn": paths in turn by
+    join order, each client on all its examples; the router's centroids: each path's clients' mean features.
+    """
+
+    assign: Literal["data", "turn"] = "turn"
+    min_share: float = Field(0.1, gt=0, le=1)
+    balanced: bool = False
+    tol: float = Field(1e-4, gt=0)
+    max_iter: int = Field(100, ge=1)
+
+
 class ClientsConfig(_Section):
     """Virtual clients of the in-process and Flower runners: how many (None: one per path) and the device
     profiles they cycle through (see `fedmoe.assignment.PROFILES`; empty: all fp32)."""
@@ -123,6 +142,7 @@ class Config(_Section):
     compression: CompressionConfig = CompressionConfig()
     aggregation: AggregationConfig = AggregationConfig()
     policy: RoundPolicy = RoundPolicy()
+    routing: RoutingConfig = RoutingConfig()
     clients: ClientsConfig = ClientsConfig()
     transport: TransportConfig = TransportConfig()
 

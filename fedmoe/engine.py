@@ -22,6 +22,7 @@ import torch
 
 from fedmoe.aggregate import combine
 from fedmoe.assignment import DeviceProfile, assign_variant
+from fedmoe.clustering import ClusterStats, FederatedKMeans, check_histogram
 from fedmoe.config import Config, InnerConfig, resolve_outer
 from fedmoe.ensemble import Ensemble
 from fedmoe.modular import ModularModel, Path
@@ -43,6 +44,10 @@ class Assignment:
     path: Path
     variant: Variant
     seed: int
+    cluster: int | None = (
+        None  # the cluster whose examples it trains on (routing by data), else None: all of them
+    )
+    examples: int = 0  # how many examples it reported for that cluster (0: not reported)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form, for state files and messages."""
@@ -53,15 +58,21 @@ class Assignment:
             "density": v.density,
             "scheme": v.scheme,
             "seed": self.seed,
+            "cluster": self.cluster,
+            "examples": self.examples,
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Assignment:
         """Inverse of `to_dict`."""
+        variant = Variant(int(d["bits"]), float(d["density"]), str(d["scheme"]))
+        cluster = d.get("cluster")
         return cls(
             Path.parse(d["path"]),
-            Variant(int(d["bits"]), float(d["density"]), str(d["scheme"])),
+            variant,
             int(d["seed"]),
+            None if cluster is None else int(cluster),
+            int(d.get("examples", 0)),
         )
 
 
@@ -79,6 +90,12 @@ class Engine:
         # per client: sum of its routing features, and its count
         self.feature_sums: dict[str, np.ndarray] = {}
         self.feature_counts: dict[str, float] = {}
+        routing = config.routing
+        self.kmeans = (
+            FederatedKMeans(config.n_paths, routing.tol, routing.max_iter, routing.balanced)
+            if routing.assign == "data"
+            else None
+        )
         self._eval: Examples | None = None
 
     @property
@@ -86,20 +103,79 @@ class Engine:
         """All rounds are done."""
         return self.round >= self.config.rounds
 
+    # -- clustering -------------------------------------------------------------------------
+    @property
+    def clustered(self) -> bool:
+        """Whether paths can be assigned: federated k-means has converged (always, with paths in turn)."""
+        return self.kmeans is None or self.kmeans.done
+
+    def cluster_proposal(self) -> tuple[np.ndarray | None, np.ndarray | None, float]:
+        """What every client computes its `cluster_stats` against now (see `FederatedKMeans.proposal`)."""
+        if self.kmeans is None or self.kmeans.done:
+            raise RuntimeError("no clustering is under way")
+        return self.kmeans.proposal()
+
+    def cluster_update(self, total: ClusterStats) -> bool:
+        """Fold in the sum of all clients' statistics for the current proposal; return if it converged."""
+        done = self.kmeans.update(total)
+        if done:
+            sizes = self.kmeans.last.counts.astype(int).tolist()
+            log.info(
+                "federated k-means converged after %d client passes: %d clusters of %s examples, "
+                "router temperature %.4g",
+                self.kmeans.iterations,
+                self.config.n_paths,
+                sizes,
+                self.kmeans.temperature,
+            )
+        return done
+
+    def routing_state(self) -> tuple[np.ndarray, np.ndarray]:
+        """The converged centroids and prices clients compute their histograms and training examples with."""
+        if self.kmeans is None or not self.kmeans.done:
+            raise RuntimeError("federated k-means has not converged")
+        return self.kmeans.centroids, self.kmeans.prices
+
     # -- clients ----------------------------------------------------------------------------
     def assign(self, client_id: str, profile: DeviceProfile) -> Assignment:
-        """Give a new client the least-loaded path (lowest index on ties)
-        and the densest variant its profile fits.
-
-        Raises ValueError when the profile cannot hold a path at any density it accepts.
-        """
+        """Paths in turn: give a new client the least-loaded path (lowest index on ties) and the densest
+        variant its profile fits. Raises ValueError when the profile cannot hold a path at any density."""
+        if self.kmeans is not None:
+            raise ValueError("paths follow the clients' data (routing.assign = 'data'): use assign_by_data")
         load = {path: 0 for path in self.paths}
         for a in self.assignments.values():
             load[a.path] += 1
         path = min(self.paths, key=lambda p: (load[p], p))
+        return self._register(client_id, path, profile, None, 0)
+
+    def assign_by_data(
+        self, client_id: str, profile: DeviceProfile, histogram: object
+    ) -> dict[str, Assignment]:
+        """Routing by data: a worker of the client for every cluster holding at least `routing.min_share` of
+        its examples (always its largest), each training that cluster's path on its examples of the cluster.
+
+        `histogram` is its count of examples per cluster (see `fedmoe.clustering.histogram`). Returns
+        {worker id ("<client id>.<cluster>"): assignment}; a worker id is what jobs and uploads are keyed by.
+        Raises ValueError before clustering has converged, for a bad histogram, or when the profile cannot
+        hold a path at any density it accepts.
+        """
+        if self.kmeans is None or not self.kmeans.done:
+            raise ValueError("clients get paths by their data once federated k-means has converged")
+        counts = check_histogram(histogram, self.config.n_paths)
+        chosen = {int(counts.argmax())} | {
+            int(k) for k in np.flatnonzero(counts >= self.config.routing.min_share * counts.sum())
+        }
+        return {
+            f"{client_id}.{k}": self._register(f"{client_id}.{k}", self.paths[k], profile, k, int(counts[k]))
+            for k in sorted(chosen)
+        }
+
+    def _register(
+        self, worker_id: str, path: Path, profile: DeviceProfile, cluster: int | None, examples: int
+    ) -> Assignment:
         variant = assign_variant(profile, self.model.compose(path), self.config.compression.scheme)
-        assignment = Assignment(path, variant, self.config.seed + len(self.assignments))
-        self.assignments[client_id] = assignment
+        assignment = Assignment(path, variant, self.config.seed + len(self.assignments), cluster, examples)
+        self.assignments[worker_id] = assignment
         return assignment
 
     def inner(self, round: int) -> InnerConfig:
@@ -173,8 +249,9 @@ class Engine:
             "loss": float(np.mean([u.loss for u in uploads])),
             "upload_bytes": sum(u.nbytes for u in uploads),
         }
+        metrics.update(client_evaluation(uploads))
         self.round += 1
-        if self.spec.eval_data is not None and self.feature_counts:
+        if self.spec.eval_data is not None and self.has_router:
             metrics.update(self.evaluate())
         return metrics
 
@@ -200,12 +277,26 @@ class Engine:
             raise ValueError("no client has reported routing statistics yet")
         return paths, np.stack([sums[p] / counts[p] for p in paths]).astype(np.float32)
 
+    @property
+    def has_router(self) -> bool:
+        """Whether the ensemble can be built: some client has a path (and, in turn, reported its features)."""
+        return bool(self.assignments) if self.kmeans is not None else bool(self.feature_sums)
+
     def ensemble(self) -> Ensemble:
-        """The trained paths with a centroid router over the federated centroids
-        (paths nobody trained are left out).
+        """The trained paths with a centroid router (paths nobody trained are left out).
+
+        Routing by data: the federated k-means centroids, prices and temperature. Paths in turn: each path's
+        clients' mean features, at temperature 0.1.
         """
-        paths, centroids = self.centroids()
-        return Ensemble(self.spec, self.model, paths, CentroidRouter(centroids), self.config.grid)
+        if self.kmeans is None:
+            paths, centroids = self.centroids()
+            return Ensemble(self.spec, self.model, paths, CentroidRouter(centroids), self.config.grid)
+        trained = sorted({a.cluster for a in self.assignments.values()})
+        if not trained:
+            raise ValueError("no client has a path yet")
+        centroids, prices = self.routing_state()
+        router = CentroidRouter(centroids[trained], self.kmeans.temperature, prices[trained])
+        return Ensemble(self.spec, self.model, [self.paths[k] for k in trained], router, self.config.grid)
 
     def evaluate(self, top_k: int = 1) -> dict[str, float]:
         """The routed top-k ensemble's metrics on the spec's server-side eval set (empty without one)."""
@@ -232,6 +323,7 @@ class Engine:
         return {
             "round": self.round,
             "outer": self.outer_choice,
+            "clustering": self.kmeans.state() if self.kmeans is not None and self.kmeans.done else None,
             "assignments": {c: a.to_dict() for c, a in self.assignments.items()},
             "features": {
                 c: [self.feature_sums[c].tolist(), self.feature_counts[c]] for c in self.feature_sums
@@ -249,6 +341,23 @@ class Engine:
         self.round = int(manifest["round"])
         if manifest.get("outer"):
             self.set_outer(*manifest["outer"])
+        if manifest.get("clustering") and self.kmeans is not None:
+            self.kmeans.restore(manifest["clustering"])
         self.assignments = {c: Assignment.from_dict(a) for c, a in manifest["assignments"].items()}
         for c, (s, n) in manifest.get("features", {}).items():
             self.feature_sums[c], self.feature_counts[c] = np.asarray(s, dtype=np.float64), float(n)
+
+
+def client_evaluation(uploads: Sequence[Upload]) -> dict[str, float]:
+    """The clients' own evaluations of their paths on their held-out examples: per metric, the mean weighted
+    by their numbers of examples ("client_<metric>") and the spread ("client_<metric>_min", "_max")."""
+    reports = [u.evaluation for u in uploads if u.evaluation.get("examples", 0) > 0]
+    if not reports:
+        return {}
+    counts = np.array([r["examples"] for r in reports], dtype=np.float64)
+    out = {"client_examples": float(counts.sum()), "client_reports": float(len(reports))}
+    for name in sorted(set.intersection(*(set(r) for r in reports)) - {"examples"}):
+        values = np.array([r[name] for r in reports], dtype=np.float64)
+        out[f"client_{name}"] = float((values * counts).sum() / counts.sum())
+        out[f"client_{name}_min"], out[f"client_{name}_max"] = float(values.min()), float(values.max())
+    return out

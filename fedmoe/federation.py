@@ -16,9 +16,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from fedmoe.assignment import PROFILES, DeviceProfile, parse_profiles
+from fedmoe.clustering import cluster_stats, histogram, members
 from fedmoe.config import Config
 from fedmoe.engine import Engine
 from fedmoe.ensemble import Ensemble
@@ -32,13 +35,25 @@ class LocalClient:
     or a profile).
     """
 
-    data: ClientData | Examples
+    data: ClientData | Examples | tuple[torch.Tensor, torch.Tensor]
     profile: str | DeviceProfile = "fp32"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data, tuple):
+            object.__setattr__(self, "data", Examples(*self.data))
+        if not isinstance(self.data, ClientData | Examples):
+            kind = type(self.data).__name__
+            raise TypeError(f"a client's data is ClientData, Examples or (inputs, targets), got {kind}")
 
     @property
     def train(self) -> Examples:
         """Its training examples."""
         return self.data.train if isinstance(self.data, ClientData) else self.data
+
+    @property
+    def test(self) -> Examples | None:
+        """Its held-out examples, if it has any."""
+        return self.data.test if isinstance(self.data, ClientData) else None
 
 
 @dataclass
@@ -66,26 +81,47 @@ def default_clients(spec: Spec, config: Config) -> list[LocalClient]:
     return [LocalClient(spec.data(i, n), profiles[(i // config.n_paths) % len(profiles)]) for i in range(n)]
 
 
+def cluster(engine: Engine, features: Sequence[np.ndarray]) -> None:
+    """Run the engine's federated k-means to convergence, every client answering from its own features."""
+    while not engine.clustered:
+        proposal = engine.cluster_proposal()
+        stats = [cluster_stats(f, *proposal) for f in features]
+        engine.cluster_update(sum(stats[1:], stats[0]))
+
+
 def enrol(engine: Engine, clients: Sequence[LocalClient]) -> tuple[list[str], list[Worker]]:
-    """Assign every client a path and variant in order, record its routing statistics, and make its worker."""
+    """Cluster the clients' features, assign every client its path(s) and variant in order, make its workers.
+
+    Routing by data: a client has a worker for each cluster it holds enough examples of, training (and
+    evaluating) on its examples of that cluster. Paths in turn: one worker on all of them, and the client
+    reports the sum and count of its features for the router. Returns the worker ids and the workers.
+    """
+    spec, batch_size = engine.spec, engine.config.inner.batch_size
+    features = [spec.features(client.train) for client in clients]
+    cluster(engine, features)
     ids, workers = [], []
     for i, client in enumerate(clients):
         client_id = f"c{i:04d}"
         profile = PROFILES[client.profile] if isinstance(client.profile, str) else client.profile
-        a = engine.assign(client_id, profile)
-        train = client.train
-        engine.add_features(client_id, *engine.spec.feature_statistics(train))
-        path_model = copy.deepcopy(engine.model.compose(a.path))
-        workers.append(
-            Worker(
-                engine.spec,
-                path_model,
-                train.batches(engine.config.inner.batch_size, a.seed),
-                len(train),
-                a.variant,
+        if engine.kmeans is None:
+            assignments = {client_id: engine.assign(client_id, profile)}
+            engine.add_features(client_id, features[i].sum(0), len(client.train))
+        else:
+            centroids, prices = engine.routing_state()
+            assignments = engine.assign_by_data(client_id, profile, histogram(features[i], centroids, prices))
+            test_features = (
+                spec.features(client.test) if client.test is not None and len(client.test) else None
             )
-        )
-        ids.append(client_id)
+        for worker_id, a in assignments.items():
+            train, test = client.train, client.test
+            if a.cluster is not None:
+                train = train.subset(members(features[i], centroids, prices, a.cluster))
+                if test_features is not None:
+                    test = test.subset(members(test_features, centroids, prices, a.cluster))
+            path_model = copy.deepcopy(engine.model.compose(a.path))
+            batches = train.batches(batch_size, a.seed)
+            workers.append(Worker(spec, path_model, batches, len(train), a.variant, test=test))
+            ids.append(worker_id)
     return ids, workers
 
 
@@ -131,8 +167,8 @@ def run_federation(
             "client": client_id,
             "path": str(engine.assignments[client_id].path),
             "variant": engine.assignments[client_id].variant.name,
-            "examples": len(client.train),
+            "examples": int(worker.weight),
         }
-        for client_id, client in zip(ids, clients)
+        for client_id, worker in zip(ids, workers)
     ]
     return result

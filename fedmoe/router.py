@@ -23,23 +23,32 @@ class Router(Protocol):
 
 
 class CentroidRouter:
-    """c-BTM routing: softmax(-||f - c_k||^2 / T) over the shard centroids c_k."""
+    """c-BTM routing: softmax(-(||f - c_k||^2 + p_k) / T) over the cluster centroids c_k.
 
-    def __init__(self, centroids: np.ndarray | torch.Tensor, temperature: float = 0.1):
+    `prices` p_k (zeros by default) are balanced k-means' per-cluster offsets; the temperature T is best
+    on the data's own scale (`FederatedKMeans.temperature`: the mean squared distance to a centroid).
+    """
+
+    def __init__(
+        self, centroids: np.ndarray | torch.Tensor, temperature: float = 0.1, prices: np.ndarray | None = None
+    ):
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         self.centroids = torch.as_tensor(np.asarray(centroids), dtype=torch.float32)
         self.temperature = temperature
         self.n_experts = self.centroids.shape[0]
+        self.prices = (
+            torch.zeros(self.n_experts) if prices is None else torch.as_tensor(prices, dtype=torch.float32)
+        )
 
     def probs(self, features: torch.Tensor) -> torch.Tensor:
         """Routing distribution for each row of `features`."""
         d2 = torch.cdist(torch.as_tensor(features, dtype=torch.float32), self.centroids).square()
-        return F.softmax(-d2 / self.temperature, dim=-1)
+        return F.softmax(-(d2 + self.prices) / self.temperature, dim=-1)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Weights to checkpoint."""
-        return {"centroids": self.centroids}
+        return {"centroids": self.centroids, "prices": self.prices}
 
     def config(self) -> dict[str, Any]:
         """Settings to checkpoint."""
@@ -109,7 +118,8 @@ def router_from_state(
     """Rebuild a router saved with `tensors()` and `config()`."""
     kind = config["kind"]
     if kind == "centroid":
-        return CentroidRouter(tensors["centroids"].numpy(), temperature=config["temperature"])
+        prices = tensors["prices"].numpy() if "prices" in tensors else None
+        return CentroidRouter(tensors["centroids"].numpy(), config["temperature"], prices)
     if kind == "learned":
         router = LearnedRouter(config["in_dim"], config["n_experts"], config["hidden"])
         router.load_state_dict(tensors)

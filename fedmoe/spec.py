@@ -190,6 +190,17 @@ class Spec:
         return F.softmax(raw.float(), dim=-1) if self.mix == "probabilities" else raw.float()
 
     @torch.no_grad()
+    def features(self, examples: Examples, batch_size: int = 4096) -> np.ndarray:
+        """The routing features of `examples`, (N, F) float64, computed in batches."""
+        parts = [
+            self.featurize(examples.inputs[start : start + batch_size]).double().numpy()
+            for start in range(0, len(examples), batch_size)
+        ]
+        if not parts:
+            raise ValueError("no examples to compute routing features of")
+        return np.concatenate(parts)
+
+    @torch.no_grad()
     def feature_statistics(self, examples: Examples, batch_size: int = 4096) -> tuple[np.ndarray, int]:
         """The sum of the routing features of `examples` (float64) and their number:
         what a client reports for routing.

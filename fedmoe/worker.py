@@ -38,7 +38,7 @@ from fedmoe.compress.quant import (
 from fedmoe.config import InnerConfig
 from fedmoe.modular import ModularModel, Path
 from fedmoe.outer import ModuleStates, Update
-from fedmoe.spec import Batch, Spec
+from fedmoe.spec import Batch, Examples, Spec
 from fedmoe.train import train_local
 
 
@@ -109,6 +109,9 @@ class Upload:
     weight: float
     tensors: dict[str, QTensor]
     loss: float
+    evaluation: dict[str, float] = field(
+        default_factory=dict
+    )  # its path on its held-out examples, and "examples"
 
     @property
     def nbytes(self) -> int:
@@ -216,7 +219,8 @@ class Worker:
     keeps optimiser state and error feedback across rounds.
 
     `path_model` is the client's own copy of its path (built once from the spec); each round loads the
-    delivered weights into it.
+    delivered weights into it. With `test` examples (its held-out data of its path's cluster), every
+    upload carries the spec's metrics of the trained path on them: federated evaluation.
     """
 
     spec: Spec
@@ -226,6 +230,7 @@ class Worker:
     variant: Variant = field(default_factory=Variant)
     optimizer_state: dict[str, Any] | None = None
     feedback: ErrorFeedback | None = None
+    test: Examples | None = None
 
     def __post_init__(self) -> None:
         self.weight = float(self.weight)
@@ -253,7 +258,10 @@ class Worker:
             mask = masks.get(name)
             delta = start[name] - p.detach()
             tensors[name] = self.feedback.compress(name, delta if mask is None else delta * mask, mask)
-        return Upload(job.path, self.variant, job.round, job.seed, self.weight, tensors, loss)
+        evaluation = {}
+        if self.test is not None and len(self.test):
+            evaluation = {**self.spec.evaluate(path_model, self.test), "examples": float(len(self.test))}
+        return Upload(job.path, self.variant, job.round, job.seed, self.weight, tensors, loss, evaluation)
 
     def restrictions(
         self, model: nn.Module, masks: Masks
