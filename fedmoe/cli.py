@@ -177,7 +177,7 @@ def demo(
             problem = load_spec(config.spec)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--spec") from None
-    console.print(f"[bold]{problem.name}[/]: {describe(config)}")
+    console.print(f"[bold]{problem.name}[/]: {describe(experiment.config)}")
     console.print(
         f"{config.n_paths} paths: {shared_rounds} shared rounds, then {config.rounds - shared_rounds} "
         f"rounds; {len(experiment.profiles)} client(s) per path ({', '.join(experiment.profiles)}); "
