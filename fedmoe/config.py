@@ -79,11 +79,14 @@ class RoutingConfig(_Section):
     its examples fall in each cluster and trains the path of every cluster holding at least `min_share` of
     them (always its largest) on its examples of that cluster, weighted by their number: no example trains
     another cluster's path and none is left out above that share. The router routes by the federated
-    centroids, at a temperature from the data. "turn": paths in turn by
+    centroids, at a temperature from the data, or with `router = "learned"` by a small classifier of the
+    clusters trained alongside the experts by FedAvg (one worker per client trains it on all the client's
+    features and cluster labels, `ROUTER_STEPS` steps a round). "turn": paths in turn by
     join order, each client on all its examples; the router's centroids: each path's clients' mean features.
     """
 
     assign: Literal["data", "turn"] = "turn"
+    router: Literal["centroid", "learned"] = "centroid"
     min_share: float = Field(0.1, gt=0, le=1)
     balanced: bool = False
     tol: float = Field(1e-4, gt=0)
@@ -154,6 +157,12 @@ class Config(_Section):
         if isinstance(value, int):
             return (value,)
         return value
+
+    @model_validator(mode="after")
+    def _learned_router_needs_clusters(self) -> Config:
+        if self.routing.router == "learned" and self.routing.assign != "data":
+            raise ValueError("routing.router = 'learned' learns the clusters of routing.assign = 'data'")
+        return self
 
     @model_validator(mode="after")
     def _positive_grid(self) -> Config:

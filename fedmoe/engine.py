@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -23,13 +23,14 @@ import torch
 from fedmoe.aggregate import combine
 from fedmoe.assignment import DeviceProfile, assign_variant
 from fedmoe.clustering import ClusterStats, FederatedKMeans, check_histogram
+from fedmoe.compress.quant import dequantize, quantize
 from fedmoe.config import Config, InnerConfig, resolve_outer
 from fedmoe.ensemble import Ensemble
 from fedmoe.modular import ModularModel, Path
 from fedmoe.outer import OuterOptimizer, Update
-from fedmoe.router import CentroidRouter
+from fedmoe.router import CentroidRouter, LearnedRouter
 from fedmoe.spec import Examples, Spec
-from fedmoe.worker import Job, Upload, Variant, decode, make_job
+from fedmoe.worker import ROUTER, Job, Upload, Variant, decode, make_job
 
 log = logging.getLogger("fedmoe.engine")
 NETWORK_SCHEMES = ("rolling", "static", "random")
@@ -44,10 +45,10 @@ class Assignment:
     path: Path
     variant: Variant
     seed: int
-    cluster: int | None = (
-        None  # the cluster whose examples it trains on (routing by data), else None: all of them
-    )
+    # the cluster whose examples it trains on (routing by data), else None: all of them
+    cluster: int | None = None
     examples: int = 0  # how many examples it reported for that cluster (0: not reported)
+    trains_router: bool = False  # its client's worker that also trains the learned router (one per client)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form, for state files and messages."""
@@ -60,6 +61,7 @@ class Assignment:
             "seed": self.seed,
             "cluster": self.cluster,
             "examples": self.examples,
+            "trains_router": self.trains_router,
         }
 
     @classmethod
@@ -73,6 +75,7 @@ class Assignment:
             int(d["seed"]),
             None if cluster is None else int(cluster),
             int(d.get("examples", 0)),
+            bool(d.get("trains_router", False)),
         )
 
 
@@ -96,6 +99,9 @@ class Engine:
             if routing.assign == "data"
             else None
         )
+        self.router_model: LearnedRouter | None = (
+            None  # the federated learned router, once clustering converged
+        )
         self._eval: Examples | None = None
 
     @property
@@ -118,6 +124,8 @@ class Engine:
     def cluster_update(self, total: ClusterStats) -> bool:
         """Fold in the sum of all clients' statistics for the current proposal; return if it converged."""
         done = self.kmeans.update(total)
+        if done and self.config.routing.router == "learned":
+            self.router_model = new_router(self.kmeans.centroids.shape[1], self.config)
         if done:
             sizes = self.kmeans.last.counts.astype(int).tolist()
             log.info(
@@ -165,16 +173,29 @@ class Engine:
         chosen = {int(counts.argmax())} | {
             int(k) for k in np.flatnonzero(counts >= self.config.routing.min_share * counts.sum())
         }
+        majority = int(
+            counts.argmax()
+        )  # its worker also trains the learned router on all the client's examples
         return {
-            f"{client_id}.{k}": self._register(f"{client_id}.{k}", self.paths[k], profile, k, int(counts[k]))
+            f"{client_id}.{k}": self._register(
+                f"{client_id}.{k}", self.paths[k], profile, k, int(counts[k]), k == majority
+            )
             for k in sorted(chosen)
         }
 
     def _register(
-        self, worker_id: str, path: Path, profile: DeviceProfile, cluster: int | None, examples: int
+        self,
+        worker_id: str,
+        path: Path,
+        profile: DeviceProfile,
+        cluster: int | None,
+        examples: int,
+        trains_router: bool = False,
     ) -> Assignment:
         variant = assign_variant(profile, self.model.compose(path), self.config.compression.scheme)
-        assignment = Assignment(path, variant, self.config.seed + len(self.assignments), cluster, examples)
+        seed = self.config.seed + len(self.assignments)
+        learned = self.config.routing.router == "learned"
+        assignment = Assignment(path, variant, seed, cluster, examples, trains_router and learned)
         self.assignments[worker_id] = assignment
         return assignment
 
@@ -188,7 +209,12 @@ class Engine:
         its path's weights as its variant holds them, and how to train.
         """
         a = self.assignments[client_id]
-        return make_job(self.model, a.path, a.variant, self.round, a.seed, self.inner(self.round))
+        job = make_job(self.model, a.path, a.variant, self.round, a.seed, self.inner(self.round))
+        if a.trains_router and self.router_model is not None:
+            job.tensors.update(
+                {ROUTER + n: quantize(t.detach(), 32) for n, t in self.router_model.tensors().items()}
+            )
+        return job
 
     def check(self, client_id: str, upload: Upload) -> None:
         """Raise ValueError unless `upload` is for this client's path, variant and seed."""
@@ -203,7 +229,16 @@ class Engine:
         and turn it into per-module outer gradients.
         """
         self.check(client_id, upload)
-        return decode(self.model, upload)
+        path_part = {n: q for n, q in upload.tensors.items() if not n.startswith(ROUTER)}
+        router_part = {n[len(ROUTER) :]: q for n, q in upload.tensors.items() if n.startswith(ROUTER)}
+        if self.assignments[client_id].trains_router and self.router_model is not None:
+            expected = {n: tuple(t.shape) for n, t in self.router_model.tensors().items()}
+            got = {n: tuple(q.shape) for n, q in router_part.items()}
+            if got != expected or any(q.bits != 32 for q in router_part.values()):
+                raise ValueError(f"router tensors {got}, expected 32-bit {expected}")
+        elif router_part:
+            raise ValueError(f"this worker does not train the router, yet sent {sorted(router_part)}")
+        return decode(self.model, replace(upload, tensors=path_part))
 
     def add_features(self, client_id: str, feature_sum: np.ndarray, count: float) -> None:
         """Record a client's routing statistics: the sum of its examples' feature vectors and their number."""
@@ -243,6 +278,7 @@ class Engine:
             self.set_outer(*resolve_outer(self.config.outer, max(per_module.values())))
         agg = self.config.aggregation
         self.outer.step(*combine(updates, agg.rule, agg.trim, agg.clip_norm))
+        self.average_router(uploads)
         metrics: dict[str, Any] = {
             "round": self.round + 1,
             "updates": len(updates),
@@ -254,6 +290,16 @@ class Engine:
         if self.spec.eval_data is not None and self.has_router:
             metrics.update(self.evaluate())
         return metrics
+
+    def average_router(self, uploads: Sequence[Upload]) -> None:
+        """FedAvg of the learned router: subtract the mean of the router changes, weighted by examples."""
+        sent = [(u.weight, u.tensors) for u in uploads if any(n.startswith(ROUTER) for n in u.tensors)]
+        if self.router_model is None or not sent:
+            return
+        total = sum(w for w, _ in sent)
+        with torch.no_grad():
+            for name, p in self.router_model.named_parameters():
+                p -= sum(w * dequantize(t[ROUTER + name]) for w, t in sent) / total
 
     def set_outer(self, lr: float, momentum: float) -> None:
         """Fix the outer step's learning rate and momentum (Nesterov when configured and momentum > 0)."""
@@ -283,11 +329,13 @@ class Engine:
         return bool(self.assignments) if self.kmeans is not None else bool(self.feature_sums)
 
     def ensemble(self) -> Ensemble:
-        """The trained paths with a centroid router (paths nobody trained are left out).
+        """The trained paths with their router (paths nobody trained are left out of a centroid router).
 
-        Routing by data: the federated k-means centroids, prices and temperature. Paths in turn: each path's
-        clients' mean features, at temperature 0.1.
+        Routing by data: the federated learned router over every path, or the federated k-means centroids,
+        prices and temperature. Paths in turn: each path's clients' mean features, at temperature 0.1.
         """
+        if self.router_model is not None:
+            return Ensemble(self.spec, self.model, self.paths, self.router_model, self.config.grid)
         if self.kmeans is None:
             paths, centroids = self.centroids()
             return Ensemble(self.spec, self.model, paths, CentroidRouter(centroids), self.config.grid)
@@ -316,6 +364,8 @@ class Engine:
                 buffer = self.outer.sgd.state.get(p, {}).get("momentum_buffer")
                 if buffer is not None:
                     tensors[f"momentum/{key}/{name}"] = buffer
+        if self.router_model is not None:
+            tensors |= {ROUTER + n: t for n, t in self.router_model.tensors().items()}
         return tensors
 
     def state_manifest(self) -> dict[str, Any]:
@@ -343,6 +393,11 @@ class Engine:
             self.set_outer(*manifest["outer"])
         if manifest.get("clustering") and self.kmeans is not None:
             self.kmeans.restore(manifest["clustering"])
+            if self.config.routing.router == "learned":
+                self.router_model = new_router(self.kmeans.centroids.shape[1], self.config)
+                self.router_model.load_state_dict(
+                    {n[len(ROUTER) :]: t for n, t in tensors.items() if n.startswith(ROUTER)}
+                )
         self.assignments = {c: Assignment.from_dict(a) for c, a in manifest["assignments"].items()}
         for c, (s, n) in manifest.get("features", {}).items():
             self.feature_sums[c], self.feature_counts[c] = np.asarray(s, dtype=np.float64), float(n)
@@ -361,3 +416,9 @@ def client_evaluation(uploads: Sequence[Upload]) -> dict[str, float]:
         out[f"client_{name}"] = float((values * counts).sum() / counts.sum())
         out[f"client_{name}_min"], out[f"client_{name}_max"] = float(values.min()), float(values.max())
     return out
+
+
+def new_router(width: int, config: Config) -> LearnedRouter:
+    """The learned router's initial weights: the same for the same seed, width and number of paths."""
+    torch.manual_seed(config.seed)
+    return LearnedRouter(width, config.n_paths)

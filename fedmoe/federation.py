@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fedmoe.assignment import PROFILES, DeviceProfile, parse_profiles
-from fedmoe.clustering import cluster_stats, histogram, members
+from fedmoe.clustering import cluster_stats, histogram, members, nearest
 from fedmoe.config import Config
 from fedmoe.engine import Engine
 from fedmoe.ensemble import Ensemble
@@ -120,7 +120,11 @@ def enrol(engine: Engine, clients: Sequence[LocalClient]) -> tuple[list[str], li
                     test = test.subset(members(test_features, centroids, prices, a.cluster))
             path_model = copy.deepcopy(engine.model.compose(a.path))
             batches = train.batches(batch_size, a.seed)
-            workers.append(Worker(spec, path_model, batches, len(train), a.variant, test=test))
+            labels = nearest(features[i], centroids, prices) if a.trains_router else None
+            router_data = (features[i], labels) if a.trains_router else None
+            workers.append(
+                Worker(spec, path_model, batches, len(train), a.variant, test=test, router_data=router_data)
+            )
             ids.append(worker_id)
     return ids, workers
 

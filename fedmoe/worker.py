@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -38,6 +39,7 @@ from fedmoe.compress.quant import (
 from fedmoe.config import InnerConfig
 from fedmoe.modular import ModularModel, Path
 from fedmoe.outer import ModuleStates, Update
+from fedmoe.router import LearnedRouter
 from fedmoe.spec import Batch, Examples, Spec
 from fedmoe.train import train_local
 
@@ -119,13 +121,14 @@ class Upload:
         return sum(q.nbytes for q in self.tensors.values())
 
 
-def signed_fields(client_id: str, update_id: str, upload: Upload) -> list[object]:
-    """The header fields an update's signature covers,
-    besides its tensors (see fedmoe.security.update_digest).
+def signed_fields(worker_id: str, update_id: str, upload: Upload) -> list[object]:
+    """The header fields an update's signature covers, besides its tensors (see
+    fedmoe.security.update_digest): the worker (a client's id when it has one path), the update, its
+    assignment and weight, and its evaluation items sorted by name.
     """
     v = upload.variant
     return [
-        client_id,
+        worker_id,
         update_id,
         upload.round,
         upload.path,
@@ -134,6 +137,7 @@ def signed_fields(client_id: str, update_id: str, upload: Upload) -> list[object
         v.scheme,
         upload.seed,
         upload.weight,
+        *(f"{name}={float(value)!r}" for name, value in sorted(upload.evaluation.items())),
     ]
 
 
@@ -202,6 +206,10 @@ class Job:
     masks: Masks
 
 
+ROUTER = "router/"  # the prefix of the learned router's tensors in jobs and uploads
+ROUTER_STEPS = 20  # local steps a client trains the learned router each round
+
+
 def make_job(
     model: ModularModel, path: Path, variant: Variant, round: int, seed: int, inner: InnerConfig
 ) -> Job:
@@ -231,6 +239,9 @@ class Worker:
     optimizer_state: dict[str, Any] | None = None
     feedback: ErrorFeedback | None = None
     test: Examples | None = None
+    router_data: tuple[np.ndarray, np.ndarray] | None = (
+        None  # its client's routing features and cluster labels
+    )
 
     def __post_init__(self) -> None:
         self.weight = float(self.weight)
@@ -258,10 +269,29 @@ class Worker:
             mask = masks.get(name)
             delta = start[name] - p.detach()
             tensors[name] = self.feedback.compress(name, delta if mask is None else delta * mask, mask)
+        router = {n[len(ROUTER) :]: q for n, q in job.tensors.items() if n.startswith(ROUTER)}
+        if router:
+            tensors.update(self.train_router(router, job))
         evaluation = {}
         if self.test is not None and len(self.test):
             evaluation = {**self.spec.evaluate(path_model, self.test), "examples": float(len(self.test))}
         return Upload(job.path, self.variant, job.round, job.seed, self.weight, tensors, loss, evaluation)
+
+    def train_router(self, weights: dict[str, QTensor], job: Job) -> dict[str, QTensor]:
+        """Train the delivered learned router `ROUTER_STEPS` steps on the client's features and cluster
+        labels; return its change (start - end), at 32 bits, under the "router/" names."""
+        if self.router_data is None:
+            raise ValueError(
+                "this worker was sent the router to train but holds no routing data (router_data)"
+            )
+        start = {n: dequantize(q) for n, q in weights.items()}
+        hidden, width = start["net.0.weight"].shape
+        router = LearnedRouter(width, start["net.2.weight"].shape[0], hidden)
+        router.load_state_dict(start)
+        features, labels = self.router_data
+        router.fit(features, labels, steps=ROUTER_STEPS, seed=job.seed * 1_000_003 + job.round)
+        end = router.tensors()
+        return {ROUTER + n: quantize(start[n] - end[n], 32) for n in start}
 
     def restrictions(
         self, model: nn.Module, masks: Masks

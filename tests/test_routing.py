@@ -73,3 +73,27 @@ def test_histograms_are_checked() -> None:
             engine.assign_by_data("c0", PROFILES["fp32"], bad)
     with pytest.raises(ValueError, match="assign_by_data"):
         engine.assign("c0", PROFILES["fp32"])
+
+
+def test_the_learned_router_is_trained_by_fedavg_alongside_the_experts() -> None:
+    from fedmoe.clustering import nearest
+    from fedmoe.engine import new_router
+    from fedmoe.router import LearnedRouter
+
+    routing = BY_DATA.routing.model_copy(update={"router": "learned"})
+    config = BY_DATA.model_copy(update={"routing": routing, "rounds": 4})
+    result = run_federation(TABULAR, config, [LocalClient(TABULAR.data(i, 3)) for i in range(3)])
+    router = result.engine.ensemble().router
+    assert isinstance(router, LearnedRouter)
+    assert sum(c["client"].endswith(".0") for c in result.clients) >= 1
+    features = TABULAR.features(TABULAR.data(0, 1).train)
+    labels = nearest(features, *result.engine.routing_state())
+
+    def accuracy(r: LearnedRouter) -> float:
+        return float((r.probs(features).argmax(-1).numpy() == labels).mean())
+
+    trained, untrained = accuracy(router), accuracy(new_router(20, config))
+    print(f"learned router: cluster accuracy {trained:.3f}, untrained {untrained:.3f}")
+    assert trained > 0.8 and trained > untrained + 0.3
+    with pytest.raises(ValueError, match="learns the clusters"):
+        Config(routing={"router": "learned", "assign": "turn"})
