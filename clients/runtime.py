@@ -8,6 +8,12 @@ profile, the form of `data`, the first batch against the spec (two tensors, targ
 the model accepts, labels in range for classifiers) and the model against the coordinator's (parameter
 names and shapes). An unreachable coordinator is retried with a WARNING per attempt for `retry_s` seconds.
 The client trains with the same `fedmoe.worker.Worker` as every other runner.
+
+When the coordinator routes by data (routing.assign = "data"), the client computes its examples' routing
+features once, answers the federated k-means proposals with their per-cluster statistics, sends the
+histogram of its examples over the converged clusters, and trains one worker per cluster it was given,
+each on its examples of that cluster, exactly as `fedmoe.federation.enrol` does in process. Nothing but
+those aggregates, outer gradients and metrics leaves it.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import math
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path as FsPath
 from typing import Any, TypeVar
 
@@ -32,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from torch import nn
 
 from fedmoe.assignment import PROFILES, DeviceProfile
+from fedmoe.clustering import cluster_stats, histogram, members, nearest
 from fedmoe.config import InnerConfig
 from fedmoe.ensemble import describe_mismatch
 from fedmoe.modular import ModularModel, Path
@@ -202,12 +209,15 @@ def check_model(spec: Spec, model: dict[str, Any], grid: ModularModel) -> None:
 
 @dataclass(frozen=True, eq=False)
 class LocalData:
-    """A client's data as it trains on it: batches (made once assigned), weight, routing statistics."""
+    """A client's data as it trains on it: batches (made once assigned), weight, routing statistics, and
+    its training and held-out examples when it has them (not for a stream of batches)."""
 
     batches: Callable[[int, int], Iterator[Batch]]  # (batch_size, seed) -> batches
     weight: float
     feature_sum: np.ndarray
     examples: float
+    train: Examples | None = None
+    test: Examples | None = None
 
 
 def prepare_data(spec: Spec, data: Any, weight: float | None, partition: int, partitions: int) -> LocalData:
@@ -222,8 +232,9 @@ def prepare_data(spec: Spec, data: Any, weight: float | None, partition: int, pa
                 f"partition must be in 0..{partitions - 1} (partitions={partitions}), got {partition}"
             )
         data = spec.data(partition, partitions)
+    test = None
     if isinstance(data, ClientData):
-        data = data.train
+        data, test = data.train, data.test
     if isinstance(data, tuple):
         data = Examples(*data)
     levels = spec.default_levels
@@ -231,7 +242,7 @@ def prepare_data(spec: Spec, data: Any, weight: float | None, partition: int, pa
     if isinstance(data, Examples):
         check_batch(spec, (data.inputs[:PROBE_EXAMPLES], data.targets[:PROBE_EXAMPLES]), probe, data.targets)
         feature_sum, count = spec.feature_statistics(data)
-        return LocalData(data.batches, weight or float(len(data)), feature_sum, float(count))
+        return LocalData(data.batches, weight or float(len(data)), feature_sum, float(count), data, test)
     if weight is None:
         raise ValueError(
             "with an iterator of batches, pass weight= "
@@ -338,35 +349,39 @@ def profile_message(profile: DeviceProfile) -> pb.DeviceProfile:
     )
 
 
-def describe_coordinator(stub: pb_grpc.CoordinatorStub, retry: Retry) -> dict[str, Any]:
-    """The coordinator's model description (spec, grid, seed, shapes), from Status, before joining."""
+def describe_coordinator(stub: pb_grpc.CoordinatorStub, retry: Retry) -> tuple[dict[str, Any], str]:
+    """The coordinator's model description (spec, grid, seed, shapes) and how it routes ("data" or "turn"),
+    from Status, before joining."""
     reply = retry(lambda: stub.Status(pb.StatusRequest(), timeout=CALL_TIMEOUT_S), "status")
-    return json.loads(reply.json)["model"]
+    status = json.loads(reply.json)
+    return status["model"], status.get("routing", "turn")
 
 
 def join(
     stub: pb_grpc.CoordinatorStub,
     profile: DeviceProfile,
     name: str,
-    features: tuple[np.ndarray, float],
+    features: tuple[np.ndarray, float] | None,
     state_file: FsPath | None = None,
     retry: Retry | None = None,
 ) -> Session:
-    """Join with the routing statistics (feature sum, examples) of the client's data, or rejoin with the
-    identity in `state_file` (a client that restarts keeps its path)."""
+    """Join with the routing statistics (feature sum, examples) of the client's data (paths in turn; None
+    when routing by data), or rejoin with the identity in `state_file` (a client that restarts keeps its
+    paths)."""
     retry = retry or Retry("coordinator")
     saved = json.loads(state_file.read_text()) if state_file and state_file.exists() else {}
     metadata = (("authorization", f"Bearer {saved['token']}"),) if saved else ()
     key = new_signing_key()  # a fresh key per process: the private key never leaves memory
-    feature_sum, examples = features
     request = pb.JoinRequest(
         profile=profile_message(profile),
         name=name,
         client_id=saved.get("client_id", ""),
         public_key=public_bytes(key),
-        feature_sum=np.asarray(feature_sum, dtype=np.float64).tolist(),
-        examples=float(examples),
     )
+    if features is not None:
+        feature_sum, examples = features
+        request.feature_sum.extend(np.asarray(feature_sum, dtype=np.float64).tolist())
+        request.examples = float(examples)
     reply = retry(lambda: stub.Join(request, metadata=metadata, timeout=CALL_TIMEOUT_S), "join")
     if state_file:
         state_file.write_text(json.dumps({"client_id": reply.client_id, "token": reply.token}))
@@ -380,11 +395,16 @@ def variant_of(message: pb.Variant) -> Variant:
 
 
 def pull_job(
-    stub: pb_grpc.CoordinatorStub, session: Session, path_model: nn.Module, retry: Retry | None = None
+    stub: pb_grpc.CoordinatorStub,
+    session: Session,
+    path_model: nn.Module,
+    retry: Retry | None = None,
+    worker_id: str = "",
 ) -> Job:
-    """Pull this round's assignment and weights: the job, its masks recomputed from (variant, round, seed)."""
+    """Pull a worker's assignment and weights for this round (worker "": the client's one path): the job,
+    its masks recomputed from (variant, round, seed)."""
     retry = retry or Retry("coordinator")
-    request = pb.PullRequest(client_id=session.client_id)
+    request = pb.PullRequest(client_id=session.client_id, worker_id=worker_id)
     frames = retry(
         lambda: list(stub.Pull(request, metadata=session.metadata, timeout=STREAM_TIMEOUT_S)), "pull"
     )
@@ -404,17 +424,22 @@ def pull_job(
     return Job(Path.parse(a.path), variant, a.round, a.seed, inner, tensors, masks)
 
 
-def push(stub: pb_grpc.CoordinatorStub, session: Session, upload: Upload, update_id: str) -> pb.PushReply:
-    """Push one update; retrying it with the same `update_id` cannot count it twice."""
-    frames = push_frames(session, upload, update_id)
+def push(
+    stub: pb_grpc.CoordinatorStub, session: Session, upload: Upload, update_id: str, worker_id: str = ""
+) -> pb.PushReply:
+    """Push one update of a worker; retrying it with the same `update_id` cannot count it twice."""
+    frames = push_frames(session, upload, update_id, worker_id)
     return stub.Push(frames, metadata=session.metadata, timeout=STREAM_TIMEOUT_S)
 
 
-def push_frames(session: Session, upload: Upload, update_id: str | None = None) -> Iterator[pb.PushFrame]:
-    """A push: the signed header, then the tensor stream."""
+def push_frames(
+    session: Session, upload: Upload, update_id: str | None = None, worker_id: str = ""
+) -> Iterator[pb.PushFrame]:
+    """A push of a worker's update (worker "": the client's one path): the signed header, then the tensor
+    stream."""
     v = upload.variant
     update_id = update_id or uuid.uuid4().hex
-    digest = update_digest(signed_fields(session.client_id, update_id, upload), upload.tensors)
+    digest = update_digest(signed_fields(worker_id or session.client_id, update_id, upload), upload.tensors)
     header = pb.PushHeader(
         client_id=session.client_id,
         round=upload.round,
@@ -425,10 +450,161 @@ def push_frames(session: Session, upload: Upload, update_id: str | None = None) 
         loss=upload.loss,
         update_id=update_id,
         signature=session.signing_key.sign(digest),
+        worker_id=worker_id,
+        evaluation=upload.evaluation,
     )
     yield pb.PushFrame(header=header)
     for frame in encode_tensors(upload.tensors):
         yield pb.PushFrame(tensor=frame)
+
+
+# -- routing by data ------------------------------------------------------------------------
+def proposal_arrays(reply: pb.ProposalReply) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The centroids (k x width) and prices of a proposal; None, None for the first pass."""
+    if reply.first:
+        return None, None
+    centroids = np.asarray(reply.centroids, dtype=np.float64).reshape(reply.k, reply.width)
+    return centroids, np.asarray(reply.prices, dtype=np.float64)
+
+
+@dataclass
+class Crew:
+    """A client's workers by id, and what it needs to make them.
+
+    Paths in turn: one worker, the client's id, on all its examples. Routing by data: one per cluster the
+    coordinator gave it by its histogram, each on the client's examples of that cluster, the one marked
+    `trains_router` also training the learned router on all its features and their clusters (as
+    `fedmoe.federation.enrol` makes them); `features` are its training examples' routing features,
+    computed once.
+    """
+
+    spec: Spec
+    model: dict[str, Any]  # the coordinator's model description: its grid and seed
+    local: LocalData
+    grid: ModularModel | None = None  # the client's build of the grid, until its workers are made
+    workers: dict[str, Worker] = field(default_factory=dict)
+    paths: dict[str, Path] = field(default_factory=dict)  # each worker's path
+    features: np.ndarray | None = None
+    routing: tuple[np.ndarray, np.ndarray | None] | None = None  # the converged centroids and prices
+
+    def path_model(self, path: Path) -> nn.Module:
+        """A copy of one path of the grid, for a worker to train."""
+        if self.grid is None:
+            self.grid = self.spec.build(self.model["grid"], self.model["seed"])
+        return copy.deepcopy(self.grid.compose(path))
+
+    def add_turn(self, client_id: str, a: pb.Assignment) -> None:
+        """The worker of a client given one path at join (paths in turn)."""
+        local, path = self.local, Path.parse(a.path)
+        worker = Worker(
+            self.spec,
+            self.path_model(path),
+            local.batches(a.batch_size, a.seed),
+            local.weight,
+            variant_of(a.variant),
+            test=local.test,
+        )
+        self.workers[client_id], self.paths[client_id] = worker, path
+        self.grid = None  # the client keeps only its paths
+
+    def routing_features(self) -> np.ndarray:
+        """The routing features of the client's training examples (computed once)."""
+        if self.features is None:
+            self.features = self.spec.features(self.local.train)
+        return self.features
+
+    def answer(self, stub: pb_grpc.CoordinatorStub, session: Session, retry: Retry) -> None:
+        """Answer the open clustering proposal with this client's statistics against it."""
+        request = pb.ProposalRequest(client_id=session.client_id)
+        reply = retry(
+            lambda: stub.Proposal(request, metadata=session.metadata, timeout=CALL_TIMEOUT_S), "proposal"
+        )
+        if reply.converged:
+            return
+        stats = cluster_stats(self.routing_features(), *proposal_arrays(reply), reply.softness)
+        report = pb.ClusterReport(
+            client_id=session.client_id,
+            pass_number=reply.pass_number,
+            counts=stats.counts.tolist(),
+            sums=stats.sums.reshape(-1).tolist(),
+            squares=stats.squares.reshape(-1).tolist(),
+            soft=[] if stats.soft is None else stats.soft.tolist(),
+        )
+        try:
+            retry(lambda: stub.Cluster(report, metadata=session.metadata, timeout=CALL_TIMEOUT_S), "cluster")
+        except grpc.RpcError as e:
+            if e.code() not in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS):
+                raise
+            log.info("clustering pass %d: answer not used (%s)", reply.pass_number, e.details())
+
+    def assign(self, stub: pb_grpc.CoordinatorStub, session: Session, retry: Retry) -> bool:
+        """Send the histogram of this client's examples over the converged clusters and make the workers
+        it is given; False while clustering runs or the coordinator holds the histogram."""
+        if self.routing is None:
+            request = pb.ProposalRequest(client_id=session.client_id)
+            reply = retry(
+                lambda: stub.Proposal(request, metadata=session.metadata, timeout=CALL_TIMEOUT_S), "proposal"
+            )
+            if not reply.converged:
+                return False
+            self.routing = proposal_arrays(reply)
+        centroids, prices = self.routing
+        features = self.routing_features()
+        request = pb.AssignRequest(
+            client_id=session.client_id, histogram=histogram(features, centroids, prices).tolist()
+        )
+        reply = retry(
+            lambda: stub.Assign(request, metadata=session.metadata, timeout=CALL_TIMEOUT_S), "assign"
+        )
+        if not reply.workers:
+            return False
+        test = self.local.test
+        test_features = self.spec.features(test) if test is not None and len(test) else None
+        for w in reply.workers:
+            if w.worker_id in self.workers:
+                continue
+            a, path = w.assignment, Path.parse(w.assignment.path)
+            train = self.local.train.subset(members(features, centroids, prices, w.cluster))
+            held_out = test
+            if test_features is not None:
+                held_out = test.subset(members(test_features, centroids, prices, w.cluster))
+            router_data = (features, nearest(features, centroids, prices)) if w.trains_router else None
+            self.paths[w.worker_id] = path
+            self.workers[w.worker_id] = Worker(
+                self.spec,
+                self.path_model(path),
+                train.batches(a.batch_size, a.seed),
+                len(train),
+                variant_of(a.variant),
+                test=held_out,
+                router_data=router_data,
+            )
+            log.info(
+                "worker %s: path %s, variant %s, %d examples of cluster %d",
+                w.worker_id,
+                a.path,
+                variant_of(a.variant).name,
+                len(train),
+                w.cluster,
+            )
+        self.grid = None  # the client keeps only its paths
+        return True
+
+
+def check_by_data(local: LocalData, weight: float | None, server: str) -> None:
+    """Raise ValueError unless this client's data can be routed by data: examples, not a stream, and no
+    weight of its own (each worker weighs its examples of its cluster)."""
+    if local.train is None:
+        raise ValueError(
+            f"the coordinator at {server} routes by data (routing.assign = 'data'): give your examples "
+            "(ClientData, Examples or (inputs, targets)), not a stream of batches: each path trains on "
+            "your examples of its cluster"
+        )
+    if weight is not None:
+        raise ValueError(
+            f"the coordinator at {server} routes by data (routing.assign = 'data'): each path weighs your "
+            "examples of its cluster; drop weight="
+        )
 
 
 # -- the client ------------------------------------------------------------------------------
@@ -447,24 +623,26 @@ def run(
     timeout_s: float | None = None,
     poll_s: float = 0.2,
 ) -> dict[str, Any]:
-    """Join the federation at `server` ("host:port") and train the assigned path every round until it is done.
+    """Join the federation at `server` ("host:port") and train the assigned path(s) every round until done.
 
     - `spec`: a `Spec` or its import string; None: the coordinator's, loaded by its import string (it must be
       importable here). Its grid must match the coordinator's parameter for parameter.
     - `profile`: a name from `fedmoe.assignment.PROFILES` or a `DeviceProfile`.
-    - `data`: None (the spec's `data(partition, partitions)`), a `ClientData` (its train split), `Examples`,
-      or an (inputs, targets) tuple of tensors: fedmoe samples the batches, the weight is the number of
-      examples and the routing statistics are exact. Or an endless iterator of (inputs, targets) batches:
-      then `weight` (the number of examples behind it) is required, and the routing statistics are the
-      mean features of its first batch, counted as `weight` examples.
-    - `weight`: the client's weight in the average (default: its number of examples).
+    - `data`: None (the spec's `data(partition, partitions)`), a `ClientData` (its train split trains, its
+      test split evaluates each trained path), `Examples`, or an (inputs, targets) tuple of tensors: fedmoe
+      samples the batches, the weight is the number of examples and the routing statistics are exact. Or,
+      when paths go in turn, an endless iterator of (inputs, targets) batches: then `weight` (the number
+      of examples behind it) is required, and the routing statistics are the mean features of its first
+      batch, counted as `weight` examples.
+    - `weight`: the client's weight in the average (default: its number of examples; paths in turn only).
     - `certs`: a `fedmoe certs` directory when the coordinator speaks TLS. `state_file` keeps this client's
       identity, so that it rejoins as itself after a restart.
     - `retry_s`: how long an unreachable coordinator is retried (a WARNING per retry) before ConnectionError;
       `timeout_s`: an overall limit (None: none). `poll_s`: the wait between heartbeats while waiting.
 
     Raises TypeError/ValueError, naming the fix, for anything wrong that can be found before joining.
-    Returns a summary: client id, spec, path, variant, examples (weight), rounds trained and bytes uploaded.
+    Returns a summary: client id, spec, routing, path(s), variant, examples (weight), rounds trained, bytes
+    uploaded, and per worker its path, variant, examples and rounds.
     """
     server = check_address(server)
     device = resolve_profile(profile)
@@ -475,7 +653,7 @@ def run(
     retry = Retry(server, retry_s, math.inf if timeout_s is None else time.monotonic() + timeout_s)
     with connect(server, certs) as channel:
         stub = pb_grpc.CoordinatorStub(channel)
-        model = describe_coordinator(stub, retry)
+        model, routing = describe_coordinator(stub, retry)
         if spec is None:
             if not model["spec"]:
                 raise ValueError(
@@ -486,71 +664,116 @@ def run(
         grid = spec.build(model["grid"], model["seed"])
         check_model(spec, model, grid)
         local = local or prepare_data(spec, data, weight, partition, partitions)
+        by_data = routing == "data"
+        if by_data:
+            check_by_data(local, weight, server)
         saved = FsPath(state_file) if state_file else None
-        session = join(stub, device, name, (local.feature_sum, local.examples), saved, retry)
+        features = None if by_data else (local.feature_sum, local.examples)
+        session = join(stub, device, name, features, saved, retry)
         check_model(spec, session.model, grid)
-        a = session.assignment
-        path, variant = Path.parse(a.path), variant_of(a.variant)
-        path_model = copy.deepcopy(grid.compose(path))
-        del grid  # the client keeps only its path
-        worker = Worker(spec, path_model, local.batches(a.batch_size, a.seed), local.weight, variant)
-        log.info(
-            "joined %s as %s: path %s, variant %s, %g examples",
-            server,
-            session.client_id,
-            path,
-            variant.name,
-            local.weight,
-        )
-        trained, uploaded = train_until_done(stub, session, worker, retry, poll_s, timeout_s)
+        crew = Crew(spec, model, local, grid)
+        del grid  # the crew keeps it until its workers are made, then only their paths
+        if by_data:
+            log.info(
+                "joined %s as %s: paths by data, %d examples", server, session.client_id, len(local.train)
+            )
+        else:
+            crew.add_turn(session.client_id, session.assignment)
+            a = session.assignment
+            log.info(
+                "joined %s as %s: path %s, variant %s, %g examples",
+                server,
+                session.client_id,
+                a.path,
+                variant_of(a.variant).name,
+                local.weight,
+            )
+        trained, uploaded = train_until_done(stub, session, crew, retry, poll_s, timeout_s)
+    workers = [
+        {
+            "worker_id": worker_id,
+            "path": str(crew.paths[worker_id]),
+            "variant": worker.variant.name,
+            "examples": worker.weight,
+            "rounds": trained.get(worker_id, []),
+        }
+        for worker_id, worker in crew.workers.items()
+    ]
     return {
         "client_id": session.client_id,
         "spec": spec.ref,
-        "path": str(path),
-        "variant": variant.name,
-        "examples": local.weight,
-        "rounds": trained,
+        "routing": routing,
+        "path": ",".join(w["path"] for w in workers),
+        "variant": workers[0]["variant"] if workers else "",
+        "examples": sum(w["examples"] for w in workers),
+        "rounds": sorted(set().union(*(w["rounds"] for w in workers))),
         "upload_bytes": uploaded,
+        "workers": workers,
     }
 
 
 def train_until_done(
     stub: pb_grpc.CoordinatorStub,
     session: Session,
-    worker: Worker,
+    crew: Crew,
     retry: Retry,
     poll_s: float,
     timeout_s: float | None,
-) -> tuple[list[int], int]:
-    """Heartbeat; pull, train and push when told to, until told done. The rounds trained, bytes sent."""
-    trained, uploaded = [], 0
+) -> tuple[dict[str, list[int]], int]:
+    """Heartbeat and do as told until told done: answer clustering proposals, send the histogram, and pull,
+    train and push each worker the open round lacks. The rounds each worker trained, bytes sent."""
+    trained: dict[str, list[int]] = {}
+    uploaded = 0
     heartbeat = pb.HeartbeatRequest(client_id=session.client_id)
+    actions = pb.HeartbeatReply
     while True:
         if time.monotonic() > retry.deadline:
             raise TimeoutError(f"training did not finish within {timeout_s:g} s (timeout_s)")
         beat = retry(
             lambda: stub.Heartbeat(heartbeat, metadata=session.metadata, timeout=CALL_TIMEOUT_S), "heartbeat"
         )
-        if beat.action == pb.HeartbeatReply.DONE:
+        if beat.action == actions.DONE:
             return trained, uploaded
-        if beat.action == pb.HeartbeatReply.WAIT:
+        if beat.action == actions.CLUSTER:
+            crew.answer(stub, session, retry)
+            continue
+        todo = list(beat.workers) if beat.action == actions.TRAIN else []
+        if beat.action == actions.ASSIGN or any(w not in crew.workers for w in todo):
+            if not crew.assign(stub, session, retry):
+                time.sleep(poll_s)
+            continue
+        if not todo:
             time.sleep(poll_s)
             continue
-        upload = worker.train_round(pull_job(stub, session, worker.path_model, retry))
-        update_id = uuid.uuid4().hex  # the same id on every retry: a stored update is not counted twice
-        try:
-            reply = retry(functools.partial(push, stub, session, upload, update_id), "push")
-        except grpc.RpcError as e:
-            if e.code() not in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS):
-                raise
-            log.info("round %d: update not used (%s)", upload.round, e.details())
-            continue
-        trained.append(upload.round)
-        uploaded += upload.nbytes
-        log.info(
-            "round %d: loss %.4f, sent %d bytes; round %d is open",
-            upload.round,
-            upload.loss,
-            upload.nbytes,
-            reply.round,
-        )
+        for worker_id in todo:
+            uploaded += train_worker(stub, session, crew.workers[worker_id], worker_id, retry, trained)
+
+
+def train_worker(
+    stub: pb_grpc.CoordinatorStub,
+    session: Session,
+    worker: Worker,
+    worker_id: str,
+    retry: Retry,
+    trained: dict[str, list[int]],
+) -> int:
+    """Pull, train and push one worker's round; record the round in `trained`. The bytes sent."""
+    upload = worker.train_round(pull_job(stub, session, worker.path_model, retry, worker_id))
+    update_id = uuid.uuid4().hex  # the same id on every retry: a stored update is not counted twice
+    try:
+        reply = retry(functools.partial(push, stub, session, upload, update_id, worker_id), "push")
+    except grpc.RpcError as e:
+        if e.code() not in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS):
+            raise
+        log.info("round %d: update of %s not used (%s)", upload.round, worker_id, e.details())
+        return 0
+    trained.setdefault(worker_id, []).append(upload.round)
+    log.info(
+        "round %d: %s loss %.4f, sent %d bytes; round %d is open",
+        upload.round,
+        worker_id,
+        upload.loss,
+        upload.nbytes,
+        reply.round,
+    )
+    return upload.nbytes

@@ -345,6 +345,16 @@ def server(
     clip_norm: Annotated[
         float | None, typer.Option(help="Scale down updates whose norm is above this.")
     ] = None,
+    routing: Annotated[
+        str | None,
+        typer.Option(
+            click_type=click.Choice(["data", "turn"]),
+            help=(
+                "How clients get paths (routing.assign): by their data (federated k-means over the first "
+                "--min-clients clients, then a histogram per client), or in turn by join order."
+            ),
+        ),
+    ] = None,
     certs: Annotated[
         Path | None, typer.Option(help="TLS: a directory made by `fedmoe certs` (transport.certs).")
     ] = None,
@@ -354,8 +364,8 @@ def server(
     ] = False,
     verbose: Annotated[bool, typer.Option("--verbose/--quiet")] = True,
 ) -> None:
-    """Run the coordinator: clients join with their data's routing statistics, pull their path,
-    train it and push outer gradients.
+    """Run the coordinator: clients join, get their paths (by their data, or in turn), pull them, train
+    them and push outer gradients. It never loads training data.
     """
     from fedmoe.server.coordinator import Coordinator
     from fedmoe.server.service import start_server
@@ -381,6 +391,7 @@ def server(
         aggregation__rule=aggregation,
         aggregation__trim=trim,
         aggregation__clip_norm=clip_norm,
+        routing__assign=routing,
     )
     setup_logging(verbose)
     transport = config.transport
@@ -444,8 +455,8 @@ def client(
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose/--quiet")] = True,
 ) -> None:
-    """Join a federation with this machine's part of the spec's data and train until the coordinator says
-    done.
+    """Join a federation with this machine's part of the spec's data and train its path(s) until the
+    coordinator says done.
     """
     import grpc
 
@@ -638,6 +649,16 @@ def simulate(
             )
         ),
     ] = None,
+    routing: Annotated[
+        str | None,
+        typer.Option(
+            click_type=click.Choice(["data", "turn"]),
+            help=(
+                "How clients get paths (routing.assign): by their data (federated k-means over the virtual "
+                "clients, then a histogram each: a path per cluster it holds enough of), or in turn."
+            ),
+        ),
+    ] = None,
     cpus_per_client: Annotated[
         float, typer.Option(min=0, help="CPUs Ray reserves for each virtual client.")
     ] = 1.0,
@@ -680,6 +701,7 @@ def simulate(
         seed=seed,
         clients__count=clients,
         clients__profiles=mix,
+        routing__assign=routing,
     )
     console.print(describe(config))
     try:
@@ -689,15 +711,23 @@ def simulate(
     metric = results["metric"]
     variants = sorted({c["variant"] for c in results["clients"]})
     grid_text = "x".join(map(str, config.grid))
+    nodes = len({c["client"].split(".")[0] for c in results["clients"]})
     table = Table(
-        title=f"{len(results['clients'])} virtual clients ({', '.join(variants)}), grid {grid_text}"
+        title=(
+            f"{nodes} virtual clients, {len(results['clients'])} workers ({', '.join(variants)}), "
+            f"grid {grid_text}, routing {config.routing.assign}"
+        )
     )
-    heading = f"ensemble top-1 {metric.replace('_', ' ')}"
-    for column in ("round", "updates", "mean inner loss", "upload bytes", heading):
-        table.add_column(column, justify="right")
+    name, own = metric.replace("_", " "), f"client_{metric}"
+    columns = ("round", "updates", "mean inner loss", "upload bytes", f"ensemble top-1 {name}")
+    for column in (*columns, f"clients' own {name}", "min-max"):
+        table.add_column(column, justify="right", no_wrap=column == "min-max")
     for r in results["rounds"]:
         score = f"{r[metric]:.4f}" if metric in r else "-"
-        table.add_row(str(r["round"]), str(r["updates"]), f"{r['loss']:.4f}", f"{r['upload_bytes']:,}", score)
+        mine = f"{r[own]:.4f}" if own in r else "-"
+        spread = f"{r[own + '_min']:.3f}-{r[own + '_max']:.3f}" if own in r else "-"
+        row = (str(r["round"]), str(r["updates"]), f"{r['loss']:.4f}", f"{r['upload_bytes']:,}", score)
+        table.add_row(*row, mine, spread)
     console.print(table)
     console.print(f"{results['seconds']:.0f} s" + (f"; wrote {out}" if out else ""))
 

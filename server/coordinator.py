@@ -7,6 +7,16 @@ updates), rounds that close at a quorum or a deadline (`config.policy`), late up
 directory. Every accepted update is written there before it is acknowledged and every closed round is
 checkpointed, so a restarted coordinator resumes where it stopped and applies each acknowledged update
 exactly once. The coordinator never loads training data: it evaluates only on the spec's `eval_data`.
+
+Routing by data (`routing.assign = "data"`): members join with nothing of their data. Once
+`policy.min_clients` joined, federated k-means runs over them, one pass at a time: every clustering
+member answers the open proposal with its `ClusterStats`, and the pass closes when all answered, their
+statistics summed in join order (or at `policy.deadline_s` with at least one answer: the silent ones
+leave the clustering). Then each member sends its histogram over the clusters; the histograms of the
+clustering members are held until all of them arrived (or the deadline) and assigned in join order, so
+that seeds and the first round do not depend on who was fastest; a member that joins later is assigned
+on arrival. A member has a worker ("<client id>.<cluster>") per cluster it holds enough examples of, and
+rounds count workers. A restart during clustering starts it again; converged clustering is durable.
 """
 
 from __future__ import annotations
@@ -16,7 +26,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path as FsPath
 from typing import Any
 
@@ -24,8 +34,9 @@ import numpy as np
 import torch
 
 from fedmoe.aggregate import update_norm
-from fedmoe.assignment import DeviceProfile
+from fedmoe.assignment import DeviceProfile, assign_variant
 from fedmoe.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from fedmoe.clustering import ClusterStats, check_histogram
 from fedmoe.compress.quant import QTensor
 from fedmoe.config import Config
 from fedmoe.engine import NETWORK_SCHEMES, Assignment, Engine
@@ -37,6 +48,7 @@ from fedmoe.worker import Job, Upload, Variant, signed_fields
 
 log = logging.getLogger("fedmoe.server")
 RESUME_KEYS = ("spec", "grid", "seed")  # what a state directory must share with the config to be resumed
+MAX_EVALUATION_ITEMS = 64  # metrics an upload's evaluation may carry
 
 
 class Rejected(Exception):
@@ -56,6 +68,24 @@ class Member:
     profile: str
     public_key: str = ""  # hex of the raw Ed25519 key its updates are signed with
     last_seen: float = 0.0
+    device: dict[str, Any] = field(default_factory=dict)  # its DeviceProfile, for assignment by data
+
+    @property
+    def device_profile(self) -> DeviceProfile:
+        """The device profile it joined with."""
+        d = self.device
+        return DeviceProfile(d["name"], d["memory_bytes"], d["bits"], tuple(d["densities"]), d["speed"])
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """The proposal clustering members answer (pass `number`), or the converged clustering."""
+
+    number: int
+    centroids: np.ndarray | None  # None: the first pass, one cluster
+    prices: np.ndarray | None
+    softness: float
+    converged: bool
 
 
 def model_description(engine: Engine) -> dict[str, Any]:
@@ -104,7 +134,22 @@ class Coordinator:
         self.metrics: list[dict[str, Any]] = []
         self.told_done: set[str] = set()
         self.round_opened = clock()
+        # routing by data, while clustering: its members in join order, this pass's answers, each
+        # member's example count (the same every pass), the feature width (set by the first answer)
+        self.clustering: list[str] = []
+        self.answers: dict[str, ClusterStats] = {}
+        self.passes = 0
+        self.pass_opened = clock()
+        self.cluster_counts: dict[str, float] = {}
+        self.width: int | None = None
+        # once converged: the members that took part and their counts; the members whose histograms are
+        # awaited before any is assigned (empty once assigned), and the histograms held meanwhile
+        self.clustered: dict[str, float] = {}
+        self.barrier: list[str] = []
+        self.held: dict[str, np.ndarray] = {}
+        self.barrier_opened = clock()
         self.resume()
+        self.start_clustering()
 
     @property
     def round(self) -> int:
@@ -131,23 +176,33 @@ class Coordinator:
         feature_sum: np.ndarray | None = None,
         examples: float = 0.0,
     ) -> Member:
-        """Admit a client with its routing statistics; give it a path and a variant that fits, or re-admit it.
+        """Admit a client, or re-admit it.
 
-        A new client must send `feature_sum` (the sum of its examples' routing features) and `examples`
-        (their number). `public_key` (raw Ed25519) is the key the client signs its updates with; a rejoining
-        client may bring a new one (it lost its key in a restart) and fresh routing statistics.
+        Paths in turn: a new client must send `feature_sum` (the sum of its examples' routing features) and
+        `examples` (their number), and is given a path and a variant that fits. Routing by data: it sends
+        neither (its paths come from its histogram once clustering converged; see `assign`), and its profile
+        must hold a path. `public_key` (raw Ed25519) is the key the client signs its updates with; a
+        rejoining client may bring a new one (it lost its key in a restart) and, in turn, fresh statistics.
         """
+        by_data = self.engine.kmeans is not None
+        sent_features = feature_sum is not None and len(feature_sum) > 0
+        if by_data and sent_features:
+            raise Rejected(
+                "INVALID_ARGUMENT",
+                "this federation routes by data (routing.assign = 'data'): a client joins without routing "
+                "statistics and answers clustering proposals; update the client",
+            )
         with self.lock:
             if client_id:
                 member = self.member(client_id)
                 member.last_seen = self.clock()
-                if feature_sum is not None and len(feature_sum):
+                if sent_features:
                     self.add_features(client_id, feature_sum, examples)
                 if public_key:
                     member.public_key = public_key.hex()
                 self.save_state()
                 return member
-            if feature_sum is None or not len(feature_sum):
+            if not by_data and not sent_features:
                 raise Rejected(
                     "INVALID_ARGUMENT",
                     "a client joins with the routing statistics of its data (feature_sum and "
@@ -155,27 +210,45 @@ class Coordinator:
                 )
             client_id = f"c{len(self.members):04d}"
             try:
-                assignment = self.engine.assign(client_id, profile)
+                if by_data:
+                    engine = self.engine
+                    path_model = engine.model.compose(engine.paths[0])  # every path has the same shapes
+                    variant = assign_variant(profile, path_model, self.config.compression.scheme)
+                else:
+                    variant = self.engine.assign(client_id, profile).variant
             except ValueError as e:
                 raise Rejected("RESOURCE_EXHAUSTED", str(e)) from None
-            try:
-                self.add_features(client_id, feature_sum, examples)
-            except Rejected:
-                del self.engine.assignments[client_id]
-                raise
-            member = Member(client_id, name or profile.name, profile.name, public_key.hex(), self.clock())
+            if not by_data:
+                try:
+                    self.add_features(client_id, feature_sum, examples)
+                except Rejected:
+                    del self.engine.assignments[client_id]
+                    raise
+            member = Member(
+                client_id,
+                name or profile.name,
+                profile.name,
+                public_key.hex(),
+                self.clock(),
+                asdict(profile),
+            )
             self.members[client_id] = member
-            if len(self.members) == self.config.policy.min_clients:  # round 0 opens: its deadline runs
-                self.round_opened = self.clock()
+            if not by_data and len(self.members) == self.config.policy.min_clients:
+                self.round_opened = self.clock()  # round 0 opens: its deadline runs
+            self.start_clustering()
             self.save_state()
+            placed = (
+                "paths by its data"
+                if by_data
+                else f"path {self.engine.assignments[client_id].path}, {examples:g} examples"
+            )
             log.info(
-                "client %s (%s, %s) joined: path %s, variant %s, %g examples",
+                "client %s (%s, %s) joined: %s, variant %s",
                 client_id,
                 member.name,
                 profile.name,
-                assignment.path,
-                assignment.variant.name,
-                examples,
+                placed,
+                variant.name,
             )
             return member
 
@@ -192,51 +265,296 @@ class Coordinator:
             raise Rejected("NOT_FOUND", f"unknown client {client_id}: join without a client id")
         return self.members[client_id]
 
-    def assignment(self, client_id: str) -> Assignment:
-        """The member's path, variant and seed."""
+    def assignment(self, client_id: str) -> Assignment | None:
+        """The member's path, variant and seed when paths go in turn; None when routing by data."""
         with self.lock:
             self.member(client_id)
-            return self.engine.assignments[client_id]
+            return self.engine.assignments.get(client_id) if self.engine.kmeans is None else None
 
-    def action(self, client_id: str) -> str:
-        """What a client should do now: "TRAIN", "WAIT" or "DONE". Closes a round whose deadline passed."""
+    def workers(self, client_id: str) -> dict[str, Assignment]:
+        """The member's workers, in enrolment order: {worker id: assignment}; its id alone in turn mode,
+        "<client id>.<cluster>" when routing by data."""
+        assignments = self.engine.assignments
+        if self.engine.kmeans is None:
+            ids = [client_id]
+        else:
+            ids = [f"{client_id}.{k}" for k in range(self.config.n_paths)]
+        return {w: assignments[w] for w in ids if w in assignments}
+
+    def action(self, client_id: str) -> tuple[str, list[str]]:
+        """What a client should do now, and for TRAIN the workers to train: "TRAIN", "WAIT", "DONE",
+        "CLUSTER" (answer the open proposal) or "ASSIGN" (send a histogram). Closes what is due."""
         with self.lock:
             member = self.member(client_id)
             member.last_seen = self.clock()
-            self.close_if_due()
+            self.advance()
             if self.finished:
                 self.told_done.add(client_id)
-                return "DONE"
-            if len(self.members) < self.config.policy.min_clients or client_id in self.pending:
-                return "WAIT"
-            return "TRAIN"
+                return "DONE", []
+            if not self.engine.clustered:
+                answer = client_id in self.clustering and client_id not in self.answers
+                return ("CLUSTER" if answer else "WAIT"), []
+            mine = self.workers(client_id)
+            if not mine:
+                return ("WAIT" if client_id in self.held else "ASSIGN"), []
+            if len(self.members) < self.config.policy.min_clients:
+                return "WAIT", []
+            todo = [w for w in mine if w not in self.pending]
+            return ("TRAIN", todo) if todo else ("WAIT", [])
 
-    # -- rounds -----------------------------------------------------------------------------
-    def job(self, client_id: str) -> Job:
-        """The member's job in the open round: its path's weights as it holds them, the inner settings."""
+    def advance(self) -> None:
+        """Close a clustering pass, release the held histograms, or close a round, when due."""
+        self.close_pass_if_due()
+        self.release_if_due()
+        self.close_if_due()
+
+    # -- routing by data --------------------------------------------------------------------
+    def start_clustering(self) -> None:
+        """Start federated k-means over the members once `policy.min_clients` joined (routing by data)."""
+        kmeans = self.engine.kmeans
+        if kmeans is None or kmeans.done or self.clustering:
+            return
+        if len(self.members) < self.config.policy.min_clients:
+            return
+        self.clustering = list(self.members)
+        self.answers, self.cluster_counts, self.passes, self.width = {}, {}, 0, None
+        self.pass_opened = self.clock()
+        log.info("federated k-means starts over %d clients: %s", len(self.clustering), self.clustering)
+
+    def proposal(self, client_id: str) -> Proposal:
+        """The open clustering proposal, or the converged centroids and prices (FAILED_PRECONDITION before
+        clustering starts, or when paths go in turn)."""
         with self.lock:
             self.member(client_id)
+            engine = self.engine
+            if engine.kmeans is None:
+                raise Rejected(
+                    "FAILED_PRECONDITION", "paths go in turn (routing.assign = 'turn'): no clustering"
+                )
+            if engine.kmeans.done:
+                centroids, prices = engine.routing_state()
+                return Proposal(self.passes, centroids, prices, 0.0, True)
+            if not self.clustering:
+                raise Rejected(
+                    "FAILED_PRECONDITION",
+                    f"clustering starts when {self.config.policy.min_clients} clients joined "
+                    f"({len(self.members)} so far)",
+                )
+            return Proposal(self.passes, *engine.cluster_proposal(), False)
+
+    def cluster(
+        self,
+        client_id: str,
+        number: int,
+        counts: np.ndarray,
+        sums: np.ndarray,
+        squares: np.ndarray,
+        soft: np.ndarray,
+    ) -> Proposal:
+        """Take a member's statistics (flat, as they travel) for pass `number`; close the pass when due.
+
+        FAILED_PRECONDITION for another pass or a client outside the clustering, ALREADY_EXISTS for a second
+        answer, INVALID_ARGUMENT for statistics of the wrong shapes, not finite, negative, counting
+        fractions or another number of examples than the client's earlier answers. Returns the pass open now
+        (as `proposal` would).
+        """
+        with self.lock:
+            self.member(client_id)
+            kmeans = self.engine.kmeans
+            if kmeans is None or kmeans.done or client_id not in self.clustering:
+                raise Rejected(
+                    "FAILED_PRECONDITION", f"client {client_id} takes no part in a clustering pass"
+                )
+            if number != self.passes:
+                raise Rejected(
+                    "FAILED_PRECONDITION", f"an answer to pass {number}, but pass {self.passes} is open"
+                )
+            if client_id in self.answers:
+                raise Rejected("ALREADY_EXISTS", f"client {client_id} already answered pass {number}")
+            try:
+                stats = self.cluster_statistics(client_id, counts, sums, squares, soft)
+            except ValueError as e:
+                raise Rejected("INVALID_ARGUMENT", f"bad cluster statistics: {e}") from None
+            self.answers[client_id] = stats
+            self.cluster_counts[client_id] = float(stats.counts.sum())
+            self.width = stats.sums.shape[1]
+            self.close_pass_if_due()
+            if self.engine.kmeans.done:
+                return Proposal(self.passes, *self.engine.routing_state(), 0.0, True)
+            return Proposal(self.passes, *self.engine.cluster_proposal(), False)
+
+    def cluster_statistics(
+        self, client_id: str, counts: np.ndarray, sums: np.ndarray, squares: np.ndarray, soft: np.ndarray
+    ) -> ClusterStats:
+        """A member's flat statistics as `ClusterStats` of the open proposal's shapes, or ValueError."""
+        centroids, _, softness = self.engine.cluster_proposal()
+        counts, sums, squares, soft = (
+            np.asarray(a, dtype=np.float64).reshape(-1) for a in (counts, sums, squares, soft)
+        )
+        k = 1 if centroids is None else len(centroids)
+        width = self.width if centroids is None else centroids.shape[1]
+        if width is None:  # the first answer of the first pass sets the width of the routing features
+            width = len(sums) // k
+        if width < 1 or len(sums) != k * width or len(squares) != k * width:
+            raise ValueError(
+                f"sums and squares of {len(sums)} and {len(squares)} values; expected {k} x {width}"
+            )
+        if (len(soft) != k) if softness > 0 else len(soft):
+            raise ValueError(f"{len(soft)} soft counts; expected {k if softness > 0 else 0}")
+        stats = ClusterStats(
+            counts, sums.reshape(k, width), squares.reshape(k, width), soft if softness > 0 else None
+        )
+        stats.check(k, width)
+        total = counts.sum()
+        if (counts % 1).any() or total <= 0:
+            raise ValueError("counts must be whole numbers of examples, at least one in all")
+        # per cluster and feature, sum^2 <= count * sum of squares (Cauchy-Schwarz)
+        if (stats.sums**2 > counts[:, None] * stats.squares * (1 + 1e-9) + 1e-9).any():
+            raise ValueError("sums that no examples with these counts and sums of squares have")
+        expected = self.cluster_counts.get(client_id)
+        if expected is not None and total != expected:
+            raise ValueError(f"{total:g} examples, but {expected:g} in the client's earlier answers")
+        if stats.soft is not None and (
+            not np.isfinite(stats.soft).all()
+            or (stats.soft < 0).any()
+            or abs(stats.soft.sum() - total) > 1e-6 * total
+        ):
+            raise ValueError("soft counts must be finite, non-negative, and add up to the examples")
+        return stats
+
+    def close_pass_if_due(self) -> None:
+        """Close the clustering pass when every member answered, or at the deadline with an answer."""
+        kmeans = self.engine.kmeans
+        if kmeans is None or kmeans.done or not self.clustering:
+            return
+        answered = [c for c in self.clustering if c in self.answers]
+        if not answered:
+            return
+        if len(answered) < len(self.clustering):
+            if self.clock() - self.pass_opened < self.config.policy.deadline_s:
+                return
+            silent = [c for c in self.clustering if c not in self.answers]
+            log.warning(
+                "clustering pass %d closes without %s: they leave the clustering", self.passes, silent
+            )
+            self.clustering = answered
+        total = self.answers[answered[0]]
+        for client_id in answered[1:]:  # summed in join order: the same sums as every runner's
+            total = total + self.answers[client_id]
+        done = self.engine.cluster_update(total)
+        self.passes += 1
+        self.answers = {}
+        self.pass_opened = self.clock()
+        if done:
+            self.clustered = {c: self.cluster_counts[c] for c in self.clustering}
+            self.barrier, self.held = list(self.clustering), {}
+            self.barrier_opened = self.clock()
+            self.clustering = []
+            self.save_state()
+
+    def assign(self, client_id: str, histogram: np.ndarray) -> dict[str, Assignment]:
+        """A member's workers from its histogram over the converged clusters (routing by data).
+
+        Returns its workers (those it already has, whatever the histogram), or {} while its histogram is
+        held: the histograms of the clustering members are assigned together, in join order, once all of
+        them arrived or `policy.deadline_s` passed. INVALID_ARGUMENT for a histogram that is not k whole
+        non-negative counts, or (for a clustering member) counts another number of examples than it clustered.
+        """
+        with self.lock:
+            self.member(client_id)
+            if self.engine.kmeans is None:
+                raise Rejected(
+                    "FAILED_PRECONDITION", "paths go in turn (routing.assign = 'turn'): given at join"
+                )
+            mine = self.workers(client_id)
+            if mine:
+                return mine
+            if not self.engine.clustered:
+                raise Rejected("FAILED_PRECONDITION", "clustering has not converged yet")
+            try:
+                counts = check_histogram(histogram, self.config.n_paths)
+            except ValueError as e:
+                raise Rejected("INVALID_ARGUMENT", str(e)) from None
+            expected = self.clustered.get(client_id)
+            if expected is not None and counts.sum() != expected:
+                raise Rejected(
+                    "INVALID_ARGUMENT",
+                    f"a histogram of {counts.sum()} examples, but the client clustered {expected:g}",
+                )
+            if self.barrier:
+                self.held[client_id] = counts
+                self.release_if_due()
+            else:
+                self.assign_now(client_id, counts)
+                self.save_state()
+            return self.workers(client_id)
+
+    def assign_now(self, client_id: str, counts: np.ndarray) -> None:
+        """Give a member its workers by its histogram (the engine registers them in this order)."""
+        try:
+            workers = self.engine.assign_by_data(client_id, self.members[client_id].device_profile, counts)
+        except ValueError as e:
+            raise Rejected("RESOURCE_EXHAUSTED", str(e)) from None
+        shown = ", ".join(f"{w} on path {a.path} ({a.examples} examples)" for w, a in workers.items())
+        log.info("client %s assigned by its data: %s", client_id, shown)
+
+    def release_if_due(self) -> None:
+        """Assign the held histograms in join order once the clustering members' are all in, or at the
+        deadline with at least one."""
+        if not self.barrier or not self.held:
+            return
+        complete = set(self.barrier) <= set(self.held)
+        if not complete and self.clock() - self.barrier_opened < self.config.policy.deadline_s:
+            return
+        if not complete:
+            log.warning("assigning without the histograms of %s", sorted(set(self.barrier) - set(self.held)))
+        for client_id in [c for c in self.members if c in self.held]:
+            try:
+                self.assign_now(client_id, self.held[client_id])
+            except Rejected as e:
+                log.warning("client %s not assigned: %s", client_id, e.detail)
+        self.barrier, self.held = [], {}
+        self.round_opened = self.clock()  # round 0 opens: its deadline runs
+        self.save_state()
+
+    # -- rounds -----------------------------------------------------------------------------
+    def worker(self, client_id: str, worker_id: str) -> str:
+        """The member's worker `worker_id` (empty: the member's id, in turn mode), or NOT_FOUND."""
+        self.member(client_id)
+        worker_id = worker_id or client_id
+        if worker_id not in self.workers(client_id):
+            raise Rejected("NOT_FOUND", f"client {client_id} has no worker {worker_id}")
+        return worker_id
+
+    def job(self, client_id: str, worker_id: str = "") -> Job:
+        """A worker's job in the open round: its path's weights as it holds them, the inner settings."""
+        with self.lock:
+            worker_id = self.worker(client_id, worker_id)
             if self.finished:
                 raise Rejected("FAILED_PRECONDITION", "training has finished")
-            return self.engine.job(client_id)
+            return self.engine.job(worker_id)
 
-    def submit(self, upload: Upload, client_id: str, update_id: str, signature: bytes = b"") -> int:
-        """Validate and durably store one upload for the open round, close the round when due; the open round.
+    def submit(
+        self, upload: Upload, client_id: str, update_id: str, signature: bytes = b"", worker_id: str = ""
+    ) -> int:
+        """Validate and durably store one upload of a member's worker for the open round, close the round
+        when due; the open round.
 
         A member that joined with a public key must sign its updates (see `signed_fields`). The signature,
         decoding and norm checks read only the upload and the grid's shapes, so they run outside the lock:
         other clients heartbeat, pull and push meanwhile.
         """
         with self.lock:
-            public_key = self.admissible(upload, client_id, update_id)
+            worker_id = self.worker(client_id, worker_id)
+            public_key = self.admissible(upload, client_id, update_id, worker_id)
         if public_key:
             try:
-                digest = update_digest(signed_fields(client_id, update_id, upload), upload.tensors)
+                digest = update_digest(signed_fields(worker_id, update_id, upload), upload.tensors)
                 verify_signature(bytes.fromhex(public_key), digest, signature)
             except AuthError as e:
                 raise Rejected("UNAUTHENTICATED", str(e)) from None
         try:
-            update = self.engine.decode(client_id, upload)
+            update = self.engine.decode(worker_id, upload)
         except ValueError as e:
             raise Rejected("INVALID_ARGUMENT", str(e)) from None
         norm, limit = update_norm(update), self.config.aggregation.max_update_norm
@@ -248,7 +566,7 @@ class Coordinator:
             )
         with self.lock:
             # the round, the pending set or the key may have changed meanwhile
-            if self.admissible(upload, client_id, update_id) != public_key:
+            if self.admissible(upload, client_id, update_id, worker_id) != public_key:
                 raise Rejected(
                     "UNAUTHENTICATED",
                     f"client {client_id} rejoined with another key while its update was checked",
@@ -257,14 +575,15 @@ class Coordinator:
             if staleness:
                 upload = replace(upload, weight=upload.weight / (1 + staleness))
                 update = replace(update, weight=upload.weight)
-            self.write_pending(client_id, update_id, upload)
-            self.pending[client_id] = (upload, update)
+            self.write_pending(worker_id, update_id, upload)
+            self.pending[worker_id] = (upload, update)
             self.seen_updates.add(update_id)
             self.close_if_due()
             return self.round
 
-    def admissible(self, upload: Upload, client_id: str, update_id: str) -> str:
-        """Raise `Rejected` unless this member may submit this upload now (round, replay, assignment).
+    def admissible(self, upload: Upload, client_id: str, update_id: str, worker_id: str) -> str:
+        """Raise `Rejected` unless this member may submit this upload of its worker now (round, replay,
+        assignment, weight, evaluation).
 
         Returns the member's public key (hex).
         """
@@ -278,25 +597,31 @@ class Coordinator:
             raise Rejected(
                 "FAILED_PRECONDITION", f"update for round {upload.round}, but round {self.round} is open"
             )
-        if client_id in self.pending:
+        if worker_id in self.pending:
             raise Rejected(
-                "ALREADY_EXISTS", f"client {client_id} already sent its update for round {self.round}"
+                "ALREADY_EXISTS", f"worker {worker_id} already sent its update for round {self.round}"
             )
         try:
-            self.engine.check(client_id, upload)
+            self.engine.check(worker_id, upload)
+            check_upload(upload, self.engine.assignments[worker_id])
         except ValueError as e:
             raise Rejected("INVALID_ARGUMENT", str(e)) from None
         return member.public_key
 
     def close_if_due(self) -> None:
-        """Close the open round when the policy says so (quorum sent, or deadline passed with an update)."""
-        if self.engine.round_due(len(self.pending), len(self.members), self.clock() - self.round_opened):
+        """Close the open round when the policy says so (the quorum of the workers sent, or the deadline
+        passed with an update)."""
+        workers = len(self.engine.assignments)
+        if self.engine.round_due(len(self.pending), workers, self.clock() - self.round_opened):
             self.close_round()
 
     def close_round(self) -> None:
-        """Aggregate the pending uploads through the engine, checkpoint, and open the next round."""
-        uploads = [upload for upload, _ in self.pending.values()]
-        updates = [update for _, update in self.pending.values()]
+        """Aggregate the pending uploads through the engine (in enrolment order, whatever order they came
+        in), checkpoint, and open the next round."""
+        order = {w: i for i, w in enumerate(self.engine.assignments)}
+        pending = [self.pending[w] for w in sorted(self.pending, key=order.__getitem__)]
+        uploads = [upload for upload, _ in pending]
+        updates = [update for _, update in pending]
         metrics = self.engine.close_round(uploads, updates)
         self.metrics.append(metrics)
         shown = (
@@ -315,25 +640,37 @@ class Coordinator:
     def status(self) -> dict[str, Any]:
         """Round, members (with assignments), metrics and the model description, for `Status` and logs."""
         with self.lock:
-            assignments = self.engine.assignments
+            members = []
+            for client_id, member in self.members.items():
+                workers = {w: a.to_dict() for w, a in self.workers(client_id).items()}
+                members.append({**asdict(member), **workers.get(client_id, {}), "workers": workers})
             return {
                 "round": self.round,
                 "rounds": self.config.rounds,
                 "finished": self.finished,
+                "routing": self.config.routing.assign,
+                "clustering": {
+                    "running": bool(self.clustering),
+                    "passes": self.passes,
+                    "members": self.clustering,
+                },
                 "pending": sorted(self.pending),
                 "metrics": self.metrics,
                 "model": self.model,
-                "members": [{**asdict(m), **assignments[c].to_dict()} for c, m in self.members.items()],
+                "members": members,
             }
 
     # -- state ------------------------------------------------------------------------------
     def save_state(self) -> None:
-        """Checkpoint the engine (grid, momentum, round, assignments, routing statistics) and members."""
+        """Checkpoint the engine (grid, momentum, round, assignments, routing statistics, converged
+        clustering), members, and who the held histograms wait for."""
         manifest = {
             "kind": "coordinator",
             "config": self.config.model_dump(mode="json"),
             "engine": self.engine.state_manifest(),
             "members": [asdict(m) for m in self.members.values()],
+            "clustered": self.clustered,
+            "barrier": self.barrier,
             "seen_updates": sorted(self.seen_updates),
             "metrics": self.metrics,
         }
@@ -357,14 +694,16 @@ class Coordinator:
         self.members = {m["client_id"]: Member(**m) for m in manifest["members"]}
         self.seen_updates = set(manifest["seen_updates"])
         self.metrics = manifest["metrics"]
+        self.clustered = manifest.get("clustered", {})
+        self.barrier = manifest.get("barrier", [])
         for directory in sorted((self.state_dir / "pending").glob("*")):
             try:
-                client_id, update_id, counted_in, upload = self.read_pending(directory)
+                worker_id, update_id, counted_in, upload = self.read_pending(directory)
             except CheckpointError as e:
                 log.warning("ignoring a torn pending update %s: %s", directory, e)
                 continue
             if counted_in == self.round:
-                self.pending[client_id] = (upload, self.engine.decode(client_id, upload))
+                self.pending[worker_id] = (upload, self.engine.decode(worker_id, upload))
                 self.seen_updates.add(update_id)
         log.info(
             "resumed at round %d with %d members and %d pending updates",
@@ -373,7 +712,7 @@ class Coordinator:
             len(self.pending),
         )
 
-    def write_pending(self, client_id: str, update_id: str, upload: Upload) -> None:
+    def write_pending(self, worker_id: str, update_id: str, upload: Upload) -> None:
         """Make an accepted upload durable before it is acknowledged."""
         tensors = {}
         meta = {}
@@ -383,7 +722,7 @@ class Coordinator:
             meta[name] = {"bits": q.bits, "shape": list(q.shape)}
         manifest = {
             "kind": "upload",
-            "client_id": client_id,
+            "worker_id": worker_id,
             "update_id": update_id,
             "path": str(upload.path),
             "variant": asdict(upload.variant),
@@ -391,13 +730,14 @@ class Coordinator:
             "seed": upload.seed,
             "weight": upload.weight,
             "loss": upload.loss,
+            "evaluation": upload.evaluation,
             "qtensors": meta,
             "counted_in": self.round,
         }
-        save_checkpoint(self.state_dir / "pending" / f"r{self.round}-{client_id}", tensors, manifest)
+        save_checkpoint(self.state_dir / "pending" / f"r{self.round}-{worker_id}", tensors, manifest)
 
     def read_pending(self, directory: FsPath) -> tuple[str, str, int, Upload]:
-        """Inverse of `write_pending`: client id, update id, the round the upload counts in, the upload."""
+        """Inverse of `write_pending`: worker id, update id, the round the upload counts in, the upload."""
         tensors, m = load_checkpoint(directory)
         qtensors = {
             name: QTensor(
@@ -416,5 +756,27 @@ class Coordinator:
             m["weight"],
             qtensors,
             m["loss"],
+            m["evaluation"],
         )
-        return m["client_id"], m["update_id"], m["counted_in"], upload
+        return m["worker_id"], m["update_id"], m["counted_in"], upload
+
+
+def check_upload(upload: Upload, assignment: Assignment) -> None:
+    """Raise ValueError unless the upload's weight is positive and, routing by data, at most the examples
+    its worker reported for its cluster, and its evaluation is a few finite metrics over whole examples."""
+    weight = upload.weight
+    if not np.isfinite(weight) or weight <= 0:
+        raise ValueError(f"an update's weight is its number of examples, a positive number; got {weight}")
+    if assignment.examples and weight > assignment.examples:
+        raise ValueError(
+            f"an update of weight {weight:g}, but its worker reported {assignment.examples} examples "
+            f"of cluster {assignment.cluster}"
+        )
+    evaluation = upload.evaluation
+    if len(evaluation) > MAX_EVALUATION_ITEMS or any(len(name) > 64 for name in evaluation):
+        raise ValueError(f"an evaluation is at most {MAX_EVALUATION_ITEMS} metrics with short names")
+    if not all(np.isfinite(v) for v in evaluation.values()):
+        raise ValueError("an evaluation's metrics must be finite")
+    examples = evaluation.get("examples", 0.0)
+    if examples < 0 or examples % 1:
+        raise ValueError(f"an evaluation is over a whole number of examples, got {examples}")

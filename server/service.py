@@ -1,4 +1,4 @@
-"""The coordinator over gRPC: authentication, streaming of tensors, health checking."""
+"""The coordinator over gRPC: authentication, streaming of tensors, health checking, clustering messages."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from fedmoe.config import InnerConfig
 from fedmoe.engine import Assignment
 from fedmoe.modular import Path
 from fedmoe.security import AuthError, TokenAuthority, bearer, server_credentials
-from fedmoe.server.coordinator import Coordinator, Rejected
+from fedmoe.server.coordinator import Coordinator, Proposal, Rejected
 from fedmoe.v1 import coordinator_pb2 as pb
 from fedmoe.v1 import coordinator_pb2_grpc as pb_grpc
 from fedmoe.wire import WireError, decode_tensors, encode_tensors
@@ -52,8 +52,25 @@ def assignment_message(assignment: Assignment, round: int, inner: InnerConfig) -
     )
 
 
+def proposal_message(proposal: Proposal) -> pb.ProposalReply:
+    """A clustering proposal (or the converged clustering) as it travels: k x width centroids, row-major."""
+    centroids = proposal.centroids
+    if centroids is None:
+        return pb.ProposalReply(pass_number=proposal.number, first=True, softness=proposal.softness)
+    return pb.ProposalReply(
+        pass_number=proposal.number,
+        k=centroids.shape[0],
+        width=centroids.shape[1],
+        centroids=centroids.reshape(-1).tolist(),
+        prices=np.asarray(proposal.prices, dtype=np.float64).tolist(),
+        softness=proposal.softness,
+        converged=proposal.converged,
+    )
+
+
 class CoordinatorService(pb_grpc.CoordinatorServicer):
-    """Join, Pull, Push, Heartbeat and Status on top of a `Coordinator`."""
+    """Join, Pull, Push, Heartbeat, Status, and routing by data's Proposal, Cluster and Assign, on top of a
+    `Coordinator`."""
 
     def __init__(
         self, coordinator: Coordinator, tokens: TokenAuthority, max_update_bytes: int = MAX_UPDATE_BYTES
@@ -90,23 +107,20 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             )
         except Rejected as e:
             abort(context, e.code, e.detail)
-        with coordinator.lock:
-            message = assignment_message(
-                coordinator.assignment(member.client_id),
-                coordinator.round,
-                coordinator.engine.inner(coordinator.round),
-            )
-        return pb.JoinReply(
-            client_id=member.client_id,
-            token=self.tokens.issue(member.client_id),
-            model_json=self.model_json,
-            assignment=message,
+        reply = pb.JoinReply(
+            client_id=member.client_id, token=self.tokens.issue(member.client_id), model_json=self.model_json
         )
+        with coordinator.lock:
+            assignment = coordinator.assignment(member.client_id)
+            if assignment is not None:
+                inner = coordinator.engine.inner(coordinator.round)
+                reply.assignment.CopyFrom(assignment_message(assignment, coordinator.round, inner))
+        return reply
 
     def Pull(self, request: pb.PullRequest, context: grpc.ServicerContext) -> Iterator[pb.PullFrame]:
         self.authenticate(context, request.client_id)
         try:
-            job = self.coordinator.job(request.client_id)
+            job = self.coordinator.job(request.client_id, request.worker_id)
         except Rejected as e:
             abort(context, e.code, e.detail)
         assignment = Assignment(job.path, job.variant, job.seed)
@@ -131,8 +145,11 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 header.weight,
                 tensors,
                 header.loss,
+                dict(header.evaluation),
             )
-            open_round = self.coordinator.submit(upload, header.client_id, header.update_id, header.signature)
+            open_round = self.coordinator.submit(
+                upload, header.client_id, header.update_id, header.signature, header.worker_id
+            )
         except WireError as e:
             abort(context, e.code.name, str(e))
         except Rejected as e:
@@ -144,13 +161,60 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatReply:
         self.authenticate(context, request.client_id)
         try:
-            action = self.coordinator.action(request.client_id)
+            action, workers = self.coordinator.action(request.client_id)
         except Rejected as e:
             abort(context, e.code, e.detail)
-        return pb.HeartbeatReply(action=getattr(pb.HeartbeatReply, action), round=self.coordinator.round)
+        return pb.HeartbeatReply(
+            action=getattr(pb.HeartbeatReply, action), round=self.coordinator.round, workers=workers
+        )
 
     def Status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusReply:
         return pb.StatusReply(json=json.dumps(self.coordinator.status()))
+
+    def Proposal(self, request: pb.ProposalRequest, context: grpc.ServicerContext) -> pb.ProposalReply:
+        self.authenticate(context, request.client_id)
+        try:
+            return proposal_message(self.coordinator.proposal(request.client_id))
+        except Rejected as e:
+            abort(context, e.code, e.detail)
+
+    def Cluster(self, request: pb.ClusterReport, context: grpc.ServicerContext) -> pb.ClusterReply:
+        self.authenticate(context, request.client_id)
+        try:
+            now = self.coordinator.cluster(
+                request.client_id,
+                request.pass_number,
+                *(
+                    np.asarray(values, dtype=np.float64)
+                    for values in (request.counts, request.sums, request.squares, request.soft)
+                ),
+            )
+        except Rejected as e:
+            abort(context, e.code, e.detail)
+        return pb.ClusterReply(pass_number=now.number, converged=now.converged)
+
+    def Assign(self, request: pb.AssignRequest, context: grpc.ServicerContext) -> pb.AssignReply:
+        self.authenticate(context, request.client_id)
+        coordinator = self.coordinator
+        try:
+            workers = coordinator.assign(request.client_id, np.asarray(request.histogram, dtype=np.float64))
+        except Rejected as e:
+            abort(context, e.code, e.detail)
+        with coordinator.lock:
+            inner = coordinator.engine.inner(coordinator.round)
+            return pb.AssignReply(
+                workers=[
+                    pb.Worker(
+                        worker_id=worker_id,
+                        assignment=assignment_message(a, coordinator.round, inner),
+                        cluster=a.cluster,
+                        examples=a.examples,
+                        trains_router=a.trains_router,
+                    )
+                    for worker_id, a in workers.items()
+                ],
+                pending=not workers,
+            )
 
 
 def tensor_frames(frames: Iterator[pb.PushFrame]) -> Iterator:

@@ -35,7 +35,10 @@ from fedmoe.v1 import tensor_pb2
 from fedmoe.worker import Upload, Worker, signed_fields
 
 SPEC = load_spec("fedmoe.models.digits:spec")
-CONFIG = Config(grid=(2,), rounds=2, inner={"steps": 5}, policy={"min_clients": 2})
+# paths in turn, each client joining with its routing statistics (routing by data: tests/test_grpc_routing.py)
+CONFIG = Config(
+    grid=(2,), rounds=2, inner={"steps": 5}, policy={"min_clients": 2}, routing={"assign": "turn"}
+)
 DATA = SPEC.data(0, 2).train.subset(range(100))
 FEATURES = SPEC.feature_statistics(DATA)
 # 12.7M parameters: 51 MB at fp32
@@ -308,7 +311,7 @@ def test_acknowledged_updates_survive_a_restart_and_are_applied_once(tmp_path):
 
 
 def test_sdk_clients_over_grpc_train_the_same_weights_as_the_in_process_runner(tmp_path):
-    config = Config(grid=(2,), rounds=2, inner={"steps": 5}, policy={"min_clients": 2})
+    config = CONFIG
     local = run_federation(SPEC, config)
     coordinator = Coordinator(config, tmp_path / "state")
     server, port = start_server(coordinator, "127.0.0.1:0")
@@ -359,7 +362,13 @@ def test_a_50_mb_expert_is_pulled_and_pushed_through_the_stream(tmp_path):
 
 @pytest.mark.parametrize("late", ["drop", "stale"])
 def test_a_straggler_update_is_dropped_or_counted_with_staleness_weight(tmp_path, late):
-    config = Config(grid=(1,), rounds=3, inner={"steps": 3}, policy={"quorum": 0.5, "late": late})
+    config = Config(
+        grid=(1,),
+        rounds=3,
+        inner={"steps": 3},
+        policy={"quorum": 0.5, "late": late},
+        routing={"assign": "turn"},
+    )
     coordinator = Coordinator(config, tmp_path / "state")
     fast, slow = (
         coordinator.join(PROFILES["fp32"], name, feature_sum=FEATURES[0], examples=FEATURES[1])

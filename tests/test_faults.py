@@ -59,6 +59,8 @@ def test_killed_client_rejoins_and_killed_coordinator_resumes(tmp_path):
         "3",
         "--deadline",
         "15",
+        "--routing",
+        "turn",
         "--exit-when-done",
     ]
 
@@ -123,7 +125,8 @@ def test_killed_client_rejoins_and_killed_coordinator_resumes(tmp_path):
 
 
 def test_a_client_that_drops_off_mid_pull_changes_nothing(tmp_path):
-    coordinator = Coordinator(Config(grid=(1,), rounds=1, inner={"steps": 1}), tmp_path / "state")
+    config = Config(grid=(1,), rounds=1, inner={"steps": 1}, routing={"assign": "turn"})
+    coordinator = Coordinator(config, tmp_path / "state")
     server, port = start_server(coordinator, "127.0.0.1:0")
     try:
         with connect(f"127.0.0.1:{port}") as channel:

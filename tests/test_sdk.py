@@ -29,7 +29,9 @@ def batches(inputs=INPUTS, targets=TARGETS):
 
 @pytest.fixture
 def coordinator(tmp_path):
-    config = Config(grid=(2,), rounds=1, inner={"steps": 3}, policy={"min_clients": 2})
+    config = Config(
+        grid=(2,), rounds=1, inner={"steps": 3}, policy={"min_clients": 2}, routing={"assign": "turn"}
+    )
     coordinator = Coordinator(config, tmp_path / "state")
     server, port = start_server(coordinator, "127.0.0.1:0")
     try:

@@ -25,13 +25,15 @@ _sym_db = _symbol_database.Default()
 from fedmoe.v1 import tensor_pb2 as fedmoe_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66\x65\x64moe/v1/coordinator.proto\x12\tfedmoe.v1\x1a\x16\x66\x65\x64moe/v1/tensor.proto\"c\n\rDeviceProfile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x04\x12\x0c\n\x04\x62its\x18\x03 \x01(\r\x12\x11\n\tdensities\x18\x04 \x03(\x02\x12\r\n\x05speed\x18\x05 \x01(\x02\"8\n\x07Variant\x12\x0c\n\x04\x62its\x18\x01 \x01(\r\x12\x0f\n\x07\x64\x65nsity\x18\x02 \x01(\x02\x12\x0e\n\x06scheme\x18\x03 \x01(\t\"\xe5\x01\n\nAssignment\x12\x0c\n\x04path\x18\x01 \x01(\t\x12#\n\x07variant\x18\x02 \x01(\x0b\x32\x12.fedmoe.v1.Variant\x12\r\n\x05round\x18\x03 \x01(\r\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x13\n\x0binner_steps\x18\x07 \x01(\r\x12\x12\n\nbatch_size\x18\t \x01(\r\x12\n\n\x02lr\x18\n \x01(\x01\x12\x14\n\x0cweight_decay\x18\x0b \x01(\x01\x12\x11\n\tgrad_clip\x18\x0c \x01(\x01J\x04\x08\x05\x10\x06J\x04\x08\x06\x10\x07J\x04\x08\x08\x10\tR\x05shardR\x06shardsR\x08inner_lr\"\x94\x01\n\x0bJoinRequest\x12)\n\x07profile\x18\x01 \x01(\x0b\x32\x18.fedmoe.v1.DeviceProfile\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\tclient_id\x18\x03 \x01(\t\x12\x12\n\npublic_key\x18\x04 \x01(\x0c\x12\x13\n\x0b\x66\x65\x61ture_sum\x18\x05 \x03(\x01\x12\x10\n\x08\x65xamples\x18\x06 \x01(\x01\"l\n\tJoinReply\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x12\n\nmodel_json\x18\x03 \x01(\t\x12)\n\nassignment\x18\x04 \x01(\x0b\x32\x15.fedmoe.v1.Assignment\" \n\x0bPullRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\"k\n\tPullFrame\x12+\n\nassignment\x18\x01 \x01(\x0b\x32\x15.fedmoe.v1.AssignmentH\x00\x12(\n\x06tensor\x18\x02 \x01(\x0b\x32\x16.fedmoe.v1.TensorFrameH\x00\x42\x07\n\x05\x66rame\"\xb3\x01\n\nPushHeader\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x0c\n\x04path\x18\x03 \x01(\t\x12#\n\x07variant\x18\x04 \x01(\x0b\x32\x12.fedmoe.v1.Variant\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x0e\n\x06weight\x18\x06 \x01(\x01\x12\x0c\n\x04loss\x18\x07 \x01(\x02\x12\x11\n\tupdate_id\x18\x08 \x01(\t\x12\x11\n\tsignature\x18\t \x01(\x0c\"g\n\tPushFrame\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.fedmoe.v1.PushHeaderH\x00\x12(\n\x06tensor\x18\x02 \x01(\x0b\x32\x16.fedmoe.v1.TensorFrameH\x00\x42\x07\n\x05\x66rame\"<\n\tPushReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\r\n\x05round\x18\x02 \x01(\r\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"%\n\x10HeartbeatRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\"z\n\x0eHeartbeatReply\x12\x30\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32 .fedmoe.v1.HeartbeatReply.Action\x12\r\n\x05round\x18\x02 \x01(\r\"\'\n\x06\x41\x63tion\x12\x08\n\x04WAIT\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\x08\n\x04\x44ONE\x10\x02\"\x0f\n\rStatusRequest\"\x1b\n\x0bStatusReply\x12\x0c\n\x04json\x18\x01 \x01(\t2\xb2\x02\n\x0b\x43oordinator\x12\x34\n\x04Join\x12\x16.fedmoe.v1.JoinRequest\x1a\x14.fedmoe.v1.JoinReply\x12\x36\n\x04Pull\x12\x16.fedmoe.v1.PullRequest\x1a\x14.fedmoe.v1.PullFrame0\x01\x12\x34\n\x04Push\x12\x14.fedmoe.v1.PushFrame\x1a\x14.fedmoe.v1.PushReply(\x01\x12\x43\n\tHeartbeat\x12\x1b.fedmoe.v1.HeartbeatRequest\x1a\x19.fedmoe.v1.HeartbeatReply\x12:\n\x06Status\x12\x18.fedmoe.v1.StatusRequest\x1a\x16.fedmoe.v1.StatusReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66\x65\x64moe/v1/coordinator.proto\x12\tfedmoe.v1\x1a\x16\x66\x65\x64moe/v1/tensor.proto\"c\n\rDeviceProfile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x04\x12\x0c\n\x04\x62its\x18\x03 \x01(\r\x12\x11\n\tdensities\x18\x04 \x03(\x02\x12\r\n\x05speed\x18\x05 \x01(\x02\"8\n\x07Variant\x12\x0c\n\x04\x62its\x18\x01 \x01(\r\x12\x0f\n\x07\x64\x65nsity\x18\x02 \x01(\x02\x12\x0e\n\x06scheme\x18\x03 \x01(\t\"\xe5\x01\n\nAssignment\x12\x0c\n\x04path\x18\x01 \x01(\t\x12#\n\x07variant\x18\x02 \x01(\x0b\x32\x12.fedmoe.v1.Variant\x12\r\n\x05round\x18\x03 \x01(\r\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x13\n\x0binner_steps\x18\x07 \x01(\r\x12\x12\n\nbatch_size\x18\t \x01(\r\x12\n\n\x02lr\x18\n \x01(\x01\x12\x14\n\x0cweight_decay\x18\x0b \x01(\x01\x12\x11\n\tgrad_clip\x18\x0c \x01(\x01J\x04\x08\x05\x10\x06J\x04\x08\x06\x10\x07J\x04\x08\x08\x10\tR\x05shardR\x06shardsR\x08inner_lr\"\x94\x01\n\x0bJoinRequest\x12)\n\x07profile\x18\x01 \x01(\x0b\x32\x18.fedmoe.v1.DeviceProfile\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\tclient_id\x18\x03 \x01(\t\x12\x12\n\npublic_key\x18\x04 \x01(\x0c\x12\x13\n\x0b\x66\x65\x61ture_sum\x18\x05 \x03(\x01\x12\x10\n\x08\x65xamples\x18\x06 \x01(\x01\"l\n\tJoinReply\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x12\n\nmodel_json\x18\x03 \x01(\t\x12)\n\nassignment\x18\x04 \x01(\x0b\x32\x15.fedmoe.v1.Assignment\"3\n\x0bPullRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\"k\n\tPullFrame\x12+\n\nassignment\x18\x01 \x01(\x0b\x32\x15.fedmoe.v1.AssignmentH\x00\x12(\n\x06tensor\x18\x02 \x01(\x0b\x32\x16.fedmoe.v1.TensorFrameH\x00\x42\x07\n\x05\x66rame\"\xb4\x02\n\nPushHeader\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x0c\n\x04path\x18\x03 \x01(\t\x12#\n\x07variant\x18\x04 \x01(\x0b\x32\x12.fedmoe.v1.Variant\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x0e\n\x06weight\x18\x06 \x01(\x01\x12\x0c\n\x04loss\x18\x07 \x01(\x02\x12\x11\n\tupdate_id\x18\x08 \x01(\t\x12\x11\n\tsignature\x18\t \x01(\x0c\x12\x11\n\tworker_id\x18\n \x01(\t\x12\x39\n\nevaluation\x18\x0b \x03(\x0b\x32%.fedmoe.v1.PushHeader.EvaluationEntry\x1a\x31\n\x0f\x45valuationEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"g\n\tPushFrame\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.fedmoe.v1.PushHeaderH\x00\x12(\n\x06tensor\x18\x02 \x01(\x0b\x32\x16.fedmoe.v1.TensorFrameH\x00\x42\x07\n\x05\x66rame\"<\n\tPushReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\r\n\x05round\x18\x02 \x01(\r\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"%\n\x10HeartbeatRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\"\xa4\x01\n\x0eHeartbeatReply\x12\x30\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32 .fedmoe.v1.HeartbeatReply.Action\x12\r\n\x05round\x18\x02 \x01(\r\x12\x0f\n\x07workers\x18\x03 \x03(\t\"@\n\x06\x41\x63tion\x12\x08\n\x04WAIT\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\x08\n\x04\x44ONE\x10\x02\x12\x0b\n\x07\x43LUSTER\x10\x03\x12\n\n\x06\x41SSIGN\x10\x04\"\x0f\n\rStatusRequest\"\x1b\n\x0bStatusReply\x12\x0c\n\x04json\x18\x01 \x01(\t\"$\n\x0fProposalRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\"\x95\x01\n\rProposalReply\x12\x13\n\x0bpass_number\x18\x01 \x01(\r\x12\r\n\x05\x66irst\x18\x02 \x01(\x08\x12\t\n\x01k\x18\x03 \x01(\r\x12\r\n\x05width\x18\x04 \x01(\r\x12\x11\n\tcentroids\x18\x05 \x03(\x01\x12\x0e\n\x06prices\x18\x06 \x03(\x01\x12\x10\n\x08softness\x18\x07 \x01(\x01\x12\x11\n\tconverged\x18\x08 \x01(\x08\"t\n\rClusterReport\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x13\n\x0bpass_number\x18\x02 \x01(\r\x12\x0e\n\x06\x63ounts\x18\x03 \x03(\x01\x12\x0c\n\x04sums\x18\x04 \x03(\x01\x12\x0f\n\x07squares\x18\x05 \x03(\x01\x12\x0c\n\x04soft\x18\x06 \x03(\x01\"6\n\x0c\x43lusterReply\x12\x13\n\x0bpass_number\x18\x01 \x01(\r\x12\x11\n\tconverged\x18\x02 \x01(\x08\"5\n\rAssignRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x11\n\thistogram\x18\x02 \x03(\x01\"\x80\x01\n\x06Worker\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12)\n\nassignment\x18\x02 \x01(\x0b\x32\x15.fedmoe.v1.Assignment\x12\x0f\n\x07\x63luster\x18\x03 \x01(\r\x12\x10\n\x08\x65xamples\x18\x04 \x01(\x04\x12\x15\n\rtrains_router\x18\x05 \x01(\x08\"B\n\x0b\x41ssignReply\x12\"\n\x07workers\x18\x01 \x03(\x0b\x32\x11.fedmoe.v1.Worker\x12\x0f\n\x07pending\x18\x02 \x01(\x08\x32\xee\x03\n\x0b\x43oordinator\x12\x34\n\x04Join\x12\x16.fedmoe.v1.JoinRequest\x1a\x14.fedmoe.v1.JoinReply\x12\x36\n\x04Pull\x12\x16.fedmoe.v1.PullRequest\x1a\x14.fedmoe.v1.PullFrame0\x01\x12\x34\n\x04Push\x12\x14.fedmoe.v1.PushFrame\x1a\x14.fedmoe.v1.PushReply(\x01\x12\x43\n\tHeartbeat\x12\x1b.fedmoe.v1.HeartbeatRequest\x1a\x19.fedmoe.v1.HeartbeatReply\x12:\n\x06Status\x12\x18.fedmoe.v1.StatusRequest\x1a\x16.fedmoe.v1.StatusReply\x12@\n\x08Proposal\x12\x1a.fedmoe.v1.ProposalRequest\x1a\x18.fedmoe.v1.ProposalReply\x12<\n\x07\x43luster\x12\x18.fedmoe.v1.ClusterReport\x1a\x17.fedmoe.v1.ClusterReply\x12:\n\x06\x41ssign\x12\x18.fedmoe.v1.AssignRequest\x1a\x16.fedmoe.v1.AssignReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedmoe.v1.coordinator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_PUSHHEADER_EVALUATIONENTRY']._loaded_options = None
+  _globals['_PUSHHEADER_EVALUATIONENTRY']._serialized_options = b'8\001'
   _globals['_DEVICEPROFILE']._serialized_start=66
   _globals['_DEVICEPROFILE']._serialized_end=165
   _globals['_VARIANT']._serialized_start=167
@@ -43,25 +45,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOINREPLY']._serialized_start=608
   _globals['_JOINREPLY']._serialized_end=716
   _globals['_PULLREQUEST']._serialized_start=718
-  _globals['_PULLREQUEST']._serialized_end=750
-  _globals['_PULLFRAME']._serialized_start=752
-  _globals['_PULLFRAME']._serialized_end=859
-  _globals['_PUSHHEADER']._serialized_start=862
-  _globals['_PUSHHEADER']._serialized_end=1041
-  _globals['_PUSHFRAME']._serialized_start=1043
-  _globals['_PUSHFRAME']._serialized_end=1146
-  _globals['_PUSHREPLY']._serialized_start=1148
-  _globals['_PUSHREPLY']._serialized_end=1208
-  _globals['_HEARTBEATREQUEST']._serialized_start=1210
-  _globals['_HEARTBEATREQUEST']._serialized_end=1247
-  _globals['_HEARTBEATREPLY']._serialized_start=1249
-  _globals['_HEARTBEATREPLY']._serialized_end=1371
-  _globals['_HEARTBEATREPLY_ACTION']._serialized_start=1332
-  _globals['_HEARTBEATREPLY_ACTION']._serialized_end=1371
-  _globals['_STATUSREQUEST']._serialized_start=1373
-  _globals['_STATUSREQUEST']._serialized_end=1388
-  _globals['_STATUSREPLY']._serialized_start=1390
-  _globals['_STATUSREPLY']._serialized_end=1417
-  _globals['_COORDINATOR']._serialized_start=1420
-  _globals['_COORDINATOR']._serialized_end=1726
+  _globals['_PULLREQUEST']._serialized_end=769
+  _globals['_PULLFRAME']._serialized_start=771
+  _globals['_PULLFRAME']._serialized_end=878
+  _globals['_PUSHHEADER']._serialized_start=881
+  _globals['_PUSHHEADER']._serialized_end=1189
+  _globals['_PUSHHEADER_EVALUATIONENTRY']._serialized_start=1140
+  _globals['_PUSHHEADER_EVALUATIONENTRY']._serialized_end=1189
+  _globals['_PUSHFRAME']._serialized_start=1191
+  _globals['_PUSHFRAME']._serialized_end=1294
+  _globals['_PUSHREPLY']._serialized_start=1296
+  _globals['_PUSHREPLY']._serialized_end=1356
+  _globals['_HEARTBEATREQUEST']._serialized_start=1358
+  _globals['_HEARTBEATREQUEST']._serialized_end=1395
+  _globals['_HEARTBEATREPLY']._serialized_start=1398
+  _globals['_HEARTBEATREPLY']._serialized_end=1562
+  _globals['_HEARTBEATREPLY_ACTION']._serialized_start=1498
+  _globals['_HEARTBEATREPLY_ACTION']._serialized_end=1562
+  _globals['_STATUSREQUEST']._serialized_start=1564
+  _globals['_STATUSREQUEST']._serialized_end=1579
+  _globals['_STATUSREPLY']._serialized_start=1581
+  _globals['_STATUSREPLY']._serialized_end=1608
+  _globals['_PROPOSALREQUEST']._serialized_start=1610
+  _globals['_PROPOSALREQUEST']._serialized_end=1646
+  _globals['_PROPOSALREPLY']._serialized_start=1649
+  _globals['_PROPOSALREPLY']._serialized_end=1798
+  _globals['_CLUSTERREPORT']._serialized_start=1800
+  _globals['_CLUSTERREPORT']._serialized_end=1916
+  _globals['_CLUSTERREPLY']._serialized_start=1918
+  _globals['_CLUSTERREPLY']._serialized_end=1972
+  _globals['_ASSIGNREQUEST']._serialized_start=1974
+  _globals['_ASSIGNREQUEST']._serialized_end=2027
+  _globals['_WORKER']._serialized_start=2030
+  _globals['_WORKER']._serialized_end=2158
+  _globals['_ASSIGNREPLY']._serialized_start=2160
+  _globals['_ASSIGNREPLY']._serialized_end=2226
+  _globals['_COORDINATOR']._serialized_start=2229
+  _globals['_COORDINATOR']._serialized_end=2723
 # @@protoc_insertion_point(module_scope)

@@ -83,10 +83,12 @@ class JoinReply(_message.Message):
     def __init__(self, client_id: _Optional[str] = ..., token: _Optional[str] = ..., model_json: _Optional[str] = ..., assignment: _Optional[_Union[Assignment, _Mapping]] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("client_id",)
+    __slots__ = ("client_id", "worker_id")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     client_id: str
-    def __init__(self, client_id: _Optional[str] = ...) -> None: ...
+    worker_id: str
+    def __init__(self, client_id: _Optional[str] = ..., worker_id: _Optional[str] = ...) -> None: ...
 
 class PullFrame(_message.Message):
     __slots__ = ("assignment", "tensor")
@@ -97,7 +99,14 @@ class PullFrame(_message.Message):
     def __init__(self, assignment: _Optional[_Union[Assignment, _Mapping]] = ..., tensor: _Optional[_Union[_tensor_pb2.TensorFrame, _Mapping]] = ...) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("client_id", "round", "path", "variant", "seed", "weight", "loss", "update_id", "signature")
+    __slots__ = ("client_id", "round", "path", "variant", "seed", "weight", "loss", "update_id", "signature", "worker_id", "evaluation")
+    class EvaluationEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
@@ -107,6 +116,8 @@ class PushHeader(_message.Message):
     LOSS_FIELD_NUMBER: _ClassVar[int]
     UPDATE_ID_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    EVALUATION_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     round: int
     path: str
@@ -116,7 +127,9 @@ class PushHeader(_message.Message):
     loss: float
     update_id: str
     signature: bytes
-    def __init__(self, client_id: _Optional[str] = ..., round: _Optional[int] = ..., path: _Optional[str] = ..., variant: _Optional[_Union[Variant, _Mapping]] = ..., seed: _Optional[int] = ..., weight: _Optional[float] = ..., loss: _Optional[float] = ..., update_id: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    worker_id: str
+    evaluation: _containers.ScalarMap[str, float]
+    def __init__(self, client_id: _Optional[str] = ..., round: _Optional[int] = ..., path: _Optional[str] = ..., variant: _Optional[_Union[Variant, _Mapping]] = ..., seed: _Optional[int] = ..., weight: _Optional[float] = ..., loss: _Optional[float] = ..., update_id: _Optional[str] = ..., signature: _Optional[bytes] = ..., worker_id: _Optional[str] = ..., evaluation: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class PushFrame(_message.Message):
     __slots__ = ("header", "tensor")
@@ -143,20 +156,26 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, client_id: _Optional[str] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
-    __slots__ = ("action", "round")
+    __slots__ = ("action", "round", "workers")
     class Action(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         WAIT: _ClassVar[HeartbeatReply.Action]
         TRAIN: _ClassVar[HeartbeatReply.Action]
         DONE: _ClassVar[HeartbeatReply.Action]
+        CLUSTER: _ClassVar[HeartbeatReply.Action]
+        ASSIGN: _ClassVar[HeartbeatReply.Action]
     WAIT: HeartbeatReply.Action
     TRAIN: HeartbeatReply.Action
     DONE: HeartbeatReply.Action
+    CLUSTER: HeartbeatReply.Action
+    ASSIGN: HeartbeatReply.Action
     ACTION_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
     action: HeartbeatReply.Action
     round: int
-    def __init__(self, action: _Optional[_Union[HeartbeatReply.Action, str]] = ..., round: _Optional[int] = ...) -> None: ...
+    workers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, action: _Optional[_Union[HeartbeatReply.Action, str]] = ..., round: _Optional[int] = ..., workers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()
@@ -167,3 +186,83 @@ class StatusReply(_message.Message):
     JSON_FIELD_NUMBER: _ClassVar[int]
     json: str
     def __init__(self, json: _Optional[str] = ...) -> None: ...
+
+class ProposalRequest(_message.Message):
+    __slots__ = ("client_id",)
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    def __init__(self, client_id: _Optional[str] = ...) -> None: ...
+
+class ProposalReply(_message.Message):
+    __slots__ = ("pass_number", "first", "k", "width", "centroids", "prices", "softness", "converged")
+    PASS_NUMBER_FIELD_NUMBER: _ClassVar[int]
+    FIRST_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    CENTROIDS_FIELD_NUMBER: _ClassVar[int]
+    PRICES_FIELD_NUMBER: _ClassVar[int]
+    SOFTNESS_FIELD_NUMBER: _ClassVar[int]
+    CONVERGED_FIELD_NUMBER: _ClassVar[int]
+    pass_number: int
+    first: bool
+    k: int
+    width: int
+    centroids: _containers.RepeatedScalarFieldContainer[float]
+    prices: _containers.RepeatedScalarFieldContainer[float]
+    softness: float
+    converged: bool
+    def __init__(self, pass_number: _Optional[int] = ..., first: _Optional[bool] = ..., k: _Optional[int] = ..., width: _Optional[int] = ..., centroids: _Optional[_Iterable[float]] = ..., prices: _Optional[_Iterable[float]] = ..., softness: _Optional[float] = ..., converged: _Optional[bool] = ...) -> None: ...
+
+class ClusterReport(_message.Message):
+    __slots__ = ("client_id", "pass_number", "counts", "sums", "squares", "soft")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    PASS_NUMBER_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    SUMS_FIELD_NUMBER: _ClassVar[int]
+    SQUARES_FIELD_NUMBER: _ClassVar[int]
+    SOFT_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    pass_number: int
+    counts: _containers.RepeatedScalarFieldContainer[float]
+    sums: _containers.RepeatedScalarFieldContainer[float]
+    squares: _containers.RepeatedScalarFieldContainer[float]
+    soft: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, client_id: _Optional[str] = ..., pass_number: _Optional[int] = ..., counts: _Optional[_Iterable[float]] = ..., sums: _Optional[_Iterable[float]] = ..., squares: _Optional[_Iterable[float]] = ..., soft: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class ClusterReply(_message.Message):
+    __slots__ = ("pass_number", "converged")
+    PASS_NUMBER_FIELD_NUMBER: _ClassVar[int]
+    CONVERGED_FIELD_NUMBER: _ClassVar[int]
+    pass_number: int
+    converged: bool
+    def __init__(self, pass_number: _Optional[int] = ..., converged: _Optional[bool] = ...) -> None: ...
+
+class AssignRequest(_message.Message):
+    __slots__ = ("client_id", "histogram")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    HISTOGRAM_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    histogram: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, client_id: _Optional[str] = ..., histogram: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class Worker(_message.Message):
+    __slots__ = ("worker_id", "assignment", "cluster", "examples", "trains_router")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    TRAINS_ROUTER_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    assignment: Assignment
+    cluster: int
+    examples: int
+    trains_router: bool
+    def __init__(self, worker_id: _Optional[str] = ..., assignment: _Optional[_Union[Assignment, _Mapping]] = ..., cluster: _Optional[int] = ..., examples: _Optional[int] = ..., trains_router: _Optional[bool] = ...) -> None: ...
+
+class AssignReply(_message.Message):
+    __slots__ = ("workers", "pending")
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    PENDING_FIELD_NUMBER: _ClassVar[int]
+    workers: _containers.RepeatedCompositeFieldContainer[Worker]
+    pending: bool
+    def __init__(self, workers: _Optional[_Iterable[_Union[Worker, _Mapping]]] = ..., pending: _Optional[bool] = ...) -> None: ...

@@ -28,6 +28,13 @@ if _version_not_supported:
 class CoordinatorStub:
     """The coordinator: clients join with a device profile, pull their path each round, train it
     locally and push back a compressed outer gradient.
+
+    Paths in turn (routing.assign = "turn"): a client joins with the routing statistics of its data and
+    is given one path; its worker id is its client id. Routing by data (routing.assign = "data"): a client
+    joins with nothing of its data; once policy.min_clients joined, federated k-means runs over them
+    (Heartbeat says CLUSTER: answer the open Proposal with Cluster), then each sends the histogram of its
+    examples over the clusters (Heartbeat says ASSIGN: Assign) and gets a worker per cluster it holds
+    enough examples of. Every round, a client trains each of its workers: Pull and Push name the worker.
     """
 
     def __init__(self, channel):
@@ -61,11 +68,33 @@ class CoordinatorStub:
                 request_serializer=fedmoe_dot_v1_dot_coordinator__pb2.StatusRequest.SerializeToString,
                 response_deserializer=fedmoe_dot_v1_dot_coordinator__pb2.StatusReply.FromString,
                 _registered_method=True)
+        self.Proposal = channel.unary_unary(
+                '/fedmoe.v1.Coordinator/Proposal',
+                request_serializer=fedmoe_dot_v1_dot_coordinator__pb2.ProposalRequest.SerializeToString,
+                response_deserializer=fedmoe_dot_v1_dot_coordinator__pb2.ProposalReply.FromString,
+                _registered_method=True)
+        self.Cluster = channel.unary_unary(
+                '/fedmoe.v1.Coordinator/Cluster',
+                request_serializer=fedmoe_dot_v1_dot_coordinator__pb2.ClusterReport.SerializeToString,
+                response_deserializer=fedmoe_dot_v1_dot_coordinator__pb2.ClusterReply.FromString,
+                _registered_method=True)
+        self.Assign = channel.unary_unary(
+                '/fedmoe.v1.Coordinator/Assign',
+                request_serializer=fedmoe_dot_v1_dot_coordinator__pb2.AssignRequest.SerializeToString,
+                response_deserializer=fedmoe_dot_v1_dot_coordinator__pb2.AssignReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
     """The coordinator: clients join with a device profile, pull their path each round, train it
     locally and push back a compressed outer gradient.
+
+    Paths in turn (routing.assign = "turn"): a client joins with the routing statistics of its data and
+    is given one path; its worker id is its client id. Routing by data (routing.assign = "data"): a client
+    joins with nothing of its data; once policy.min_clients joined, federated k-means runs over them
+    (Heartbeat says CLUSTER: answer the open Proposal with Cluster), then each sends the histogram of its
+    examples over the clusters (Heartbeat says ASSIGN: Assign) and gets a worker per cluster it holds
+    enough examples of. Every round, a client trains each of its workers: Pull and Push name the worker.
     """
 
     def Join(self, request, context):
@@ -100,6 +129,27 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Proposal(self, request, context):
+        """Routing by data: the open clustering proposal, or the converged centroids once clustering is done.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Cluster(self, request, context):
+        """Routing by data: a client's statistics of its examples against the open proposal.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Assign(self, request, context):
+        """Routing by data: a client's histogram over the converged clusters; its workers.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +178,21 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     request_deserializer=fedmoe_dot_v1_dot_coordinator__pb2.StatusRequest.FromString,
                     response_serializer=fedmoe_dot_v1_dot_coordinator__pb2.StatusReply.SerializeToString,
             ),
+            'Proposal': grpc.unary_unary_rpc_method_handler(
+                    servicer.Proposal,
+                    request_deserializer=fedmoe_dot_v1_dot_coordinator__pb2.ProposalRequest.FromString,
+                    response_serializer=fedmoe_dot_v1_dot_coordinator__pb2.ProposalReply.SerializeToString,
+            ),
+            'Cluster': grpc.unary_unary_rpc_method_handler(
+                    servicer.Cluster,
+                    request_deserializer=fedmoe_dot_v1_dot_coordinator__pb2.ClusterReport.FromString,
+                    response_serializer=fedmoe_dot_v1_dot_coordinator__pb2.ClusterReply.SerializeToString,
+            ),
+            'Assign': grpc.unary_unary_rpc_method_handler(
+                    servicer.Assign,
+                    request_deserializer=fedmoe_dot_v1_dot_coordinator__pb2.AssignRequest.FromString,
+                    response_serializer=fedmoe_dot_v1_dot_coordinator__pb2.AssignReply.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'fedmoe.v1.Coordinator', rpc_method_handlers)
@@ -139,6 +204,13 @@ def add_CoordinatorServicer_to_server(servicer, server):
 class Coordinator:
     """The coordinator: clients join with a device profile, pull their path each round, train it
     locally and push back a compressed outer gradient.
+
+    Paths in turn (routing.assign = "turn"): a client joins with the routing statistics of its data and
+    is given one path; its worker id is its client id. Routing by data (routing.assign = "data"): a client
+    joins with nothing of its data; once policy.min_clients joined, federated k-means runs over them
+    (Heartbeat says CLUSTER: answer the open Proposal with Cluster), then each sends the histogram of its
+    examples over the clusters (Heartbeat says ASSIGN: Assign) and gets a worker per cluster it holds
+    enough examples of. Every round, a client trains each of its workers: Pull and Push name the worker.
     """
 
     @staticmethod
@@ -266,6 +338,87 @@ class Coordinator:
             '/fedmoe.v1.Coordinator/Status',
             fedmoe_dot_v1_dot_coordinator__pb2.StatusRequest.SerializeToString,
             fedmoe_dot_v1_dot_coordinator__pb2.StatusReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Proposal(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedmoe.v1.Coordinator/Proposal',
+            fedmoe_dot_v1_dot_coordinator__pb2.ProposalRequest.SerializeToString,
+            fedmoe_dot_v1_dot_coordinator__pb2.ProposalReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Cluster(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedmoe.v1.Coordinator/Cluster',
+            fedmoe_dot_v1_dot_coordinator__pb2.ClusterReport.SerializeToString,
+            fedmoe_dot_v1_dot_coordinator__pb2.ClusterReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Assign(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedmoe.v1.Coordinator/Assign',
+            fedmoe_dot_v1_dot_coordinator__pb2.AssignRequest.SerializeToString,
+            fedmoe_dot_v1_dot_coordinator__pb2.AssignReply.FromString,
             options,
             channel_credentials,
             insecure,
