@@ -1,19 +1,32 @@
 """The Flower runner: the round engine (`fedmoe.engine.Engine`) driven over Flower's Message API.
 
 The only module of fedmoe that imports flwr. The ServerApp holds the engine and never any data: it waits
-for its nodes, asks each for the routing statistics of its own data (a QUERY; the node answers
-`spec.feature_statistics` of its training examples, a sum and a count), enrols them in the order of the
-partitions they hold (node with partition i is client f"c{i:04d}", its device profile chosen as
-`fedmoe.federation.default_clients` chooses it), and then `EngineStrategy` sends each client its
-`engine.job` every round and closes the round with `engine.close_round` (the configured aggregation rule
-and the DiLoCo outer step). The ClientApp loads the spec by its import string and its own data with
-`spec.data(partition-id, num-partitions)` of its node config, and trains with the shared `Worker`. The
-same spec and `Config` reach the same weights as `fedmoe.run_federation`.
+for its nodes and enrols them in the order of the partitions they hold (the node of the i-th partition is
+client f"c{i:04d}", its device profile chosen as `fedmoe.federation.default_clients` chooses it; `order`
+changes that order). How a node gets its paths follows `routing.assign`:
+
+- "data": federated k-means, one QUERY ("query.cluster") per pass carrying the engine's proposal, each
+  node answering `fedmoe.clustering.cluster_stats` of its training features; then one QUERY
+  ("query.histogram") with the converged centroids and prices, each node answering its count of examples
+  per cluster, and `engine.assign_by_data` gives it a worker per cluster it holds enough of.
+- "turn": one QUERY ("query.features"), each node answering the sum and count of its routing features, and
+  `engine.assign` gives it the next path in turn.
+
+`EngineStrategy` then sends each node ONE message a round carrying its workers' `engine.job`s, and closes
+the round with `engine.close_round` over all workers' uploads in enrolment order (the configured
+aggregation rule and the DiLoCo outer step). The ClientApp loads the spec by its import string and its own
+data with `spec.data(partition-id, num-partitions)` of its node config (once per process, with its routing
+features), trains each worker with the shared `Worker` on its examples of the worker's cluster (all of
+them in turn mode) and evaluates it on its held-out examples of that cluster: the evaluation travels with
+the upload, and the engine's round metrics carry it (client_<metric>, _min, _max). Nothing but
+aggregates leaves a node: cluster statistics, a histogram, outer gradients, metrics. The same spec,
+`Config` and enrolment order reach the same weights as `fedmoe.run_federation`.
 
 On the wire a `QTensor` is two uint8 arrays in an ArrayRecord (`name/payload`, `name/scales`) and its
-bit-width and shape in a ConfigRecord (`name/bits`, `name/shape`). A node's optimiser state, error-feedback
-residuals and batch-sampler state stay in its `Context.state` between rounds, pickled into one bytes value
-(the simulation engine keeps each node's Context and hands it to whichever Ray actor runs the node next).
+bit-width and shape in a ConfigRecord (`name/bits`, `name/shape`); a message for several workers holds
+worker w's record r under "w/r" (see `bundle`). A worker's optimiser state, error-feedback residuals and
+batch-sampler state stay in its node's `Context.state` between rounds, keyed by worker id (the simulation
+engine keeps each node's Context and hands it to whichever Ray actor runs the node next).
 
 Settings come as a `Config` (`simulate_federation`, `fedmoe simulate`) or from the Flower run config
 (`flwr run .`, `[tool.flwr.app.config]`; see `config_from_run_config`). Flower never phones home nor
@@ -36,7 +49,7 @@ import json  # noqa: E402
 import logging  # noqa: E402
 import pickle  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Callable, Iterable, Mapping  # noqa: E402
+from collections.abc import Callable, Iterable, Mapping, Sequence  # noqa: E402
 from functools import lru_cache  # noqa: E402
 from pathlib import Path as FsPath  # noqa: E402
 from typing import Any  # noqa: E402
@@ -50,17 +63,18 @@ from flwr.simulation import run_simulation  # noqa: E402
 from torch import nn  # noqa: E402
 
 from fedmoe.assignment import PROFILES, parse_profiles  # noqa: E402
+from fedmoe.clustering import ClusterStats, cluster_stats, histogram, members, nearest  # noqa: E402
 from fedmoe.compress.quant import QTensor  # noqa: E402
 from fedmoe.config import Config, InnerConfig  # noqa: E402
 from fedmoe.engine import NETWORK_SCHEMES, Engine  # noqa: E402
 from fedmoe.modular import ModularModel, Path  # noqa: E402
 from fedmoe.outer import Update  # noqa: E402
-from fedmoe.spec import Spec, load_spec  # noqa: E402
-from fedmoe.worker import Job, Upload, Variant, Worker, round_masks  # noqa: E402
+from fedmoe.spec import ClientData, Spec, load_spec  # noqa: E402
+from fedmoe.worker import ROUTER, Job, Upload, Variant, Worker, round_masks  # noqa: E402
 
 log = logging.getLogger("fedmoe.flower")
 
-STATE_KEY = "fedmoe-worker"
+STATE_KEY = "fedmoe-workers"
 NODE_WAIT_S = 600.0
 
 
@@ -158,19 +172,21 @@ def _variant(header: ConfigRecord) -> Variant:
     return Variant(int(header["bits"]), float(header["density"]), str(header["scheme"]))
 
 
-def encode_job(job: Job, config: Config) -> RecordDict:
-    """A job as records: its tensors, a header (with what a client builds its path model from), inner."""
+def encode_job(job: Job, cluster: int | None = None) -> RecordDict:
+    """A job as records: its tensors, a header (path, variant, round, seed, and the cluster whose examples
+    the worker trains on, when routing by data), inner."""
     weights, shapes = encode_tensors(job.tensors)
-    header = ConfigRecord(
-        {
-            **_header(job.path, job.variant, job.round, job.seed),
-            "spec": config.spec,
-            "grid": list(config.grid),
-            "config-seed": config.seed,
-        }
-    )
+    header = ConfigRecord(_header(job.path, job.variant, job.round, job.seed))
+    if cluster is not None:
+        header["cluster"] = cluster
     inner = ConfigRecord(job.inner.model_dump())
     return RecordDict({"weights": weights, "shapes": shapes, "job": header, "inner": inner})
+
+
+def job_cluster(content: RecordDict) -> int | None:
+    """The cluster of an `encode_job` content (None: the worker trains on all its node's examples)."""
+    header = content["job"]
+    return int(header["cluster"]) if "cluster" in header else None
 
 
 def decode_job(content: RecordDict, path_model: nn.Module) -> Job:
@@ -184,11 +200,15 @@ def decode_job(content: RecordDict, path_model: nn.Module) -> Job:
 
 
 def encode_upload(upload: Upload) -> RecordDict:
-    """An upload as records: its tensors, a header (path, variant, round, seed), its weight and inner loss."""
+    """An upload as records: its tensors, a header (path, variant, round, seed), its weight and inner loss,
+    and its evaluation (the worker's metrics on its held-out examples, and their number)."""
     arrays, shapes = encode_tensors(upload.tensors)
     metrics = MetricRecord({"weight": upload.weight, "loss": upload.loss, "upload-bytes": upload.nbytes})
     header = ConfigRecord(_header(upload.path, upload.variant, upload.round, upload.seed))
-    return RecordDict({"upload": arrays, "shapes": shapes, "header": header, "metrics": metrics})
+    evaluation = MetricRecord({name: float(value) for name, value in upload.evaluation.items()})
+    return RecordDict(
+        {"upload": arrays, "shapes": shapes, "header": header, "metrics": metrics, "evaluation": evaluation}
+    )
 
 
 def decode_upload(content: RecordDict) -> Upload:
@@ -197,31 +217,84 @@ def decode_upload(content: RecordDict) -> Upload:
     tensors = decode_tensors(content["upload"], content["shapes"])
     path, round, seed = Path.parse(str(header["path"])), int(header["round"]), int(header["seed"])
     weight, loss = float(metrics["weight"]), float(metrics["loss"])
-    return Upload(path, _variant(header), round, seed, weight, tensors, loss)
+    evaluation = {name: float(value) for name, value in content.get("evaluation", {}).items()}
+    return Upload(path, _variant(header), round, seed, weight, tensors, loss, evaluation)
+
+
+def bundle(parts: Mapping[str, RecordDict], shared: Mapping[str, Any] | None = None) -> RecordDict:
+    """Several workers' records in one message: worker w's record r under "w/r", beside `shared` records
+    (names without "/")."""
+    content = RecordDict(dict(shared or {}))
+    for worker_id, records in parts.items():
+        for name, record in records.items():
+            content[f"{worker_id}/{name}"] = record
+    return content
+
+
+def unbundle(content: RecordDict) -> dict[str, RecordDict]:
+    """Inverse of `bundle`: {worker id: its records} (the shared records left out)."""
+    parts: dict[str, RecordDict] = {}
+    for key, record in content.items():
+        worker_id, slash, name = key.rpartition("/")
+        if slash:
+            parts.setdefault(worker_id, RecordDict())[name] = record
+    return parts
+
+
+def encode_routing(centroids: np.ndarray, prices: np.ndarray) -> ArrayRecord:
+    """Centroids and prices (a clustering proposal, or the converged clustering) as an ArrayRecord."""
+    return ArrayRecord({"centroids": Array(np.asarray(centroids)), "prices": Array(np.asarray(prices))})
+
+
+def decode_routing(content: RecordDict) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The centroids and prices of a message's "routing" record; (None, None) without one (the first pass
+    of clustering: everything in one cluster)."""
+    if "routing" not in content:
+        return None, None
+    record = content["routing"]
+    return record["centroids"].numpy(), record["prices"].numpy()
+
+
+def encode_stats(stats: ClusterStats) -> ArrayRecord:
+    """A node's `ClusterStats` as an ArrayRecord."""
+    arrays = {name: Array(getattr(stats, name)) for name in ("counts", "sums", "squares")}
+    if stats.soft is not None:
+        arrays["soft"] = Array(stats.soft)
+    return ArrayRecord(arrays)
+
+
+def decode_stats(record: ArrayRecord) -> ClusterStats:
+    """Inverse of `encode_stats` (the engine checks shapes and values)."""
+    soft = record["soft"].numpy() if "soft" in record else None
+    return ClusterStats(record["counts"].numpy(), record["sums"].numpy(), record["squares"].numpy(), soft)
 
 
 # -- server -----------------------------------------------------------------------------------------
 class EngineStrategy(Strategy):
-    """The engine's rounds as a Flower Strategy: each client gets its own job, the engine closes the round.
+    """The engine's rounds as a Flower Strategy: each node gets its workers' jobs; the engine closes rounds.
 
-    `clients` maps node ids to enrolled client ids. The ArrayRecord that `Strategy.start` passes around
+    `workers` maps node ids to the ids of their enrolled workers (one client id in turn mode, "<client
+    id>.<cluster>" per cluster when routing by data). The ArrayRecord that `Strategy.start` passes around
     is the grid's state, returned after every outer step; `rounds` collects `engine.close_round`'s metrics.
     """
 
-    def __init__(self, engine: Engine, clients: Mapping[int, str]):
+    def __init__(self, engine: Engine, workers: Mapping[int, Sequence[str]]):
         self.engine = engine
-        self.clients = dict(clients)
+        self.workers = {node: list(ids) for node, ids in workers.items()}
         self.rounds: list[dict[str, Any]] = []
 
     def summary(self) -> None:
         """Log the run's shape."""
         engine = self.engine
-        variants = sorted({engine.assignments[c].variant.name for c in self.clients.values()})
+        ids = [w for ids in self.workers.values() for w in ids]
+        variants = sorted({engine.assignments[w].variant.name for w in ids})
         log.info(
-            "%d clients on %d paths (grid %s), variants %s, aggregation %s",
-            len(self.clients),
+            "%d nodes, %d workers on %d paths (grid %s, routing %s), variants %s, aggregation %s",
+            len(self.workers),
+            len(ids),
             len(engine.paths),
             "x".join(map(str, engine.config.grid)),
+            engine.config.routing.assign,
             ", ".join(variants),
             engine.config.aggregation.rule,
         )
@@ -229,41 +302,46 @@ class EngineStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """One message per client: `engine.job` of the open round in wire form."""
+        """One message per node: its workers' `engine.job`s of the open round in wire form."""
         return [
             Message(
-                encode_job(self.engine.job(client_id), self.engine.config),
+                train_content(self.engine, ids),
                 dst_node_id=node,
                 message_type=MessageType.TRAIN,
                 group_id=str(server_round),
             )
-            for node, client_id in self.clients.items()
+            for node, ids in self.workers.items()
         ]
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Decode and check the uploads, then close the round with them in client order (failed or refused
-        replies are left out)."""
+        """Decode and check the uploads, then close the round with them in enrolment order (failed nodes,
+        missing and refused uploads are left out)."""
         received: dict[str, tuple[Upload, Update]] = {}
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
                 log.warning("round %d: node %d failed: %s", server_round, node, reply.error.reason)
                 continue
-            client_id = self.clients[node]
-            try:
-                upload = decode_upload(reply.content)
-                if upload.round != self.engine.round:
-                    raise ValueError(f"update for round {upload.round}, round {self.engine.round} is open")
-                received[client_id] = (upload, self.engine.decode(client_id, upload))
-            except (KeyError, ValueError) as e:
-                log.warning(
-                    "round %d: refused the update of %s (node %d): %s", server_round, client_id, node, e
-                )
+            parts = unbundle(reply.content)
+            for worker_id in self.workers[node]:
+                try:
+                    if worker_id not in parts:
+                        raise ValueError("no update in the reply")
+                    upload = decode_upload(parts[worker_id])
+                    if upload.round != self.engine.round:
+                        raise ValueError(
+                            f"update for round {upload.round}, round {self.engine.round} is open"
+                        )
+                    received[worker_id] = (upload, self.engine.decode(worker_id, upload))
+                except (KeyError, ValueError) as e:
+                    log.warning(
+                        "round %d: refused the update of %s (node %d): %s", server_round, worker_id, node, e
+                    )
         if not received:
             raise RuntimeError(f"round {server_round}: no client sent a usable update")
-        ordered = [received[c] for c in sorted(received)]
+        ordered = [received[w] for w in self.engine.assignments if w in received]
         metrics = self.engine.close_round([u for u, _ in ordered], [d for _, d in ordered])
         self.rounds.append(metrics)
         return ArrayRecord(self.engine.model.state_dict()), MetricRecord(metrics)
@@ -271,12 +349,26 @@ class EngineStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """No client-side evaluation: the engine evaluates the routed ensemble on the spec's eval set."""
+        """No evaluation messages: each upload carries its worker's evaluation on its node's held-out data,
+        and the engine evaluates the routed ensemble on the spec's eval set."""
         return []
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Nothing to aggregate (see `configure_evaluate`)."""
         return None
+
+
+def train_content(engine: Engine, worker_ids: Sequence[str]) -> RecordDict:
+    """A node's train message: its workers' jobs (`bundle`d), what it builds its path models from ("run"),
+    and, when routing by data, the clustering it selects each worker's examples with ("routing")."""
+    config = engine.config
+    shared: dict[str, Any] = {
+        "run": ConfigRecord({"spec": config.spec, "grid": list(config.grid), "config-seed": config.seed})
+    }
+    if engine.kmeans is not None:
+        shared["routing"] = encode_routing(*engine.routing_state())
+    jobs = {w: encode_job(engine.job(w), engine.assignments[w].cluster) for w in worker_ids}
+    return bundle(jobs, shared)
 
 
 def wait_for_nodes(grid: Grid, n: int, timeout_s: float = NODE_WAIT_S) -> list[int]:
@@ -289,46 +381,100 @@ def wait_for_nodes(grid: Grid, n: int, timeout_s: float = NODE_WAIT_S) -> list[i
     return nodes[:n]
 
 
-def enrol(grid: Grid, engine: Engine, nodes: list[int]) -> dict[int, str]:
-    """Ask every node for its partition and routing statistics, then enrol the nodes in partition order.
-
-    The i-th node enrolled is client f"c{i:04d}" with `client_profile(config, i)`; its path, variant and seed
-    come from `engine.assign`. Returns {node id: client id}.
-    """
-    content = RecordDict({"query": ConfigRecord({"spec": engine.config.spec})})
-    messages = [Message(content, dst_node_id=node, message_type=MessageType.QUERY) for node in nodes]
-    reports: dict[int, tuple[int, np.ndarray, float]] = {}
+def ask(grid: Grid, nodes: Sequence[int], action: str, content: RecordDict) -> dict[int, RecordDict]:
+    """Send every node a "query.<action>" message and return the replies' content by node; RuntimeError
+    when a node fails or does not answer."""
+    message_type = f"{MessageType.QUERY}.{action}"
+    messages = [Message(content, dst_node_id=node, message_type=message_type) for node in nodes]
+    replies: dict[int, RecordDict] = {}
     for reply in grid.send_and_receive(messages):
         node = reply.metadata.src_node_id
         if reply.has_error():
-            raise RuntimeError(f"node {node} failed to send its routing statistics: {reply.error.reason}")
-        stats = reply.content["stats"]
-        feature_sum = reply.content["features"]["sum"].numpy()
-        reports[node] = (int(stats["partition-id"]), feature_sum, float(stats["count"]))
-    missing = sorted(set(nodes) - set(reports))
+            raise RuntimeError(f"node {node} failed to answer {message_type}: {reply.error.reason}")
+        replies[node] = reply.content
+    missing = sorted(set(nodes) - set(replies))
     if missing:
-        raise RuntimeError(f"no routing statistics from nodes {missing}")
-    clients = {}
-    for i, node in enumerate(sorted(nodes, key=lambda n: (reports[n][0], n))):
-        client_id = f"c{i:04d}"
-        engine.assign(client_id, PROFILES[client_profile(engine.config, i)])
-        engine.add_features(client_id, *reports[node][1:])
-        clients[node] = client_id
-    return clients
+        raise RuntimeError(f"no answer to {message_type} from nodes {missing}")
+    return replies
 
 
-def run_server(grid: Grid, config: Config, out: FsPath | None = None) -> dict[str, Any]:
-    """The ServerApp's work: enrol the nodes, train `config.rounds` rounds with the engine, save the ensemble.
+def enrolment_order(replies: Mapping[int, RecordDict], order: Sequence[int] | None = None) -> list[int]:
+    """The nodes that answered, in the order they enrol: by the partition each holds, or the partitions
+    listed in `order` (each exactly once)."""
+    partitions = {node: int(content["node"]["partition-id"]) for node, content in replies.items()}
+    if order is None:
+        return sorted(partitions, key=lambda node: (partitions[node], node))
+    by_partition = {p: node for node, p in partitions.items()}
+    if len(by_partition) != len(partitions) or sorted(order) != sorted(by_partition):
+        raise ValueError(
+            f"order {list(order)} is not an order of the nodes' partitions {sorted(partitions.values())}"
+        )
+    return [by_partition[p] for p in order]
+
+
+def cluster(grid: Grid, engine: Engine, nodes: Sequence[int], order: Sequence[int] | None = None) -> None:
+    """Run the engine's federated k-means to convergence, every node answering `cluster_stats` of its own
+    training features; the statistics are summed in enrolment order."""
+    while not engine.clustered:
+        centroids, prices, softness = engine.cluster_proposal()
+        content = RecordDict(
+            {"query": ConfigRecord({"spec": engine.config.spec, "softness": float(softness)})}
+        )
+        if centroids is not None:
+            content["routing"] = encode_routing(centroids, prices)
+        replies = ask(grid, nodes, "cluster", content)
+        stats = [decode_stats(replies[node]["stats"]) for node in enrolment_order(replies, order)]
+        engine.cluster_update(sum(stats[1:], stats[0]))
+
+
+def enrol(
+    grid: Grid, engine: Engine, nodes: Sequence[int], order: Sequence[int] | None = None
+) -> dict[int, list[str]]:
+    """Give every node its paths, enrolling the nodes in partition order (or `order`, see `enrolment_order`).
+
+    The i-th node enrolled is client f"c{i:04d}" with `client_profile(config, i)`. Routing by data: the
+    nodes cluster their features (`cluster`), answer their histograms, and `engine.assign_by_data` gives
+    each a worker per cluster it holds enough of. In turn: they answer their routing features' sum and
+    count, and `engine.assign` gives each the next path. Returns {node id: its worker ids}.
+    """
+    query = ConfigRecord({"spec": engine.config.spec})
+    if engine.kmeans is not None:
+        cluster(grid, engine, nodes, order)
+        content = RecordDict({"query": query, "routing": encode_routing(*engine.routing_state())})
+        replies = ask(grid, nodes, "histogram", content)
+    else:
+        replies = ask(grid, nodes, "features", RecordDict({"query": query}))
+    workers: dict[int, list[str]] = {}
+    for i, node in enumerate(enrolment_order(replies, order)):
+        client_id, reply = f"c{i:04d}", replies[node]
+        profile = PROFILES[client_profile(engine.config, i)]
+        if engine.kmeans is not None:
+            workers[node] = list(
+                engine.assign_by_data(client_id, profile, reply["histogram"]["counts"].numpy())
+            )
+        else:
+            engine.assign(client_id, profile)
+            engine.add_features(client_id, reply["features"]["sum"].numpy(), float(reply["count"]["count"]))
+            workers[node] = [client_id]
+    return workers
+
+
+def run_server(
+    grid: Grid, config: Config, out: FsPath | None = None, order: Sequence[int] | None = None
+) -> dict[str, Any]:
+    """The ServerApp's work: enrol the nodes (in partition order, or the partitions in `order`), train
+    `config.rounds` rounds with the engine, save the ensemble.
 
     Returns the config, the spec's headline metric, the ensemble's metrics before training ("initial", when
-    the spec has an eval set), each round's metrics (`Engine.close_round`'s), the clients (path, variant,
-    examples) and the seconds taken; saves the ensemble checkpoint and results.json to `out` when given.
+    the spec has an eval set), each round's metrics (`Engine.close_round`'s, with the clients' own
+    evaluation), the workers in enrolment order (worker id, path, variant, examples) and the seconds taken;
+    saves the ensemble checkpoint and results.json to `out` when given.
     """
     started = time.perf_counter()
     spec = load_checked(config)
     engine = Engine(spec, config)
-    clients = enrol(grid, engine, wait_for_nodes(grid, config.clients.count or config.n_paths))
-    strategy = EngineStrategy(engine, clients)
+    workers = enrol(grid, engine, wait_for_nodes(grid, config.clients.count or config.n_paths), order)
+    strategy = EngineStrategy(engine, workers)
     initial: dict[str, float] = {}
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -343,15 +489,19 @@ def run_server(grid: Grid, config: Config, out: FsPath | None = None) -> dict[st
         num_rounds=config.rounds - engine.round,
         evaluate_fn=evaluate if spec.eval_data is not None else None,
     )
-    assignments, counts = {c: engine.assignments[c] for c in sorted(clients.values())}, engine.feature_counts
+
+    def examples(worker_id: str) -> int:
+        a = engine.assignments[worker_id]
+        return a.examples if a.cluster is not None else int(engine.feature_counts[worker_id])
+
     results = {
         "config": config.model_dump(mode="json"),
         "metric": spec.metric,
         "initial": initial,
         "rounds": strategy.rounds,
         "clients": [
-            {"client": c, "path": str(a.path), "variant": a.variant.name, "examples": int(counts[c])}
-            for c, a in assignments.items()
+            {"client": w, "path": str(a.path), "variant": a.variant.name, "examples": examples(w)}
+            for w, a in engine.assignments.items()
         ],
         "seconds": time.perf_counter() - started,
     }
@@ -365,10 +515,12 @@ def make_server_app(
     config: Config | None = None,
     out: FsPath | None = None,
     report: Callable[[dict[str, Any]], None] | None = None,
+    order: Sequence[int] | None = None,
 ) -> ServerApp:
     """A ServerApp running `run_server`; settings from `config`, else from the run config (`flwr run`).
 
-    `out` (else the run config's "out", when not empty) receives the checkpoint; `report` the results.
+    `out` (else the run config's "out", when not empty) receives the checkpoint; `report` the results;
+    `order` lists the partitions in the order their nodes enrol (default: 0, 1, ...).
     """
     app = ServerApp()
 
@@ -376,7 +528,7 @@ def make_server_app(
     def main(grid: Grid, context: Context) -> None:
         settings = config or config_from_run_config(context.run_config)
         directory = out or (FsPath(str(context.run_config["out"])) if context.run_config.get("out") else None)
-        results = run_server(grid, settings, directory)
+        results = run_server(grid, settings, directory, order)
         if report is not None:
             report(results)
 
@@ -395,6 +547,22 @@ def _grid(ref: str, grid: tuple[int, ...], seed: int) -> ModularModel:
     return cached_spec(ref).build(grid, seed)
 
 
+@lru_cache(maxsize=32)
+def node_data(ref: str, partition: int, partitions: int) -> tuple[ClientData, np.ndarray]:
+    """A node's own data, `spec.data(partition, partitions)`, and its training examples' routing features:
+    loaded and computed once per process."""
+    spec = cached_spec(ref)
+    data = spec.data(partition, partitions)
+    return data, spec.features(data.train)
+
+
+@lru_cache(maxsize=32)
+def held_out_features(ref: str, partition: int, partitions: int) -> np.ndarray | None:
+    """The routing features of a node's held-out examples (None without any), computed once per process."""
+    test = node_data(ref, partition, partitions)[0].test
+    return cached_spec(ref).features(test) if test is not None and len(test) else None
+
+
 def node_partition(context: Context) -> tuple[int, int]:
     """This node's (partition-id, num-partitions) from its node config (the simulation engine sets them)."""
     config = context.node_config
@@ -406,44 +574,91 @@ def node_partition(context: Context) -> tuple[int, int]:
     return int(config["partition-id"]), int(config["num-partitions"])
 
 
+def answer(msg: Message, context: Context, records: Mapping[str, Any]) -> Message:
+    """A reply to a query: `records` and the node's partition ("node")."""
+    partition, partitions = node_partition(context)
+    node = ConfigRecord({"partition-id": partition, "num-partitions": partitions})
+    return Message(RecordDict({"node": node, **records}), reply_to=msg)
+
+
 client_app = ClientApp()
 
 
-@client_app.query()
-def routing_statistics(msg: Message, context: Context) -> Message:
-    """Reply with this node's partition and the sum and count of its training examples' routing features."""
-    spec = cached_spec(str(msg.content["query"]["spec"]))
-    partition, partitions = node_partition(context)
-    total, count = spec.feature_statistics(spec.data(partition, partitions).train)
-    stats = ConfigRecord({"partition-id": partition, "count": count})
-    content = RecordDict({"features": ArrayRecord({"sum": Array(total)}), "stats": stats})
-    return Message(content, reply_to=msg)
+@client_app.query("features")
+def feature_statistics(msg: Message, context: Context) -> Message:
+    """Paths in turn: the sum and number of this node's training examples' routing features."""
+    data, features = node_data(str(msg.content["query"]["spec"]), *node_partition(context))
+    records = {
+        "features": ArrayRecord({"sum": Array(features.sum(0))}),
+        "count": ConfigRecord({"count": len(data.train)}),
+    }
+    return answer(msg, context, records)
+
+
+@client_app.query("cluster")
+def clustering_statistics(msg: Message, context: Context) -> Message:
+    """A pass of federated k-means: this node's `cluster_stats` for the proposal in the message."""
+    query = msg.content["query"]
+    _, features = node_data(str(query["spec"]), *node_partition(context))
+    stats = cluster_stats(features, *decode_routing(msg.content), float(query["softness"]))
+    return answer(msg, context, {"stats": encode_stats(stats)})
+
+
+@client_app.query("histogram")
+def cluster_histogram(msg: Message, context: Context) -> Message:
+    """This node's count of training examples per cluster of the converged clustering in the message."""
+    _, features = node_data(str(msg.content["query"]["spec"]), *node_partition(context))
+    counts = histogram(features, *decode_routing(msg.content))
+    return answer(msg, context, {"histogram": ArrayRecord({"counts": Array(counts)})})
 
 
 @client_app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train this node's path for one round on its own data and reply with its outer gradient in wire form."""
-    header = msg.content["job"]
-    ref, grid = str(header["spec"]), tuple(int(n) for n in header["grid"])
-    spec = cached_spec(ref)
-    path = Path.parse(str(header["path"]))
-    path_model = copy.deepcopy(_grid(ref, grid, int(header["config-seed"])).compose(path))
-    job = decode_job(msg.content, path_model)
-    train_set = spec.data(*node_partition(context)).train
-    batches = train_set.batches(job.inner.batch_size, job.seed)
-    worker = Worker(spec, path_model, batches, len(train_set), job.variant)
-    if STATE_KEY in context.state:  # this node's own state from its previous rounds, pickled below
-        state = pickle.loads(context.state[STATE_KEY]["state"])
-        worker.optimizer_state, worker.feedback = state["optimizer"], state["feedback"]
-        batches.generator.set_state(state["generator"])
-    upload = worker.train_round(job)
-    state = {
-        "optimizer": worker.optimizer_state,
-        "feedback": worker.feedback,
-        "generator": batches.generator.get_state(),
-    }
-    context.state[STATE_KEY] = ConfigRecord({"state": pickle.dumps(state)})
-    return Message(encode_upload(upload), reply_to=msg)
+    """Train each of this node's workers one round on its examples (of its cluster, when routing by data),
+    evaluate it on the node's held-out examples of that cluster, and reply with all their uploads. The
+    worker sent the learned router ("router/" tensors) trains it on all the node's features, labelled with
+    their clusters."""
+    run = msg.content["run"]
+    ref, grid, seed = str(run["spec"]), tuple(int(n) for n in run["grid"]), int(run["config-seed"])
+    spec, partition = cached_spec(ref), node_partition(context)
+    data, features = node_data(ref, *partition)
+    centroids, prices = decode_routing(msg.content)
+    states = context.state[STATE_KEY] if STATE_KEY in context.state else ConfigRecord()
+    uploads = {}
+    for worker_id, content in sorted(unbundle(msg.content).items()):
+        path_model = copy.deepcopy(_grid(ref, grid, seed).compose(Path.parse(str(content["job"]["path"]))))
+        job = decode_job(content, path_model)
+        train_set, test_set = data.train, data.test
+        cluster = job_cluster(content)
+        if cluster is not None:
+            if centroids is None:
+                raise ValueError(f"worker {worker_id} trains on cluster {cluster}, but no clustering came")
+            train_set = train_set.subset(members(features, centroids, prices, cluster))
+            test_features = held_out_features(ref, *partition)
+            if test_features is not None:
+                test_set = test_set.subset(members(test_features, centroids, prices, cluster))
+        router_data = None
+        if any(name.startswith(ROUTER) for name in job.tensors):  # it also trains the learned router
+            if centroids is None:
+                raise ValueError(f"worker {worker_id} trains the learned router, but no clustering came")
+            router_data = (features, nearest(features, centroids, prices))
+        batches = train_set.batches(job.inner.batch_size, job.seed)
+        worker = Worker(
+            spec, path_model, batches, len(train_set), job.variant, test=test_set, router_data=router_data
+        )
+        if worker_id in states:  # this worker's own state from its previous rounds, pickled below
+            state = pickle.loads(states[worker_id])
+            worker.optimizer_state, worker.feedback = state["optimizer"], state["feedback"]
+            batches.generator.set_state(state["generator"])
+        uploads[worker_id] = encode_upload(worker.train_round(job))
+        state = {
+            "optimizer": worker.optimizer_state,
+            "feedback": worker.feedback,
+            "generator": batches.generator.get_state(),
+        }
+        states[worker_id] = pickle.dumps(state)
+    context.state[STATE_KEY] = states
+    return Message(bundle(uploads), reply_to=msg)
 
 
 server_app = make_server_app()
@@ -494,9 +709,11 @@ def simulate_federation(
     ray_address: str | None = None,
     out: FsPath | None = None,
     verbose: bool = False,
+    order: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Run `config` with `config.clients.count` (default: one per path) virtual nodes on Ray (local, or the
-    cluster at `ray_address` / $RAY_ADDRESS); node i holds `spec.data(i, n)`.
+    cluster at `ray_address` / $RAY_ADDRESS); node i holds `spec.data(i, n)`, and the nodes enrol in
+    partition order, or the partitions in `order` (the node of partition order[j] is client j).
 
     Returns what `run_server` returns; raises ValueError for a config Flower cannot run, and what the
     ServerApp raised.
@@ -504,7 +721,9 @@ def simulate_federation(
     load_checked(config)
     results: list[dict[str, Any]] = []
     nodes = config.clients.count or config.n_paths
-    server = make_server_app(config, out, results.append)
+    if order is not None and sorted(order) != list(range(nodes)):
+        raise ValueError(f"order {list(order)} is not an order of the partitions 0..{nodes - 1}")
+    server = make_server_app(config, out, results.append, order)
     run_apps(server, client_app, nodes, cpus_per_client, gpus_per_client, ray_address, verbose)
     if not results:
         raise RuntimeError("the simulation ended without results")

@@ -42,6 +42,7 @@ from fedmoe.strategies.flower import (  # noqa: E402
     encode_job,
     encode_tensors,
     encode_upload,
+    job_cluster,
     load_checked,
     simulate_federation,
 )
@@ -50,11 +51,12 @@ from fedmoe.worker import Upload, Variant  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 SPEC = load_spec("fedmoe.models.digits:spec")
-CONFIG = Config(
+CONFIG = Config(  # paths in turn: these tests pin the turn contract (tests/test_flower_routing.py: by data)
     grid=(2,),
     rounds=2,
     inner=InnerConfig(steps=8, schedule="cosine"),
     clients=ClientsConfig(count=10, profiles=MIXES["mixed"]),
+    routing={"assign": "turn"},
 )
 
 
@@ -124,7 +126,7 @@ def test_jobs_uploads_and_tensors_round_trip_through_records() -> None:
     engine = Engine(SPEC, config)
     a = engine.assign("c0000", PROFILES["int4-p50"])
     job = engine.job("c0000")
-    got = decode_job(encode_job(job, config), SPEC.build(config.grid).compose(a.path))
+    got = decode_job(encode_job(job), SPEC.build(config.grid).compose(a.path))
     fields = ("path", "variant", "round", "seed", "inner")
     assert [getattr(got, f) for f in fields] == [getattr(job, f) for f in fields]
     assert got.masks.keys() == job.masks.keys()
@@ -135,17 +137,13 @@ def test_jobs_uploads_and_tensors_round_trip_through_records() -> None:
 
     assert wire(got.tensors) == wire(job.tensors)
 
-    upload = Upload(GridPath((1, 0)), Variant(8, 0.5, "static"), 3, 7, 120.0, tensors, 1.25)
+    assert job_cluster(encode_job(job)) is None and job_cluster(encode_job(job, 2)) == 2
+
+    evaluation = {"accuracy": 0.75, "examples": 40.0}
+    upload = Upload(GridPath((1, 0)), Variant(8, 0.5, "static"), 3, 7, 120.0, tensors, 1.25, evaluation)
     back = decode_upload(encode_upload(upload))
-    assert (back.path, back.variant, back.round, back.seed, back.weight, back.loss, back.nbytes) == (
-        upload.path,
-        upload.variant,
-        upload.round,
-        upload.seed,
-        upload.weight,
-        upload.loss,
-        upload.nbytes,
-    )
+    fields = ("path", "variant", "round", "seed", "weight", "loss", "nbytes", "evaluation")
+    assert [getattr(back, f) for f in fields] == [getattr(upload, f) for f in fields]
 
 
 def test_config_from_run_config_and_refusals(tmp_path: Path) -> None:
@@ -232,7 +230,8 @@ def test_fedavg_baseline_on_fedmoe_clients_data_learns_and_uploads_fp32_weights(
 
 
 def test_flwr_run_trains_the_app_from_pyproject(tmp_path) -> None:
-    """`flwr run .` on a local simulation federation runs the ServerApp/ClientApp named in pyproject.toml."""
+    """`flwr run .` on a local simulation federation runs the ServerApp/ClientApp named in pyproject.toml,
+    here routing by data (a node whose digits span two clusters trains both paths, in one message)."""
     home, out = tmp_path / "flwr-home", tmp_path / "ensemble"
     home.mkdir()
     federation = '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
@@ -247,7 +246,7 @@ def test_flwr_run_trains_the_app_from_pyproject(tmp_path) -> None:
         "--federation-config",
         "num-supernodes=4",
         "--run-config",
-        f"rounds=1 inner.steps=3 clients=4 grid='2' out='{out}'",
+        f"rounds=1 inner.steps=3 clients=4 grid='2' routing.assign='data' out='{out}'",
         "--stream",
     ]
     try:
@@ -256,10 +255,17 @@ def test_flwr_run_trains_the_app_from_pyproject(tmp_path) -> None:
         results = json.loads((out / "results.json").read_text())
         config = results["config"]
         assert (config["clients"]["count"], config["grid"], config["inner"]["steps"]) == (4, [2], 3)
-        assert config["spec"] == "fedmoe.models.digits:spec"
+        assert config["spec"] == "fedmoe.models.digits:spec" and config["routing"]["assign"] == "data"
         assert [r["round"] for r in results["rounds"]] == [1]
-        assert results["rounds"][0]["updates"] == 4
-        assert Ensemble.load(out).model.module_states().keys() == SPEC.build((2,)).module_states().keys()
+        local = run_federation(SPEC, Config.model_validate(config))
+        assert results["clients"] == local.clients
+        nodes = [c["client"].split(".")[0] for c in results["clients"]]
+        assert sorted(set(nodes)) == [f"c{i:04d}" for i in range(4)] and len(nodes) > 4
+        assert results["rounds"][0]["updates"] == results["rounds"][0]["client_reports"] == len(nodes)
+        flower, expected = Ensemble.load(out).model.module_states(), local.engine.model.module_states()
+        for key in expected:
+            for name, t in expected[key].items():
+                assert torch.allclose(flower[key][name], t, rtol=1e-4, atol=1e-5), f"{key}/{name}"
     finally:  # the local SuperLink that `flwr run` started stays up by design: stop the one of this FLWR_HOME
         ps = subprocess.run(["ps", "-ewwo", "pid=,args="], check=False, capture_output=True, text=True).stdout
         for line in ps.splitlines():
@@ -313,6 +319,8 @@ def test_simulate_runs_on_an_existing_ray_cluster(tmp_path) -> None:
                 "2",
                 "--profiles",
                 "mixed",
+                "--routing",
+                "turn",
                 "--ray-address",
                 address,
                 "--out",
