@@ -85,7 +85,7 @@ class RoutingConfig(_Section):
     join order, each client on all its examples; the router's centroids: each path's clients' mean features.
     """
 
-    assign: Literal["data", "turn"] = "turn"
+    assign: Literal["data", "turn"] = "data"
     router: Literal["centroid", "learned"] = "centroid"
     min_share: float = Field(0.1, gt=0, le=1)
     balanced: bool = False

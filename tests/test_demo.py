@@ -19,7 +19,9 @@ SMALL = Experiment(Config(grid=(2,), rounds=3, inner=InnerConfig(steps=20)), sha
 
 
 def test_dipaco_grid_trains_shared_modules_from_every_path():
-    config = Config(grid=(2, 2), rounds=3, inner=InnerConfig(steps=30, schedule="constant"))
+    config = Config(
+        grid=(2, 2), rounds=3, inner=InnerConfig(steps=30, schedule="constant"), routing={"assign": "turn"}
+    )
     before = DIGITS.build(config.grid, config.seed).module_states()
     history = []
     train = DIGITS.data(0, 1).train
@@ -43,7 +45,8 @@ def test_cosine_schedule_spans_the_whole_run():
 
 
 def test_one_client_per_module_gets_an_outer_step_onto_its_end_point():
-    result = run_federation(DIGITS, Config(grid=(2,), rounds=1, inner=InnerConfig(steps=2)))
+    config = Config(grid=(2,), rounds=1, inner=InnerConfig(steps=2), routing={"assign": "turn"})
+    result = run_federation(DIGITS, config)
     assert result.engine.outer_choice == (1.0, 0.0)
     assert [c["path"] for c in result.clients] == ["0", "1"]
 

@@ -191,9 +191,9 @@ def test_compose_topology_across_network_namespaces(tmp_path):
                 and abs(sum(answer["outputs"]) - 1) < 1e-3
             )
             status = json.loads((state / "ensemble" / "manifest.json").read_text())
-            assert len(status["metrics"]) == 3 and all(
-                m["updates"] == len(clients) for m in status["metrics"]
-            )
+            # every round closes with all the clients' workers (one per cluster a client holds enough of)
+            updates = {m["updates"] for m in status["metrics"]}
+            assert len(status["metrics"]) == 3 and len(updates) == 1 and updates.pop() >= len(clients)
         finally:
             for proc in procs:
                 proc.kill()
