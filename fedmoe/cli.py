@@ -18,8 +18,14 @@ from rich.table import Table
 
 from fedmoe.config import Config
 
+HELP = (
+    "fedmoe: train experts and paths on unlike machines, ensemble them with a router.\n\n"
+    "Data never leaves a client. What does: per-cluster counts, sums and sums of squares of its routing "
+    "features (federated k-means), its count of examples per cluster, its compressed outer gradients "
+    "(and the learned router's change), its loss and its evaluation metrics."
+)
 app = typer.Typer(
-    help="fedmoe: train experts and paths on unlike machines, ensemble them with a router.",
+    help=HELP,
     no_args_is_help=True,
     add_completion=False,
 )
@@ -28,7 +34,7 @@ console = Console()
 
 @app.callback()
 def root() -> None:
-    """fedmoe: train experts and paths on unlike machines, ensemble them with a router."""
+    """fedmoe: train experts and paths on unlike machines, ensemble them with a router (see HELP)."""
 
 
 SpecOption = Annotated[
