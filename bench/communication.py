@@ -116,7 +116,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument(
-        "--grid", type=int, default=4, help="fedmoe experts (the clients are shared out among them)"
+        "--grid", type=int, default=8, help="fedmoe experts (default: one per client's cluster)"
     )
     parser.add_argument(
         "--steps",
