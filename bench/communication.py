@@ -9,10 +9,10 @@ model family (the digits MLP):
   parts of the data (FedAvg's best case, the reference the ratios refer to) and once with the clients
   holding exactly the data of fedmoe's clients (client i of n: `spec.data(i, n)`, one k-means cluster of
   the digits). Then both again with as many local steps per round as fedmoe's clients take (H);
-- fedmoe (`fedmoe.strategies.flower`): MLP experts, the clients shared out among them, routed by federated
-  centroids (top-1), H local steps per round at a constant inner learning rate, DiLoCo outer steps (lr 0.7,
-  Nesterov momentum 0.9: `resolve_outer` with several clients per expert), outer gradients uploaded at 8
-  and at 4 bits.
+- fedmoe (`fedmoe.strategies.flower`): MLP experts (one per client cluster by default, `--grid`), the
+  clients' paths following their data (federated k-means), routed by the federated centroids (top-1), H
+  local steps per round at a constant inner learning rate, the outer step `resolve_outer` picks for the
+  workers per expert, outer gradients uploaded at 8 and at 4 bits.
 
 Upload bytes are tensor bytes (payload and per-channel scales), without message framing. Runs of one
 local epoch per round stop at `--max-rounds`, runs of H local steps at `--max-rounds-h`; a run that
