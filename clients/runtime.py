@@ -214,7 +214,7 @@ class LocalData:
 
     batches: Callable[[int, int], Iterator[Batch]]  # (batch_size, seed) -> batches
     weight: float
-    feature_sum: np.ndarray
+    feature_sum: np.ndarray | None  # the sum of its routing features (None: not computed yet)
     examples: float
     train: Examples | None = None
     test: Examples | None = None
@@ -241,8 +241,8 @@ def prepare_data(spec: Spec, data: Any, weight: float | None, partition: int, pa
     probe = spec.build((1,) * levels).compose(Path((0,) * levels))
     if isinstance(data, Examples):
         check_batch(spec, (data.inputs[:PROBE_EXAMPLES], data.targets[:PROBE_EXAMPLES]), probe, data.targets)
-        feature_sum, count = spec.feature_statistics(data)
-        return LocalData(data.batches, weight or float(len(data)), feature_sum, float(count), data, test)
+        # routing statistics are computed only if paths go in turn (see `run`)
+        return LocalData(data.batches, weight or float(len(data)), None, float(len(data)), data, test)
     if weight is None:
         raise ValueError(
             "with an iterator of batches, pass weight= "
@@ -668,7 +668,12 @@ def run(
         if by_data:
             check_by_data(local, weight, server)
         saved = FsPath(state_file) if state_file else None
-        features = None if by_data else (local.feature_sum, local.examples)
+        features = None
+        if not by_data:
+            feature_sum = local.feature_sum
+            if feature_sum is None:
+                feature_sum = spec.feature_statistics(local.train)[0]
+            features = (feature_sum, local.examples)
         session = join(stub, device, name, features, saved, retry)
         check_model(spec, session.model, grid)
         crew = Crew(spec, model, local, grid)
