@@ -28,6 +28,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path as FsPath
 from typing import Any, TypeVar
 
@@ -38,7 +39,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from torch import nn
 
 from fedmoe.assignment import PROFILES, DeviceProfile
-from fedmoe.clustering import cluster_stats, histogram, members, nearest
+from fedmoe.clustering import cluster_stats, histogram
 from fedmoe.config import InnerConfig
 from fedmoe.ensemble import describe_mismatch
 from fedmoe.modular import ModularModel, Path
@@ -47,7 +48,7 @@ from fedmoe.spec import Batch, ClientData, Examples, Spec, cross_entropy, load_s
 from fedmoe.v1 import coordinator_pb2 as pb
 from fedmoe.v1 import coordinator_pb2_grpc as pb_grpc
 from fedmoe.wire import decode_tensors, encode_tensors
-from fedmoe.worker import Job, Upload, Variant, Worker, round_masks, signed_fields
+from fedmoe.worker import Job, LocalExamples, Upload, Variant, Worker, round_masks, signed_fields
 
 log = logging.getLogger("fedmoe.client")
 T = TypeVar("T")
@@ -473,9 +474,8 @@ class Crew:
 
     Paths in turn: one worker, the client's id, on all its examples. Routing by data: one per cluster the
     coordinator gave it by its histogram, each on the client's examples of that cluster, the one marked
-    `trains_router` also training the learned router on all its features and their clusters (as
-    `fedmoe.federation.enrol` makes them); `features` are its training examples' routing features,
-    computed once.
+    `trains_router` also training the learned router on all its features and their clusters, made by
+    `LocalExamples.worker` as every runner makes them.
     """
 
     spec: Spec
@@ -484,8 +484,12 @@ class Crew:
     grid: ModularModel | None = None  # the client's build of the grid, until its workers are made
     workers: dict[str, Worker] = field(default_factory=dict)
     paths: dict[str, Path] = field(default_factory=dict)  # each worker's path
-    features: np.ndarray | None = None
     routing: tuple[np.ndarray, np.ndarray | None] | None = None  # the converged centroids and prices
+
+    @cached_property
+    def examples(self) -> LocalExamples:
+        """The client's examples and their routing features (computed once); not for a stream of batches."""
+        return LocalExamples(self.spec, self.local.train, self.local.test)
 
     def path_model(self, path: Path) -> nn.Module:
         """A copy of one path of the grid, for a worker to train."""
@@ -507,12 +511,6 @@ class Crew:
         self.workers[client_id], self.paths[client_id] = worker, path
         self.grid = None  # the client keeps only its paths
 
-    def routing_features(self) -> np.ndarray:
-        """The routing features of the client's training examples (computed once)."""
-        if self.features is None:
-            self.features = self.spec.features(self.local.train)
-        return self.features
-
     def answer(self, stub: pb_grpc.CoordinatorStub, session: Session, retry: Retry) -> None:
         """Answer the open clustering proposal with this client's statistics against it."""
         request = pb.ProposalRequest(client_id=session.client_id)
@@ -521,7 +519,7 @@ class Crew:
         )
         if reply.converged:
             return
-        stats = cluster_stats(self.routing_features(), *proposal_arrays(reply), reply.softness)
+        stats = cluster_stats(self.examples.features, *proposal_arrays(reply), reply.softness)
         report = pb.ClusterReport(
             client_id=session.client_id,
             pass_number=reply.pass_number,
@@ -548,43 +546,34 @@ class Crew:
             if not reply.converged:
                 return False
             self.routing = proposal_arrays(reply)
-        centroids, prices = self.routing
-        features = self.routing_features()
         request = pb.AssignRequest(
-            client_id=session.client_id, histogram=histogram(features, centroids, prices).tolist()
+            client_id=session.client_id, histogram=histogram(self.examples.features, *self.routing).tolist()
         )
         reply = retry(
             lambda: stub.Assign(request, metadata=session.metadata, timeout=CALL_TIMEOUT_S), "assign"
         )
         if not reply.workers:
             return False
-        test = self.local.test
-        test_features = self.spec.features(test) if test is not None and len(test) else None
         for w in reply.workers:
             if w.worker_id in self.workers:
                 continue
             a, path = w.assignment, Path.parse(w.assignment.path)
-            train = self.local.train.subset(members(features, centroids, prices, w.cluster))
-            held_out = test
-            if test_features is not None:
-                held_out = test.subset(members(test_features, centroids, prices, w.cluster))
-            router_data = (features, nearest(features, centroids, prices)) if w.trains_router else None
             self.paths[w.worker_id] = path
-            self.workers[w.worker_id] = Worker(
-                self.spec,
+            self.workers[w.worker_id] = self.examples.worker(
                 self.path_model(path),
-                train.batches(a.batch_size, a.seed),
-                len(train),
                 variant_of(a.variant),
-                test=held_out,
-                router_data=router_data,
+                a.seed,
+                a.batch_size,
+                w.cluster,
+                self.routing,
+                w.trains_router,
             )
             log.info(
                 "worker %s: path %s, variant %s, %d examples of cluster %d",
                 w.worker_id,
                 a.path,
                 variant_of(a.variant).name,
-                len(train),
+                self.workers[w.worker_id].weight,
                 w.cluster,
             )
         self.grid = None  # the client keeps only its paths

@@ -21,12 +21,12 @@ import torch
 from tqdm.auto import tqdm
 
 from fedmoe.assignment import PROFILES, DeviceProfile, parse_profiles
-from fedmoe.clustering import cluster_stats, histogram, members, nearest
+from fedmoe.clustering import cluster_stats, histogram
 from fedmoe.config import Config
 from fedmoe.engine import Engine
 from fedmoe.ensemble import Ensemble
 from fedmoe.spec import ClientData, Examples, Spec, load_spec
-from fedmoe.worker import Upload, Worker
+from fedmoe.worker import LocalExamples, Upload, Worker
 
 
 @dataclass(frozen=True, eq=False)
@@ -96,34 +96,26 @@ def enrol(engine: Engine, clients: Sequence[LocalClient]) -> tuple[list[str], li
     evaluating) on its examples of that cluster. Paths in turn: one worker on all of them, and the client
     reports the sum and count of its features for the router. Returns the worker ids and the workers.
     """
-    spec, batch_size = engine.spec, engine.config.inner.batch_size
-    features = [spec.features(client.train) for client in clients]
-    cluster(engine, features)
+    batch_size = engine.config.inner.batch_size
+    local = [LocalExamples(engine.spec, client.train, client.test) for client in clients]
+    cluster(engine, [examples.features for examples in local])
     ids, workers = [], []
-    for i, client in enumerate(clients):
+    for i, (client, examples) in enumerate(zip(clients, local)):
         client_id = f"c{i:04d}"
         profile = PROFILES[client.profile] if isinstance(client.profile, str) else client.profile
+        routing = None
         if engine.kmeans is None:
             assignments = {client_id: engine.assign(client_id, profile)}
-            engine.add_features(client_id, features[i].sum(0), len(client.train))
+            engine.add_features(client_id, examples.features.sum(0), len(client.train))
         else:
-            centroids, prices = engine.routing_state()
-            assignments = engine.assign_by_data(client_id, profile, histogram(features[i], centroids, prices))
-            test_features = (
-                spec.features(client.test) if client.test is not None and len(client.test) else None
-            )
+            routing = engine.routing_state()
+            assignments = engine.assign_by_data(client_id, profile, histogram(examples.features, *routing))
         for worker_id, a in assignments.items():
-            train, test = client.train, client.test
-            if a.cluster is not None:
-                train = train.subset(members(features[i], centroids, prices, a.cluster))
-                if test_features is not None:
-                    test = test.subset(members(test_features, centroids, prices, a.cluster))
             path_model = copy.deepcopy(engine.model.compose(a.path))
-            batches = train.batches(batch_size, a.seed)
-            labels = nearest(features[i], centroids, prices) if a.trains_router else None
-            router_data = (features[i], labels) if a.trains_router else None
             workers.append(
-                Worker(spec, path_model, batches, len(train), a.variant, test=test, router_data=router_data)
+                examples.worker(
+                    path_model, a.variant, a.seed, batch_size, a.cluster, routing, a.trains_router
+                )
             )
             ids.append(worker_id)
     return ids, workers

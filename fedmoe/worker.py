@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from fedmoe.clustering import members, nearest
 from fedmoe.compress.prune import (
     SCHEMES,
     Masks,
@@ -305,3 +307,48 @@ class Worker:
                 if mask is not None or (self.variant.bits < 32 and p.dim() >= 2):
                     out.append((module, name, mask))
         return out
+
+
+class LocalExamples:
+    """A client's own examples as its workers train and evaluate on them; their routing features are
+    computed once (they answer federated k-means, make the histogram and split the examples by cluster)."""
+
+    def __init__(self, spec: Spec, train: Examples, test: Examples | None = None):
+        self.spec, self.train = spec, train
+        self.test = test if test is not None and len(test) else None
+
+    @cached_property
+    def features(self) -> np.ndarray:
+        """The routing features of the training examples."""
+        return self.spec.features(self.train)
+
+    @cached_property
+    def test_features(self) -> np.ndarray | None:
+        """The routing features of the held-out examples (None without any)."""
+        return None if self.test is None else self.spec.features(self.test)
+
+    def worker(
+        self,
+        path_model: nn.Module,
+        variant: Variant,
+        seed: int,
+        batch_size: int,
+        cluster: int | None = None,
+        routing: tuple[np.ndarray, np.ndarray | None] | None = None,
+        trains_router: bool = False,
+    ) -> Worker:
+        """A worker on these examples: all of them (`cluster` None), or those of `cluster` under the converged
+        `routing` (centroids, prices), held-out examples likewise. `trains_router`: it also trains the learned
+        router on all the training features, labelled with their clusters. Batches are seeded by `seed`."""
+        train, test = self.train, self.test
+        if (cluster is not None or trains_router) and routing is None:
+            raise ValueError(
+                "a worker of a cluster, or of the learned router, needs the converged clustering"
+            )
+        if cluster is not None:
+            train = train.subset(members(self.features, *routing, cluster))
+            if test is not None:
+                test = test.subset(members(self.test_features, *routing, cluster))
+        router_data = (self.features, nearest(self.features, *routing)) if trains_router else None
+        batches = train.batches(batch_size, seed)
+        return Worker(self.spec, path_model, batches, len(train), variant, test=test, router_data=router_data)

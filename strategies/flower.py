@@ -63,14 +63,14 @@ from flwr.simulation import run_simulation  # noqa: E402
 from torch import nn  # noqa: E402
 
 from fedmoe.assignment import PROFILES, parse_profiles  # noqa: E402
-from fedmoe.clustering import ClusterStats, cluster_stats, histogram, members, nearest  # noqa: E402
+from fedmoe.clustering import ClusterStats, cluster_stats, histogram  # noqa: E402
 from fedmoe.compress.quant import QTensor  # noqa: E402
 from fedmoe.config import Config, InnerConfig  # noqa: E402
 from fedmoe.engine import NETWORK_SCHEMES, Engine  # noqa: E402
 from fedmoe.modular import ModularModel, Path  # noqa: E402
 from fedmoe.outer import Update  # noqa: E402
-from fedmoe.spec import ClientData, Spec, load_spec  # noqa: E402
-from fedmoe.worker import ROUTER, Job, Upload, Variant, Worker, round_masks  # noqa: E402
+from fedmoe.spec import Spec, load_spec  # noqa: E402
+from fedmoe.worker import ROUTER, Job, LocalExamples, Upload, Variant, round_masks  # noqa: E402
 
 log = logging.getLogger("fedmoe.flower")
 
@@ -548,19 +548,12 @@ def _grid(ref: str, grid: tuple[int, ...], seed: int) -> ModularModel:
 
 
 @lru_cache(maxsize=32)
-def node_data(ref: str, partition: int, partitions: int) -> tuple[ClientData, np.ndarray]:
-    """A node's own data, `spec.data(partition, partitions)`, and its training examples' routing features:
-    loaded and computed once per process."""
+def node_examples(ref: str, partition: int, partitions: int) -> LocalExamples:
+    """A node's own data, `spec.data(partition, partitions)`, with its routing features: loaded and computed
+    once per process."""
     spec = cached_spec(ref)
     data = spec.data(partition, partitions)
-    return data, spec.features(data.train)
-
-
-@lru_cache(maxsize=32)
-def held_out_features(ref: str, partition: int, partitions: int) -> np.ndarray | None:
-    """The routing features of a node's held-out examples (None without any), computed once per process."""
-    test = node_data(ref, partition, partitions)[0].test
-    return cached_spec(ref).features(test) if test is not None and len(test) else None
+    return LocalExamples(spec, data.train, data.test)
 
 
 def node_partition(context: Context) -> tuple[int, int]:
@@ -587,10 +580,10 @@ client_app = ClientApp()
 @client_app.query("features")
 def feature_statistics(msg: Message, context: Context) -> Message:
     """Paths in turn: the sum and number of this node's training examples' routing features."""
-    data, features = node_data(str(msg.content["query"]["spec"]), *node_partition(context))
+    examples = node_examples(str(msg.content["query"]["spec"]), *node_partition(context))
     records = {
-        "features": ArrayRecord({"sum": Array(features.sum(0))}),
-        "count": ConfigRecord({"count": len(data.train)}),
+        "features": ArrayRecord({"sum": Array(examples.features.sum(0))}),
+        "count": ConfigRecord({"count": len(examples.train)}),
     }
     return answer(msg, context, records)
 
@@ -599,7 +592,7 @@ def feature_statistics(msg: Message, context: Context) -> Message:
 def clustering_statistics(msg: Message, context: Context) -> Message:
     """A pass of federated k-means: this node's `cluster_stats` for the proposal in the message."""
     query = msg.content["query"]
-    _, features = node_data(str(query["spec"]), *node_partition(context))
+    features = node_examples(str(query["spec"]), *node_partition(context)).features
     stats = cluster_stats(features, *decode_routing(msg.content), float(query["softness"]))
     return answer(msg, context, {"stats": encode_stats(stats)})
 
@@ -607,7 +600,7 @@ def clustering_statistics(msg: Message, context: Context) -> Message:
 @client_app.query("histogram")
 def cluster_histogram(msg: Message, context: Context) -> Message:
     """This node's count of training examples per cluster of the converged clustering in the message."""
-    _, features = node_data(str(msg.content["query"]["spec"]), *node_partition(context))
+    features = node_examples(str(msg.content["query"]["spec"]), *node_partition(context)).features
     counts = histogram(features, *decode_routing(msg.content))
     return answer(msg, context, {"histogram": ArrayRecord({"counts": Array(counts)})})
 
@@ -620,32 +613,21 @@ def train(msg: Message, context: Context) -> Message:
     their clusters."""
     run = msg.content["run"]
     ref, grid, seed = str(run["spec"]), tuple(int(n) for n in run["grid"]), int(run["config-seed"])
-    spec, partition = cached_spec(ref), node_partition(context)
-    data, features = node_data(ref, *partition)
+    examples = node_examples(ref, *node_partition(context))
     centroids, prices = decode_routing(msg.content)
+    routing = None if centroids is None else (centroids, prices)
     states = context.state[STATE_KEY] if STATE_KEY in context.state else ConfigRecord()
     uploads = {}
     for worker_id, content in sorted(unbundle(msg.content).items()):
         path_model = copy.deepcopy(_grid(ref, grid, seed).compose(Path.parse(str(content["job"]["path"]))))
         job = decode_job(content, path_model)
-        train_set, test_set = data.train, data.test
+        # the worker sent "router/" tensors also trains the learned router
+        trains_router = any(name.startswith(ROUTER) for name in job.tensors)
         cluster = job_cluster(content)
-        if cluster is not None:
-            if centroids is None:
-                raise ValueError(f"worker {worker_id} trains on cluster {cluster}, but no clustering came")
-            train_set = train_set.subset(members(features, centroids, prices, cluster))
-            test_features = held_out_features(ref, *partition)
-            if test_features is not None:
-                test_set = test_set.subset(members(test_features, centroids, prices, cluster))
-        router_data = None
-        if any(name.startswith(ROUTER) for name in job.tensors):  # it also trains the learned router
-            if centroids is None:
-                raise ValueError(f"worker {worker_id} trains the learned router, but no clustering came")
-            router_data = (features, nearest(features, centroids, prices))
-        batches = train_set.batches(job.inner.batch_size, job.seed)
-        worker = Worker(
-            spec, path_model, batches, len(train_set), job.variant, test=test_set, router_data=router_data
+        worker = examples.worker(
+            path_model, job.variant, job.seed, job.inner.batch_size, cluster, routing, trains_router
         )
+        batches = worker.batches
         if worker_id in states:  # this worker's own state from its previous rounds, pickled below
             state = pickle.loads(states[worker_id])
             worker.optimizer_state, worker.feedback = state["optimizer"], state["feedback"]

@@ -210,7 +210,7 @@ def test_bad_cluster_statistics_histograms_and_uploads_are_refused_and_change_no
         a, crew = sessions[0], crews[0]
 
         def cluster(**fields) -> grpc.StatusCode:
-            good = cluster_stats(crew.routing_features(), None)
+            good = cluster_stats(crew.examples.features, None)
             report = {
                 "pass_number": 0,
                 "counts": good.counts.tolist(),
@@ -222,7 +222,7 @@ def test_bad_cluster_statistics_histograms_and_uploads_are_refused_and_change_no
             return code_of(lambda: stub.Cluster(request, metadata=a.metadata, timeout=10))
 
         invalid = grpc.StatusCode.INVALID_ARGUMENT
-        width = crew.routing_features().shape[1]
+        width = crew.examples.features.shape[1]
         assert cluster(counts=[1.0, 2.0]) == invalid  # two clusters in the one-cluster pass
         assert cluster(squares=[1.0] * (width - 1)) == invalid  # sums and squares of unlike shapes
         assert cluster(counts=[math.nan]) == invalid
@@ -238,7 +238,7 @@ def test_bad_cluster_statistics_histograms_and_uploads_are_refused_and_change_no
             c.answer(stub, session, RETRY)
         assert coordinator.passes == 1
         proposal = stub.Proposal(pb.ProposalRequest(client_id=a.client_id), metadata=a.metadata, timeout=10)
-        features = crew.routing_features()
+        features = crew.examples.features
         grown = cluster_stats(
             np.vstack([features, features[:1]]), *proposal_arrays(proposal), proposal.softness
         )
