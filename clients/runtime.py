@@ -7,7 +7,9 @@
 profile, the form of `data`, the first batch against the spec (two tensors, target dtype, an input shape
 the model accepts, labels in range for classifiers) and the model against the coordinator's (parameter
 names and shapes). An unreachable coordinator is retried with a WARNING per attempt for `retry_s` seconds.
-The client trains with the same `fedmoe.worker.Worker` as every other runner.
+The client trains with the same `fedmoe.worker.Worker` as every other runner. Each update has one id, sent
+with every retry; with a state file (`ClientState`) the client keeps its workers' state and their last
+updates on disk before pushing, so that a killed client continues as if it had not stopped.
 
 When the coordinator routes by data (routing.assign = "data"), the client computes its examples' routing
 features once, answers the federated k-means proposals with their per-cluster statistics, sends the
@@ -24,10 +26,12 @@ import itertools
 import json
 import logging
 import math
+import os
+import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path as FsPath
 from typing import Any, TypeVar
@@ -35,24 +39,44 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 import torch
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from torch import nn
 
 from fedmoe.assignment import PROFILES, DeviceProfile
+from fedmoe.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fedmoe.clustering import cluster_stats, histogram
 from fedmoe.config import InnerConfig
 from fedmoe.ensemble import describe_mismatch
 from fedmoe.modular import ModularModel, Path
-from fedmoe.security import channel_credentials, new_signing_key, public_bytes, update_digest
+from fedmoe.security import (
+    channel_credentials,
+    given_enrolment,
+    new_signing_key,
+    public_bytes,
+    rejoin_message,
+    update_digest,
+)
 from fedmoe.spec import Batch, ClientData, Examples, Spec, cross_entropy, load_spec
 from fedmoe.v1 import coordinator_pb2 as pb
 from fedmoe.v1 import coordinator_pb2_grpc as pb_grpc
 from fedmoe.wire import decode_tensors, encode_tensors
-from fedmoe.worker import Job, LocalExamples, Upload, Variant, Worker, round_masks, signed_fields
+from fedmoe.worker import (
+    Job,
+    LocalExamples,
+    Upload,
+    Variant,
+    Worker,
+    load_upload,
+    round_masks,
+    signed_fields,
+    upload_state,
+)
 
 log = logging.getLogger("fedmoe.client")
 T = TypeVar("T")
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# a coordinator that stops cancels the calls in flight (CANCELLED); this client never cancels its own
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
 SCHEMES = ("http://", "https://", "grpc://", "grpcs://")
 MAX_PULL_BYTES = 4 << 30
 CALL_TIMEOUT_S = 30.0
@@ -280,7 +304,7 @@ class Retry:
     deadline: float = math.inf
 
     def __call__(self, call: Callable[[], T], what: str) -> T:
-        """Run `call`, retrying UNAVAILABLE / DEADLINE_EXCEEDED with backoff and a WARNING per retry."""
+        """Run `call`, retrying the codes in RETRYABLE with backoff and a WARNING per retry."""
         delay, since = 0.5, None
         while True:
             try:
@@ -315,6 +339,157 @@ class Retry:
                 delay = min(2 * delay, 10.0)
 
 
+# -- the client's durable state ---------------------------------------------------------------
+@dataclass
+class Held:
+    """A worker's last update: its upload, its id (the same on every send), and whether the coordinator
+    acknowledged it. Kept until a heartbeat shows its round closed: a coordinator that lost it asks again."""
+
+    upload: Upload
+    update_id: str
+    acknowledged: bool = False
+
+
+def write_private(path: FsPath, text: str) -> None:
+    """Write `text` to `path` atomically (temp file, fsync, os.replace), readable by its owner only."""
+    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class ClientState:
+    """What a client keeps in its state file (`file`, JSON, mode 0o600) and beside it, so that a killed client
+    continues as if it had not stopped.
+
+    - `file`: {"client_id", "token", "signing_key" (the raw Ed25519 private key, hex), "acknowledged":
+      {worker id: the id of its last update the coordinator acknowledged}}.
+    - `<file>.d/<worker id>/`: a checkpoint (`fedmoe.checkpoint`) per worker, written after each round's
+      training and before its push: the worker's state (`Worker.state`: optimiser, error feedback, batch
+      stream position), its assignment (path, variant, seed) and its last update (`upload_state`, its id).
+    """
+
+    def __init__(self, file: str | os.PathLike[str]):
+        self.file = FsPath(file)
+        self.directory = self.file.with_name(f"{self.file.name}.d")
+        try:
+            self.saved: dict[str, Any] = json.loads(self.file.read_text()) if self.file.exists() else {}
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(
+                f"{self.file} is not a client state file ({e}): give another --state-file, or delete it "
+                "to join as a new client"
+            ) from None
+
+    @property
+    def client_id(self) -> str:
+        """The client's id ("" before it first joined)."""
+        return self.saved.get("client_id", "")
+
+    @property
+    def token(self) -> str:
+        """The client's bearer token ("" before it first joined)."""
+        return self.saved.get("token", "")
+
+    def signing_key(self) -> ed25519.Ed25519PrivateKey:
+        """The key the client signs its updates with: the saved one, or a new one."""
+        saved = self.saved.get("signing_key")
+        return (
+            ed25519.Ed25519PrivateKey.from_private_bytes(bytes.fromhex(saved)) if saved else new_signing_key()
+        )
+
+    def save_identity(self, client_id: str, token: str, key: ed25519.Ed25519PrivateKey) -> None:
+        """Keep the client's id, token and signing key (the acknowledgements of another id are dropped)."""
+        raw = key.private_bytes(
+            serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+        )
+        acknowledged = self.saved.get("acknowledged", {}) if client_id == self.client_id else {}
+        self.write(
+            {"client_id": client_id, "token": token, "signing_key": raw.hex(), "acknowledged": acknowledged}
+        )
+
+    def acknowledge(self, worker_id: str, update_id: str) -> None:
+        """Record that the coordinator acknowledged update `update_id` of a worker."""
+        self.write(
+            {**self.saved, "acknowledged": {**self.saved.get("acknowledged", {}), worker_id: update_id}}
+        )
+
+    def write(self, saved: dict[str, Any]) -> None:
+        """Replace the state file's content."""
+        write_private(self.file, json.dumps(saved))
+        self.saved = saved
+
+    def worker_directory(self, worker_id: str) -> FsPath:
+        """Where a worker's checkpoint lives (ValueError for an id that is no plain file name)."""
+        if FsPath(worker_id).name != worker_id or worker_id in ("", ".", ".."):
+            raise ValueError(f"the coordinator named a worker {worker_id!r}, which is no file name")
+        return self.directory / worker_id
+
+    def save_worker(self, worker_id: str, worker: Worker, assignment: dict[str, Any], held: Held) -> None:
+        """Durably keep a worker's state after training and the update it is about to push."""
+        state, meta = worker.state()
+        upload, upload_meta = upload_state(held.upload)
+        tensors = {
+            **{f"worker/{n}": t for n, t in state.items()},
+            **{f"upload/{n}": t for n, t in upload.items()},
+        }
+        manifest = {
+            "kind": "client-worker",
+            "assignment": assignment,
+            "worker": meta,
+            "upload": upload_meta,
+            "update_id": held.update_id,
+        }
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        save_checkpoint(self.worker_directory(worker_id), tensors, manifest)
+
+    def restore(self, worker_id: str, worker: Worker, assignment: dict[str, Any]) -> Held | None:
+        """Continue a worker from its checkpoint, if it has one of this assignment; its last update."""
+        directory = self.worker_directory(worker_id)
+        if not directory.exists():
+            return None
+        try:
+            tensors, manifest = load_checkpoint(directory)
+            if manifest["assignment"] != assignment:
+                log.warning(
+                    "%s: the saved state is of %s, not of the assignment %s: starting afresh",
+                    worker_id,
+                    manifest["assignment"],
+                    assignment,
+                )
+                return None
+            parts: dict[str, dict[str, torch.Tensor]] = {"worker": {}, "upload": {}}
+            for name, t in tensors.items():
+                kind, _, rest = name.partition("/")
+                parts[kind][rest] = t
+            worker.load_state(parts["worker"], manifest["worker"])
+            upload = load_upload(parts["upload"], manifest["upload"])
+        except (CheckpointError, KeyError, TypeError, ValueError) as e:
+            log.warning("%s: cannot read its saved state (%s): starting afresh", worker_id, e)
+            return None
+        update_id = manifest["update_id"]
+        acknowledged = self.saved.get("acknowledged", {}).get(worker_id) == update_id
+        log.info(
+            "%s: continues from its state after round %d (update %s%s)",
+            worker_id,
+            upload.round,
+            update_id,
+            ", acknowledged" if acknowledged else "",
+        )
+        return Held(upload, update_id, acknowledged)
+
+    def remove(self) -> None:
+        """Delete the state file and the workers' checkpoints beside it."""
+        shutil.rmtree(self.directory, ignore_errors=True)
+        self.file.unlink(missing_ok=True)
+
+
 @dataclass
 class Session:
     """A joined client: id, token, update-signing key, the coordinator's model description, assignment."""
@@ -331,11 +506,12 @@ class Session:
         return (("authorization", f"Bearer {self.token}"),)
 
 
-def connect(server: str, certs: str | None = None) -> grpc.Channel:
-    """A channel to `server` ("host:port"): TLS when `certs` names a `fedmoe certs` directory."""
+def connect(server: str, certs: str | None = None, cert_name: str | None = None) -> grpc.Channel:
+    """A channel to `server` ("host:port"): TLS when `certs` names a `fedmoe certs` directory, presenting the
+    client certificate client-<cert_name>.pem when `cert_name` is given (mutual TLS)."""
     options = [("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send_message_length", 8 << 20)]
     if certs:
-        return grpc.secure_channel(server, channel_credentials(certs), options=options)
+        return grpc.secure_channel(server, channel_credentials(certs, cert_name), options=options)
     return grpc.insecure_channel(server, options=options)
 
 
@@ -363,30 +539,35 @@ def join(
     profile: DeviceProfile,
     name: str,
     features: tuple[np.ndarray, float] | None,
-    state_file: FsPath | None = None,
+    state: ClientState | None = None,
     retry: Retry | None = None,
+    enrolment: str = "",
 ) -> Session:
     """Join with the routing statistics (feature sum, examples) of the client's data (paths in turn; None
-    when routing by data), or rejoin with the identity in `state_file` (a client that restarts keeps its
-    paths)."""
+    when routing by data), or rejoin as the client whose identity `state` keeps (a client that restarts
+    keeps its paths and its signing key). `enrolment` is the operator's enrolment token (not needed with a
+    client certificate under mutual TLS, nor to rejoin with the same key)."""
     retry = retry or Retry("coordinator")
-    saved = json.loads(state_file.read_text()) if state_file and state_file.exists() else {}
-    metadata = (("authorization", f"Bearer {saved['token']}"),) if saved else ()
-    key = new_signing_key()  # a fresh key per process: the private key never leaves memory
+    client_id = state.client_id if state else ""
+    metadata = (("authorization", f"Bearer {state.token}"),) if client_id else ()
+    key = state.signing_key() if state else new_signing_key()
     request = pb.JoinRequest(
         profile=profile_message(profile),
         name=name,
-        client_id=saved.get("client_id", ""),
+        client_id=client_id,
         public_key=public_bytes(key),
+        enrolment=enrolment,
     )
+    if client_id and state.saved.get("signing_key"):  # its key proves who rejoins, valid token or not
+        request.proof_time = int(time.time() * 1000)
+        request.proof = key.sign(rejoin_message(client_id, request.proof_time))
     if features is not None:
         feature_sum, examples = features
         request.feature_sum.extend(np.asarray(feature_sum, dtype=np.float64).tolist())
         request.examples = float(examples)
     reply = retry(lambda: stub.Join(request, metadata=metadata, timeout=CALL_TIMEOUT_S), "join")
-    if state_file:
-        state_file.write_text(json.dumps({"client_id": reply.client_id, "token": reply.token}))
-        state_file.chmod(0o600)
+    if state:
+        state.save_identity(reply.client_id, reply.token, key)
     return Session(reply.client_id, reply.token, json.loads(reply.model_json), reply.assignment, key)
 
 
@@ -475,15 +656,19 @@ class Crew:
     Paths in turn: one worker, the client's id, on all its examples. Routing by data: one per cluster the
     coordinator gave it by its histogram, each on the client's examples of that cluster, the one marked
     `trains_router` also training the learned router on all its features and their clusters, made by
-    `LocalExamples.worker` as every runner makes them.
+    `LocalExamples.worker` as every runner makes them. With a `state`, each worker continues from its
+    saved state and holds its saved last update.
     """
 
     spec: Spec
     model: dict[str, Any]  # the coordinator's model description: its grid and seed
     local: LocalData
     grid: ModularModel | None = None  # the client's build of the grid, until its workers are made
+    state: ClientState | None = None  # where the workers' state is kept (None: in memory only)
     workers: dict[str, Worker] = field(default_factory=dict)
     paths: dict[str, Path] = field(default_factory=dict)  # each worker's path
+    assignments: dict[str, dict[str, Any]] = field(default_factory=dict)  # each worker's path, variant, seed
+    held: dict[str, Held] = field(default_factory=dict)  # each worker's last update, until its round closed
     routing: tuple[np.ndarray, np.ndarray | None] | None = None  # the converged centroids and prices
 
     @cached_property
@@ -509,7 +694,39 @@ class Crew:
             test=local.test,
         )
         self.workers[client_id], self.paths[client_id] = worker, path
+        self.restore(client_id, a)
         self.grid = None  # the client keeps only its paths
+
+    def restore(self, worker_id: str, a: pb.Assignment) -> None:
+        """Note a new worker's assignment and continue it from its saved state, when there is one."""
+        self.assignments[worker_id] = {
+            "path": a.path,
+            "variant": asdict(variant_of(a.variant)),
+            "seed": a.seed,
+        }
+        if self.state is not None:
+            held = self.state.restore(worker_id, self.workers[worker_id], self.assignments[worker_id])
+            if held is not None:
+                self.held[worker_id] = held
+
+    def keep(self, worker_id: str, held: Held) -> None:
+        """Hold a worker's new update, and save the worker's state with it (before it is pushed)."""
+        self.held[worker_id] = held
+        if self.state is not None:
+            self.state.save_worker(worker_id, self.workers[worker_id], self.assignments[worker_id], held)
+
+    def acknowledge(self, worker_id: str) -> None:
+        """The coordinator acknowledged (or already held) the worker's held update."""
+        held = self.held[worker_id]
+        held.acknowledged = True
+        if self.state is not None:
+            self.state.acknowledge(worker_id, held.update_id)
+
+    def forget(self, open_round: int) -> None:
+        """Drop the acknowledged updates of rounds that closed before `open_round`."""
+        for worker_id, held in list(self.held.items()):
+            if held.acknowledged and held.upload.round < open_round:
+                del self.held[worker_id]
 
     def answer(self, stub: pb_grpc.CoordinatorStub, session: Session, retry: Retry) -> None:
         """Answer the open clustering proposal with this client's statistics against it."""
@@ -568,6 +785,7 @@ class Crew:
                 self.routing,
                 w.trains_router,
             )
+            self.restore(w.worker_id, a)
             log.info(
                 "worker %s: path %s, variant %s, %d examples of cluster %d",
                 w.worker_id,
@@ -606,6 +824,8 @@ def run(
     certs: str | None = None,
     name: str = "",
     state_file: str | None = None,
+    enrolment: str | None = None,
+    cert_name: str | None = None,
     partition: int = 0,
     partitions: int = 1,
     retry_s: float = 120.0,
@@ -625,7 +845,13 @@ def run(
       batch, counted as `weight` examples.
     - `weight`: the client's weight in the average (default: its number of examples; paths in turn only).
     - `certs`: a `fedmoe certs` directory when the coordinator speaks TLS. `state_file` keeps this client's
-      identity, so that it rejoins as itself after a restart.
+      identity and signing key, and beside it each worker's state and last update (see `ClientState`): a
+      client restarted with it rejoins as itself with no enrolment token, sends again an update the
+      coordinator did not acknowledge or lost (with its id: it counts once) and trains on from where it
+      stopped. Without it, all of that lives in memory only.
+    - `enrolment`: the operator's enrolment token, needed to join (default: $FEDMOE_ENROLMENT_TOKEN, else the
+      enrolment.token of `certs`); or,
+      under mutual TLS, `cert_name`: present the client certificate client-<cert_name>.pem of `certs`.
     - `retry_s`: how long an unreachable coordinator is retried (a WARNING per retry) before ConnectionError;
       `timeout_s`: an overall limit (None: none). `poll_s`: the wait between heartbeats while waiting.
 
@@ -640,7 +866,9 @@ def run(
     spec = load_spec(spec) if spec is not None else None
     local = prepare_data(spec, data, weight, partition, partitions) if spec is not None else None
     retry = Retry(server, retry_s, math.inf if timeout_s is None else time.monotonic() + timeout_s)
-    with connect(server, certs) as channel:
+    if enrolment is None:
+        enrolment = given_enrolment(certs)
+    with connect(server, certs, cert_name) as channel:
         stub = pb_grpc.CoordinatorStub(channel)
         model, routing = describe_coordinator(stub, retry)
         if spec is None:
@@ -656,16 +884,16 @@ def run(
         by_data = routing == "data"
         if by_data:
             check_by_data(local, weight, server)
-        saved = FsPath(state_file) if state_file else None
+        state = ClientState(state_file) if state_file else None
         features = None
         if not by_data:
             feature_sum = local.feature_sum
             if feature_sum is None:
                 feature_sum = spec.feature_statistics(local.train)[0]
             features = (feature_sum, local.examples)
-        session = join(stub, device, name, features, saved, retry)
+        session = join(stub, device, name, features, state, retry, enrolment)
         check_model(spec, session.model, grid)
-        crew = Crew(spec, model, local, grid)
+        crew = Crew(spec, model, local, grid, state)
         del grid  # the crew keeps it until its workers are made, then only their paths
         if by_data:
             log.info(
@@ -706,6 +934,32 @@ def run(
     }
 
 
+def leave(
+    server: str,
+    state_file: str | os.PathLike[str],
+    certs: str | None = None,
+    cert_name: str | None = None,
+    retry_s: float = 120.0,
+) -> str:
+    """Leave the federation at `server` as the client whose identity `state_file` keeps: the coordinator
+    stops counting it in its quorum and revokes its tokens. Deletes the state file and the workers' state
+    beside it (they name a member that is gone). Returns the client's id."""
+    server = check_address(server)
+    state = ClientState(state_file)
+    if not state.client_id:
+        raise ValueError(f"{state_file} holds no client identity: there is nothing to leave")
+    request = pb.LeaveRequest(client_id=state.client_id)
+    metadata = (("authorization", f"Bearer {state.token}"),)
+    with connect(server, certs, cert_name) as channel:
+        stub = pb_grpc.CoordinatorStub(channel)
+        Retry(server, retry_s)(
+            lambda: stub.Leave(request, metadata=metadata, timeout=CALL_TIMEOUT_S), "leave"
+        )
+    state.remove()
+    log.info("%s left the federation at %s", state.client_id, server)
+    return state.client_id
+
+
 def train_until_done(
     stub: pb_grpc.CoordinatorStub,
     session: Session,
@@ -714,8 +968,8 @@ def train_until_done(
     poll_s: float,
     timeout_s: float | None,
 ) -> tuple[dict[str, list[int]], int]:
-    """Heartbeat and do as told until told done: answer clustering proposals, send the histogram, and pull,
-    train and push each worker the open round lacks. The rounds each worker trained, bytes sent."""
+    """Heartbeat and do as told until told done: answer clustering proposals, send the histogram, and send an
+    update of each worker the open round lacks. The rounds each worker sent an update of, bytes sent."""
     trained: dict[str, list[int]] = {}
     uploaded = 0
     heartbeat = pb.HeartbeatRequest(client_id=session.client_id)
@@ -728,6 +982,7 @@ def train_until_done(
         )
         if beat.action == actions.DONE:
             return trained, uploaded
+        crew.forget(beat.round)
         if beat.action == actions.CLUSTER:
             crew.answer(stub, session, retry)
             continue
@@ -740,28 +995,55 @@ def train_until_done(
             time.sleep(poll_s)
             continue
         for worker_id in todo:
-            uploaded += train_worker(stub, session, crew.workers[worker_id], worker_id, retry, trained)
+            sent = send_update(stub, session, crew, worker_id, beat.round, retry, trained)
+            if sent is None:
+                time.sleep(poll_s)
+            uploaded += sent or 0
 
 
-def train_worker(
+def send_update(
     stub: pb_grpc.CoordinatorStub,
     session: Session,
-    worker: Worker,
+    crew: Crew,
     worker_id: str,
+    open_round: int,
     retry: Retry,
     trained: dict[str, list[int]],
-) -> int:
-    """Pull, train and push one worker's round; record the round in `trained`. The bytes sent."""
-    upload = worker.train_round(pull_job(stub, session, worker.path_model, retry, worker_id))
-    update_id = uuid.uuid4().hex  # the same id on every retry: a stored update is not counted twice
+) -> int | None:
+    """Send an update of a worker that `open_round` lacks: the update it holds when that one was never
+    acknowledged, or was for this round (the coordinator lost it), with its id; else a new one (pull, train,
+    keep, then push). Record its round in `trained`. The bytes sent; None when the coordinator answered that
+    it already holds this update although it asked for one."""
+    held = crew.held.get(worker_id)
+    if held is None or held.acknowledged and held.upload.round != open_round:
+        worker = crew.workers[worker_id]
+        upload = worker.train_round(pull_job(stub, session, worker.path_model, retry, worker_id))
+        held = Held(upload, uuid.uuid4().hex)  # one id for every send of this update, restarts included
+        crew.keep(worker_id, held)
+    else:
+        log.info(
+            "round %d: sending again update %s of %s (%s)",
+            held.upload.round,
+            held.update_id,
+            worker_id,
+            "the coordinator lost it" if held.acknowledged else "not acknowledged",
+        )
+    upload = held.upload
     try:
-        reply = retry(functools.partial(push, stub, session, upload, update_id, worker_id), "push")
+        reply = retry(functools.partial(push, stub, session, upload, held.update_id, worker_id), "push")
     except grpc.RpcError as e:
         if e.code() not in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS):
             raise
-        log.info("round %d: update of %s not used (%s)", upload.round, worker_id, e.details())
-        return 0
-    trained.setdefault(worker_id, []).append(upload.round)
+        log.info(
+            "round %d: update %s of %s not used (%s)", upload.round, held.update_id, worker_id, e.details()
+        )
+        resent = held.acknowledged
+        crew.acknowledge(worker_id)  # the coordinator holds it, or will never count it
+        return None if resent and e.code() == grpc.StatusCode.ALREADY_EXISTS else 0
+    crew.acknowledge(worker_id)
+    rounds = trained.setdefault(worker_id, [])
+    if upload.round not in rounds:
+        rounds.append(upload.round)
     log.info(
         "round %d: %s loss %.4f, sent %d bytes; round %d is open",
         upload.round,

@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from torch import nn
 
+from fedmoe.compress.quant import BITS
 from fedmoe.worker import Variant, round_masks, variant_bytes
 
 GIB = 2**30
 TRAINING_BYTES_PER_PARAM = 16  # latent fp32 weight, its gradient and two AdamW moments
 
 
+MAX_DENSITIES = 8  # densities a profile may offer
+MAX_PROFILE_NAME = 64
+
+
 @dataclass(frozen=True)
 class DeviceProfile:
     """What a client announces: memory budget, bit-width, densities it accepts (largest first),
     relative speed.
+
+    Raises ValueError for a profile no client has: a long name, no memory, unknown bits, more than
+    `MAX_DENSITIES` densities or one outside (0, 1], a speed that is not a positive number. Densities are kept
+    to 6 decimals, as variants carry them (a density sent as float32, 0.3 -> 0.30000001, is 0.3 again).
     """
 
     name: str
@@ -23,6 +33,23 @@ class DeviceProfile:
     bits: int = 32
     densities: tuple[float, ...] = (1.0, 0.5, 0.25)
     speed: float = 1.0
+
+    def __post_init__(self) -> None:
+        if len(self.name) > MAX_PROFILE_NAME:
+            raise ValueError(
+                f"a profile name has at most {MAX_PROFILE_NAME} characters, got {len(self.name)}"
+            )
+        if not isinstance(self.memory_bytes, int) or self.memory_bytes <= 0:
+            raise ValueError(f"memory_bytes must be a positive number of bytes, got {self.memory_bytes!r}")
+        if self.bits not in BITS:
+            raise ValueError(f"bits must be one of {BITS}, got {self.bits}")
+        if not 1 <= len(self.densities) <= MAX_DENSITIES:
+            raise ValueError(f"a profile offers 1 to {MAX_DENSITIES} densities, got {len(self.densities)}")
+        if not all(math.isfinite(d) and 0 < d <= 1 for d in self.densities):
+            raise ValueError(f"densities must be in (0, 1], got {list(self.densities)[:MAX_DENSITIES]}")
+        if not (math.isfinite(self.speed) and self.speed > 0):
+            raise ValueError(f"speed must be a positive number, got {self.speed}")
+        object.__setattr__(self, "densities", tuple(round(float(d), 6) for d in self.densities))
 
 
 PROFILES: dict[str, DeviceProfile] = {

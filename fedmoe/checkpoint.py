@@ -1,5 +1,8 @@
 """Checkpoints as a safetensors weights file plus a JSON manifest,
 written atomically (the manifest is the commit point).
+
+With `keep_previous`, a save keeps the generation before it (manifest.prev.json and its weights), and
+`load_latest` falls back to it when the newest is torn or corrupt.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 FORMAT = "fedmoe-checkpoint/1"
 MANIFEST = "manifest.json"
+PREVIOUS = "manifest.prev.json"
 RESERVED = frozenset({"format", "weights", "sha256", "tensors"})
 _TMP_PREFIX = ".tmp-"
 
@@ -54,10 +58,15 @@ def _commit(directory: Path, write: Callable[[Path], str]) -> str:
 
 
 def save_checkpoint(
-    directory: str | os.PathLike, tensors: Mapping[str, torch.Tensor], manifest: Mapping[str, Any]
+    directory: str | os.PathLike,
+    tensors: Mapping[str, torch.Tensor],
+    manifest: Mapping[str, Any],
+    keep_previous: bool = False,
 ) -> Path:
     """Atomically write tensors and manifest to directory,
     then remove superseded weights and stray temp files.
+
+    `keep_previous`: the checkpoint being replaced stays as the previous generation (see `load_latest`).
     """
     clash = RESERVED.intersection(manifest)
     if clash:
@@ -87,19 +96,52 @@ def save_checkpoint(
         tmp.write_text(json.dumps(full, indent=2), encoding="utf-8")
         return MANIFEST
 
+    current = directory / MANIFEST
+    keep = {weights}
+    if keep_previous and current.exists():
+        previous = current.read_bytes()
+
+        def write_previous(tmp: Path) -> str:
+            tmp.write_bytes(previous)
+            return PREVIOUS
+
+        _commit(directory, write_previous)
+        try:
+            keep.add(json.loads(previous).get("weights", ""))
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            pass  # a torn current manifest: the previous generation is what it is
     _commit(directory, write_manifest)  # the commit point
     for path in directory.iterdir():
         stale = (
-            path.name.startswith("weights-") and path.name.endswith(".safetensors") and path.name != weights
+            path.name.startswith("weights-") and path.name.endswith(".safetensors") and path.name not in keep
         )
         if stale or path.name.startswith(_TMP_PREFIX):
             path.unlink(missing_ok=True)
     return directory
 
 
-def load_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def load_latest(
+    directory: str | os.PathLike,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], CheckpointError | None]:
+    """The newest readable generation in directory: (tensors, manifest, None), or the previous one when the
+    newest is torn or corrupt: (tensors, manifest, why the newest was not read). Raises CheckpointError when
+    neither reads."""
+    try:
+        return (*load_checkpoint(directory), None)
+    except CheckpointError as newest:
+        if not (Path(directory) / PREVIOUS).exists():
+            raise
+        try:
+            return (*load_checkpoint(directory, PREVIOUS), newest)
+        except CheckpointError as previous:
+            raise CheckpointError(f"{newest}; and the previous generation: {previous}") from None
+
+
+def load_checkpoint(
+    directory: str | os.PathLike, manifest_name: str = MANIFEST
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Load and verify the checkpoint in directory; returns (tensors, whole manifest)."""
-    path = Path(directory) / MANIFEST
+    path = Path(directory) / manifest_name
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

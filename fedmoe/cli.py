@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import statistics
 import threading
@@ -364,6 +365,13 @@ def server(
     certs: Annotated[
         Path | None, typer.Option(help="TLS: a directory made by `fedmoe certs` (transport.certs).")
     ] = None,
+    mutual_tls: Annotated[
+        bool | None,
+        typer.Option(
+            "--mutual-tls/--no-mutual-tls",
+            help="Require a client certificate of the --certs CA, which enrols it (transport.mutual_tls).",
+        ),
+    ] = None,
     insecure: Annotated[bool, typer.Option(help="Allow plain text on a non-loopback address.")] = False,
     exit_when_done: Annotated[
         bool, typer.Option(help="Stop once the last round closed and the clients were told.")
@@ -373,6 +381,7 @@ def server(
     """Run the coordinator: clients join, get their paths (by their data, or in turn), pull them, train
     them and push outer gradients. It never loads training data.
     """
+    from fedmoe.security import ENROLMENT_ENV, ENROLMENT_FILE
     from fedmoe.server.coordinator import Coordinator
     from fedmoe.server.service import start_server
 
@@ -390,6 +399,7 @@ def server(
         seed=seed,
         transport__address=address,
         transport__certs=str(certs) if certs else None,
+        transport__mutual_tls=mutual_tls,
         policy__min_clients=min_clients,
         policy__quorum=quorum,
         policy__deadline_s=deadline,
@@ -408,12 +418,14 @@ def server(
         raise typer.BadParameter(str(e)) from None
     console.print(describe(config))
     try:
-        grpc_server, port = start_server(
-            coordinator, transport.address, transport.certs, max_update_bytes=transport.max_update_bytes
-        )
-    except OSError as e:
+        grpc_server, port = start_server(coordinator)
+    except (OSError, ValueError) as e:
         fail(str(e))
     console.print(f"coordinator on port {port}, state in {state}", style="bold")
+    given = [Path(transport.certs) / ENROLMENT_FILE] if transport.certs else []
+    kept = next((f for f in given if f.exists()), state / ENROLMENT_FILE)
+    where = f"${ENROLMENT_ENV}" if os.environ.get(ENROLMENT_ENV) else str(kept)
+    console.print(f"clients enrol with the token in {where} (fedmoe client --enrol, or --certs holding it)")
     if exit_when_done:
         finished_at: list[float] = []
 
@@ -451,7 +463,22 @@ def client(
         Path | None, typer.Option(help="TLS: the directory with ca.pem from `fedmoe certs`.")
     ] = None,
     state_file: Annotated[
-        Path | None, typer.Option(help="Keep this client's identity here, to rejoin after a restart.")
+        Path | None,
+        typer.Option(
+            help="Keep this client's identity and signing key here, and its workers' state beside it: "
+            "restarted with it, the client rejoins as itself and continues where it stopped."
+        ),
+    ] = None,
+    enrol: Annotated[
+        str | None,
+        typer.Option(
+            envvar="FEDMOE_ENROLMENT_TOKEN",
+            help="The operator's enrolment token (default: the enrolment.token of --certs).",
+        ),
+    ] = None,
+    cert_name: Annotated[
+        str | None,
+        typer.Option(help="Mutual TLS: present the client certificate client-NAME.pem of --certs."),
     ] = None,
     retry: Annotated[
         float, typer.Option(min=0, help="Seconds to keep retrying an unreachable coordinator.")
@@ -459,17 +486,34 @@ def client(
     timeout: Annotated[
         float | None, typer.Option(help="Give up after this many seconds in all (default: no limit).")
     ] = None,
+    leave: Annotated[
+        bool,
+        typer.Option(
+            "--leave",
+            help="Leave the federation as the client of --state-file (its tokens are revoked), and delete "
+            "that state.",
+        ),
+    ] = False,
     verbose: Annotated[bool, typer.Option("--verbose/--quiet")] = True,
 ) -> None:
     """Join a federation with this machine's part of the spec's data and train its path(s) until the
-    coordinator says done.
+    coordinator says done (or, with --leave, leave it).
     """
     import grpc
 
     from fedmoe.clients import run
+    from fedmoe.clients.runtime import leave as leave_federation
 
     setup_logging(verbose)
+    if leave and state_file is None:
+        fail("--leave needs --state-file: the identity of the client that leaves")
     try:
+        if leave:
+            client_id = leave_federation(
+                server, state_file, certs=str(certs) if certs else None, cert_name=cert_name, retry_s=retry
+            )
+            console.print_json(json.dumps({"client_id": client_id, "left": True}))
+            return
         summary = run(
             server,
             spec,
@@ -477,6 +521,8 @@ def client(
             certs=str(certs) if certs else None,
             name=name,
             state_file=str(state_file) if state_file else None,
+            enrolment=enrol or "",
+            cert_name=cert_name,
             partition=partition,
             partitions=partitions,
             retry_s=retry,
@@ -594,7 +640,8 @@ def predict(
 @app.command()
 def certs(
     out: Annotated[
-        Path, typer.Option(help="Directory for ca.pem, server.pem/.key and client certificates.")
+        Path,
+        typer.Option(help="Directory for ca.pem, server.pem/.key, client certificates and enrolment.token."),
     ] = Path("certs"),
     host: Annotated[
         list[str] | None,
@@ -608,7 +655,8 @@ def certs(
         bool, typer.Option(help="Do nothing when the directory already holds a CA (for one-shot services).")
     ] = False,
 ) -> None:
-    """Make a CA, a server certificate and client certificates for TLS (with the cryptography package)."""
+    """Make a CA, a server certificate and client certificates for TLS (with the cryptography package), and
+    an enrolment token (enrolment.token) for clients to join with."""
     from fedmoe.security import CA_KEY, make_certs
 
     if if_missing and (out / CA_KEY).exists():

@@ -102,11 +102,37 @@ class ClientsConfig(_Section):
 
 
 class TransportConfig(_Section):
-    """The gRPC deployment: where the coordinator listens, TLS material, the largest update it accepts."""
+    """The gRPC deployment: where the coordinator listens, TLS material (with `mutual_tls`, clients present a
+    certificate of the same CA, and that certificate enrols them), the largest update it accepts, the threads
+    serving calls, and the bounds of Pull and Push streams: at most `max_streams` at once (the others are
+    answered UNAVAILABLE, so that `threads - max_streams` always serve heartbeats and status), each ended when
+    it sends or reads nothing for `stream_idle_s` or lasts longer than `stream_max_s`."""
 
     address: str = "127.0.0.1:7000"
     certs: str | None = None
+    mutual_tls: bool = False
     max_update_bytes: int = Field(4 << 30, ge=1)
+    threads: int = Field(32, ge=2)
+    max_streams: int = Field(16, ge=1)
+    stream_idle_s: float = Field(30.0, gt=0)
+    stream_max_s: float = Field(1800.0, gt=0)
+
+    @model_validator(mode="after")
+    def _threads_left(self) -> TransportConfig:
+        if self.max_streams >= self.threads:
+            raise ValueError(
+                f"transport.max_streams ({self.max_streams}) must be below transport.threads "
+                f"({self.threads}): the threads left serve heartbeats and status while streams run"
+            )
+        return self
+
+
+class MembershipConfig(_Section):
+    """Who may take part (networked runs): at most `max_members` members; a member silent (no call) for more
+    than `evict_after_s` stops counting in the round quorum until it is heard from again."""
+
+    max_members: int = Field(1024, ge=1)
+    evict_after_s: float = Field(600.0, gt=0)
 
 
 class AggregationConfig(_Section):
@@ -148,6 +174,7 @@ class Config(_Section):
     routing: RoutingConfig = RoutingConfig()
     clients: ClientsConfig = ClientsConfig()
     transport: TransportConfig = TransportConfig()
+    membership: MembershipConfig = MembershipConfig()
 
     @field_validator("grid", mode="before")
     @classmethod

@@ -23,6 +23,7 @@ import torch
 from fedmoe.aggregate import combine
 from fedmoe.assignment import DeviceProfile, assign_variant
 from fedmoe.clustering import ClusterStats, FederatedKMeans, check_histogram
+from fedmoe.compress.prune import held_shape
 from fedmoe.compress.quant import dequantize, quantize
 from fedmoe.config import Config, InnerConfig, resolve_outer
 from fedmoe.ensemble import Ensemble
@@ -30,7 +31,7 @@ from fedmoe.modular import ModularModel, Path
 from fedmoe.outer import OuterOptimizer, Update
 from fedmoe.router import CentroidRouter, LearnedRouter
 from fedmoe.spec import Examples, Spec
-from fedmoe.worker import ROUTER, Job, Upload, Variant, decode, make_job
+from fedmoe.worker import ROUTER, Job, Upload, Variant, decode, make_job, round_masks
 
 log = logging.getLogger("fedmoe.engine")
 NETWORK_SCHEMES = ("rolling", "static", "random")
@@ -223,6 +224,22 @@ class Engine:
             raise ValueError(
                 f"update is for path {upload.path} {upload.variant}, the assignment is {a.path} {a.variant}"
             )
+
+    def expected_upload(self, client_id: str, round: int) -> dict[str, tuple[int, tuple[int, ...]]]:
+        """The tensors an upload of `client_id`'s worker for `round` carries: {name: (bits, shape)}, its
+        path's held coordinates at its variant's bit-width (and the router's at 32 bits when it trains it)."""
+        a = self.assignments[client_id]
+        path_model = self.model.compose(a.path)
+        masks = round_masks(path_model, a.variant, round, a.seed)
+        expected = {
+            name: (a.variant.bits, held_shape(masks.get(name), p.shape))
+            for name, p in path_model.named_parameters()
+        }
+        if a.trains_router and self.router_model is not None:
+            expected.update(
+                {ROUTER + n: (32, tuple(t.shape)) for n, t in self.router_model.tensors().items()}
+            )
+        return expected
 
     def decode(self, client_id: str, upload: Upload) -> Update:
         """Check an upload against the client's assignment and the grid,

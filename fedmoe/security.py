@@ -33,6 +33,8 @@ CERT_MODE = 0o644
 SECRET_BYTES = 32
 MIN_SECRET_BYTES = 16
 MAX_TOKEN_CHARS = 4096
+ENROLMENT_ENV = "FEDMOE_ENROLMENT_TOKEN"
+ENROLMENT_FILE = "enrolment.token"
 
 _CLIENT_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 _B64URL = re.compile(r"[A-Za-z0-9_-]+")
@@ -132,7 +134,8 @@ def make_certs(
     *,
     overwrite: bool = False,
 ) -> Path:
-    """Create a CA, a server certificate for `hosts` and one client certificate per name in `directory`.
+    """Create a CA, a server certificate for `hosts`, one client certificate per name and an enrolment token
+    (enrolment.token, kept if present: clients given it may join) in `directory`.
 
     ECDSA P-256 keys (PKCS8 PEM, unencrypted, mode 0o600) and SHA-256 signatures; certificates mode 0o644.
     Refuses to replace an existing ca.key unless overwrite=True; ca.key is written last, so an interrupted
@@ -196,6 +199,7 @@ def make_certs(
         cert_name, key_name = client_cert_names(name)
         _write(out / cert_name, _cert_pem(cert), CERT_MODE)
         _write(out / key_name, _key_pem(key), KEY_MODE)
+    _token_file(out / ENROLMENT_FILE)
     _write(out / CA_KEY, _key_pem(ca_key), KEY_MODE)
     return out
 
@@ -364,9 +368,50 @@ def update_digest(fields: Sequence[object], tensors: Mapping[str, Any]) -> bytes
     return digest.digest()
 
 
+def rejoin_message(client_id: str, proof_time: int) -> bytes:
+    """What a member signs with its pinned key to rejoin without a valid token (see JoinRequest.proof)."""
+    return b"fedmoe-rejoin/1\x00" + client_id.encode() + b"\x00" + str(int(proof_time)).encode()
+
+
 def verify_signature(public_key: bytes, digest: bytes, signature: bytes) -> None:
     """Raise AuthError unless `signature` is the Ed25519 signature of `digest` by `public_key`."""
     try:
         ed25519.Ed25519PublicKey.from_public_bytes(public_key).verify(signature, digest)
     except (InvalidSignature, ValueError):
         raise AuthError("invalid update signature") from None
+
+
+
+def enrolment_token(state_dir: str | os.PathLike[str], certs: str | os.PathLike[str] | None = None) -> str:
+    """The coordinator's enrolment token: $FEDMOE_ENROLMENT_TOKEN when set, else the one `fedmoe certs` made
+    in the `certs` directory, else the one kept in <state_dir>/enrolment.token (made there when absent:
+    32 random bytes in base64url, mode 0o600)."""
+    given = given_enrolment(certs)
+    if given:
+        if len(given) < MIN_SECRET_BYTES:
+            raise ValueError(f"an enrolment token has at least {MIN_SECRET_BYTES} characters")
+        return given
+    return _token_file(Path(state_dir) / ENROLMENT_FILE)
+
+
+def given_enrolment(certs: str | os.PathLike[str] | None = None) -> str:
+    """The enrolment token a client presents unless told one: $FEDMOE_ENROLMENT_TOKEN, else the
+    enrolment.token of its `certs` directory, else ""."""
+    given = os.environ.get(ENROLMENT_ENV, "").strip()
+    if given or certs is None:
+        return given
+    try:
+        return (Path(certs) / ENROLMENT_FILE).read_text(encoding="ascii").strip()
+    except (FileNotFoundError, PermissionError):
+        return ""
+
+
+def _token_file(file: Path) -> str:
+    """The token kept in `file`, made there when absent."""
+    try:
+        return file.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        token = _b64e(os.urandom(SECRET_BYTES))
+        _write(file, token.encode("ascii") + b"\n", KEY_MODE)
+        return token

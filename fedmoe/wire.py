@@ -3,8 +3,9 @@
 Each tensor travels as a header (name, bits, shape, byte counts, sha256 of payload || scales) followed by
 chunks of at most `CHUNK_BYTES` (the payload's, then the scales'); one End frame with the tensor count closes
 the stream. Chunks stay far below gRPC's 4 MB default message limit, so that limit never bounds a tensor's
-size; `decode_tensors` bounds it instead, checking the declared sizes against `max_bytes` at each header,
-before any of its data arrives.
+size; `decode_tensors` bounds it instead, checking each header against the tensors the receiver expects (when
+it knows them) and the declared sizes against `max_bytes`, and its buffers grow as data arrives: a header
+alone allocates nothing.
 """
 
 from __future__ import annotations
@@ -74,15 +75,28 @@ def encode_tensors(
     yield tensor_pb2.TensorFrame(end=tensor_pb2.End(tensors=len(tensors)))
 
 
-class _Incoming:
-    """A tensor being received: its header's fields, and the bytes so far in a buffer of the declared size."""
+Expected = Mapping[str, tuple[int, tuple[int, ...]]]  # tensor name -> (bits, shape)
 
-    def __init__(self, h: tensor_pb2.TensorHeader, seen: Mapping[str, QTensor], budget: int) -> None:
-        """Check the header (a new name, lengths that fit bits and shape, at most budget bytes),
-        then allocate.
-        """
+
+class _Incoming:
+    """A tensor being received: its header's fields, and the bytes so far in a buffer that grows with them."""
+
+    def __init__(
+        self, h: tensor_pb2.TensorHeader, seen: Mapping[str, QTensor], budget: int, expected: Expected | None
+    ) -> None:
+        """Check the header: a new name, the bits and shape `expected` of it (when given), lengths that fit
+        bits and shape, at most budget bytes."""
         if not h.name or h.name in seen:
-            raise _invalid(f"tensor {h.name!r} sent twice" if h.name else "tensor header without a name")
+            raise _invalid(f"tensor {h.name[:64]!r} sent twice" if h.name else "tensor header without a name")
+        if expected is not None:
+            if h.name not in expected:
+                raise _invalid(f"tensor {h.name[:64]!r} is not one of the {len(expected)} tensors expected")
+            bits, shape = expected[h.name]
+            if (h.bits, tuple(h.shape)) != (bits, tuple(shape)):
+                raise _invalid(
+                    f"tensor {h.name!r}: {h.bits} bits and shape {tuple(h.shape)[:8]}, "
+                    f"expected {bits} bits and shape {tuple(shape)}"
+                )
         payload, scale = _lengths(h.name, h.bits, h.shape)
         if (h.payload_bytes, h.scale_bytes) != (payload, scale):
             raise _invalid(
@@ -99,26 +113,29 @@ class _Incoming:
             )
         self.name, self.bits, self.shape = h.name, h.bits, tuple(h.shape)
         self.payload_bytes, self.sha256 = h.payload_bytes, h.sha256
-        self.buffer = bytearray(payload + scale)
-        self.filled = 0
+        self.size = payload + scale
+        self.buffer = bytearray()
         self.digest = hashlib.sha256()
+
+    @property
+    def filled(self) -> int:
+        """Bytes received so far."""
+        return len(self.buffer)
 
     def progress(self) -> str:
         """How far the tensor got, for error messages."""
-        return f"{self.filled} of {len(self.buffer)} bytes of tensor {self.name!r}"
+        return f"{self.filled} of {self.size} bytes of tensor {self.name!r}"
 
     def add(self, data: bytes) -> None:
         """Append one chunk's data."""
-        end = self.filled + len(data)
-        if not data or end > len(self.buffer):
+        if not data or self.filled + len(data) > self.size:
             raise _invalid(f"chunk of {len(data)} bytes after {self.progress()}: empty or overflowing")
-        self.buffer[self.filled : end] = data
+        self.buffer += data
         self.digest.update(data)
-        self.filled = end
 
     def result(self) -> QTensor | None:
         """The tensor once all its bytes arrived, after checking their sha256; None before."""
-        if self.filled < len(self.buffer):
+        if self.filled < self.size:
             return None
         if self.digest.digest() != self.sha256:
             raise _invalid(f"tensor {self.name!r}: sha256 mismatch over its {self.filled} bytes")
@@ -128,12 +145,14 @@ class _Incoming:
         )
 
 
-def decode_tensors(frames: Iterable[tensor_pb2.TensorFrame], max_bytes: int) -> dict[str, QTensor]:
+def decode_tensors(
+    frames: Iterable[tensor_pb2.TensorFrame], max_bytes: int, expected: Expected | None = None
+) -> dict[str, QTensor]:
     """The tensors of a frame stream, read to its end;
     raises WireError on a malformed, oversize or truncated stream.
 
-    The declared sizes are summed and checked against max_bytes at each header, before that tensor's data is
-    read.
+    With `expected` ({name: (bits, shape)}), the stream must carry exactly those tensors. The declared sizes
+    are summed and checked against max_bytes at each header, before that tensor's data is read.
     """
     tensors: dict[str, QTensor] = {}
     current: _Incoming | None = None
@@ -147,8 +166,8 @@ def decode_tensors(frames: Iterable[tensor_pb2.TensorFrame], max_bytes: int) -> 
             h = frame.header
             if current is not None:
                 raise _invalid(f"header of {h.name!r} after only {current.progress()}")
-            current = _Incoming(h, tensors, max_bytes - declared)
-            declared += len(current.buffer)
+            current = _Incoming(h, tensors, max_bytes - declared, expected)
+            declared += current.size
         elif kind == "chunk":
             if current is None:
                 after = (
@@ -163,6 +182,9 @@ def decode_tensors(frames: Iterable[tensor_pb2.TensorFrame], max_bytes: int) -> 
                 raise WireError(grpc.StatusCode.DATA_LOSS, f"End after only {current.progress()}")
             if frame.end.tensors != len(tensors):
                 raise _invalid(f"End counts {frame.end.tensors} tensors, the stream carried {len(tensors)}")
+            if expected is not None and len(tensors) != len(expected):
+                missing = sorted(set(expected) - set(tensors))
+                raise _invalid(f"the stream lacks {len(missing)} expected tensors: {missing[:8]}")
             ended = True
         else:
             raise _invalid("frame with no header, chunk or End set")

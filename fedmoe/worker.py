@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from typing import Any
 
@@ -42,7 +42,7 @@ from fedmoe.config import InnerConfig
 from fedmoe.modular import ModularModel, Path
 from fedmoe.outer import ModuleStates, Update
 from fedmoe.router import LearnedRouter
-from fedmoe.spec import Batch, Examples, Spec
+from fedmoe.spec import Batch, BatchSampler, Examples, Spec
 from fedmoe.train import train_local
 
 
@@ -121,6 +121,53 @@ class Upload:
     def nbytes(self) -> int:
         """Payload and scale bytes of all tensors."""
         return sum(q.nbytes for q in self.tensors.values())
+
+
+def upload_state(upload: Upload) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """An upload as tensors (each tensor's payload and scale bytes, as uint8) and JSON, for a checkpoint;
+    `load_upload` is its inverse."""
+    tensors = {}
+    for name, q in upload.tensors.items():
+        tensors[f"{name}/payload"] = _byte_tensor(q.payload)
+        tensors[f"{name}/scales"] = _byte_tensor(q.scales)
+    meta = {
+        "path": str(upload.path),
+        "variant": asdict(upload.variant),
+        "round": upload.round,
+        "seed": upload.seed,
+        "weight": upload.weight,
+        "loss": upload.loss,
+        "evaluation": upload.evaluation,
+        "qtensors": {name: {"bits": q.bits, "shape": list(q.shape)} for name, q in upload.tensors.items()},
+    }
+    return tensors, meta
+
+
+def load_upload(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Upload:
+    """The upload that `upload_state` stored."""
+    qtensors = {
+        name: QTensor(
+            q["bits"],
+            tuple(q["shape"]),
+            tensors[f"{name}/payload"].numpy().tobytes(),
+            tensors[f"{name}/scales"].numpy().tobytes(),
+        )
+        for name, q in meta["qtensors"].items()
+    }
+    return Upload(
+        Path.parse(meta["path"]),
+        Variant(**meta["variant"]),
+        meta["round"],
+        meta["seed"],
+        meta["weight"],
+        qtensors,
+        meta["loss"],
+        meta["evaluation"],
+    )
+
+
+def _byte_tensor(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)
 
 
 def signed_fields(worker_id: str, update_id: str, upload: Upload) -> list[object]:
@@ -278,6 +325,48 @@ class Worker:
         if self.test is not None and len(self.test):
             evaluation = {**self.spec.evaluate(path_model, self.test), "examples": float(len(self.test))}
         return Upload(job.path, self.variant, job.round, job.seed, self.weight, tensors, loss, evaluation)
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """What this worker carries from round to round, as tensors and JSON for a checkpoint: its optimiser's
+        state, its error-feedback residuals and, drawing from a `BatchSampler`, the position of its batch
+        stream. `load_state` restores it."""
+        tensors: dict[str, torch.Tensor] = {}
+        optimizer = None
+        if self.optimizer_state is not None:
+            values: dict[str, dict[str, Any]] = {}
+            for index, entries in self.optimizer_state["state"].items():
+                values[str(index)] = {}
+                for key, value in entries.items():
+                    if isinstance(value, torch.Tensor):
+                        tensors[f"optimizer/{index}/{key}"] = value
+                    else:
+                        values[str(index)][key] = value
+            optimizer = {"state": values, "param_groups": self.optimizer_state["param_groups"]}
+        for name, residual in self.feedback.residuals.items():
+            tensors[f"feedback/{name}"] = residual
+        if isinstance(self.batches, BatchSampler):
+            tensors["batches"] = self.batches.generator.get_state()
+        return tensors, {"optimizer": optimizer}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Continue from a state that `state` returned (of a worker on the same path, variant and data)."""
+        if "batches" in tensors and not isinstance(self.batches, BatchSampler):
+            raise ValueError("the saved worker drew batches from its examples; this one draws from a stream")
+        optimizer, optimizer_state, residuals = meta["optimizer"], None, {}
+        if optimizer is not None:
+            state = {int(index): dict(entries) for index, entries in optimizer["state"].items()}
+            optimizer_state = {"state": state, "param_groups": optimizer["param_groups"]}
+        for name, t in tensors.items():
+            kind, _, rest = name.partition("/")
+            if kind == "optimizer":
+                index, _, key = rest.partition("/")
+                optimizer_state["state"][int(index)][key] = t
+            elif kind == "feedback":
+                residuals[rest] = t
+        self.optimizer_state = optimizer_state
+        self.feedback.restore(residuals)
+        if "batches" in tensors:
+            self.batches.generator.set_state(tensors["batches"])
 
     def train_router(self, weights: dict[str, QTensor], job: Job) -> dict[str, QTensor]:
         """Train the delivered learned router `ROUTER_STEPS` steps on the client's features and cluster

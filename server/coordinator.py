@@ -22,6 +22,7 @@ rounds count workers. A restart during clustering starts it again; converged clu
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import threading
 import time
@@ -31,24 +32,42 @@ from pathlib import Path as FsPath
 from typing import Any
 
 import numpy as np
-import torch
 
 from fedmoe.aggregate import update_norm
 from fedmoe.assignment import DeviceProfile, assign_variant
-from fedmoe.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from fedmoe.checkpoint import CheckpointError, load_checkpoint, load_latest, save_checkpoint
 from fedmoe.clustering import ClusterStats, check_histogram
-from fedmoe.compress.quant import QTensor
 from fedmoe.config import Config
 from fedmoe.engine import NETWORK_SCHEMES, Assignment, Engine
-from fedmoe.modular import Path
+from fedmoe.faults import crash_point
 from fedmoe.outer import Update
-from fedmoe.security import AuthError, update_digest, verify_signature
+from fedmoe.security import AuthError, rejoin_message, update_digest, verify_signature
 from fedmoe.spec import Spec, load_spec
-from fedmoe.worker import Job, Upload, Variant, signed_fields
+from fedmoe.worker import Job, Upload, load_upload, signed_fields, upload_state
 
 log = logging.getLogger("fedmoe.server")
 RESUME_KEYS = ("spec", "grid", "seed")  # what a state directory must share with the config to be resumed
 MAX_EVALUATION_ITEMS = 64  # metrics an upload's evaluation may carry
+PUBLIC_KEY_BYTES = 32  # a raw Ed25519 public key
+MAX_NAME = 64  # characters of a client's name kept for logs and status
+PROOF_WINDOW_MS = 5 * 60 * 1000  # how far a rejoin proof's time may be from the coordinator's clock
+IDENTIFIER = re.compile(r"[A-Za-z0-9._-]{1,64}")  # client, worker and update ids
+
+
+def shown(text: object, limit: int = MAX_NAME) -> str:
+    """Text a client sent, as it may appear in logs, status and replies: at most `limit` characters, control
+    and other unprintable characters escaped (a name cannot forge log lines)."""
+    text = str(text)[: limit + 1]
+    escaped = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+    return escaped[:limit] + ("..." if len(escaped) > limit else "")
+
+
+def check_identifier(kind: str, value: str) -> str:
+    """`value` if it is an id as fedmoe makes them (1 to 64 letters, digits, ".", "_", "-"), else
+    INVALID_ARGUMENT."""
+    if not IDENTIFIER.fullmatch(value):
+        raise Rejected("INVALID_ARGUMENT", f"{kind} {shown(value)!r} is not 1 to 64 of A-Z a-z 0-9 . _ -")
+    return value
 
 
 class Rejected(Exception):
@@ -66,9 +85,17 @@ class Member:
     client_id: str
     name: str
     profile: str
-    public_key: str = ""  # hex of the raw Ed25519 key its updates are signed with
+    public_key: str  # hex of the raw Ed25519 key its updates are signed with, pinned at enrolment
     last_seen: float = 0.0
     device: dict[str, Any] = field(default_factory=dict)  # its DeviceProfile, for assignment by data
+    epoch: int = 0  # counts the tokens issued to it: only a token of the current epoch is valid
+    left: bool = False  # it called Leave: it no longer counts in the quorum and holds no valid token
+    proof_time: int = 0  # the time (unix ms) of its last rejoin proof: a proof is never accepted twice
+
+    @property
+    def token_subject(self) -> str:
+        """What its current token names: "<client id>/<epoch>"."""
+        return f"{self.client_id}/{self.epoch}"
 
     @property
     def device_profile(self) -> DeviceProfile:
@@ -94,11 +121,6 @@ def model_description(engine: Engine) -> dict[str, Any]:
     shapes = {key: {name: list(t.shape) for name, t in state.items()} for key, state in states.items()}
     config = engine.config
     return {"spec": engine.spec.ref, "grid": list(config.grid), "seed": config.seed, "shapes": shapes}
-
-
-def byte_tensor(data: bytes) -> torch.Tensor:
-    """Bytes as a uint8 tensor, for checkpoints."""
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)
 
 
 class Coordinator:
@@ -129,7 +151,8 @@ class Coordinator:
         self.model = model_description(self.engine)
         self.lock = threading.RLock()
         self.members: dict[str, Member] = {}
-        self.pending: dict[str, tuple[Upload, Update]] = {}  # per client: the upload as stored, and decoded
+        self.pending: dict[str, tuple[Upload, Update]] = {}  # per worker: the upload as stored, and decoded
+        self.pending_ids: dict[str, str] = {}  # per worker: the update id of its pending upload
         self.seen_updates: set[str] = set()
         self.metrics: list[dict[str, Any]] = []
         self.told_done: set[str] = set()
@@ -164,7 +187,7 @@ class Coordinator:
     @property
     def dismissed(self) -> bool:
         """Finished, and every member has been told so."""
-        return self.finished and self.told_done >= set(self.members)
+        return self.finished and self.told_done >= {c for c, m in self.members.items() if not m.left}
 
     # -- membership -------------------------------------------------------------------------
     def join(
@@ -175,17 +198,31 @@ class Coordinator:
         public_key: bytes = b"",
         feature_sum: np.ndarray | None = None,
         examples: float = 0.0,
+        enrolled: bool = False,
     ) -> Member:
-        """Admit a client, or re-admit it.
+        """Admit a client, or re-admit it; every (re)join moves the member to a new token epoch (its older
+        tokens stop being valid).
+
+        `enrolled`: the caller presented the enrolment credential (the operator's token, or a client
+        certificate under mutual TLS). A new member needs it (UNAUTHENTICATED), and the federation must have
+        room (`membership.max_members`, RESOURCE_EXHAUSTED). `public_key` (raw Ed25519, 32 bytes) is the key
+        every update of the client is signed with, pinned at enrolment: a member rejoining with another key
+        needs the credential again (PERMISSION_DENIED).
 
         Paths in turn: a new client must send `feature_sum` (the sum of its examples' routing features) and
         `examples` (their number), and is given a path and a variant that fits. Routing by data: it sends
         neither (its paths come from its histogram once clustering converged; see `assign`), and its profile
-        must hold a path. `public_key` (raw Ed25519) is the key the client signs its updates with; a
-        rejoining client may bring a new one (it lost its key in a restart) and, in turn, fresh statistics.
+        must hold a path. A rejoining client may bring fresh statistics (in turn).
         """
         by_data = self.engine.kmeans is not None
         sent_features = feature_sum is not None and len(feature_sum) > 0
+        if len(public_key) != PUBLIC_KEY_BYTES:
+            raise Rejected(
+                "INVALID_ARGUMENT",
+                f"public_key is a raw Ed25519 key of {PUBLIC_KEY_BYTES} bytes, got {len(public_key)}: every "
+                "update is signed with it; update the client",
+            )
+        name = shown(name or profile.name)
         if by_data and sent_features:
             raise Rejected(
                 "INVALID_ARGUMENT",
@@ -195,13 +232,32 @@ class Coordinator:
         with self.lock:
             if client_id:
                 member = self.member(client_id)
-                member.last_seen = self.clock()
+                if public_key.hex() != member.public_key:
+                    if not enrolled:
+                        raise Rejected(
+                            "PERMISSION_DENIED",
+                            f"client {client_id} rejoins with another signing key than it enrolled with: "
+                            "that needs the enrolment token (or its client certificate) again",
+                        )
+                    log.warning("client %s enrolled again with a new signing key", client_id)
                 if sent_features:
                     self.add_features(client_id, feature_sum, examples)
-                if public_key:
-                    member.public_key = public_key.hex()
+                member.public_key, member.last_seen = public_key.hex(), self.clock()
+                member.epoch, member.left = member.epoch + 1, False
                 self.save_state()
                 return member
+            if not enrolled:
+                raise Rejected(
+                    "UNAUTHENTICATED",
+                    "joining needs the operator's enrolment token (the coordinator's <state>/enrolment.token:"
+                    " --enrol, or $FEDMOE_ENROLMENT_TOKEN) or, under mutual TLS, a client certificate",
+                )
+            present = sum(not m.left for m in self.members.values())
+            if present >= self.config.membership.max_members:
+                raise Rejected(
+                    "RESOURCE_EXHAUSTED",
+                    f"the federation is full: {present} members (membership.max_members)",
+                )
             if not by_data and not sent_features:
                 raise Rejected(
                     "INVALID_ARGUMENT",
@@ -224,14 +280,7 @@ class Coordinator:
                 except Rejected:
                     del self.engine.assignments[client_id]
                     raise
-            member = Member(
-                client_id,
-                name or profile.name,
-                profile.name,
-                public_key.hex(),
-                self.clock(),
-                asdict(profile),
-            )
+            member = Member(client_id, name, profile.name, public_key.hex(), self.clock(), asdict(profile))
             self.members[client_id] = member
             if not by_data and len(self.members) == self.config.policy.min_clients:
                 self.round_opened = self.clock()  # round 0 opens: its deadline runs
@@ -246,11 +295,67 @@ class Coordinator:
                 "client %s (%s, %s) joined: %s, variant %s",
                 client_id,
                 member.name,
-                profile.name,
+                shown(profile.name),
                 placed,
                 variant.name,
             )
             return member
+
+    def authenticate(self, subject: str) -> str:
+        """The member a valid token's subject ("<client id>/<epoch>") names, recorded as heard from now;
+        UNAUTHENTICATED when that token was revoked (the member rejoined or left since)."""
+        client_id, _, epoch = subject.rpartition("/")
+        with self.lock:
+            member = self.members.get(client_id)
+            if member is None or member.left or str(member.epoch) != epoch:
+                raise Rejected(
+                    "UNAUTHENTICATED",
+                    "this token was revoked (its client rejoined or left since): join again",
+                )
+            member.last_seen = self.clock()
+            return client_id
+
+    def check_proof(self, client_id: str, proof: bytes, proof_time: int) -> None:
+        """Accept a rejoin proven by the member's pinned key instead of a token (see JoinRequest.proof):
+        the key's signature of `rejoin_message(client_id, proof_time)`, the time within
+        `PROOF_WINDOW_MS` of this clock and later than the member's last proof; UNAUTHENTICATED otherwise."""
+        now_ms = int(time.time() * 1000)
+        with self.lock:
+            member = self.members.get(client_id)
+            if member is None or member.left:
+                raise Rejected("UNAUTHENTICATED", f"no member {shown(client_id)} to rejoin as: join anew")
+            if abs(now_ms - proof_time) > PROOF_WINDOW_MS or proof_time <= member.proof_time:
+                raise Rejected(
+                    "UNAUTHENTICATED",
+                    "a rejoin proof is made afresh: its time within 5 minutes of the coordinator's clock and "
+                    "later than the client's last proof",
+                )
+            try:
+                verify_signature(
+                    bytes.fromhex(member.public_key), rejoin_message(client_id, proof_time), proof
+                )
+            except AuthError:
+                raise Rejected(
+                    "UNAUTHENTICATED", "the rejoin proof is not signed by the client's key"
+                ) from None
+            member.proof_time = proof_time
+
+    def leave(self, client_id: str) -> None:
+        """A member leaves: it stops counting in the quorum and its tokens are revoked. Its updates already
+        stored still count; joining again needs the enrolment credential."""
+        with self.lock:
+            member = self.member(client_id)
+            member.left, member.epoch = True, member.epoch + 1
+            self.save_state()
+            log.info("client %s (%s) left", client_id, member.name)
+            self.close_if_due()
+
+    def active_workers(self) -> int:
+        """Workers whose member is present and heard from within `membership.evict_after_s`: the quorum
+        counts these."""
+        now, limit = self.clock(), self.config.membership.evict_after_s
+        active = {c for c, m in self.members.items() if not m.left and now - m.last_seen <= limit}
+        return sum(w.partition(".")[0] in active for w in self.engine.assignments)
 
     def add_features(self, client_id: str, feature_sum: np.ndarray, examples: float) -> None:
         """Record a client's routing statistics, or refuse them (INVALID_ARGUMENT)."""
@@ -262,7 +367,7 @@ class Coordinator:
     def member(self, client_id: str) -> Member:
         """The member with this id, or NOT_FOUND."""
         if client_id not in self.members:
-            raise Rejected("NOT_FOUND", f"unknown client {client_id}: join without a client id")
+            raise Rejected("NOT_FOUND", f"unknown client {shown(client_id)}: join without a client id")
         return self.members[client_id]
 
     def assignment(self, client_id: str) -> Assignment | None:
@@ -523,7 +628,7 @@ class Coordinator:
         self.member(client_id)
         worker_id = worker_id or client_id
         if worker_id not in self.workers(client_id):
-            raise Rejected("NOT_FOUND", f"client {client_id} has no worker {worker_id}")
+            raise Rejected("NOT_FOUND", f"client {client_id} has no worker {shown(worker_id)}")
         return worker_id
 
     def job(self, client_id: str, worker_id: str = "") -> Job:
@@ -534,25 +639,36 @@ class Coordinator:
                 raise Rejected("FAILED_PRECONDITION", "training has finished")
             return self.engine.job(worker_id)
 
+    def expected_upload(
+        self, header: Upload, client_id: str, update_id: str, worker_id: str = ""
+    ) -> dict[str, tuple[int, tuple[int, ...]]]:
+        """Check an upload's header (its tensors not read yet) as `submit` will; the tensors it must carry:
+        {name: (bits, shape)}. A push is refused on its header, before any of its data is read."""
+        check_identifier("update_id", update_id)
+        with self.lock:
+            worker_id = self.worker(client_id, worker_id)
+            self.admissible(header, client_id, update_id, worker_id)
+            return self.engine.expected_upload(worker_id, header.round)
+
     def submit(
         self, upload: Upload, client_id: str, update_id: str, signature: bytes = b"", worker_id: str = ""
     ) -> int:
         """Validate and durably store one upload of a member's worker for the open round, close the round
         when due; the open round.
 
-        A member that joined with a public key must sign its updates (see `signed_fields`). The signature,
-        decoding and norm checks read only the upload and the grid's shapes, so they run outside the lock:
-        other clients heartbeat, pull and push meanwhile.
+        Every update is signed by the member's pinned key (see `signed_fields`). The signature, decoding and
+        norm checks read only the upload and the grid's shapes, so they run outside the lock: other clients
+        heartbeat, pull and push meanwhile.
         """
+        check_identifier("update_id", update_id)
         with self.lock:
             worker_id = self.worker(client_id, worker_id)
             public_key = self.admissible(upload, client_id, update_id, worker_id)
-        if public_key:
-            try:
-                digest = update_digest(signed_fields(worker_id, update_id, upload), upload.tensors)
-                verify_signature(bytes.fromhex(public_key), digest, signature)
-            except AuthError as e:
-                raise Rejected("UNAUTHENTICATED", str(e)) from None
+        try:
+            digest = update_digest(signed_fields(worker_id, update_id, upload), upload.tensors)
+            verify_signature(bytes.fromhex(public_key), digest, signature)
+        except AuthError as e:
+            raise Rejected("UNAUTHENTICATED", str(e)) from None
         try:
             update = self.engine.decode(worker_id, upload)
         except ValueError as e:
@@ -576,8 +692,9 @@ class Coordinator:
                 upload = replace(upload, weight=upload.weight / (1 + staleness))
                 update = replace(update, weight=upload.weight)
             self.write_pending(worker_id, update_id, upload)
-            self.pending[worker_id] = (upload, update)
+            self.pending[worker_id], self.pending_ids[worker_id] = (upload, update), update_id
             self.seen_updates.add(update_id)
+            crash_point("push-stored")  # durable, not yet acknowledged
             self.close_if_due()
             return self.round
 
@@ -597,13 +714,16 @@ class Coordinator:
             raise Rejected(
                 "FAILED_PRECONDITION", f"update for round {upload.round}, but round {self.round} is open"
             )
+        if member.left:
+            raise Rejected("FAILED_PRECONDITION", f"client {client_id} left the federation")
         if worker_id in self.pending:
             raise Rejected(
                 "ALREADY_EXISTS", f"worker {worker_id} already sent its update for round {self.round}"
             )
         try:
             self.engine.check(worker_id, upload)
-            check_upload(upload, self.engine.assignments[worker_id])
+            assignment = self.engine.assignments[worker_id]
+            check_upload(upload, assignment.examples or self.engine.feature_counts.get(worker_id, 0.0))
         except ValueError as e:
             raise Rejected("INVALID_ARGUMENT", str(e)) from None
         return member.public_key
@@ -611,7 +731,7 @@ class Coordinator:
     def close_if_due(self) -> None:
         """Close the open round when the policy says so (the quorum of the workers sent, or the deadline
         passed with an update)."""
-        workers = len(self.engine.assignments)
+        workers = self.active_workers()
         if self.engine.round_due(len(self.pending), workers, self.clock() - self.round_opened):
             self.close_round()
 
@@ -623,19 +743,29 @@ class Coordinator:
         uploads = [upload for upload, _ in pending]
         updates = [update for _, update in pending]
         metrics = self.engine.close_round(uploads, updates)
+        crash_point("round-close")  # aggregated in memory, not yet saved
         self.metrics.append(metrics)
         shown = (
             f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items() if k != "round"
         )
         log.info("round %d closed: %s", metrics["round"], ", ".join(shown))
         self.pending.clear()
+        self.pending_ids.clear()
         self.round_opened = self.clock()
         self.save_state()
+        # the closed round's updates stay until the next round closes: the previous state generation, which
+        # a torn newest one falls back to, reads them again
         for stale in (self.state_dir / "pending").glob("*"):
-            shutil.rmtree(stale)
+            if pending_round(stale) < self.round - 1:
+                shutil.rmtree(stale)
         if self.finished:
-            self.engine.ensemble().save(self.state_dir / "ensemble", extra={"metrics": self.metrics})
-            log.info("training finished: ensemble written to %s", self.state_dir / "ensemble")
+            crash_point("final-save")  # the last round saved, the ensemble not yet written
+            self.write_ensemble()
+
+    def write_ensemble(self) -> None:
+        """Write the final ensemble into the state directory."""
+        self.engine.ensemble().save(self.state_dir / "ensemble", extra={"metrics": self.metrics})
+        log.info("training finished: ensemble written to %s", self.state_dir / "ensemble")
 
     def status(self) -> dict[str, Any]:
         """Round, members (with assignments), metrics and the model description, for `Status` and logs."""
@@ -671,16 +801,33 @@ class Coordinator:
             "members": [asdict(m) for m in self.members.values()],
             "clustered": self.clustered,
             "barrier": self.barrier,
-            "seen_updates": sorted(self.seen_updates),
+            # the open round's updates are known by their pending files: one that turns out unreadable is
+            # sent again with the same id
+            "seen_updates": sorted(self.seen_updates - set(self.pending_ids.values())),
             "metrics": self.metrics,
         }
-        save_checkpoint(self.state_dir / "state", self.engine.state_tensors(), manifest)
+        save_checkpoint(self.state_dir / "state", self.engine.state_tensors(), manifest, keep_previous=True)
 
     def resume(self) -> None:
-        """Load the last checkpoint and the acknowledged uploads of the open round, if there are any."""
-        if not (self.state_dir / "state" / "manifest.json").exists():
+        """Load the newest readable state generation (saying so when it falls back to the previous one) and
+        the acknowledged uploads of the open round, if there are any. Writes the ensemble if training had
+        finished without it."""
+        directory = self.state_dir / "state"
+        if not any((directory / name).exists() for name in ("manifest.json", "manifest.prev.json")):
             return
-        tensors, manifest = load_checkpoint(self.state_dir / "state")
+        try:
+            tensors, manifest, newest_error = load_latest(directory)
+        except CheckpointError as e:
+            raise ValueError(
+                f"cannot resume from {directory}: {e}. Move the state directory away to start afresh"
+            ) from None
+        if newest_error is not None:
+            log.warning(
+                "the newest state in %s is unreadable (%s): resuming from the previous generation; the "
+                "clients re-send what it lacks",
+                directory,
+                newest_error,
+            )
         saved, now = manifest["config"], self.config.model_dump(mode="json")
         differ = [key for key in RESUME_KEYS if saved[key] != now[key]]
         if differ:
@@ -692,6 +839,8 @@ class Coordinator:
             )
         self.engine.load_state(tensors, manifest["engine"])
         self.members = {m["client_id"]: Member(**m) for m in manifest["members"]}
+        for member in self.members.values():  # times of another process: every member starts heard from
+            member.last_seen = self.clock()
         self.seen_updates = set(manifest["seen_updates"])
         self.metrics = manifest["metrics"]
         self.clustered = manifest.get("clustered", {})
@@ -700,38 +849,36 @@ class Coordinator:
             try:
                 worker_id, update_id, counted_in, upload = self.read_pending(directory)
             except CheckpointError as e:
-                log.warning("ignoring a torn pending update %s: %s", directory, e)
+                log.warning(
+                    "a stored update %s is unreadable (%s): its client is asked to send it again",
+                    directory,
+                    e,
+                )
                 continue
+            self.seen_updates.add(update_id)
             if counted_in == self.round:
                 self.pending[worker_id] = (upload, self.engine.decode(worker_id, upload))
-                self.seen_updates.add(update_id)
+                self.pending_ids[worker_id] = update_id
         log.info(
             "resumed at round %d with %d members and %d pending updates",
             self.round,
             len(self.members),
             len(self.pending),
         )
+        if self.finished:
+            try:
+                load_checkpoint(self.state_dir / "ensemble")
+            except CheckpointError:
+                self.write_ensemble()
 
     def write_pending(self, worker_id: str, update_id: str, upload: Upload) -> None:
         """Make an accepted upload durable before it is acknowledged."""
-        tensors = {}
-        meta = {}
-        for name, q in upload.tensors.items():
-            tensors[f"{name}/payload"] = byte_tensor(q.payload)
-            tensors[f"{name}/scales"] = byte_tensor(q.scales)
-            meta[name] = {"bits": q.bits, "shape": list(q.shape)}
+        tensors, stored = upload_state(upload)
         manifest = {
             "kind": "upload",
             "worker_id": worker_id,
             "update_id": update_id,
-            "path": str(upload.path),
-            "variant": asdict(upload.variant),
-            "round": upload.round,
-            "seed": upload.seed,
-            "weight": upload.weight,
-            "loss": upload.loss,
-            "evaluation": upload.evaluation,
-            "qtensors": meta,
+            "upload": stored,
             "counted_in": self.round,
         }
         save_checkpoint(self.state_dir / "pending" / f"r{self.round}-{worker_id}", tensors, manifest)
@@ -739,41 +886,25 @@ class Coordinator:
     def read_pending(self, directory: FsPath) -> tuple[str, str, int, Upload]:
         """Inverse of `write_pending`: worker id, update id, the round the upload counts in, the upload."""
         tensors, m = load_checkpoint(directory)
-        qtensors = {
-            name: QTensor(
-                meta["bits"],
-                tuple(meta["shape"]),
-                tensors[f"{name}/payload"].numpy().tobytes(),
-                tensors[f"{name}/scales"].numpy().tobytes(),
-            )
-            for name, meta in m["qtensors"].items()
-        }
-        upload = Upload(
-            Path.parse(m["path"]),
-            Variant(**m["variant"]),
-            m["round"],
-            m["seed"],
-            m["weight"],
-            qtensors,
-            m["loss"],
-            m["evaluation"],
-        )
-        return m["worker_id"], m["update_id"], m["counted_in"], upload
+        return m["worker_id"], m["update_id"], m["counted_in"], load_upload(tensors, m["upload"])
 
 
-def check_upload(upload: Upload, assignment: Assignment) -> None:
-    """Raise ValueError unless the upload's weight is positive and, routing by data, at most the examples
-    its worker reported for its cluster, and its evaluation is a few finite metrics over whole examples."""
+def pending_round(directory: FsPath) -> int:
+    """The round a pending update's directory ("r<round>-<worker id>") counts in."""
+    return int(directory.name[1:].partition("-")[0])
+
+
+def check_upload(upload: Upload, reported: float) -> None:
+    """Raise ValueError unless the upload's weight is positive and at most the examples its worker reported
+    (`reported`: at join in turn, for its cluster when routing by data), and its evaluation is a few finite
+    metrics over whole examples."""
     weight = upload.weight
     if not np.isfinite(weight) or weight <= 0:
         raise ValueError(f"an update's weight is its number of examples, a positive number; got {weight}")
-    if assignment.examples and weight > assignment.examples:
-        raise ValueError(
-            f"an update of weight {weight:g}, but its worker reported {assignment.examples} examples "
-            f"of cluster {assignment.cluster}"
-        )
+    if weight > reported:
+        raise ValueError(f"an update of weight {weight:g}, but its worker reported {reported:g} examples")
     evaluation = upload.evaluation
-    if len(evaluation) > MAX_EVALUATION_ITEMS or any(len(name) > 64 for name in evaluation):
+    if len(evaluation) > MAX_EVALUATION_ITEMS or any(len(name) > MAX_NAME for name in evaluation):
         raise ValueError(f"an evaluation is at most {MAX_EVALUATION_ITEMS} metrics with short names")
     if not all(np.isfinite(v) for v in evaluation.values()):
         raise ValueError("an evaluation's metrics must be finite")

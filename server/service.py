@@ -1,39 +1,170 @@
-"""The coordinator over gRPC: authentication, streaming of tensors, health checking, clustering messages."""
+"""The coordinator over gRPC: enrolment and authentication, bounded streams of tensors, health checking,
+clustering messages.
+
+Every call but Join and Status carries a bearer token naming the member and its token epoch; a Push is
+authenticated from that metadata before any of its messages is read, and its header is checked against
+what the coordinator expects of that worker before its tensors are. Pull and Push streams are bounded in
+number (`transport.max_streams`, the rest answered UNAVAILABLE) and in time (`transport.stream_idle_s` without
+a message, `transport.stream_max_s` in all), so stalled streams never take the threads that serve heartbeats
+and status. A message that does not parse is answered INVALID_ARGUMENT.
+"""
 
 from __future__ import annotations
 
 import errno
+import hmac
 import json
 import logging
 import socket
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from concurrent import futures
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path as FsPath
+from typing import Any
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from fedmoe.assignment import DeviceProfile
 from fedmoe.config import InnerConfig
 from fedmoe.engine import Assignment
+from fedmoe.faults import crash_point
 from fedmoe.modular import Path
-from fedmoe.security import AuthError, TokenAuthority, bearer, server_credentials
-from fedmoe.server.coordinator import Coordinator, Proposal, Rejected
+from fedmoe.security import AuthError, TokenAuthority, bearer, enrolment_token, server_credentials
+from fedmoe.server.coordinator import Coordinator, Proposal, Rejected, check_identifier, shown
 from fedmoe.v1 import coordinator_pb2 as pb
-from fedmoe.v1 import coordinator_pb2_grpc as pb_grpc
 from fedmoe.wire import WireError, decode_tensors, encode_tensors
 from fedmoe.worker import Upload, Variant
 
 log = logging.getLogger("fedmoe.server")
-MAX_UPDATE_BYTES = 4 << 30
+SERVICE = "fedmoe.v1.Coordinator"
 MESSAGE_OPTIONS = [("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send_message_length", 8 << 20)]
+STREAMS_PER_CLIENT = 2  # Pull and Push streams one client may hold open at once
+PREEMPT_S = 2.0  # a stream silent this long gives its place to a new one when all are taken
+FIRST_MESSAGE_S = 0.25  # and so does one that moved no message this long after it opened
+MAX_FEATURES = 1 << 16  # routing features a client may report at join (paths in turn)
+MAX_TEXT = 4096  # characters of an enrolment token
 
 
 def abort(context: grpc.ServicerContext, code: str, detail: str) -> None:
-    """End the call with a precise status; the coordinator's state is unchanged."""
+    """End the call with a precise status (the detail escaped and truncated); the coordinator's state is
+    unchanged."""
+    detail = shown(detail, 500)
     log.warning("rejected: %s %s", code, detail)
     context.abort(getattr(grpc.StatusCode, code), detail)
+
+
+class Malformed:
+    """A request message that does not parse; the handler answers INVALID_ARGUMENT."""
+
+
+MALFORMED = Malformed()
+
+
+def parser(message: Any) -> Callable[[bytes], Any]:
+    """A request deserializer that returns `MALFORMED` instead of raising (gRPC would answer INTERNAL and
+    log a traceback)."""
+
+    def parse(data: bytes) -> Any:
+        try:
+            return message.FromString(data)
+        except (DecodeError, ValueError):
+            return MALFORMED
+
+    return parse
+
+
+@dataclass(eq=False)
+class Stream:
+    """An open Pull or Push stream: whose, its call, when it opened and when it last moved a message."""
+
+    client_id: str
+    context: grpc.ServicerContext
+    opened: float
+    active: float
+    moved: bool = False  # a message moved since it opened
+    ended: str = ""  # why it was cancelled
+
+    def touch(self) -> None:
+        """A message moved."""
+        self.active, self.moved = time.monotonic(), True
+
+    def stalled(self, now: float) -> bool:
+        """Silent for `PREEMPT_S`, or moved nothing in its first `FIRST_MESSAGE_S` (a client sends its
+        first message at once)."""
+        return now - self.active >= PREEMPT_S or (not self.moved and now - self.opened >= FIRST_MESSAGE_S)
+
+
+class Streams:
+    """The open Pull and Push streams: at most `limit` at once and `STREAMS_PER_CLIENT` per client; a
+    watchdog thread (running while any is open) cancels one silent for `idle_s` or open for `max_s`. When
+    all places are taken, a new stream takes the place of the one silent longest among those stalled (see
+    `Stream.stalled`): a stalled stream holds a place only while nobody else needs it."""
+
+    def __init__(self, limit: int, idle_s: float, max_s: float):
+        self.limit, self.idle_s, self.max_s = limit, idle_s, max_s
+        self.lock = threading.Lock()
+        self.open: set[Stream] = set()
+        self.watchdog: threading.Thread | None = None
+
+    @contextmanager
+    def slot(self, client_id: str, context: grpc.ServicerContext) -> Iterator[Stream]:
+        """Hold a place for a stream of `client_id` while the block runs; UNAVAILABLE when none is free."""
+        now = time.monotonic()
+        stream = Stream(client_id, context, now, now)
+        with self.lock:
+            if sum(s.client_id == client_id for s in self.open) >= STREAMS_PER_CLIENT:
+                raise Rejected("UNAVAILABLE", f"client {client_id} has {STREAMS_PER_CLIENT} streams open")
+            if len(self.open) >= self.limit:
+                self.preempt(now)
+            if len(self.open) >= self.limit:
+                raise Rejected("UNAVAILABLE", f"{len(self.open)} streams are open, the most served: retry")
+            self.open.add(stream)
+            if self.watchdog is None:
+                self.watchdog = threading.Thread(target=self.watch, name="fedmoe-streams", daemon=True)
+                self.watchdog.start()
+        try:
+            yield stream
+        finally:
+            with self.lock:
+                self.open.discard(stream)
+
+    def preempt(self, now: float) -> None:
+        """End the stalled stream silent longest, if any, to free its place (under the lock)."""
+        stalled = [s for s in self.open if s.stalled(now)]
+        if not stalled:
+            return
+        quiet = min(stalled, key=lambda s: s.active)
+        quiet.ended = f"silent for {now - quiet.active:.1f} s while another stream waited for its place"
+        self.open.discard(quiet)
+        log.warning("stream of client %s ended: %s", quiet.client_id, quiet.ended)
+        quiet.context.cancel()
+
+    def watch(self) -> None:
+        """Cancel streams idle or open too long, until none is open."""
+        period = min(1.0, self.idle_s / 4)
+        while True:
+            time.sleep(period)
+            now = time.monotonic()
+            with self.lock:
+                if not self.open:
+                    self.watchdog = None
+                    return
+                overdue = [s for s in self.open if not s.ended]
+            for s in overdue:
+                if now - s.active > self.idle_s:
+                    s.ended = f"no message for {self.idle_s:g} s (transport.stream_idle_s)"
+                elif now - s.opened > self.max_s:
+                    s.ended = f"open for more than {self.max_s:g} s (transport.stream_max_s)"
+                else:
+                    continue
+                log.warning("stream of client %s ended: %s", s.client_id, s.ended)
+                s.context.cancel()
 
 
 def assignment_message(assignment: Assignment, round: int, inner: InnerConfig) -> pb.Assignment:
@@ -68,33 +199,63 @@ def proposal_message(proposal: Proposal) -> pb.ProposalReply:
     )
 
 
-class CoordinatorService(pb_grpc.CoordinatorServicer):
-    """Join, Pull, Push, Heartbeat, Status, and routing by data's Proposal, Cluster and Assign, on top of a
-    `Coordinator`."""
+class CoordinatorService:
+    """Join, Leave, Pull, Push, Heartbeat, Status, and routing by data's Proposal, Cluster and Assign, on top
+    of a `Coordinator`. `enrolment` is the operator's enrolment token; `mutual_tls`: every connection carries
+    a client certificate of the federation's CA, which enrols it."""
 
     def __init__(
-        self, coordinator: Coordinator, tokens: TokenAuthority, max_update_bytes: int = MAX_UPDATE_BYTES
+        self, coordinator: Coordinator, tokens: TokenAuthority, enrolment: str, mutual_tls: bool = False
     ):
-        self.coordinator, self.tokens, self.max_update_bytes = coordinator, tokens, max_update_bytes
+        self.coordinator, self.tokens = coordinator, tokens
+        self.enrolment, self.mutual_tls = enrolment, mutual_tls
+        transport = coordinator.config.transport
+        self.max_update_bytes = transport.max_update_bytes
+        self.streams = Streams(transport.max_streams, transport.stream_idle_s, transport.stream_max_s)
         self.model_json = json.dumps(coordinator.model)
 
-    def authenticate(self, context: grpc.ServicerContext, client_id: str) -> None:
-        """The call must carry a valid token issued to `client_id`."""
+    def authenticate(self, context: grpc.ServicerContext, client_id: str = "") -> str:
+        """The member whose current token the call carries (it must be `client_id` when one is named)."""
         token = bearer(context.invocation_metadata())
         if token is None:
             abort(context, "UNAUTHENTICATED", "missing bearer token in the authorization metadata")
         try:
-            owner = self.tokens.verify(token)
+            owner = self.coordinator.authenticate(self.tokens.verify(token))
         except AuthError as e:
             abort(context, "UNAUTHENTICATED", str(e))
-        if owner != client_id:
+        except Rejected as e:
+            abort(context, e.code, e.detail)
+        if client_id and owner != client_id:
             abort(context, "PERMISSION_DENIED", f"the token was issued to another client than {client_id}")
+        return owner
+
+    def enrolled(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> bool:
+        """Whether the caller presented the enrolment credential: the operator's token, or (mutual TLS) a
+        verified client certificate."""
+        if self.mutual_tls and context.auth_context().get("x509_common_name"):
+            return True
+        given = request.enrolment.encode()
+        return bool(given) and hmac.compare_digest(given, self.enrolment.encode())
 
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
         if request.client_id:
-            self.authenticate(context, request.client_id)
+            check_identifier("client_id", request.client_id)
+            if request.proof:  # the pinned key proves who rejoins: no token needed
+                try:
+                    self.coordinator.check_proof(request.client_id, request.proof, request.proof_time)
+                except Rejected as e:
+                    abort(context, e.code, e.detail)
+            else:
+                self.authenticate(context, request.client_id)
+        if len(request.enrolment) > MAX_TEXT or len(request.feature_sum) > MAX_FEATURES:
+            abort(context, "INVALID_ARGUMENT", "an enrolment token or routing statistics far too long")
         p = request.profile
-        profile = DeviceProfile(p.name, p.memory_bytes, p.bits, tuple(p.densities) or (1.0,), p.speed or 1.0)
+        try:
+            profile = DeviceProfile(
+                shown(p.name), p.memory_bytes, p.bits, tuple(p.densities) or (1.0,), p.speed or 1.0
+            )
+        except ValueError as e:
+            abort(context, "INVALID_ARGUMENT", f"bad device profile: {e}")
         coordinator = self.coordinator
         try:
             member = coordinator.join(
@@ -104,11 +265,14 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 request.public_key,
                 np.asarray(request.feature_sum, dtype=np.float64),
                 request.examples,
+                enrolled=self.enrolled(request, context),
             )
         except Rejected as e:
             abort(context, e.code, e.detail)
         reply = pb.JoinReply(
-            client_id=member.client_id, token=self.tokens.issue(member.client_id), model_json=self.model_json
+            client_id=member.client_id,
+            token=self.tokens.issue(member.token_subject),
+            model_json=self.model_json,
         )
         with coordinator.lock:
             assignment = coordinator.assignment(member.client_id)
@@ -117,39 +281,49 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 reply.assignment.CopyFrom(assignment_message(assignment, coordinator.round, inner))
         return reply
 
-    def Pull(self, request: pb.PullRequest, context: grpc.ServicerContext) -> Iterator[pb.PullFrame]:
-        self.authenticate(context, request.client_id)
+    def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveReply:
+        client_id = self.authenticate(context, request.client_id)
         try:
-            job = self.coordinator.job(request.client_id, request.worker_id)
+            self.coordinator.leave(client_id)
         except Rejected as e:
             abort(context, e.code, e.detail)
-        assignment = Assignment(job.path, job.variant, job.seed)
-        yield pb.PullFrame(assignment=assignment_message(assignment, job.round, job.inner))
-        for frame in encode_tensors(job.tensors):
-            yield pb.PullFrame(tensor=frame)
+        return pb.LeaveReply()
+
+    def Pull(self, request: pb.PullRequest, context: grpc.ServicerContext) -> Iterator[pb.PullFrame]:
+        client_id = self.authenticate(context, request.client_id)
+        try:
+            job = self.coordinator.job(client_id, request.worker_id)
+            with self.streams.slot(client_id, context) as stream:
+                assignment = Assignment(job.path, job.variant, job.seed)
+                yield pb.PullFrame(assignment=assignment_message(assignment, job.round, job.inner))
+                for frame in encode_tensors(job.tensors):
+                    stream.touch()
+                    yield pb.PullFrame(tensor=frame)
+        except Rejected as e:
+            abort(context, e.code, e.detail)
 
     def Push(self, request_iterator: Iterator[pb.PushFrame], context: grpc.ServicerContext) -> pb.PushReply:
-        first = next(request_iterator, None)
-        if first is None or first.WhichOneof("frame") != "header":
-            abort(context, "INVALID_ARGUMENT", "a push starts with a PushHeader")
-        header = first.header
-        self.authenticate(context, header.client_id)
+        client_id = self.authenticate(context)  # from the metadata, before any message is read
+        coordinator = self.coordinator
         try:
-            tensors = decode_tensors(tensor_frames(request_iterator), self.max_update_bytes)
-            v = header.variant
-            upload = Upload(
-                Path.parse(header.path),
-                Variant(v.bits, round(v.density, 6), v.scheme),
-                header.round,
-                header.seed,
-                header.weight,
-                tensors,
-                header.loss,
-                dict(header.evaluation),
-            )
-            open_round = self.coordinator.submit(
-                upload, header.client_id, header.update_id, header.signature, header.worker_id
-            )
+            with self.streams.slot(client_id, context) as stream:
+                frames = moving(request_iterator, stream)
+                first = next(frames, None)
+                if first is None or first.WhichOneof("frame") != "header":
+                    raise Rejected("INVALID_ARGUMENT", "a push starts with a PushHeader")
+                header = first.header
+                if header.client_id != client_id:
+                    raise Rejected("PERMISSION_DENIED", f"the token was issued to {client_id}, not another")
+                worker_id = header.worker_id and check_identifier("worker_id", header.worker_id)
+                upload = header_upload(header)
+                expected = coordinator.expected_upload(upload, client_id, header.update_id, worker_id)
+                tensors = decode_tensors(tensor_frames(frames), self.max_update_bytes, expected)
+            crash_point("push-read")  # read in full, nothing stored yet
+            upload = Upload(*upload_fields(upload, tensors))
+            open_round = coordinator.submit(upload, client_id, header.update_id, header.signature, worker_id)
+        except grpc.RpcError:  # the stream was cancelled: by the client, or by the watchdog
+            log.info("push of client %s ended before its end: %s", client_id, stream.ended or "cancelled")
+            return pb.PushReply()
         except WireError as e:
             abort(context, e.code.name, str(e))
         except Rejected as e:
@@ -159,9 +333,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return pb.PushReply(accepted=True, round=open_round, detail="stored")
 
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatReply:
-        self.authenticate(context, request.client_id)
+        client_id = self.authenticate(context, request.client_id)
         try:
-            action, workers = self.coordinator.action(request.client_id)
+            action, workers = self.coordinator.action(client_id)
         except Rejected as e:
             abort(context, e.code, e.detail)
         return pb.HeartbeatReply(
@@ -172,17 +346,17 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return pb.StatusReply(json=json.dumps(self.coordinator.status()))
 
     def Proposal(self, request: pb.ProposalRequest, context: grpc.ServicerContext) -> pb.ProposalReply:
-        self.authenticate(context, request.client_id)
+        client_id = self.authenticate(context, request.client_id)
         try:
-            return proposal_message(self.coordinator.proposal(request.client_id))
+            return proposal_message(self.coordinator.proposal(client_id))
         except Rejected as e:
             abort(context, e.code, e.detail)
 
     def Cluster(self, request: pb.ClusterReport, context: grpc.ServicerContext) -> pb.ClusterReply:
-        self.authenticate(context, request.client_id)
+        client_id = self.authenticate(context, request.client_id)
         try:
             now = self.coordinator.cluster(
-                request.client_id,
+                client_id,
                 request.pass_number,
                 *(
                     np.asarray(values, dtype=np.float64)
@@ -194,10 +368,10 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return pb.ClusterReply(pass_number=now.number, converged=now.converged)
 
     def Assign(self, request: pb.AssignRequest, context: grpc.ServicerContext) -> pb.AssignReply:
-        self.authenticate(context, request.client_id)
+        client_id = self.authenticate(context, request.client_id)
         coordinator = self.coordinator
         try:
-            workers = coordinator.assign(request.client_id, np.asarray(request.histogram, dtype=np.float64))
+            workers = coordinator.assign(client_id, np.asarray(request.histogram, dtype=np.float64))
         except Rejected as e:
             abort(context, e.code, e.detail)
         with coordinator.lock:
@@ -217,6 +391,80 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             )
 
 
+def header_upload(header: pb.PushHeader) -> Upload:
+    """The upload a push header describes, its tensors not read yet (ValueError for a bad path or variant)."""
+    if len(header.path) > 64:
+        raise ValueError("a path is at most 64 characters")
+    v = header.variant
+    variant = Variant(v.bits, round(v.density, 6), v.scheme[:64])
+    evaluation = dict(header.evaluation)
+    return Upload(
+        Path.parse(header.path),
+        variant,
+        header.round,
+        header.seed,
+        header.weight,
+        {},
+        header.loss,
+        evaluation,
+    )
+
+
+def upload_fields(upload: Upload, tensors: dict) -> tuple:
+    """An upload's fields with its tensors."""
+    return (
+        upload.path,
+        upload.variant,
+        upload.round,
+        upload.seed,
+        upload.weight,
+        tensors,
+        upload.loss,
+        upload.evaluation,
+    )
+
+
+def moving(frames: Iterator[Any], stream: Stream) -> Iterator[Any]:
+    """The frames of a request stream, each marking the stream active; a frame that does not parse ends it
+    INVALID_ARGUMENT."""
+    for frame in frames:
+        stream.touch()
+        if frame is MALFORMED:
+            raise WireError(grpc.StatusCode.INVALID_ARGUMENT, "a push frame that does not parse")
+        yield frame
+
+
+def add_coordinator(service: CoordinatorService, server: grpc.Server) -> None:
+    """Register the service's methods, their requests parsed by `parser` (a unary request that does not
+    parse is answered INVALID_ARGUMENT by the handler)."""
+    makers = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+    }
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name["Coordinator"].methods:
+        request, reply = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
+        behaviour = getattr(service, method.name)
+        if not method.client_streaming:
+            behaviour = parsed(behaviour, method.input_type.name)
+        handlers[method.name] = makers[(method.client_streaming, method.server_streaming)](
+            behaviour, request_deserializer=parser(request), response_serializer=reply.SerializeToString
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+
+
+def parsed(behaviour: Callable[[Any, grpc.ServicerContext], Any], name: str) -> Callable:
+    """`behaviour`, answering INVALID_ARGUMENT for a request that did not parse."""
+
+    def call(request: Any, context: grpc.ServicerContext) -> Any:
+        if request is MALFORMED:
+            abort(context, "INVALID_ARGUMENT", f"the request does not parse as a {name}")
+        return behaviour(request, context)
+
+    return call
+
+
 def tensor_frames(frames: Iterator[pb.PushFrame]) -> Iterator:
     """The tensor frames after a push's header; a second header is malformed."""
     for frame in frames:
@@ -225,8 +473,11 @@ def tensor_frames(frames: Iterator[pb.PushFrame]) -> Iterator:
         yield frame.tensor
 
 
-def listen(server: grpc.Server, address: str, certs: str | None, service: str) -> int:
-    """Add health checking (overall and for `service`), bind `address` (TLS with `certs`), start; the port.
+def listen(
+    server: grpc.Server, address: str, certs: str | None, service: str, mutual_tls: bool = False
+) -> int:
+    """Add health checking (overall and for `service`), bind `address` (TLS with `certs`, requiring client
+    certificates with `mutual_tls`), start; the port.
 
     `server` must be made with `server_options` (no port sharing): a port in use raises OSError
     "port N is in use".
@@ -237,7 +488,7 @@ def listen(server: grpc.Server, address: str, certs: str | None, service: str) -
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:
         if certs:
-            port = server.add_secure_port(address, server_credentials(certs))
+            port = server.add_secure_port(address, server_credentials(certs, mutual_tls))
         else:
             port = server.add_insecure_port(address)
     except RuntimeError:
@@ -274,23 +525,28 @@ def bind_error(address: str) -> str:
 
 
 def start_server(
-    coordinator: Coordinator,
-    address: str,
-    certs: str | None = None,
-    workers: int = 16,
-    max_update_bytes: int = MAX_UPDATE_BYTES,
+    coordinator: Coordinator, address: str | None = None, certs: str | None = None
 ) -> tuple[grpc.Server, int]:
-    """Start the coordinator (and the standard health service) on `address`; returns the server and its port.
+    """Start the coordinator (and the standard health service) on `address` (default
+    `transport.address`); returns the server and its port.
 
-    With `certs` (a directory made by `fedmoe certs`) the port speaks TLS; otherwise it is plain text.
-    A push that declares more than `max_update_bytes` is refused before its data is read. Raises OSError
-    when the port is in use.
+    With `certs` (default `transport.certs`: a directory made by `fedmoe certs`) the port speaks TLS, and
+    with `transport.mutual_tls` it requires a client certificate of the same CA; otherwise it is plain text.
+    Threads, stream bounds and the largest update come from the coordinator's `config.transport`; the
+    enrolment token from `fedmoe.security.enrolment_token(state_dir, certs)`. Raises OSError when the port is
+    in use.
     """
+    transport = coordinator.config.transport
+    address, certs = address or transport.address, certs or transport.certs
+    if transport.mutual_tls and not certs:
+        raise ValueError("transport.mutual_tls needs TLS: give the certificates (--certs)")
     options = server_options(*MESSAGE_OPTIONS)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=options)
-    tokens = TokenAuthority.load_or_create(FsPath(coordinator.state_dir) / "token.secret")
-    service = CoordinatorService(coordinator, tokens, max_update_bytes)
-    pb_grpc.add_CoordinatorServicer_to_server(service, server)
-    port = listen(server, address, certs, "fedmoe.v1.Coordinator")
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=transport.threads), options=options)
+    state_dir = FsPath(coordinator.state_dir)
+    tokens = TokenAuthority.load_or_create(state_dir / "token.secret")
+    enrolment = enrolment_token(state_dir, certs)
+    service = CoordinatorService(coordinator, tokens, enrolment, transport.mutual_tls)
+    add_coordinator(service, server)
+    port = listen(server, address, certs, SERVICE, transport.mutual_tls)
     log.info("coordinator listening on %s (port %d, %s)", address, port, "TLS" if certs else "plain text")
     return server, port

@@ -25,7 +25,7 @@ from fedmoe.config import Config
 from fedmoe.federation import run_federation
 from fedmoe.models.classifier import mlp_levels
 from fedmoe.modular import Path
-from fedmoe.security import new_signing_key, update_digest
+from fedmoe.security import given_enrolment, new_signing_key, public_bytes, update_digest
 from fedmoe.server.coordinator import Coordinator, Rejected
 from fedmoe.server.service import start_server
 from fedmoe.spec import Spec, load_spec
@@ -59,7 +59,7 @@ def federation(tmp_path):
 
 
 def joined(stub, profile="fp32"):
-    session = join(stub, PROFILES[profile], profile, FEATURES)
+    session = join(stub, PROFILES[profile], profile, FEATURES, enrolment=given_enrolment())
     a = session.assignment
     path_model = copy.deepcopy(SPEC.build(CONFIG.grid, CONFIG.seed).compose(Path.parse(a.path)))
     return session, Worker(SPEC, path_model, DATA.batches(16, a.seed), len(DATA), variant_of(a.variant))
@@ -185,7 +185,7 @@ def test_bad_input_gets_a_precise_status_and_changes_nothing(federation):
             frames[0].header.weight = weight  # changed after signing: a man in the middle, or a cheat
         return stub.Push(iter(frames), metadata=a.metadata, timeout=60)
 
-    assert code_of(lambda: resigned(weight=1e6)) == grpc.StatusCode.UNAUTHENTICATED
+    assert code_of(lambda: resigned(weight=upload.weight / 2)) == grpc.StatusCode.UNAUTHENTICATED
     assert code_of(lambda: resigned(key=new_signing_key())) == grpc.StatusCode.UNAUTHENTICATED
     wrong_bits = dict(upload.tensors, **{name: quantize(torch.zeros(q.shape), 8)})
     assert (
@@ -208,12 +208,12 @@ def test_a_join_without_good_routing_statistics_is_refused_and_admits_nobody(fed
     feature_sum, count = FEATURES
     for bad in [(np.zeros(0), 0.0), (feature_sum, 0.0), (np.full_like(feature_sum, np.nan), count)]:
         assert (
-            code_of(functools.partial(join, stub, PROFILES["fp32"], "bad", bad))
+            code_of(functools.partial(join, stub, PROFILES["fp32"], "bad", bad, enrolment=given_enrolment()))
             == grpc.StatusCode.INVALID_ARGUMENT
         )
     joined(stub)
     with pytest.raises(grpc.RpcError) as error:
-        join(stub, PROFILES["fp32"], "narrow", (feature_sum[:10], count))
+        join(stub, PROFILES["fp32"], "narrow", (feature_sum[:10], count), enrolment=given_enrolment())
     assert (
         error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "routing features" in error.value.details()
     )
@@ -370,9 +370,17 @@ def test_a_straggler_update_is_dropped_or_counted_with_staleness_weight(tmp_path
         routing={"assign": "turn"},
     )
     coordinator = Coordinator(config, tmp_path / "state")
+    keys = [new_signing_key() for _ in range(2)]
     fast, slow = (
-        coordinator.join(PROFILES["fp32"], name, feature_sum=FEATURES[0], examples=FEATURES[1])
-        for name in ("fast", "slow")
+        coordinator.join(
+            PROFILES["fp32"],
+            name,
+            public_key=public_bytes(key),
+            feature_sum=FEATURES[0],
+            examples=FEATURES[1],
+            enrolled=True,
+        )
+        for name, key in zip(("fast", "slow"), keys)
     )
 
     def upload_of(member):
@@ -380,22 +388,27 @@ def test_a_straggler_update_is_dropped_or_counted_with_staleness_weight(tmp_path
         path_model = copy.deepcopy(SPEC.build(config.grid).compose(job.path))
         return Worker(SPEC, path_model, DATA.batches(8, job.seed), 50, job.variant).train_round(job)
 
+    def submit(upload, member, update_id):
+        key = keys[[fast, slow].index(member)]
+        digest = update_digest(signed_fields(member.client_id, update_id, upload), upload.tensors)
+        return coordinator.submit(upload, member.client_id, update_id, key.sign(digest))
+
     late_upload = upload_of(slow)  # pulled round 0 ...
     # ... which closes without it (quorum 1 of 2)
-    assert coordinator.submit(upload_of(fast), fast.client_id, "u1") == 1
+    assert submit(upload_of(fast), fast, "u1") == 1
     if late == "drop":
         with pytest.raises(Rejected) as rejected:
-            coordinator.submit(late_upload, slow.client_id, "u2")
+            submit(late_upload, slow, "u2")
         assert rejected.value.code == "FAILED_PRECONDITION" and not coordinator.pending
     else:
         # counted in round 1, which it closes
-        assert coordinator.submit(late_upload, slow.client_id, "u2") == 2
+        assert submit(late_upload, slow, "u2") == 2
         assert coordinator.metrics[1]["updates"] == 1
 
 
 def test_an_oversize_update_is_refused_before_its_data_is_read(tmp_path):
-    coordinator = Coordinator(CONFIG, tmp_path / "state")
-    server, port = start_server(coordinator, "127.0.0.1:0", max_update_bytes=1000)
+    coordinator = Coordinator(CONFIG.with_overrides({"transport.max_update_bytes": 1000}), tmp_path / "state")
+    server, port = start_server(coordinator, "127.0.0.1:0")
     try:
         with connect(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.CoordinatorStub(channel)

@@ -14,6 +14,7 @@ from fedmoe.assignment import PROFILES
 from fedmoe.clients.runtime import connect, join
 from fedmoe.config import Config
 from fedmoe.ensemble import Ensemble
+from fedmoe.security import given_enrolment
 from fedmoe.server.coordinator import Coordinator
 from fedmoe.server.service import start_server
 from fedmoe.spec import load_spec
@@ -132,7 +133,13 @@ def test_a_client_that_drops_off_mid_pull_changes_nothing(tmp_path):
         with connect(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.CoordinatorStub(channel)
             spec = coordinator.spec
-            session = join(stub, PROFILES["fp32"], "x", spec.feature_statistics(spec.data(0, 1).train))
+            session = join(
+                stub,
+                PROFILES["fp32"],
+                "x",
+                spec.feature_statistics(spec.data(0, 1).train),
+                enrolment=given_enrolment(),
+            )
             before = {
                 k: {n: t.clone() for n, t in s.items()}
                 for k, s in coordinator.engine.model.module_states().items()

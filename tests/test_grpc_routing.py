@@ -32,6 +32,7 @@ from fedmoe.clients.runtime import (
     push_frames,
 )
 from fedmoe.clustering import cluster_stats, histogram
+from fedmoe.security import given_enrolment
 from fedmoe.server.coordinator import Coordinator
 from fedmoe.server.service import start_server
 from fedmoe.v1 import coordinator_pb2 as pb
@@ -203,7 +204,9 @@ def test_bad_cluster_statistics_histograms_and_uploads_are_refused_and_change_no
     channel = connect(f"127.0.0.1:{port}")
     stub = pb_grpc.CoordinatorStub(channel)
     try:
-        sessions = [join(stub, PROFILES["fp32"], f"client {i}", None) for i in range(2)]
+        sessions = [
+            join(stub, PROFILES["fp32"], f"client {i}", None, enrolment=given_enrolment()) for i in range(2)
+        ]
         crews = [
             Crew(SPEC, coordinator.model, prepare_data(SPEC, SPEC.data(i, 3), None, 0, 1)) for i in range(2)
         ]
@@ -321,7 +324,8 @@ def test_a_restart_mid_clustering_starts_it_again_and_a_silent_member_is_left_ou
         c.cluster(client_id, p.number, s.counts, s.sums, s.squares, np.zeros(0) if s.soft is None else s.soft)
 
     first = coordinator()
-    ids = [first.join(PROFILES["fp32"], f"m{i}").client_id for i in range(2)]
+    key = bytes(32)  # the coordinator keeps a member's key; nothing here is signed
+    ids = [first.join(PROFILES["fp32"], f"m{i}", public_key=key, enrolled=True).client_id for i in range(2)]
     assert first.clustering == ids and first.action(ids[0]) == ("CLUSTER", [])
     for client_id, f in zip(ids, features):
         answer(first, client_id, f)
@@ -330,7 +334,7 @@ def test_a_restart_mid_clustering_starts_it_again_and_a_silent_member_is_left_ou
 
     restarted = coordinator()  # members are durable; clustering starts again
     assert restarted.clustering == ids and restarted.passes == 0 and restarted.engine.kmeans.iterations == 0
-    late = restarted.join(PROFILES["int8"], "late").client_id
+    late = restarted.join(PROFILES["int8"], "late", public_key=key, enrolled=True).client_id
     assert restarted.action(late) == ("WAIT", [])  # joined during clustering: waits for its end
     answer(restarted, ids[0], features[0])
     now[0] += 11  # ids[1] stays silent past the deadline

@@ -19,6 +19,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from fedmoe.security import (
+    ENROLMENT_FILE,
     AuthError,
     TokenAuthority,
     bearer,
@@ -52,7 +53,8 @@ def _mode(path: Path) -> int:
 
 
 def test_make_certs_writes_files_with_modes(certs: Path) -> None:
-    assert sorted(p.name for p in certs.iterdir()) == sorted(KEYS + CERTS)
+    assert sorted(p.name for p in certs.iterdir()) == sorted([*KEYS, *CERTS, ENROLMENT_FILE])
+    assert _mode(certs / ENROLMENT_FILE) == 0o600 and len((certs / ENROLMENT_FILE).read_text().strip()) >= 32
     for name in KEYS:
         pem = (certs / name).read_bytes()
         assert pem.startswith(b"-----BEGIN PRIVATE KEY-----")  # PKCS8, unencrypted

@@ -199,3 +199,12 @@ class ErrorFeedback:
     def residual(self, name: str) -> torch.Tensor | None:
         """The residual kept for name (None before its first compress)."""
         return self._residuals.get(name)
+
+    @property
+    def residuals(self) -> dict[str, torch.Tensor]:
+        """Every residual kept, by tensor name (to save a client's state)."""
+        return dict(self._residuals)
+
+    def restore(self, residuals: dict[str, torch.Tensor]) -> None:
+        """Take over saved residuals (see `residuals`)."""
+        self._residuals = {name: t.to(torch.float32) for name, t in residuals.items()}

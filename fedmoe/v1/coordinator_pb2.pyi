@@ -55,20 +55,26 @@ class Assignment(_message.Message):
     def __init__(self, path: _Optional[str] = ..., variant: _Optional[_Union[Variant, _Mapping]] = ..., round: _Optional[int] = ..., seed: _Optional[int] = ..., inner_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., weight_decay: _Optional[float] = ..., grad_clip: _Optional[float] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("profile", "name", "client_id", "public_key", "feature_sum", "examples")
+    __slots__ = ("profile", "name", "client_id", "public_key", "feature_sum", "examples", "enrolment", "proof", "proof_time")
     PROFILE_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     FEATURE_SUM_FIELD_NUMBER: _ClassVar[int]
     EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    ENROLMENT_FIELD_NUMBER: _ClassVar[int]
+    PROOF_FIELD_NUMBER: _ClassVar[int]
+    PROOF_TIME_FIELD_NUMBER: _ClassVar[int]
     profile: DeviceProfile
     name: str
     client_id: str
     public_key: bytes
     feature_sum: _containers.RepeatedScalarFieldContainer[float]
     examples: float
-    def __init__(self, profile: _Optional[_Union[DeviceProfile, _Mapping]] = ..., name: _Optional[str] = ..., client_id: _Optional[str] = ..., public_key: _Optional[bytes] = ..., feature_sum: _Optional[_Iterable[float]] = ..., examples: _Optional[float] = ...) -> None: ...
+    enrolment: str
+    proof: bytes
+    proof_time: int
+    def __init__(self, profile: _Optional[_Union[DeviceProfile, _Mapping]] = ..., name: _Optional[str] = ..., client_id: _Optional[str] = ..., public_key: _Optional[bytes] = ..., feature_sum: _Optional[_Iterable[float]] = ..., examples: _Optional[float] = ..., enrolment: _Optional[str] = ..., proof: _Optional[bytes] = ..., proof_time: _Optional[int] = ...) -> None: ...
 
 class JoinReply(_message.Message):
     __slots__ = ("client_id", "token", "model_json", "assignment")
@@ -258,6 +264,16 @@ class Worker(_message.Message):
     examples: int
     trains_router: bool
     def __init__(self, worker_id: _Optional[str] = ..., assignment: _Optional[_Union[Assignment, _Mapping]] = ..., cluster: _Optional[int] = ..., examples: _Optional[int] = ..., trains_router: _Optional[bool] = ...) -> None: ...
+
+class LeaveRequest(_message.Message):
+    __slots__ = ("client_id",)
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    def __init__(self, client_id: _Optional[str] = ...) -> None: ...
+
+class LeaveReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class AssignReply(_message.Message):
     __slots__ = ("workers", "pending")

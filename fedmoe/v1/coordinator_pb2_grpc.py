@@ -83,6 +83,11 @@ class CoordinatorStub:
                 request_serializer=fedmoe_dot_v1_dot_coordinator__pb2.AssignRequest.SerializeToString,
                 response_deserializer=fedmoe_dot_v1_dot_coordinator__pb2.AssignReply.FromString,
                 _registered_method=True)
+        self.Leave = channel.unary_unary(
+                '/fedmoe.v1.Coordinator/Leave',
+                request_serializer=fedmoe_dot_v1_dot_coordinator__pb2.LeaveRequest.SerializeToString,
+                response_deserializer=fedmoe_dot_v1_dot_coordinator__pb2.LeaveReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -150,6 +155,13 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Leave(self, request, context):
+        """A member leaves: it stops counting in the quorum and its tokens are revoked.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -192,6 +204,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Assign,
                     request_deserializer=fedmoe_dot_v1_dot_coordinator__pb2.AssignRequest.FromString,
                     response_serializer=fedmoe_dot_v1_dot_coordinator__pb2.AssignReply.SerializeToString,
+            ),
+            'Leave': grpc.unary_unary_rpc_method_handler(
+                    servicer.Leave,
+                    request_deserializer=fedmoe_dot_v1_dot_coordinator__pb2.LeaveRequest.FromString,
+                    response_serializer=fedmoe_dot_v1_dot_coordinator__pb2.LeaveReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -419,6 +436,33 @@ class Coordinator:
             '/fedmoe.v1.Coordinator/Assign',
             fedmoe_dot_v1_dot_coordinator__pb2.AssignRequest.SerializeToString,
             fedmoe_dot_v1_dot_coordinator__pb2.AssignReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Leave(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedmoe.v1.Coordinator/Leave',
+            fedmoe_dot_v1_dot_coordinator__pb2.LeaveRequest.SerializeToString,
+            fedmoe_dot_v1_dot_coordinator__pb2.LeaveReply.FromString,
             options,
             channel_credentials,
             insecure,
