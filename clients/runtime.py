@@ -50,12 +50,14 @@ from fedmoe.config import InnerConfig
 from fedmoe.ensemble import describe_mismatch
 from fedmoe.modular import ModularModel, Path
 from fedmoe.security import (
+    KEY_MODE,
     channel_credentials,
     given_enrolment,
     new_signing_key,
     public_bytes,
     rejoin_message,
     update_digest,
+    write_file,
 )
 from fedmoe.spec import Batch, ClientData, Examples, Spec, cross_entropy, load_spec
 from fedmoe.v1 import coordinator_pb2 as pb
@@ -350,21 +352,6 @@ class Held:
     acknowledged: bool = False
 
 
-def write_private(path: FsPath, text: str) -> None:
-    """Write `text` to `path` atomically (temp file, fsync, os.replace), readable by its owner only."""
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 class ClientState:
     """What a client keeps in its state file (`file`, JSON, mode 0o600) and beside it, so that a killed client
     continues as if it had not stopped.
@@ -422,7 +409,7 @@ class ClientState:
 
     def write(self, saved: dict[str, Any]) -> None:
         """Replace the state file's content."""
-        write_private(self.file, json.dumps(saved))
+        write_file(self.file, json.dumps(saved).encode(), KEY_MODE)  # readable by its owner only
         self.saved = saved
 
     def worker_directory(self, worker_id: str) -> FsPath:

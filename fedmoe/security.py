@@ -47,7 +47,7 @@ def client_cert_names(client: str) -> tuple[str, str]:
     return f"client-{client}.pem", f"client-{client}.key"
 
 
-def _write(path: Path, data: bytes, mode: int) -> None:
+def write_file(path: Path, data: bytes, mode: int) -> None:
     """Write data to path atomically (temp file, fsync, os.replace) with exactly `mode`,
     whatever the umask.
     """
@@ -191,16 +191,16 @@ def make_certs(
     server_cert, server_key = _leaf(
         hosts[0], ca_cert, ca_key, ExtendedKeyUsageOID.SERVER_AUTH, days, [_san(h) for h in hosts]
     )
-    _write(out / CA_CERT, _cert_pem(ca_cert), CERT_MODE)
-    _write(out / SERVER_CERT, _cert_pem(server_cert), CERT_MODE)
-    _write(out / SERVER_KEY, _key_pem(server_key), KEY_MODE)
+    write_file(out / CA_CERT, _cert_pem(ca_cert), CERT_MODE)
+    write_file(out / SERVER_CERT, _cert_pem(server_cert), CERT_MODE)
+    write_file(out / SERVER_KEY, _key_pem(server_key), KEY_MODE)
     for name in clients:
         cert, key = _leaf(name, ca_cert, ca_key, ExtendedKeyUsageOID.CLIENT_AUTH, days)
         cert_name, key_name = client_cert_names(name)
-        _write(out / cert_name, _cert_pem(cert), CERT_MODE)
-        _write(out / key_name, _key_pem(key), KEY_MODE)
+        write_file(out / cert_name, _cert_pem(cert), CERT_MODE)
+        write_file(out / key_name, _key_pem(key), KEY_MODE)
     _token_file(out / ENROLMENT_FILE)
-    _write(out / CA_KEY, _key_pem(ca_key), KEY_MODE)
+    write_file(out / CA_KEY, _key_pem(ca_key), KEY_MODE)
     return out
 
 
@@ -328,7 +328,7 @@ class TokenAuthority:
         except FileNotFoundError:
             file.parent.mkdir(parents=True, exist_ok=True)
             secret = os.urandom(SECRET_BYTES)
-            _write(file, secret, KEY_MODE)
+            write_file(file, secret, KEY_MODE)
         if len(secret) != SECRET_BYTES:
             raise ValueError(f"token secret file {file} holds {len(secret)} bytes, expected {SECRET_BYTES}")
         return cls(secret, ttl_seconds=ttl_seconds)
@@ -381,7 +381,6 @@ def verify_signature(public_key: bytes, digest: bytes, signature: bytes) -> None
         raise AuthError("invalid update signature") from None
 
 
-
 def enrolment_token(state_dir: str | os.PathLike[str], certs: str | os.PathLike[str] | None = None) -> str:
     """The coordinator's enrolment token: $FEDMOE_ENROLMENT_TOKEN when set, else the one `fedmoe certs` made
     in the `certs` directory, else the one kept in <state_dir>/enrolment.token (made there when absent:
@@ -413,5 +412,5 @@ def _token_file(file: Path) -> str:
     except FileNotFoundError:
         file.parent.mkdir(parents=True, exist_ok=True)
         token = _b64e(os.urandom(SECRET_BYTES))
-        _write(file, token.encode("ascii") + b"\n", KEY_MODE)
+        write_file(file, token.encode("ascii") + b"\n", KEY_MODE)
         return token
