@@ -35,6 +35,7 @@ from fedmoe.security import (
     ENROLMENT_ENV,
     enrolment_token,
     given_enrolment,
+    make_certs,
     new_signing_key,
     public_bytes,
     rejoin_message,
@@ -447,3 +448,21 @@ def test_8_a_member_rejoins_with_a_proof_of_its_pinned_key_once_its_token_is_gon
     renewed = Session(a.client_id, proven.token, a.model, a.assignment, a.signing_key)
     assert federation.heartbeat(renewed).action in (pb.HeartbeatReply.TRAIN, pb.HeartbeatReply.WAIT)
     assert proven.client_id == a.client_id and len(federation.coordinator.members) == 1
+
+
+def test_6_a_client_certificate_enrols_under_mutual_tls(tmp_path, monkeypatch):
+    monkeypatch.delenv(ENROLMENT_ENV)
+    certs = make_certs(tmp_path / "certs", clients=("laptop",))
+    (certs / "enrolment.token").unlink()  # the certificate alone enrols
+    config = CONFIG.with_overrides({"transport.mutual_tls": True, "transport.certs": str(certs)})
+    coordinator = Coordinator(config, tmp_path / "state")
+    server, port = start_server(coordinator, "127.0.0.1:0")
+    try:
+        with connect(f"127.0.0.1:{port}", str(certs), "laptop") as channel:
+            session = join(pb_grpc.CoordinatorStub(channel), PROFILES["fp32"], "laptop", FEATURES)
+        assert session.client_id in coordinator.members
+        with connect(f"127.0.0.1:{port}", str(certs)) as channel:  # no client certificate: no connection
+            stub = pb_grpc.CoordinatorStub(channel)
+            assert code_of(lambda: stub.Status(pb.StatusRequest(), timeout=5)) == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.stop(0).wait()
