@@ -521,7 +521,7 @@ def client(
             certs=str(certs) if certs else None,
             name=name,
             state_file=str(state_file) if state_file else None,
-            enrolment=enrol or "",
+            enrolment=enrol,
             cert_name=cert_name,
             partition=partition,
             partitions=partitions,

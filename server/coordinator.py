@@ -249,8 +249,9 @@ class Coordinator:
             if not enrolled:
                 raise Rejected(
                     "UNAUTHENTICATED",
-                    "joining needs the operator's enrolment token (the coordinator's <state>/enrolment.token:"
-                    " --enrol, or $FEDMOE_ENROLMENT_TOKEN) or, under mutual TLS, a client certificate",
+                    "joining needs the operator's enrolment token (--enrol, $FEDMOE_ENROLMENT_TOKEN, or the "
+                    "enrolment.token beside --certs; the coordinator keeps it in <state>/enrolment.token when "
+                    "neither is set) or, under mutual TLS, a client certificate",
                 )
             present = sum(not m.left for m in self.members.values())
             if present >= self.config.membership.max_members:

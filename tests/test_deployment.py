@@ -20,6 +20,7 @@ from fedmoe.clients.runtime import connect
 from fedmoe.data import load_digits_split
 from fedmoe.ensemble import Ensemble
 from fedmoe.router import CentroidRouter
+from fedmoe.security import ENROLMENT_ENV
 from fedmoe.server.inference import start_inference
 from fedmoe.spec import Spec, load_spec
 from fedmoe.v1 import inference_pb2, inference_pb2_grpc
@@ -65,6 +66,8 @@ def untrained_ensemble(spec, grid, features, directory):
 def test_federation_of_processes_over_tls_trains_and_serves_the_ensemble(tmp_path):
     certs = tmp_path / "certs"
     subprocess.run(FEDMOE + ["certs", "--out", str(certs)], check=True, capture_output=True)
+    # as in docker compose: coordinator and clients enrol with the token `fedmoe certs` wrote beside the CA
+    env = {k: v for k, v in os.environ.items() if k != ENROLMENT_ENV}
     state = tmp_path / "state"
     server_log = tmp_path / "server.log"
     coordinator, port = start(
@@ -87,6 +90,7 @@ def test_federation_of_processes_over_tls_trains_and_serves_the_ensemble(tmp_pat
             "--exit-when-done",
         ],
         server_log,
+        env,
     )
     clients = []
     try:
@@ -126,6 +130,7 @@ def test_federation_of_processes_over_tls_trains_and_serves_the_ensemble(tmp_pat
                     stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE,
                     text=True,
+                    env=env,
                 )
             )
         summaries = []
