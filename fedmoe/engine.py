@@ -95,15 +95,17 @@ class Engine:
         self.feature_sums: dict[str, np.ndarray] = {}
         self.feature_counts: dict[str, float] = {}
         routing = config.routing
-        self.kmeans = (
-            FederatedKMeans(config.n_paths, routing.tol, routing.max_iter, routing.balanced)
-            if routing.assign == "data"
-            else None
-        )
+        self.kmeans = self.new_kmeans() if routing.assign == "data" else None
         self.router_model: LearnedRouter | None = (
             None  # the federated learned router, once clustering converged
         )
         self._eval: Examples | None = None
+
+    def new_kmeans(self) -> FederatedKMeans:
+        """Federated k-means from its first pass, as `config.routing` sets it (routing by data); a clustering
+        whose members all went silent starts again from here."""
+        routing = self.config.routing
+        return FederatedKMeans(self.config.n_paths, routing.tol, routing.max_iter, routing.balanced)
 
     @property
     def finished(self) -> bool:

@@ -250,8 +250,8 @@ class Coordinator:
                 raise Rejected(
                     "UNAUTHENTICATED",
                     "joining needs the operator's enrolment token (--enrol, $FEDMOE_ENROLMENT_TOKEN, or the "
-                    "enrolment.token beside --certs; the coordinator keeps it in <state>/enrolment.token when "
-                    "neither is set) or, under mutual TLS, a client certificate",
+                    "enrolment.token beside --certs; without either the coordinator keeps it in "
+                    "<state>/enrolment.token) or, under mutual TLS, a client certificate",
                 )
             present = sum(not m.left for m in self.members.values())
             if present >= self.config.membership.max_members:
@@ -420,9 +420,10 @@ class Coordinator:
         kmeans = self.engine.kmeans
         if kmeans is None or kmeans.done or self.clustering:
             return
-        if len(self.members) < self.config.policy.min_clients:
+        present = [c for c, m in self.members.items() if not m.left]
+        if len(present) < self.config.policy.min_clients:
             return
-        self.clustering = list(self.members)
+        self.clustering = present
         self.answers, self.cluster_counts, self.passes, self.width = {}, {}, 0, None
         self.pass_opened = self.clock()
         log.info("federated k-means starts over %d clients: %s", len(self.clustering), self.clustering)
@@ -535,6 +536,15 @@ class Coordinator:
             return
         answered = [c for c in self.clustering if c in self.answers]
         if not answered:
+            if self.clock() - self.pass_opened >= self.config.policy.deadline_s:
+                log.warning(
+                    "clustering pass %d: no member answered within %g s (policy.deadline_s): clustering "
+                    "starts again over the members present",
+                    self.passes,
+                    self.config.policy.deadline_s,
+                )
+                self.engine.kmeans, self.clustering = self.engine.new_kmeans(), []
+                self.start_clustering()
             return
         if len(answered) < len(self.clustering):
             if self.clock() - self.pass_opened < self.config.policy.deadline_s:

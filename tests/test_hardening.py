@@ -29,6 +29,7 @@ from fedmoe.clients.runtime import (
     run,
     variant_of,
 )
+from fedmoe.clustering import cluster_stats
 from fedmoe.config import Config
 from fedmoe.modular import Path
 from fedmoe.security import (
@@ -466,3 +467,33 @@ def test_6_a_client_certificate_enrols_under_mutual_tls(tmp_path, monkeypatch):
             assert code_of(lambda: stub.Status(pb.StatusRequest(), timeout=5)) == grpc.StatusCode.UNAVAILABLE
     finally:
         server.stop(0).wait()
+
+
+def test_a_clustering_whose_members_all_go_silent_starts_again(tmp_path, caplog):
+    now = [0.0]
+    config = Config(grid=(2,), rounds=1, policy={"min_clients": 2, "deadline_s": 10})
+    coordinator = Coordinator(config, tmp_path / "state", clock=lambda: now[0])
+    ids = [
+        coordinator.join(PROFILES["fp32"], f"m{i}", public_key=bytes(32), enrolled=True).client_id
+        for i in range(2)
+    ]
+    features = [SPEC.features(DATA.subset(range(i, 100, 2))) for i in range(2)]
+
+    def answer(client_id, f):
+        p = coordinator.proposal(client_id)
+        s = cluster_stats(f, p.centroids, p.prices, p.softness)
+        soft = np.zeros(0) if s.soft is None else s.soft
+        coordinator.cluster(client_id, p.number, s.counts, s.sums, s.squares, soft)
+
+    for client_id, f in zip(ids, features):
+        answer(client_id, f)
+    assert coordinator.passes == 1
+    now[0] += 11  # nobody answers pass 1
+    with caplog.at_level(logging.WARNING, logger="fedmoe"):
+        assert coordinator.action(ids[0]) == ("CLUSTER", [])
+    assert any("starts again" in r.getMessage() for r in caplog.records)
+    assert coordinator.passes == 0 and coordinator.clustering == ids  # not stuck: it runs again when they do
+    while not coordinator.engine.clustered:
+        for client_id, f in zip(ids, features):
+            answer(client_id, f)
+    assert coordinator.engine.kmeans.done
