@@ -158,13 +158,12 @@ class Coordinator:
         self.told_done: set[str] = set()
         self.round_opened = clock()
         # routing by data, while clustering: its members in join order, this pass's answers, each
-        # member's example count (the same every pass), the feature width (set by the first answer)
+        # member's example count (the same every pass)
         self.clustering: list[str] = []
         self.answers: dict[str, ClusterStats] = {}
         self.passes = 0
         self.pass_opened = clock()
         self.cluster_counts: dict[str, float] = {}
-        self.width: int | None = None
         # once converged: the members that took part and their counts; the members whose histograms are
         # awaited before any is assigned (empty once assigned), and the histograms held meanwhile
         self.clustered: dict[str, float] = {}
@@ -424,7 +423,7 @@ class Coordinator:
         if len(present) < self.config.policy.min_clients:
             return
         self.clustering = present
-        self.answers, self.cluster_counts, self.passes, self.width = {}, {}, 0, None
+        self.answers, self.cluster_counts, self.passes = {}, {}, 0
         self.pass_opened = self.clock()
         log.info("federated k-means starts over %d clients: %s", len(self.clustering), self.clustering)
 
@@ -484,7 +483,6 @@ class Coordinator:
                 raise Rejected("INVALID_ARGUMENT", f"bad cluster statistics: {e}") from None
             self.answers[client_id] = stats
             self.cluster_counts[client_id] = float(stats.counts.sum())
-            self.width = stats.sums.shape[1]
             self.close_pass_if_due()
             if self.engine.kmeans.done:
                 return Proposal(self.passes, *self.engine.routing_state(), 0.0, True)
@@ -499,9 +497,8 @@ class Coordinator:
             np.asarray(a, dtype=np.float64).reshape(-1) for a in (counts, sums, squares, soft)
         )
         k = 1 if centroids is None else len(centroids)
-        width = self.width if centroids is None else centroids.shape[1]
-        if width is None:  # the first answer of the first pass sets the width of the routing features
-            width = len(sums) // k
+        # the first pass takes any width of routing features: at its close the most answers' width wins
+        width = len(sums) // k if centroids is None else centroids.shape[1]
         if width < 1 or len(sums) != k * width or len(squares) != k * width:
             raise ValueError(
                 f"sums and squares of {len(sums)} and {len(squares)} values; expected {k} x {width}"
@@ -554,6 +551,19 @@ class Coordinator:
                 "clustering pass %d closes without %s: they leave the clustering", self.passes, silent
             )
             self.clustering = answered
+        widths = [self.answers[c].sums.shape[1] for c in answered]
+        width = max(widths, key=widths.count)  # the most answers' (ties: the earliest member's)
+        odd = [c for c, w in zip(answered, widths) if w != width]
+        if odd:
+            log.warning(
+                "clustering pass %d: %s sent routing features of another width than the %d of the others: "
+                "they leave the clustering",
+                self.passes,
+                odd,
+                width,
+            )
+            answered = [c for c in answered if c not in odd]
+            self.clustering = [c for c in self.clustering if c not in odd]
         total = self.answers[answered[0]]
         for client_id in answered[1:]:  # summed in join order: the same sums as every runner's
             total = total + self.answers[client_id]

@@ -497,3 +497,22 @@ def test_a_clustering_whose_members_all_go_silent_starts_again(tmp_path, caplog)
         for client_id, f in zip(ids, features):
             answer(client_id, f)
     assert coordinator.engine.kmeans.done
+
+
+def test_a_member_answering_first_with_other_features_cannot_set_their_width(tmp_path, caplog):
+    config = Config(grid=(2,), rounds=1, policy={"min_clients": 3})
+    coordinator = Coordinator(config, tmp_path / "state")
+    ids = [
+        coordinator.join(PROFILES["fp32"], f"m{i}", public_key=bytes(32), enrolled=True).client_id
+        for i in range(3)
+    ]
+    features = SPEC.features(DATA)
+    wide = cluster_stats(np.hstack([features, features]), None, None, 0.0)  # twice the width, first
+    coordinator.cluster(ids[0], 0, wide.counts, wide.sums, wide.squares, np.zeros(0))
+    honest = cluster_stats(features, None, None, 0.0)
+    with caplog.at_level(logging.WARNING, logger="fedmoe"):
+        for client_id in ids[1:]:
+            coordinator.cluster(client_id, 0, honest.counts, honest.sums, honest.squares, np.zeros(0))
+    assert coordinator.passes == 1 and coordinator.clustering == ids[1:]
+    assert coordinator.proposal(ids[1]).centroids.shape[1] == features.shape[1]
+    assert any("another width" in r.getMessage() for r in caplog.records)
