@@ -1,4 +1,5 @@
-"""Quality benchmark: dense model vs experts alone vs routed ensembles, on digits and on the Bible byte LM.
+"""Quality benchmark: dense model vs experts alone vs routed ensembles, on digits, on the Bible byte LM and on
+a flow model of digits (Decentralized Diffusion Models).
 
 Each path trains `rounds x steps` inner steps after the shared rounds. The dense model (the size of
 one expert) is trained twice: at equal total training FLOPs (n_paths x the steps of one path per
@@ -6,9 +7,16 @@ round, the same number of rounds) and at equal steps per expert (the steps of on
 Ratios are against the dense model at equal total FLOPs: for accuracy higher is better, for bits per
 byte lower is better. Values are means over seeds.
 
+The flow task (`fedmoe.models.digits_flow:spec`) scores samples by Fréchet distance (FD, lower is better) in
+the feature space of the frozen digits classifier that ships with fedmoe, against the 540 held-out digits:
+each expert trains from scratch on one cluster (no shared rounds, as in DDM), the router learns p(k | x_t, t)
+on noised digits, and the ensemble mixes velocities at every sampling step: all experts, the top-2, the top-1,
+or one expert re-sampled from the router per step.
+
     python bench/quality.py                                           # both built-in specs
     python bench/quality.py --spec fedmoe.models.digits:spec --seeds 5
     python bench/quality.py --spec examples.tabular:spec --grid 3      # any spec with data and eval_data
+    python bench/quality.py --spec fedmoe.models.digits_flow:spec      # the flow task, 3 seeds
 """
 
 from __future__ import annotations
@@ -22,10 +30,14 @@ from rich.console import Console
 from rich.table import Table
 
 from fedmoe.config import Config, InnerConfig, parse_grid
-from fedmoe.experiment import Experiment, compare, train_dense
+from fedmoe.experiment import Experiment, compare, generative, train_dense
 from fedmoe.spec import load_spec
 
-DIGITS, BIBLE = "fedmoe.models.digits:spec", "fedmoe.models.bible:spec"
+DIGITS, BIBLE, FLOW = (
+    "fedmoe.models.digits:spec",
+    "fedmoe.models.bible:spec",
+    "fedmoe.models.digits_flow:spec",
+)
 SETTINGS = {  # spec -> (experiment, seeds)
     DIGITS: (
         Experiment(
@@ -40,6 +52,22 @@ SETTINGS = {  # spec -> (experiment, seeds)
             "centroid",
         ),
         1,
+    ),
+    FLOW: (
+        Experiment(
+            Config(
+                spec=FLOW,
+                grid=(4,),
+                rounds=10,
+                inner=InnerConfig(steps=400, lr=3e-3, batch_size=64),
+                routing={"router": "learned"},
+            ),
+            0,
+            samples=1000,
+            sample_steps=20,
+            solver="euler",
+        ),
+        3,
     ),
 }
 
@@ -61,7 +89,7 @@ def run(ref: str, seeds: int, grid: tuple[int, ...] | None = None) -> Table:
             spec,
             replace(experiment, config=config.model_copy(update={"seed": config.seed + s})),
             config.inner.steps,
-        ).final["dense"]
+        )
         for s in range(seeds)
     ]
     mean = statistics.fmean
@@ -70,24 +98,43 @@ def run(ref: str, seeds: int, grid: tuple[int, ...] | None = None) -> Table:
     per_path = shared * h * n + (r - shared) * h
     rows = [
         ("dense, equal total FLOPs", total, total, mean(d.final["dense"] for d in comparison.dense)),
-        ("dense, equal steps per expert", r * h, r * h, mean(per_expert)),
+        ("dense, equal steps per expert", r * h, r * h, mean(d.final["dense"] for d in per_expert)),
     ]
+    # generative specs: every contender's other sample metrics, mean over seeds (and experts)
+    others = {rows[0][0]: [d.quality["dense"] for d in comparison.dense]}
+    others[rows[1][0]] = [d.quality["dense"] for d in per_expert]
     for partition, runs in comparison.experts.items():
         rows.append((f"{partition}: mean expert alone", per_path, total, mean(mean(x.experts) for x in runs)))
+        others[rows[-1][0]] = [q for x in runs for name, q in x.quality.items() if name.startswith("expert")]
         for k in experiment.top_ks:
             rows.append(
                 (f"{partition}: ensemble top-{k}", per_path, total, mean(x.final[f"top{k}"] for x in runs))
             )
+            others[rows[-1][0]] = [x.quality.get(f"top{k}") for x in runs]
+        if generative(spec):
+            name = f"{partition}: one expert re-sampled per step"
+            rows.append((name, per_path, total, mean(x.final["resample"] for x in runs)))
+            others[name] = [x.quality["resample"] for x in runs]
     reference = rows[0][3]
+    metric = comparison.metric
+    extra = [m for m in (comparison.dense[0].quality.get("dense") or {}) if m != metric]
     title = (
-        f"{spec.name}: test {spec.metric.replace('_', ' ')}, {n} paths, {shared} shared + {r - shared} "
+        f"{spec.name}: test {metric.replace('_', ' ')}, {n} paths, {shared} shared + {r - shared} "
         f"branched rounds x {h} steps, mean of {seeds} seed(s), {time.perf_counter() - started:.0f} s"
     )
     table = Table(title=title)
-    for column in ("model", "steps per model", "total steps", spec.metric, "ratio to dense at equal FLOPs"):
-        table.add_column(column, justify="left" if column == "model" else "right")
+    for column in (
+        "model",
+        "steps per model",
+        "total steps",
+        metric,
+        "ratio to dense at equal FLOPs",
+        *extra,
+    ):
+        table.add_column(column.replace("_", " "), justify="left" if column == "model" else "right")
     for name, steps, total_steps, value in rows:
-        table.add_row(name, str(steps), str(total_steps), f"{value:.4f}", f"{value / reference:.3f}")
+        cells = [f"{mean(q[m] for q in others[name]):.4f}" for m in extra]
+        table.add_row(name, str(steps), str(total_steps), f"{value:.4f}", f"{value / reference:.3f}", *cells)
     return table
 
 
@@ -96,10 +143,15 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--spec", action="append", help="spec(s) to run, as import strings (default: digits and bible)"
+        "--spec",
+        action="append",
+        help="spec(s) to run, as import strings (default: digits, bible and the digits flow)",
     )
     parser.add_argument(
-        "--seeds", type=int, default=0, help="seeds per spec (default: 3 for digits, 1 for bible)"
+        "--seeds",
+        type=int,
+        default=0,
+        help="seeds per spec (default: 3 for digits and the flow, 1 for bible)",
     )
     parser.add_argument(
         "--grid", type=parse_grid, default=None, help="modules per level, e.g. 4 or 2x2 (default: 4)"

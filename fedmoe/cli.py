@@ -148,10 +148,15 @@ def demo(
         Path, typer.Option(help="Directory for results.json, the plot and the ensemble checkpoint.")
     ] = Path("runs/demo"),
 ) -> None:
-    """Train experts on clustered and on random shards in-process, route, and compare with a dense model."""
+    """Train experts on clustered and on random shards in-process, route, and compare with a dense model.
+
+    For a generative spec (a flow model) the table shows the Fréchet distance of samples (lower is better) of
+    the dense model, each expert alone, the routed mixtures (top-k and full) and one expert re-sampled from
+    the router per step, and a PNG grid of samples per contender is written.
+    """
     from fedmoe.assignment import parse_profiles
-    from fedmoe.experiment import Experiment, compare
-    from fedmoe.plots import plot_rounds
+    from fedmoe.experiment import Experiment, compare, generative
+    from fedmoe.plots import plot_rounds, save_grid
     from fedmoe.spec import load_spec
 
     try:
@@ -198,10 +203,18 @@ def demo(
         comparison.dense[0], list(first.values()), problem.metric, out / f"{problem.metric}.png"
     )
     rows = comparison.rows()
+    written = [str(plot)]
+    if generative(problem):
+        (out / "samples").mkdir(exist_ok=True)
+        contenders = {"dense": comparison.dense[0].samples["dense"]}
+        contenders |= {f"{p}-{name}": x for p, r in first.items() for name, x in r.samples.items()}
+        for name, samples in contenders.items():
+            save_grid(samples[:64], out / "samples" / f"{name.replace(' ', '-')}.png")
+        written.append(f"{len(contenders)} sample grids in {out / 'samples'}")
     seconds = time.perf_counter() - started
     results = {
         "spec": config.spec,
-        "metric": problem.metric,
+        "metric": comparison.metric,
         "seconds": seconds,
         "config": config.model_dump(mode="json"),
         "shared_rounds": shared_rounds,
@@ -211,10 +224,12 @@ def demo(
         "rounds": {"dense": comparison.dense[0].rounds, **{p: r.rounds for p, r in first.items()}},
     }
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    console.print(results_table(problem.name, problem.metric, rows, seeds))
+    console.print(results_table(problem.name, comparison.metric, rows, seeds))
     if mix:
         console.print(clients_table(first["clustered"].clients))
-    console.print(f"wrote {out / 'results.json'}, {plot} and {out / 'ensemble'} in {seconds:.0f} s")
+    console.print(
+        f"wrote {out / 'results.json'}, {', '.join(written)} and {out / 'ensemble'} in {seconds:.0f} s"
+    )
 
 
 def results_table(task: str, metric: str, rows: dict[str, dict[str, list[float]]], seeds: int) -> Table:
@@ -635,6 +650,67 @@ def predict(
             indent=2,
         )
     )
+
+
+@app.command()
+def sample(
+    server: Annotated[
+        str, typer.Option(help="An inference service (`fedmoe serve`) of a generative spec, host:port.")
+    ] = "127.0.0.1:7100",
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="Sample from this ensemble checkpoint here instead of a server.")
+    ] = None,
+    n: Annotated[int, typer.Option("--n", min=1, help="Samples to draw.")] = 64,
+    steps: Annotated[int, typer.Option(min=1, help="ODE steps from noise to data.")] = 20,
+    solver: Annotated[str, typer.Option(click_type=click.Choice(["euler", "heun"]))] = "euler",
+    top_k: Annotated[
+        int, typer.Option(min=0, help="Experts mixed at every step; 0: the server's default.")
+    ] = 0,
+    full: Annotated[bool, typer.Option(help="Mix every expert's velocity at every step.")] = False,
+    resample: Annotated[
+        bool, typer.Option(help="Draw one expert per sample and step from the router instead of mixing.")
+    ] = False,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the noise (and the draws).")] = 0,
+    out: Annotated[Path, typer.Option(help="The PNG grid of samples to write.")] = Path("samples.png"),
+    certs: Annotated[Path | None, typer.Option(help="TLS: the directory with ca.pem.")] = None,
+) -> None:
+    """Draw samples of a generative ensemble (a flow model) through `fedmoe serve`, or from a checkpoint, and
+    write them as a PNG grid; prints their shape and the file as JSON.
+    """
+    import torch
+
+    from fedmoe.plots import save_grid
+    from fedmoe.v1 import inference_pb2
+
+    request = inference_pb2.SampleRequest(
+        n=n, steps=steps, solver=solver, top_k=top_k, full=full, resample=resample, seed=seed
+    )
+    if checkpoint is not None:
+        from fedmoe.ensemble import Ensemble
+        from fedmoe.server.inference import draw
+
+        try:
+            ensemble = Ensemble.load(checkpoint)
+            reply = draw(ensemble, request, top_k or 1)
+        except (ValueError, OSError) as e:
+            fail(f"cannot sample from {checkpoint}: {e}")
+    else:
+        import grpc
+
+        from fedmoe.clients.runtime import connect
+        from fedmoe.v1 import inference_pb2_grpc
+
+        with connect(server, str(certs) if certs else None) as channel:
+            try:
+                reply = inference_pb2_grpc.InferenceStub(channel).Sample(request, timeout=120)
+            except grpc.RpcError as e:
+                fail(f"{server}: {e.code().name}: {e.details()}")
+    samples = torch.tensor(list(reply.samples)).view(*reply.shape)
+    try:
+        save_grid(samples, out)
+    except ValueError as e:
+        fail(f"cannot draw the samples as images: {e}")
+    typer.echo(json.dumps({"samples": list(reply.shape), "out": str(out)}))
 
 
 @app.command()

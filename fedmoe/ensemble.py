@@ -49,20 +49,29 @@ class Ensemble:
 
     @torch.no_grad()
     def predict(
-        self, inputs: torch.Tensor, top_k: int | None = None, features: torch.Tensor | None = None
+        self,
+        inputs: torch.Tensor,
+        top_k: int | None = None,
+        features: torch.Tensor | None = None,
+        draw: torch.Generator | None = None,
     ) -> Prediction:
         """Mix the outputs of the top-k experts (all of them when top_k is None).
 
         Routing features are `spec.featurize(inputs)` unless given. Each expert runs only on the examples
         routed to it; mixture weights are the router's probabilities renormalised over the chosen experts.
+        With `draw`, each example instead runs one expert drawn from the router's distribution (weight 1).
         """
         k = len(self.experts) if top_k is None else top_k
         if not 1 <= k <= len(self.experts):
             raise ValueError(f"top_k must be in 1..{len(self.experts)}, got {top_k}")
         features = self.spec.featurize(inputs) if features is None else features
         route = self.router.probs(torch.as_tensor(features, dtype=torch.float32))
-        weights, experts = route.topk(k, dim=-1)
-        weights = weights / weights.sum(-1, keepdim=True)
+        if draw is not None:
+            experts = torch.multinomial(route, 1, generator=draw)
+            weights = torch.ones(experts.shape)
+        else:
+            weights, experts = route.topk(k, dim=-1)
+            weights = weights / weights.sum(-1, keepdim=True)
         mixed: torch.Tensor | None = None
         for e, expert in enumerate(self.experts):
             rows, slot = (experts == e).nonzero(as_tuple=True)
@@ -77,7 +86,8 @@ class Ensemble:
         return Prediction(mixed, experts, weights)
 
     def score(self, examples: Examples, top_k: int | None = 1) -> dict[str, float]:
-        """The spec's metrics of the routed top-k mixture on `examples`."""
+        """The spec's metrics of the routed top-k mixture on `examples` (prepared with a fixed seed)."""
+        examples = self.spec.prepared(examples)
         return self.spec.metrics(self.predict(examples.inputs, top_k).outputs, examples.targets)
 
     def save(self, directory: str | os.PathLike, extra: dict[str, Any] | None = None) -> FsPath:

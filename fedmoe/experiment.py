@@ -23,6 +23,7 @@ from fedmoe.data import iid
 from fedmoe.engine import Engine
 from fedmoe.ensemble import Ensemble
 from fedmoe.federation import LocalClient, run_federation
+from fedmoe.flow import sample, sample_model
 from fedmoe.modular import Path, module_key
 from fedmoe.outer import ModuleStates
 from fedmoe.router import LearnedRouter
@@ -31,6 +32,11 @@ from fedmoe.worker import round_masks, variant_bytes
 
 PARTITIONS = ("clustered", "random")
 ROUTERS = ("learned", "centroid")
+# The demo's learned router of a flow spec trains on this many prepared (noised) examples, in this many steps
+# (a router of clean examples takes LearnedRouter.fit's 500): about a tenth of the experts' training FLOPs
+# in the bench's flow setting.
+ROUTER_DRAWS = 20_000
+ROUTER_DRAWN_STEPS = 5_000
 
 
 DEMO_OUTER = OuterConfig(lr=1.0, momentum=0.0)
@@ -53,6 +59,9 @@ class Experiment:
     config: Config = field(default_factory=Config)
     shared_rounds: int = 3
     router: str = "learned"
+    samples: int = 1000  # generative specs: samples per contender, and how they are drawn
+    sample_steps: int = 20
+    solver: str = "euler"
 
     def __post_init__(self) -> None:
         if not 0 <= self.shared_rounds < self.config.rounds:
@@ -99,6 +108,20 @@ class RunResult:
     ensemble: Ensemble | None = None
     shared_state: ModuleStates | None = None
     clients: list[dict[str, Any]] = field(default_factory=list)
+    samples: dict[str, torch.Tensor] = field(default_factory=dict)  # generative specs: per contender
+    quality: dict[str, dict[str, float]] = field(default_factory=dict)  # and their sample metrics
+
+
+def generative(spec: Spec) -> bool:
+    """Whether the demo scores the spec by its samples (it has a prior and sample metrics)."""
+    return spec.prior is not None and spec.sample_metrics is not None
+
+
+def score_samples(result: RunResult, name: str, samples: torch.Tensor, spec: Spec, test: Examples) -> float:
+    """Keep a contender's samples and their metrics in `result`; return their Fréchet distance."""
+    result.samples[name] = samples
+    result.quality[name] = spec.sample_metrics(samples, test)
+    return result.quality[name]["fd"]
 
 
 def branch(states: ModuleStates, grid: Sequence[int]) -> ModuleStates:
@@ -165,6 +188,11 @@ def train_dense(
 
     run_federation(spec, dense_config, [LocalClient(union)], on_round, "dense" if progress else None, engine)
     result.final = {"dense": result.rounds[-1]["dense"]}
+    if generative(spec):
+        drawn = sample_model(
+            dense, spec.prior, experiment.samples, experiment.sample_steps, experiment.solver, config.seed
+        )
+        result.final["dense"] = score_samples(result, "dense", drawn, spec, test)
     return result
 
 
@@ -186,13 +214,18 @@ def make_ensemble(
     A training example's path is its federated cluster's (clustered shards: paths follow the data) or its
     shard's (random shards: paths in turn). "centroid": the engine's router (the federated centroids);
     "learned": a small MLP fitted on the examples' features with their path labels (the experiment holds
-    the union of the clients' data).
+    the union of the clients' data); for a spec that prepares its examples (a flow model), on
+    `ROUTER_DRAWS` prepared (noised) examples labelled with their clean example's path.
     """
     features = np.concatenate([spec.features(shard) for shard in shards])
     if engine.kmeans is not None:
         labels = nearest(features, *engine.routing_state())
     else:
         labels = np.concatenate([np.full(len(shard), k) for k, shard in enumerate(shards)])
+    if spec.prepare is not None and kind == "learned":
+        index = torch.randint(len(labels), (ROUTER_DRAWS,), generator=torch.Generator().manual_seed(seed))
+        features = spec.features(spec.prepared(pooled(shards).subset(index), seed))
+        labels = labels[index.numpy()]
     if kind == "centroid":
         ensemble = engine.ensemble()
         index = np.array([engine.paths.index(path) for path in ensemble.paths])
@@ -200,7 +233,8 @@ def make_ensemble(
         return ensemble, float((routed == labels).mean())
     torch.manual_seed(seed)
     router = LearnedRouter(features.shape[1], len(engine.paths))
-    accuracy = router.fit(features, labels, seed=seed)
+    steps = ROUTER_DRAWN_STEPS if spec.prepare is not None else 500
+    accuracy = router.fit(features, labels, steps=steps, seed=seed)
     return Ensemble(spec, engine.model, engine.paths, router, engine.config.grid), accuracy
 
 
@@ -258,6 +292,8 @@ def train_experts(
     result.experts = list(result.rounds[-1]["experts"])
     n = len(result.ensemble.paths)
     result.final = {f"top{k}": result.ensemble.score(test, min(k, n))[spec.metric] for k in experiment.top_ks}
+    if generative(spec):
+        score_flows(spec, experiment, result, experts, test)
     branched = result.rounds[experiment.shared_rounds :]
     result.clients = [
         client_footprint(engine, c["client"])
@@ -265,6 +301,26 @@ def train_experts(
         for i, c in enumerate(run.clients)
     ]
     return result
+
+
+def score_flows(spec: Spec, experiment: Experiment, result: RunResult, experts: list, test: Examples) -> None:
+    """A generative spec's final scores: the Fréchet distance of samples of each expert alone, of the routed
+    mixture of the top-k experts at every step, and of one expert re-sampled from the router at every step."""
+    n, steps, solver, seed = (
+        experiment.samples,
+        experiment.sample_steps,
+        experiment.solver,
+        experiment.config.seed,
+    )
+    result.experts = [
+        score_samples(result, f"expert {i}", sample_model(e, spec.prior, n, steps, solver, seed), spec, test)
+        for i, e in enumerate(experts)
+    ]
+    for k in experiment.top_ks:
+        drawn = sample(result.ensemble, n, steps, solver, min(k, len(result.ensemble.paths)), seed=seed)
+        result.final[f"top{k}"] = score_samples(result, f"top{k}", drawn, spec, test)
+    drawn = sample(result.ensemble, n, steps, solver, resample=True, seed=seed)
+    result.final["resample"] = score_samples(result, "resample", drawn, spec, test)
 
 
 def client_footprint(engine: Engine, client_id: str) -> dict[str, Any]:
@@ -288,6 +344,11 @@ class Comparison:
     dense: list[RunResult]
     experts: dict[str, list[RunResult]]
 
+    @property
+    def metric(self) -> str:
+        """What the table shows: the spec's metric, or for a generative spec the Fréchet distance."""
+        return "fd" if generative(self.spec) else self.spec.metric
+
     def rows(self) -> dict[str, dict[str, list[float]]]:
         """Per-seed values of each row of the demo table, per partition."""
         rows: dict[str, dict[str, list[float]]] = {
@@ -302,6 +363,10 @@ class Comparison:
         for k in self.experiment.top_ks:
             name = "full ensemble" if k == n and k > 2 else f"ensemble top-{k}"
             rows[name] = {p: [r.final[f"top{k}"] for r in runs] for p, runs in self.experts.items()}
+        if generative(self.spec):
+            rows["one expert re-sampled per step"] = {
+                p: [r.final["resample"] for r in runs] for p, runs in self.experts.items()
+            }
         return rows
 
 

@@ -1,7 +1,8 @@
-"""Plots of training runs (matplotlib, written to PNG without a display)."""
+"""Plots of training runs and image grids of samples (matplotlib, written to PNG without a display)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -9,6 +10,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import numpy as np
+import torch
 
 if TYPE_CHECKING:
     from fedmoe.experiment import RunResult
@@ -36,3 +39,39 @@ def plot_rounds(dense: RunResult, runs: list[RunResult], metric: str, path: Path
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def image_grid(
+    samples: torch.Tensor, columns: int | None = None, value_range: tuple[float, float] = (-1, 1)
+) -> np.ndarray:
+    """Samples as one grayscale or RGB image: a grid of `columns` (default: square) tiles, one pixel of
+    padding; pixel values clipped to `value_range` and scaled to [0, 1]. Flat samples of D numbers are
+    square images when D is a square (64 -> 8x8); images are (C, H, W) with 1 or 3 channels."""
+    x = torch.as_tensor(samples).detach().float()
+    if x.dim() == 2:
+        side = math.isqrt(x.shape[1])
+        if side * side != x.shape[1]:
+            raise ValueError(f"flat samples of {x.shape[1]} numbers are not square images")
+        x = x.view(len(x), 1, side, side)
+    if x.dim() != 4 or x.shape[1] not in (1, 3):
+        raise ValueError(f"samples are (N, D) or (N, 1 or 3, H, W) images, got {tuple(x.shape)}")
+    low, high = value_range
+    x = ((x - low) / (high - low)).clamp(0, 1)
+    n, c, h, w = x.shape
+    columns = columns or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / columns)
+    grid = torch.ones(c, rows * (h + 1) + 1, columns * (w + 1) + 1)
+    for i in range(n):
+        top, left = 1 + (i // columns) * (h + 1), 1 + (i % columns) * (w + 1)
+        grid[:, top : top + h, left : left + w] = x[i]
+    return grid[0].numpy() if c == 1 else grid.permute(1, 2, 0).numpy()
+
+
+def save_grid(samples: torch.Tensor, path: str | Path, columns: int | None = None, scale: int = 4) -> Path:
+    """Write samples (pixels in [-1, 1]) as a PNG grid (see `image_grid`), each pixel `scale` x `scale`."""
+    grid = image_grid(samples, columns)
+    grid = (
+        np.kron(grid, np.ones((scale, scale))) if grid.ndim == 2 else grid.repeat(scale, 0).repeat(scale, 1)
+    )
+    plt.imsave(path, grid, cmap="gray", vmin=0.0, vmax=1.0)
+    return Path(path)

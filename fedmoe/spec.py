@@ -139,6 +139,13 @@ class Spec:
       data).
     - `eval_data()`: an optional small held-out `Examples` the coordinator evaluates on; never training data.
     - `encode_text(text)`: for language models, a prompt as model inputs (one example), for `fedmoe serve`.
+    - `prepare(inputs, targets, generator)`: what a training step makes of a batch of examples, drawing any
+      randomness from `generator` (a flow model noises its data points at random times: see
+      `fedmoe.flow.noise_pairs`); the learned router learns the clusters of examples so prepared, and
+      evaluation prepares held-out examples with a fixed seed. None: examples train as they are.
+    - `prior(n, generator)`: for generative specs, n starting points of sampling (a flow model's noise at
+      t = 1); `sample_metrics(samples, examples)`: scores of samples against held-out examples, with "fd"
+      (a Fréchet distance, lower is better) among them.
     """
 
     name: str
@@ -152,6 +159,9 @@ class Spec:
     data: Callable[[int, int], ClientData] | None = None
     eval_data: Callable[[], Examples] | None = None
     encode_text: Callable[[str], torch.Tensor] | None = None
+    prepare: Callable[[torch.Tensor, torch.Tensor, torch.Generator], Batch] | None = None
+    prior: Callable[[int, torch.Generator], torch.Tensor] | None = None
+    sample_metrics: Callable[[torch.Tensor, Examples], dict[str, float]] | None = None
     ref: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -213,10 +223,26 @@ class Spec:
             raise ValueError("no examples to compute routing statistics from")
         return total, len(examples)
 
+    def prepared(self, examples: Examples, seed: int = 0) -> Examples:
+        """`examples` as a training step sees them (`prepare`, its randomness drawn from `seed`); unchanged
+        without `prepare`."""
+        if self.prepare is None:
+            return examples
+        generator = torch.Generator().manual_seed(seed)
+        return Examples(*self.prepare(examples.inputs, examples.targets, generator))
+
+    def training_batches(self, batches: Iterator[Batch], seed: int) -> Iterator[Batch]:
+        """`batches` as training steps see them (`prepare`, its randomness drawn from `seed`)."""
+        if self.prepare is None:
+            return batches
+        generator = torch.Generator().manual_seed(seed)
+        return (self.prepare(inputs, targets, generator) for inputs, targets in batches)
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module, examples: Examples) -> dict[str, float]:
-        """The spec's metrics of one model (a path) on `examples`."""
+        """The spec's metrics of one model (a path) on `examples` (prepared with a fixed seed)."""
         model.eval()
+        examples = self.prepared(examples)
         return self.metrics(self.outputs(model(examples.inputs)), examples.targets)
 
 

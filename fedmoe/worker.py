@@ -257,6 +257,27 @@ class Job:
 
 ROUTER = "router/"  # the prefix of the learned router's tensors in jobs and uploads
 ROUTER_STEPS = 20  # local steps a client trains the learned router each round
+ROUTER_BATCH = 128  # examples per step
+
+
+@dataclass(frozen=True, eq=False)
+class RouterData:
+    """What a client trains the learned router on: its training examples, their routing features and their
+    clusters."""
+
+    examples: Examples
+    features: np.ndarray
+    labels: np.ndarray
+
+    def pairs(self, spec: Spec, draws: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """(features, cluster) pairs of a round: the cached features, or, for a spec that prepares its
+        examples (a flow model noising them), `draws` examples drawn from `seed` and prepared afresh."""
+        if spec.prepare is None:
+            return self.features, self.labels
+        generator = torch.Generator().manual_seed(seed)
+        index = torch.randint(len(self.examples), (draws,), generator=generator)
+        prepared = spec.prepared(self.examples.subset(index), seed)
+        return spec.features(prepared), self.labels[index.numpy()]
 
 
 def make_job(
@@ -288,9 +309,7 @@ class Worker:
     optimizer_state: dict[str, Any] | None = None
     feedback: ErrorFeedback | None = None
     test: Examples | None = None
-    router_data: tuple[np.ndarray, np.ndarray] | None = (
-        None  # its client's routing features and cluster labels
-    )
+    router_data: RouterData | None = None  # its client's examples and their clusters
 
     def __post_init__(self) -> None:
         self.weight = float(self.weight)
@@ -307,8 +326,9 @@ class Worker:
         restrictions = self.restrictions(path_model, masks)
         for module, name, mask in restrictions:
             parametrize.register_parametrization(module, name, Restrict(mask, self.variant.bits))
+        batches = self.spec.training_batches(self.batches, job.seed * 1_000_003 + job.round)
         loss, self.optimizer_state = train_local(
-            path_model, self.batches, job.inner, self.optimizer_state, self.spec.loss, self.spec.optimizer
+            path_model, batches, job.inner, self.optimizer_state, self.spec.loss, self.spec.optimizer
         )
         # keep the weights as the client computed with them: masked, fake-quantized
         for module, name, _ in restrictions:
@@ -370,7 +390,8 @@ class Worker:
 
     def train_router(self, weights: dict[str, QTensor], job: Job) -> dict[str, QTensor]:
         """Train the delivered learned router `ROUTER_STEPS` steps on the client's features and cluster
-        labels; return its change (start - end), at 32 bits, under the "router/" names."""
+        labels (prepared afresh each round for a spec that prepares its examples); return its change
+        (start - end), at 32 bits, under the "router/" names."""
         if self.router_data is None:
             raise ValueError(
                 "this worker was sent the router to train but holds no routing data (router_data)"
@@ -379,8 +400,9 @@ class Worker:
         hidden, width = start["net.0.weight"].shape
         router = LearnedRouter(width, start["net.2.weight"].shape[0], hidden)
         router.load_state_dict(start)
-        features, labels = self.router_data
-        router.fit(features, labels, steps=ROUTER_STEPS, seed=job.seed * 1_000_003 + job.round)
+        seed = job.seed * 1_000_003 + job.round
+        features, labels = self.router_data.pairs(self.spec, ROUTER_STEPS * ROUTER_BATCH, seed)
+        router.fit(features, labels, steps=ROUTER_STEPS, batch_size=ROUTER_BATCH, seed=seed)
         end = router.tensors()
         return {ROUTER + n: quantize(start[n] - end[n], 32) for n in start}
 
@@ -438,6 +460,8 @@ class LocalExamples:
             train = train.subset(members(self.features, *routing, cluster))
             if test is not None:
                 test = test.subset(members(self.test_features, *routing, cluster))
-        router_data = (self.features, nearest(self.features, *routing)) if trains_router else None
+        router_data = None
+        if trains_router:
+            router_data = RouterData(self.train, self.features, nearest(self.features, *routing))
         batches = train.batches(batch_size, seed)
         return Worker(self.spec, path_model, batches, len(train), variant, test=test, router_data=router_data)

@@ -1,4 +1,5 @@
-"""The inference service: a trained ensemble of any spec answers Predict over gRPC."""
+"""The inference service: a trained ensemble of any spec answers Predict over gRPC, and a generative one
+(a flow model) Sample."""
 
 from __future__ import annotations
 
@@ -9,11 +10,15 @@ import grpc
 import torch
 
 from fedmoe.ensemble import Ensemble
+from fedmoe.flow import SOLVERS, sample
 from fedmoe.server.service import listen, server_options
 from fedmoe.v1 import inference_pb2 as pb
 from fedmoe.v1 import inference_pb2_grpc as pb_grpc
 
 log = logging.getLogger("fedmoe.serve")
+MAX_SAMPLES = 4096  # per Sample request
+MAX_STEPS = 1000
+DEFAULT_STEPS = 20
 
 
 def example(ensemble: Ensemble, request: pb.PredictRequest) -> torch.Tensor:
@@ -49,8 +54,33 @@ def predict(ensemble: Ensemble, inputs: torch.Tensor, top_k: int) -> pb.PredictR
     return pb.PredictReply(outputs=outputs.flatten().tolist(), experts=experts, weights=weights, paths=paths)
 
 
+def draw(ensemble: Ensemble, request: pb.SampleRequest, top_k: int) -> pb.SampleReply:
+    """Samples of a generative ensemble as a request asks (see inference.proto's SampleRequest).
+
+    Raises ValueError for a spec without a prior or a request out of bounds.
+    """
+    spec = ensemble.spec
+    if spec.prior is None:
+        raise ValueError(f"spec {spec.ref or spec.name!r} is not generative (it has no prior): use Predict")
+    if not 1 <= request.n <= MAX_SAMPLES:
+        raise ValueError(f"n must be in 1..{MAX_SAMPLES}, got {request.n}")
+    if request.steps > MAX_STEPS:
+        raise ValueError(f"steps must be at most {MAX_STEPS}, got {request.steps}")
+    solver = request.solver or "euler"
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; known: {', '.join(SOLVERS)}")
+    k = None if request.full else (request.top_k or top_k)
+    if k is not None and not 1 <= k <= len(ensemble.experts):
+        raise ValueError(f"top_k must be in 1..{len(ensemble.experts)}, got {k}")
+    samples = sample(
+        ensemble, request.n, request.steps or DEFAULT_STEPS, solver, k, request.resample, request.seed
+    )
+    return pb.SampleReply(samples=samples.flatten().tolist(), shape=list(samples.shape))
+
+
 class InferenceService(pb_grpc.InferenceServicer):
-    """Predict: route one example to the top-k experts and mix their outputs as the spec says."""
+    """Predict: route one example to the top-k experts and mix their outputs as the spec says. Sample: draw
+    from a generative ensemble, mixing the experts' velocities by the router at every step."""
 
     def __init__(self, ensemble: Ensemble, top_k: int = 1):
         self.ensemble, self.top_k = ensemble, top_k
@@ -61,11 +91,17 @@ class InferenceService(pb_grpc.InferenceServicer):
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
 
+    def Sample(self, request: pb.SampleRequest, context: grpc.ServicerContext) -> pb.SampleReply:
+        try:
+            return draw(self.ensemble, request, self.top_k)
+        except ValueError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
 
 def start_inference(
     ensemble: Ensemble, address: str, top_k: int = 1, certs: str | None = None
 ) -> tuple[grpc.Server, int]:
-    """Serve Predict (and health checking) on `address`; returns the server and its port.
+    """Serve Predict and Sample (and health checking) on `address`; returns the server and its port.
 
     Raises ValueError for a top-k the ensemble cannot mix, OSError when the port is in use.
     """

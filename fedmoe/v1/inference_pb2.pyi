@@ -27,3 +27,29 @@ class PredictReply(_message.Message):
     weights: _containers.RepeatedScalarFieldContainer[float]
     paths: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, outputs: _Optional[_Iterable[float]] = ..., experts: _Optional[_Iterable[int]] = ..., weights: _Optional[_Iterable[float]] = ..., paths: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SampleRequest(_message.Message):
+    __slots__ = ("n", "steps", "solver", "top_k", "full", "resample", "seed")
+    N_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    SOLVER_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    FULL_FIELD_NUMBER: _ClassVar[int]
+    RESAMPLE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    n: int
+    steps: int
+    solver: str
+    top_k: int
+    full: bool
+    resample: bool
+    seed: int
+    def __init__(self, n: _Optional[int] = ..., steps: _Optional[int] = ..., solver: _Optional[str] = ..., top_k: _Optional[int] = ..., full: _Optional[bool] = ..., resample: _Optional[bool] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class SampleReply(_message.Message):
+    __slots__ = ("samples", "shape")
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    samples: _containers.RepeatedScalarFieldContainer[float]
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, samples: _Optional[_Iterable[float]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...

@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class InferenceStub:
-    """The router + ensemble service: an input in, the mixed outputs and the experts that ran out.
+    """The router + ensemble service: an input in, the mixed outputs and the experts that ran out; for a
+    generative spec (a flow model), samples drawn by mixing the experts' velocities at every step.
     """
 
     def __init__(self, channel):
@@ -40,13 +41,25 @@ class InferenceStub:
                 request_serializer=fedmoe_dot_v1_dot_inference__pb2.PredictRequest.SerializeToString,
                 response_deserializer=fedmoe_dot_v1_dot_inference__pb2.PredictReply.FromString,
                 _registered_method=True)
+        self.Sample = channel.unary_unary(
+                '/fedmoe.v1.Inference/Sample',
+                request_serializer=fedmoe_dot_v1_dot_inference__pb2.SampleRequest.SerializeToString,
+                response_deserializer=fedmoe_dot_v1_dot_inference__pb2.SampleReply.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
-    """The router + ensemble service: an input in, the mixed outputs and the experts that ran out.
+    """The router + ensemble service: an input in, the mixed outputs and the experts that ran out; for a
+    generative spec (a flow model), samples drawn by mixing the experts' velocities at every step.
     """
 
     def Predict(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Sample(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -60,6 +73,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     request_deserializer=fedmoe_dot_v1_dot_inference__pb2.PredictRequest.FromString,
                     response_serializer=fedmoe_dot_v1_dot_inference__pb2.PredictReply.SerializeToString,
             ),
+            'Sample': grpc.unary_unary_rpc_method_handler(
+                    servicer.Sample,
+                    request_deserializer=fedmoe_dot_v1_dot_inference__pb2.SampleRequest.FromString,
+                    response_serializer=fedmoe_dot_v1_dot_inference__pb2.SampleReply.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'fedmoe.v1.Inference', rpc_method_handlers)
@@ -69,7 +87,8 @@ def add_InferenceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Inference:
-    """The router + ensemble service: an input in, the mixed outputs and the experts that ran out.
+    """The router + ensemble service: an input in, the mixed outputs and the experts that ran out; for a
+    generative spec (a flow model), samples drawn by mixing the experts' velocities at every step.
     """
 
     @staticmethod
@@ -89,6 +108,33 @@ class Inference:
             '/fedmoe.v1.Inference/Predict',
             fedmoe_dot_v1_dot_inference__pb2.PredictRequest.SerializeToString,
             fedmoe_dot_v1_dot_inference__pb2.PredictReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Sample(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedmoe.v1.Inference/Sample',
+            fedmoe_dot_v1_dot_inference__pb2.SampleRequest.SerializeToString,
+            fedmoe_dot_v1_dot_inference__pb2.SampleReply.FromString,
             options,
             channel_credentials,
             insecure,
