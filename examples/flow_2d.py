@@ -1,7 +1,8 @@
 """A user's own flow model: rectified flow on a 2-D mixture of 8 Gaussians on a circle (generated data).
 
 Each client holds the points of one cluster (as fedmoe's federated k-means finds them), so each expert learns
-one Gaussian's flow and the routed ensemble mixes their velocities. Train it with the learned router:
+one Gaussian's flow and the routed ensemble mixes their velocities by p(k | x_t, t), which
+`fedmoe.flow.posterior_router` makes from the federated clusters' statistics (exact for Gaussians):
 
     fedmoe demo --spec examples.flow_2d:spec --grid 8 --shared-rounds 0
 """
@@ -21,6 +22,7 @@ from fedmoe.flow import (
     flow_features,
     gaussian_prior,
     noise_pairs,
+    posterior_router,
     velocity_loss,
     velocity_metrics,
 )
@@ -72,4 +74,5 @@ spec = Spec(
     prepare=noise_pairs,
     prior=gaussian_prior(2),
     sample_metrics=sample_metrics,
+    cluster_router=posterior_router,
 )

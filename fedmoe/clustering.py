@@ -227,6 +227,7 @@ class FederatedKMeans:
             "prices": self.prices.tolist(),
             "temperature": self.temperature,
             "iterations": self.iterations,
+            "last": {name: getattr(self.last, name).tolist() for name in ("counts", "sums", "squares")},
         }
 
     def restore(self, state: dict[str, object]) -> None:
@@ -238,6 +239,11 @@ class FederatedKMeans:
             int(state["iterations"]),
             True,
         )
+        if "last" in state:  # the converged clusters' statistics (a cluster router is made of them)
+            last = state["last"]
+            self.last = ClusterStats(
+                *(np.asarray(last[n], np.float64) for n in ("counts", "sums", "squares"))
+            )
 
     def _errors(self, stats: ClusterStats) -> np.ndarray:
         """Each cluster's sum of squared distances to its mean."""

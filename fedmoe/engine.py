@@ -350,8 +350,9 @@ class Engine:
     def ensemble(self) -> Ensemble:
         """The trained paths with their router (paths nobody trained are left out of a centroid router).
 
-        Routing by data: the federated learned router over every path, or the federated k-means centroids,
-        prices and temperature. Paths in turn: each path's clients' mean features, at temperature 0.1.
+        Routing by data: the federated learned router over every path, or the spec's `cluster_router` of
+        the federated clusters' statistics, or the federated k-means centroids, prices and temperature. Paths
+        in turn: each path's clients' mean features, at temperature 0.1.
         """
         if self.router_model is not None:
             return Ensemble(self.spec, self.model, self.paths, self.router_model, self.config.grid)
@@ -361,8 +362,15 @@ class Engine:
         trained = sorted({a.cluster for a in self.assignments.values()})
         if not trained:
             raise ValueError("no client has a path yet")
-        centroids, prices = self.routing_state()
-        router = CentroidRouter(centroids[trained], self.kmeans.temperature, prices[trained])
+        if self.spec.cluster_router is not None:
+            stats = self.kmeans.last
+            counts = stats.counts[trained]
+            means = stats.sums[trained] / counts[:, None]
+            variances = np.maximum(stats.squares[trained] / counts[:, None] - means**2, 0.0)
+            router = self.spec.cluster_router(counts, means, variances)
+        else:
+            centroids, prices = self.routing_state()
+            router = CentroidRouter(centroids[trained], self.kmeans.temperature, prices[trained])
         return Ensemble(self.spec, self.model, [self.paths[k] for k in trained], router, self.config.grid)
 
     def evaluate(self, top_k: int = 1) -> dict[str, float]:

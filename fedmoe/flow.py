@@ -19,7 +19,9 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -89,6 +91,51 @@ def flow_features(inputs: torch.Tensor) -> torch.Tensor:
     cluster on their points alone (the time features are constant there); the router reads both."""
     x, t = split_time(inputs.float())
     return torch.cat([x.flatten(1), time_features(t)], 1)
+
+
+TIME_FEATURES = 7  # what `time_features` (3 frequencies) adds to a point's routing features
+VARIANCE_FLOOR = 1e-4  # of a cluster's per-feature variance (a pixel that never changes has none)
+
+
+class FlowRouter:
+    """p(k | x_t, t) of a flow whose data clusters are Gaussians N(mu_k, diag(var_k)) weighted w_k: x_t =
+    (1 - t) x_0 + t eps is then N((1 - t) mu_k, (1 - t)^2 var_k + t^2) in cluster k, and the router is that
+    mixture's posterior. Exact for Gaussian clusters, it reads routing features (x, time features of t)
+    of flat points, and is made from the federated k-means statistics alone (`posterior_router`)."""
+
+    def __init__(self, log_weights: torch.Tensor, means: torch.Tensor, variances: torch.Tensor):
+        self.log_weights = torch.as_tensor(log_weights, dtype=torch.float32)
+        self.means = torch.as_tensor(means, dtype=torch.float32)
+        self.variances = torch.as_tensor(variances, dtype=torch.float32).clamp_min(VARIANCE_FLOOR)
+        self.n_experts, self.dim = self.means.shape
+
+    def probs(self, features: torch.Tensor) -> torch.Tensor:
+        """Routing distribution for each row of (x, time features) routing features."""
+        features = torch.as_tensor(features, dtype=torch.float32)
+        x, t = features[:, None, : self.dim], features[:, self.dim, None, None]  # t: the first time feature
+        variance = (1 - t) ** 2 * self.variances + t**2
+        log_joint = -0.5 * ((x - (1 - t) * self.means) ** 2 / variance + variance.log()).sum(-1)
+        return F.softmax(log_joint + self.log_weights, dim=-1)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Weights to checkpoint."""
+        return {"log_weights": self.log_weights, "means": self.means, "variances": self.variances}
+
+    def config(self) -> dict[str, Any]:
+        """Settings to checkpoint."""
+        return {"kind": "flow"}
+
+
+def posterior_router(counts: np.ndarray, means: np.ndarray, variances: np.ndarray) -> FlowRouter:
+    """A flow spec's `cluster_router`: the Gaussian posterior of the federated clusters (their example
+    counts, and the means and variances of their points' routing features; the time features are dropped)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    points = np.asarray(means).shape[1] - TIME_FEATURES
+    return FlowRouter(
+        torch.as_tensor(np.log(counts / counts.sum())),
+        torch.as_tensor(np.asarray(means)[:, :points]),
+        torch.as_tensor(np.asarray(variances)[:, :points]),
+    )
 
 
 def gaussian_prior(*shape: int) -> Callable[[int, torch.Generator], torch.Tensor]:

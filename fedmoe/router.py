@@ -125,4 +125,8 @@ def router_from_state(
         router.load_state_dict(tensors)
         router.eval()
         return router
+    if kind == "flow":
+        from fedmoe.flow import FlowRouter  # flow models build on the ensemble, which builds on routers
+
+        return FlowRouter(tensors["log_weights"], tensors["means"], tensors["variances"])
     raise ValueError(f"unknown router kind {kind!r}")

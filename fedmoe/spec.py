@@ -146,6 +146,10 @@ class Spec:
     - `prior(n, generator)`: for generative specs, n starting points of sampling (a flow model's noise at
       t = 1); `sample_metrics(samples, examples)`: scores of samples against held-out examples, with "fd"
       (a Fréchet distance, lower is better) among them.
+    - `cluster_router(counts, means, variances)`: a router made from the federated clusters' statistics
+      (examples, and per routing feature the mean and variance, one row per cluster) instead of their
+      centroids: a flow spec's exact-for-Gaussians p(k | x_t, t) (`fedmoe.flow.posterior_router`). It needs
+      no training and sees no example.
     """
 
     name: str
@@ -162,6 +166,7 @@ class Spec:
     prepare: Callable[[torch.Tensor, torch.Tensor, torch.Generator], Batch] | None = None
     prior: Callable[[int, torch.Generator], torch.Tensor] | None = None
     sample_metrics: Callable[[torch.Tensor, Examples], dict[str, float]] | None = None
+    cluster_router: Callable[[np.ndarray, np.ndarray, np.ndarray], Any] | None = None
     ref: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:

@@ -16,15 +16,19 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from fedmoe import Config, Ensemble, LocalClient, experiment, load_spec, run_federation
+from fedmoe import Config, Ensemble, LocalClient, load_spec, run_federation
 from fedmoe.cli import app
 from fedmoe.clients import run
 from fedmoe.data import load_digits_split
 from fedmoe.flow import (
+    TIME_FEATURES,
+    FlowRouter,
     data_examples,
     data_points,
+    flow_features,
     gaussian_prior,
     noise_pairs,
+    posterior_router,
     sample,
     split_time,
     with_time,
@@ -32,7 +36,7 @@ from fedmoe.flow import (
 from fedmoe.frechet import digit_classifier, digit_quality, frechet_distance, mix_distance
 from fedmoe.modular import ModularModel
 from fedmoe.plots import image_grid
-from fedmoe.router import LearnedRouter
+from fedmoe.router import CentroidRouter, LearnedRouter
 from fedmoe.server.coordinator import Coordinator
 from fedmoe.server.inference import start_inference
 from fedmoe.server.service import start_server
@@ -301,8 +305,7 @@ def test_a_flow_federation_over_grpc_with_an_int8_and_an_int4_half_width_client_
         inference.stop(0).wait()
 
 
-def test_the_demo_compares_flow_contenders_by_frechet_distance_and_draws_each(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(experiment, "ROUTER_DRAWN_STEPS", 300)  # a reduced budget, as --steps is
+def test_the_demo_compares_flow_contenders_by_frechet_distance_and_draws_each(tmp_path) -> None:
     args = ["demo", "--spec", FLOW, "--grid", "2", "--rounds", "2", "--steps", "10", "--shared-rounds", "0"]
     args += ["--seeds", "1", "--out", str(tmp_path)]
     result = CliRunner().invoke(app, args)
@@ -325,3 +328,33 @@ def test_the_example_2d_flow_spec_holds_one_gaussian_per_client() -> None:
     assert torch.cdist(centres, MEANS).min(1).values.max() < 0.05  # each client holds one of the 8 Gaussians
     real = spec.sample_metrics(data_points(spec.eval_data()), spec.eval_data())
     assert real["fd"] < 1e-9 and real["mode_mix_tv"] == 0
+
+
+def test_the_posterior_router_of_gaussian_cluster_statistics_is_the_exact_posterior() -> None:
+    time_columns = torch.zeros(K, TIME_FEATURES)  # statistics of the time features, dropped at t = 0
+    means = torch.cat([MEANS, time_columns], 1).numpy()
+    variances = torch.cat([torch.full((K, 2), SPREAD**2), time_columns], 1).numpy()
+    router = posterior_router((1000 * SHARES).numpy(), means, variances)
+    t = torch.rand(2000, generator=torch.Generator().manual_seed(3)) * 0.98 + 0.01
+    x = marginal_points(2000, t, seed=4).float()
+    routed = router.probs(flow_features(with_time(x, t)))
+    assert (routed.double() - posterior(x, t)).abs().max() < 1e-4
+
+
+def test_a_federation_samples_well_with_the_router_of_its_cluster_statistics(tmp_path) -> None:
+    spec = load_spec(FLOW)
+    config = Config(spec=FLOW, grid=(4,), rounds=3, inner={"steps": 100, "batch_size": 64})
+    result = run_federation(spec, config)
+    assert isinstance(result.ensemble.router, FlowRouter)  # from federated k-means alone: nothing trained
+    test = spec.eval_data()
+    posterior_fd = spec.sample_metrics(sample(result.ensemble, 500, steps=20, seed=1), test)["fd"]
+    engine = result.engine
+    trained = [engine.paths.index(p) for p in result.ensemble.paths]
+    centroids = CentroidRouter(engine.kmeans.centroids[trained], engine.kmeans.temperature)
+    by_centroids = Ensemble(spec, engine.model, result.ensemble.paths, centroids, config.grid)
+    centroid_fd = spec.sample_metrics(sample(by_centroids, 500, steps=20, seed=1), test)["fd"]
+    print(f"FD with the posterior router {posterior_fd:.1f}, with the centroid router {centroid_fd:.1f}")
+    assert posterior_fd < 0.6 * centroid_fd
+    result.ensemble.save(tmp_path / "ensemble")  # and it is saved and loaded as any router
+    loaded = Ensemble.load(tmp_path / "ensemble")
+    assert torch.equal(sample(loaded, 8, steps=4, seed=0), sample(result.ensemble, 8, steps=4, seed=0))

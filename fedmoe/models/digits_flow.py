@@ -2,8 +2,9 @@
 
 Client i of n holds cluster i of the training digits as fedmoe's federated k-means finds it (and the test
 digits of that cluster), so that routing by data gives each client the one path of its cluster and each
-expert learns the flow of one cluster's digits, as in Decentralized Diffusion Models. Train it with the
-learned router (`routing.router = "learned"`): the router then learns p(cluster | x_t, t) on noised digits.
+expert learns the flow of one cluster's digits, as in Decentralized Diffusion Models. The router is
+p(cluster | x_t, t) of the clusters taken as Gaussians, made from federated k-means' statistics of the
+clusters (`fedmoe.flow.posterior_router`): no router is trained and no example leaves its client for it.
 Samples score by Fréchet distance in the feature space of a frozen digits classifier that ships with fedmoe
 (`fedmoe.frechet.digit_quality`).
 """
@@ -24,6 +25,7 @@ from fedmoe.flow import (
     flow_features,
     gaussian_prior,
     noise_pairs,
+    posterior_router,
     velocity_loss,
     velocity_metrics,
 )
@@ -78,4 +80,5 @@ spec = Spec(
     prepare=noise_pairs,
     prior=gaussian_prior(64),
     sample_metrics=sample_metrics,
+    cluster_router=posterior_router,
 )
