@@ -9,9 +9,10 @@ byte lower is better. Values are means over seeds.
 
 The flow task (`fedmoe.models.digits_flow:spec`) scores samples by Fréchet distance (FD, lower is better) in
 the feature space of the frozen digits classifier that ships with fedmoe, against the 540 held-out digits:
-each expert trains from scratch on one cluster (no shared rounds, as in DDM), the router learns p(k | x_t, t)
-on noised digits, and the ensemble mixes velocities at every sampling step: all experts, the top-2, the top-1,
-or one expert re-sampled from the router per step.
+each expert trains from scratch on one cluster (no shared rounds, as in DDM), the router is p(k | x_t, t) of
+the clusters as Gaussians, made from federated k-means' statistics (no router training), and the ensemble
+mixes velocities at every sampling step: all experts, the top-2, the top-1, or one expert re-sampled from the
+router per step.
 
     python bench/quality.py                                           # both built-in specs
     python bench/quality.py --spec fedmoe.models.digits:spec --seeds 5
@@ -60,7 +61,6 @@ SETTINGS = {  # spec -> (experiment, seeds)
                 grid=(4,),
                 rounds=10,
                 inner=InnerConfig(steps=400, lr=3e-3, batch_size=64),
-                routing={"router": "learned"},
             ),
             0,
             samples=1000,

@@ -213,13 +213,13 @@ def test_an_image_grid_tiles_flat_digits() -> None:
 
 
 # -- federations -----------------------------------------------------------------------------------------
-def flow_config(**changes) -> Config:
+def flow_config(router: str = "learned", **changes) -> Config:
     return Config(
         spec=FLOW,
         grid=(2,),
         rounds=2,
         inner={"steps": 10, "batch_size": 32},
-        routing={"assign": "data", "router": "learned"},
+        routing={"assign": "data", "router": router},
         **changes,
     )
 
@@ -249,7 +249,8 @@ def test_a_flow_federation_over_grpc_with_an_int8_and_an_int4_half_width_client_
     tmp_path,
 ) -> None:
     spec = load_spec(FLOW)
-    coordinator = Coordinator(flow_config(policy={"min_clients": 2}), tmp_path / "state")
+    # the default router: the posterior of the federated clusters' statistics
+    coordinator = Coordinator(flow_config("centroid", policy={"min_clients": 2}), tmp_path / "state")
     server, port = start_server(coordinator, "127.0.0.1:0")
     summaries: dict[int, dict] = {}
     errors: list[BaseException] = []
@@ -280,7 +281,8 @@ def test_a_flow_federation_over_grpc_with_an_int8_and_an_int4_half_width_client_
     assert all(summaries[i]["rounds"] == [0, 1] for i in (0, 1))
     assert math.isfinite(coordinator.metrics[-1]["velocity_mse"])
 
-    ensemble = coordinator.engine.ensemble()
+    ensemble = Ensemble.load(tmp_path / "state" / "ensemble")  # as `fedmoe serve --checkpoint` loads it
+    assert isinstance(ensemble.router, FlowRouter)
     inference, inference_port = start_inference(ensemble, "127.0.0.1:0", top_k=1)
     address = f"127.0.0.1:{inference_port}"
     try:
