@@ -63,6 +63,7 @@ SETTINGS = {  # spec -> (experiment, seeds)
                 inner=InnerConfig(steps=400, lr=3e-3, batch_size=64),
             ),
             0,
+            "centroid",  # the federation's router: the posterior of the federated clusters' statistics
             samples=1000,
             sample_steps=20,
             solver="euler",
@@ -72,13 +73,14 @@ SETTINGS = {  # spec -> (experiment, seeds)
 }
 
 
-def run(ref: str, seeds: int, grid: tuple[int, ...] | None = None) -> Table:
+def run(ref: str, seeds: int, grid: tuple[int, ...] | None = None, router: str | None = None) -> Table:
     """Train every contender for one spec and return its table."""
     spec = load_spec(ref)
     experiment, default_seeds = SETTINGS.get(ref, SETTINGS[DIGITS])
     experiment = replace(
         experiment,
         config=experiment.config.model_copy(update={"spec": ref, "grid": grid or experiment.config.grid}),
+        router=router or experiment.router,
     )
     config = experiment.config
     seeds = seeds or default_seeds
@@ -120,7 +122,8 @@ def run(ref: str, seeds: int, grid: tuple[int, ...] | None = None) -> Table:
     extra = [m for m in (comparison.dense[0].quality.get("dense") or {}) if m != metric]
     title = (
         f"{spec.name}: test {metric.replace('_', ' ')}, {n} paths, {shared} shared + {r - shared} "
-        f"branched rounds x {h} steps, mean of {seeds} seed(s), {time.perf_counter() - started:.0f} s"
+        f"branched rounds x {h} steps, {experiment.router} router, mean of {seeds} seed(s), "
+        f"{time.perf_counter() - started:.0f} s"
     )
     table = Table(title=title)
     for column in (
@@ -156,10 +159,16 @@ def main() -> None:
     parser.add_argument(
         "--grid", type=parse_grid, default=None, help="modules per level, e.g. 4 or 2x2 (default: 4)"
     )
+    parser.add_argument(
+        "--router",
+        choices=["learned", "centroid"],
+        default=None,
+        help="the ensembles' router: learned on the pooled data, or the federation's own (default per spec)",
+    )
     args = parser.parse_args()
     console = Console(width=140)
     for ref in args.spec or list(SETTINGS):
-        console.print(run(ref, args.seeds, args.grid))
+        console.print(run(ref, args.seeds, args.grid, args.router))
 
 
 if __name__ == "__main__":

@@ -122,7 +122,8 @@ def demo(
         str,
         typer.Option(
             click_type=click.Choice(["learned", "centroid"]),
-            help="learned (MLP on shard labels) or centroid (c-BTM).",
+            help="learned (MLP on shard labels) or centroid (the federation's own router: c-BTM centroids, "
+            "or a spec's cluster_router, as a flow spec's posterior).",
         ),
     ] = "learned",
     profiles: Annotated[

@@ -212,19 +212,17 @@ def make_ensemble(
     """The routed ensemble, and its router's accuracy at naming the path of a training example.
 
     A training example's path is its federated cluster's (clustered shards: paths follow the data) or its
-    shard's (random shards: paths in turn). "centroid": the engine's router (the federated centroids, or
-    the spec's `cluster_router` of the federated clusters' statistics, which a spec that has one always
-    uses: it needs no training); "learned": a small MLP fitted on the examples' features with their path
-    labels (the experiment holds the union of the clients' data); for a spec that prepares its examples (a
-    flow model), on `ROUTER_DRAWS` prepared (noised) examples labelled with their clean example's path.
+    shard's (random shards: paths in turn). "centroid": the engine's router, as a federation has it (the
+    federated centroids, or the spec's `cluster_router` of the federated clusters' statistics); "learned":
+    a small MLP fitted on the examples' features with their path labels (the experiment holds the union of
+    the clients' data); for a spec that prepares its examples (a flow model), on `ROUTER_DRAWS` prepared
+    (noised) examples labelled with their clean example's path.
     """
     features = np.concatenate([spec.features(shard) for shard in shards])
     if engine.kmeans is not None:
         labels = nearest(features, *engine.routing_state())
     else:
         labels = np.concatenate([np.full(len(shard), k) for k, shard in enumerate(shards)])
-    if spec.cluster_router is not None:
-        kind = "centroid"
     if spec.prepare is not None and kind == "learned":
         index = torch.randint(len(labels), (ROUTER_DRAWS,), generator=torch.Generator().manual_seed(seed))
         features = spec.features(spec.prepared(pooled(shards).subset(index), seed))

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from fedmoe import Config, Ensemble, LocalClient, load_spec, run_federation
+from fedmoe import Config, Ensemble, LocalClient, experiment, load_spec, run_federation
 from fedmoe.cli import app
 from fedmoe.clients import run
 from fedmoe.data import load_digits_split
@@ -307,7 +307,8 @@ def test_a_flow_federation_over_grpc_with_an_int8_and_an_int4_half_width_client_
         inference.stop(0).wait()
 
 
-def test_the_demo_compares_flow_contenders_by_frechet_distance_and_draws_each(tmp_path) -> None:
+def test_the_demo_compares_flow_contenders_by_frechet_distance_and_draws_each(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(experiment, "ROUTER_DRAWN_STEPS", 300)  # a reduced budget, as --steps is
     args = ["demo", "--spec", FLOW, "--grid", "2", "--rounds", "2", "--steps", "10", "--shared-rounds", "0"]
     args += ["--seeds", "1", "--out", str(tmp_path)]
     result = CliRunner().invoke(app, args)
