@@ -60,6 +60,7 @@ from fedmoe.security import (
     write_file,
 )
 from fedmoe.spec import Batch, ClientData, Examples, Spec, cross_entropy, load_spec
+from fedmoe.train import Compute
 from fedmoe.v1 import coordinator_pb2 as pb
 from fedmoe.v1 import coordinator_pb2_grpc as pb_grpc
 from fedmoe.wire import decode_tensors, encode_tensors
@@ -652,6 +653,7 @@ class Crew:
     local: LocalData
     grid: ModularModel | None = None  # the client's build of the grid, until its workers are made
     state: ClientState | None = None  # where the workers' state is kept (None: in memory only)
+    compute: Compute = field(default_factory=Compute)  # where and in what precision its workers train
     workers: dict[str, Worker] = field(default_factory=dict)
     paths: dict[str, Path] = field(default_factory=dict)  # each worker's path
     assignments: dict[str, dict[str, Any]] = field(default_factory=dict)  # each worker's path, variant, seed
@@ -679,6 +681,7 @@ class Crew:
             local.weight,
             variant_of(a.variant),
             test=local.test,
+            compute=self.compute,
         )
         self.workers[client_id], self.paths[client_id] = worker, path
         self.restore(client_id, a)
@@ -771,6 +774,7 @@ class Crew:
                 w.cluster,
                 self.routing,
                 w.trains_router,
+                self.compute,
             )
             self.restore(w.worker_id, a)
             log.info(
@@ -818,6 +822,8 @@ def run(
     retry_s: float = 120.0,
     timeout_s: float | None = None,
     poll_s: float = 0.2,
+    device: str = "auto",
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """Join the federation at `server` ("host:port") and train the assigned path(s) every round until done.
 
@@ -837,8 +843,10 @@ def run(
       coordinator did not acknowledge or lost (with its id: it counts once) and trains on from where it
       stopped. Without it, all of that lives in memory only.
     - `enrolment`: the operator's enrolment token, needed to join (default: $FEDMOE_ENROLMENT_TOKEN, else the
-      enrolment.token of `certs`); or,
-      under mutual TLS, `cert_name`: present the client certificate client-<cert_name>.pem of `certs`.
+      enrolment.token of `certs`); or, under mutual TLS, `cert_name`: present the client certificate
+      client-<cert_name>.pem of `certs`.
+    - `device` ("auto": cuda, else mps, else cpu) and `precision` ("fp32", "bf16", "fp16" on CUDA): where and
+      how this machine trains (see `fedmoe.train.Compute`); what it sends is the same fp32-derived update.
     - `retry_s`: how long an unreachable coordinator is retried (a WARNING per retry) before ConnectionError;
       `timeout_s`: an overall limit (None: none). `poll_s`: the wait between heartbeats while waiting.
 
@@ -847,6 +855,7 @@ def run(
     uploaded, and per worker its path, variant, examples and rounds.
     """
     server = check_address(server)
+    compute = Compute.of(device, precision)
     device = resolve_profile(profile)
     weight = resolve_weight(weight)
     check_data_form(data)
@@ -880,7 +889,7 @@ def run(
             features = (feature_sum, local.examples)
         session = join(stub, device, name, features, state, retry, enrolment)
         check_model(spec, session.model, grid)
-        crew = Crew(spec, model, local, grid, state)
+        crew = Crew(spec, model, local, grid, state, compute)
         del grid  # the crew keeps it until its workers are made, then only their paths
         if by_data:
             log.info(

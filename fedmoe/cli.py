@@ -496,6 +496,16 @@ def client(
         str | None,
         typer.Option(help="Mutual TLS: present the client certificate client-NAME.pem of --certs."),
     ] = None,
+    device: Annotated[
+        str, typer.Option(help="Where to train: auto (cuda, else mps, else cpu), cpu, cuda, cuda:N, mps.")
+    ] = "auto",
+    precision: Annotated[
+        str,
+        typer.Option(
+            click_type=click.Choice(["fp32", "bf16", "fp16"]),
+            help="Training precision under autocast (fp16: CUDA only); updates stay fp32.",
+        ),
+    ] = "fp32",
     retry: Annotated[
         float, typer.Option(min=0, help="Seconds to keep retrying an unreachable coordinator.")
     ] = 120.0,
@@ -539,6 +549,8 @@ def client(
             state_file=str(state_file) if state_file else None,
             enrolment=enrol,
             cert_name=cert_name,
+            device=device,
+            precision=precision,
             partition=partition,
             partitions=partitions,
             retry_s=retry,

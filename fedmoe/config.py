@@ -94,11 +94,15 @@ class RoutingConfig(_Section):
 
 
 class ClientsConfig(_Section):
-    """Virtual clients of the in-process and Flower runners: how many (None: one per path) and the device
-    profiles they cycle through (see `fedmoe.assignment.PROFILES`; empty: all fp32)."""
+    """Virtual clients of the in-process and Flower runners: how many (None: one per path), the device
+    profiles they cycle through (see `fedmoe.assignment.PROFILES`; empty: all fp32), and where and in what
+    precision they train (see `fedmoe.train.Compute`; a Flower node resolves "auto" on its own machine, so
+    `--gpus-per-client` places its work on the GPU Ray gives it)."""
 
     count: int | None = Field(None, ge=1)
     profiles: tuple[str, ...] = ()
+    device: str = "auto"  # where they train: auto (cuda, else mps, else cpu), cpu, cuda, cuda:N, mps
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast for training (fp16: CUDA only)
 
 
 class TransportConfig(_Section):

@@ -26,6 +26,7 @@ from fedmoe.config import Config
 from fedmoe.engine import Engine
 from fedmoe.ensemble import Ensemble
 from fedmoe.spec import ClientData, Examples, Spec, load_spec
+from fedmoe.train import Compute
 from fedmoe.worker import LocalExamples, Upload, Worker
 
 
@@ -97,6 +98,7 @@ def enrol(engine: Engine, clients: Sequence[LocalClient]) -> tuple[list[str], li
     reports the sum and count of its features for the router. Returns the worker ids and the workers.
     """
     batch_size = engine.config.inner.batch_size
+    compute = Compute.of(engine.config.clients.device, engine.config.clients.precision)
     local = [LocalExamples(engine.spec, client.train, client.test) for client in clients]
     cluster(engine, [examples.features for examples in local])
     ids, workers = [], []
@@ -114,7 +116,7 @@ def enrol(engine: Engine, clients: Sequence[LocalClient]) -> tuple[list[str], li
             path_model = copy.deepcopy(engine.model.compose(a.path))
             workers.append(
                 examples.worker(
-                    path_model, a.variant, a.seed, batch_size, a.cluster, routing, a.trains_router
+                    path_model, a.variant, a.seed, batch_size, a.cluster, routing, a.trains_router, compute
                 )
             )
             ids.append(worker_id)

@@ -43,7 +43,7 @@ from fedmoe.modular import ModularModel, Path
 from fedmoe.outer import ModuleStates, Update
 from fedmoe.router import LearnedRouter
 from fedmoe.spec import Batch, BatchSampler, Examples, Spec
-from fedmoe.train import train_local
+from fedmoe.train import Compute, train_local
 
 
 @dataclass(frozen=True)
@@ -310,6 +310,7 @@ class Worker:
     feedback: ErrorFeedback | None = None
     test: Examples | None = None
     router_data: RouterData | None = None  # its client's examples and their clusters
+    compute: Compute = field(default_factory=Compute)  # where and in what precision it trains
 
     def __post_init__(self) -> None:
         self.weight = float(self.weight)
@@ -317,22 +318,32 @@ class Worker:
             self.feedback = ErrorFeedback(self.variant.bits)
 
     def train_round(self, job: Job) -> Upload:
-        """Load the job's weights, train `job.inner.steps` steps, return the compressed outer gradient."""
-        path_model, masks = self.path_model, job.masks
+        """Load the job's weights, train `job.inner.steps` steps on `compute.device`, return the compressed
+        outer gradient (the path model is back on the CPU afterwards)."""
+        path_model, masks, device = self.path_model, job.masks, self.compute.device
         with torch.no_grad():
             for name, p in path_model.named_parameters():
                 p.copy_(scatter_held(dequantize(job.tensors[name]), masks.get(name), p.shape))
         start = {name: p.detach().clone() for name, p in path_model.named_parameters()}
+        path_model.to(device)
         restrictions = self.restrictions(path_model, masks)
         for module, name, mask in restrictions:
-            parametrize.register_parametrization(module, name, Restrict(mask, self.variant.bits))
+            held = None if mask is None else mask.to(device)
+            parametrize.register_parametrization(module, name, Restrict(held, self.variant.bits))
         batches = self.spec.training_batches(self.batches, job.seed * 1_000_003 + job.round)
         loss, self.optimizer_state = train_local(
-            path_model, batches, job.inner, self.optimizer_state, self.spec.loss, self.spec.optimizer
+            path_model,
+            batches,
+            job.inner,
+            self.optimizer_state,
+            self.spec.loss,
+            self.spec.optimizer,
+            self.compute,
         )
         # keep the weights as the client computed with them: masked, fake-quantized
         for module, name, _ in restrictions:
             parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+        path_model.to("cpu")
         tensors = {}
         for name, p in path_model.named_parameters():
             mask = masks.get(name)
@@ -447,6 +458,7 @@ class LocalExamples:
         cluster: int | None = None,
         routing: tuple[np.ndarray, np.ndarray | None] | None = None,
         trains_router: bool = False,
+        compute: Compute | None = None,
     ) -> Worker:
         """A worker on these examples: all of them (`cluster` None), or those of `cluster` under the converged
         `routing` (centroids, prices), held-out examples likewise. `trains_router`: it also trains the learned
@@ -464,4 +476,7 @@ class LocalExamples:
         if trains_router:
             router_data = RouterData(self.train, self.features, nearest(self.features, *routing))
         batches = train.batches(batch_size, seed)
-        return Worker(self.spec, path_model, batches, len(train), variant, test=test, router_data=router_data)
+        compute = compute or Compute()
+        return Worker(
+            self.spec, path_model, batches, len(train), variant, None, None, test, router_data, compute
+        )

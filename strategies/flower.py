@@ -70,6 +70,7 @@ from fedmoe.engine import NETWORK_SCHEMES, Engine  # noqa: E402
 from fedmoe.modular import ModularModel, Path  # noqa: E402
 from fedmoe.outer import Update  # noqa: E402
 from fedmoe.spec import Spec, load_spec  # noqa: E402
+from fedmoe.train import Compute  # noqa: E402
 from fedmoe.worker import ROUTER, Job, LocalExamples, Upload, Variant, round_masks  # noqa: E402
 
 log = logging.getLogger("fedmoe.flower")
@@ -363,7 +364,15 @@ def train_content(engine: Engine, worker_ids: Sequence[str]) -> RecordDict:
     and, when routing by data, the clustering it selects each worker's examples with ("routing")."""
     config = engine.config
     shared: dict[str, Any] = {
-        "run": ConfigRecord({"spec": config.spec, "grid": list(config.grid), "config-seed": config.seed})
+        "run": ConfigRecord(
+            {
+                "spec": config.spec,
+                "grid": list(config.grid),
+                "config-seed": config.seed,
+                "device": config.clients.device,
+                "precision": config.clients.precision,
+            }
+        )
     }
     if engine.kmeans is not None:
         shared["routing"] = encode_routing(*engine.routing_state())
@@ -624,8 +633,9 @@ def train(msg: Message, context: Context) -> Message:
         # the worker sent "router/" tensors also trains the learned router
         trains_router = any(name.startswith(ROUTER) for name in job.tensors)
         cluster = job_cluster(content)
+        compute = Compute.of(str(run["device"]), str(run["precision"]))  # on the node: its own devices
         worker = examples.worker(
-            path_model, job.variant, job.seed, job.inner.batch_size, cluster, routing, trains_router
+            path_model, job.variant, job.seed, job.inner.batch_size, cluster, routing, trains_router, compute
         )
         batches = worker.batches
         if worker_id in states:  # this worker's own state from its previous rounds, pickled below
