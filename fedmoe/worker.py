@@ -478,5 +478,12 @@ class LocalExamples:
         batches = train.batches(batch_size, seed)
         compute = compute or Compute()
         return Worker(
-            self.spec, path_model, batches, len(train), variant, None, None, test, router_data, compute
+            self.spec,
+            path_model,
+            batches,
+            len(train),
+            variant,
+            test=test,
+            router_data=router_data,
+            compute=compute,
         )
