@@ -24,6 +24,7 @@ from fedmoe.compress.quant import quantize
 from fedmoe.config import Config
 from fedmoe.models.classifier import mlp_levels
 from fedmoe.modular import Path
+from fedmoe.security import enrolment_token
 from fedmoe.server.coordinator import Coordinator
 from fedmoe.server.service import start_server
 from fedmoe.spec import Examples, Spec
@@ -71,14 +72,20 @@ def pull_push_seconds() -> tuple[int, float, float]:
     spec = mlp_spec(3500, 3)
     features = spec.feature_statistics(Examples(torch.rand(16, 64), torch.zeros(16, dtype=torch.int64)))
     with tempfile.TemporaryDirectory() as state:
-        config = Config(grid=(1,), rounds=1, inner={"steps": 1}, policy={"min_clients": 2})
+        # paths in turn: the bench's clients join with routing statistics
+        config = Config(
+            grid=(1,), rounds=1, inner={"steps": 1}, policy={"min_clients": 2}, routing={"assign": "turn"}
+        )
         coordinator = Coordinator(config, state, spec=spec)
         size = 4 * sum(p.numel() for p in coordinator.engine.model.parameters())
         server, port = start_server(coordinator, "127.0.0.1:0")
         try:
             with connect(f"127.0.0.1:{port}") as channel:
                 stub = pb_grpc.CoordinatorStub(channel)
-                sessions = [join(stub, PROFILES["fp32"], f"bench{i}", features) for i in range(2)]
+                enrolment = enrolment_token(state)
+                sessions = [
+                    join(stub, PROFILES["fp32"], f"bench{i}", features, enrolment=enrolment) for i in range(2)
+                ]
                 pulls, pushes = [], []
                 for _ in range(REPEATS):
                     started = time.perf_counter()
