@@ -94,6 +94,7 @@ class Engine:
         # per client: sum of its routing features, and its count
         self.feature_sums: dict[str, np.ndarray] = {}
         self.feature_counts: dict[str, float] = {}
+        self.deliveries: dict[tuple, Job] = {}  # this round's jobs by what they deliver (see `delivery`)
         routing = config.routing
         self.kmeans = self.new_kmeans() if routing.assign == "data" else None
         self.router_model: LearnedRouter | None = (
@@ -207,17 +208,32 @@ class Engine:
         inner = self.config.inner
         return inner.model_copy(update={"lr": inner.lr_at(round, self.config.rounds)})
 
+    def delivery(self, client_id: str) -> tuple:
+        """What `client_id`'s job delivers this round, as a key: workers with the same key receive the same
+        tensors (the round, the path, the variant, the seed when a sub-model's masks depend on it, and
+        whether the router travels with it)."""
+        a = self.assignments[client_id]
+        router = a.trains_router and self.router_model is not None
+        return self.round, a.path, a.variant, a.seed if a.variant.density < 1 else None, router
+
     def job(self, client_id: str) -> Job:
         """What `client_id` receives for the open round:
         its path's weights as its variant holds them, and how to train.
+
+        A delivery is made once per round and key (see `delivery`): every worker that receives the same
+        tensors shares them (the same dict: read them, do not change them).
         """
-        a = self.assignments[client_id]
-        job = make_job(self.model, a.path, a.variant, self.round, a.seed, self.inner(self.round))
-        if a.trains_router and self.router_model is not None:
-            job.tensors.update(
-                {ROUTER + n: quantize(t.detach(), 32) for n, t in self.router_model.tensors().items()}
-            )
-        return job
+        a, key = self.assignments[client_id], self.delivery(client_id)
+        job = self.deliveries.get(key)
+        if job is None:
+            self.deliveries = {k: j for k, j in self.deliveries.items() if k[0] == self.round}
+            job = make_job(self.model, a.path, a.variant, self.round, a.seed, self.inner(self.round))
+            if key[-1]:
+                job.tensors.update(
+                    {ROUTER + n: quantize(t.detach(), 32) for n, t in self.router_model.tensors().items()}
+                )
+            self.deliveries[key] = job
+        return replace(job, seed=a.seed)
 
     def check(self, client_id: str, upload: Upload) -> None:
         """Raise ValueError unless `upload` is for this client's path, variant and seed."""
@@ -409,6 +425,7 @@ class Engine:
 
     def load_state(self, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]) -> None:
         """Restore what `state_tensors` and `state_manifest` saved."""
+        self.deliveries = {}
         with torch.no_grad():
             for key in self.model.module_keys():
                 for name, p in self.model.module(key).named_parameters():

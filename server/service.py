@@ -39,7 +39,7 @@ from fedmoe.security import AuthError, TokenAuthority, bearer, enrolment_token, 
 from fedmoe.server.coordinator import Coordinator, Proposal, Rejected, check_identifier, shown
 from fedmoe.v1 import coordinator_pb2 as pb
 from fedmoe.wire import WireError, decode_tensors, encode_tensors
-from fedmoe.worker import Upload, Variant
+from fedmoe.worker import Job, Upload, Variant
 
 log = logging.getLogger("fedmoe.server")
 SERVICE = "fedmoe.v1.Coordinator"
@@ -213,6 +213,10 @@ class CoordinatorService:
         self.max_update_bytes = transport.max_update_bytes
         self.streams = Streams(transport.max_streams, transport.stream_idle_s, transport.stream_max_s)
         self.model_json = json.dumps(coordinator.model)
+        # this round's deliveries as they travel, by the engine's shared tensors of each (see Engine.job):
+        # encoded once, sent to every worker that receives them
+        self.encoded: dict[int, tuple[int, dict, list]] = {}
+        self.encoding = threading.Lock()
 
     def authenticate(self, context: grpc.ServicerContext, client_id: str = "") -> str:
         """The member whose current token the call carries (it must be `client_id` when one is named)."""
@@ -296,11 +300,25 @@ class CoordinatorService:
             with self.streams.slot(client_id, context) as stream:
                 assignment = Assignment(job.path, job.variant, job.seed)
                 yield pb.PullFrame(assignment=assignment_message(assignment, job.round, job.inner))
-                for frame in encode_tensors(job.tensors):
+                for frame in self.frames(job):
                     stream.touch()
-                    yield pb.PullFrame(tensor=frame)
+                    yield frame
         except Rejected as e:
             abort(context, e.code, e.detail)
+
+    def frames(self, job: Job) -> list[pb.PullFrame]:
+        """A job's tensors as Pull frames, encoded once per delivery and round (the engine shares one tensors
+        dict among the workers that receive the same; the entry keeps it, so its id stays its own)."""
+        key = id(job.tensors)
+        with self.encoding:
+            entry = self.encoded.get(key)
+            if entry is not None and entry[1] is job.tensors:
+                return entry[2]
+        frames = [pb.PullFrame(tensor=frame) for frame in encode_tensors(job.tensors)]
+        with self.encoding:
+            self.encoded = {k: e for k, e in self.encoded.items() if e[0] == job.round}
+            self.encoded[key] = (job.round, job.tensors, frames)
+        return frames
 
     def Push(self, request_iterator: Iterator[pb.PushFrame], context: grpc.ServicerContext) -> pb.PushReply:
         client_id = self.authenticate(context)  # from the metadata, before any message is read

@@ -18,6 +18,8 @@ from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import fedmoe.engine
+import fedmoe.server.service
 from fedmoe.assignment import PROFILES
 from fedmoe.clients.runtime import Session, connect, join, pull_job, push_frames, run, variant_of
 from fedmoe.compress.quant import QTensor, quantize
@@ -456,3 +458,33 @@ def test_random_push_streams_never_crash_the_server(federation, blobs, with_head
     )
     assert unchanged(coordinator, before)
     assert json.loads(stub.Status(pb.StatusRequest(), timeout=10).json)["round"] == 0  # still serving
+
+
+def test_a_delivery_is_made_and_encoded_once_per_round_for_every_worker_that_receives_it(
+    tmp_path, monkeypatch
+):
+    made, encoded = [], []
+    real_make, real_encode = fedmoe.engine.make_job, fedmoe.server.service.encode_tensors
+    monkeypatch.setattr(fedmoe.engine, "make_job", lambda *a: made.append(1) or real_make(*a))
+    monkeypatch.setattr(
+        fedmoe.server.service, "encode_tensors", lambda t: encoded.append(1) or real_encode(t)
+    )
+    coordinator = Coordinator(CONFIG.with_overrides({"grid": "1"}), tmp_path / "state")
+    server, port = start_server(coordinator, "127.0.0.1:0")
+    try:
+        with connect(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.CoordinatorStub(channel)
+            (a, worker_a), (b, worker_b) = joined(stub), joined(stub)
+            jobs = [pull_job(stub, s, w.path_model) for s, w in ((a, worker_a), (b, worker_b), (a, worker_a))]
+            assert made == [1] and encoded == [1]  # one path and variant: made and encoded once
+            assert jobs[0].seed != jobs[1].seed  # each worker still gets its own seed
+            assert all(
+                jobs[0].tensors[n].payload == j.tensors[n].payload for j in jobs for n in jobs[0].tensors
+            )
+            for session, worker, job in ((a, worker_a, jobs[0]), (b, worker_b, jobs[1])):
+                assert push(stub, session, worker.train_round(job)).accepted
+            assert coordinator.round == 1
+            pull_job(stub, a, worker_a.path_model)
+            assert made == [1, 1] and encoded == [1, 1]  # a new round, a new delivery
+    finally:
+        server.stop(0).wait()
