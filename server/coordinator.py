@@ -752,6 +752,8 @@ class Coordinator:
     def close_if_due(self) -> None:
         """Close the open round when the policy says so (the quorum of the workers sent, or the deadline
         passed with an update)."""
+        if not self.pending:  # nothing to close with: spare every heartbeat the count of active workers
+            return
         workers = self.active_workers()
         if self.engine.round_due(len(self.pending), workers, self.clock() - self.round_opened):
             self.close_round()

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path as FsPath
 from typing import Any
 
@@ -337,7 +337,7 @@ class CoordinatorService:
                 expected = coordinator.expected_upload(upload, client_id, header.update_id, worker_id)
                 tensors = decode_tensors(tensor_frames(frames), self.max_update_bytes, expected)
             crash_point("push-read")  # read in full, nothing stored yet
-            upload = Upload(*upload_fields(upload, tensors))
+            upload = replace(upload, tensors=tensors)
             open_round = coordinator.submit(upload, client_id, header.update_id, header.signature, worker_id)
         except grpc.RpcError:  # the stream was cancelled: by the client, or by the watchdog
             log.info("push of client %s ended before its end: %s", client_id, stream.ended or "cancelled")
@@ -425,20 +425,6 @@ def header_upload(header: pb.PushHeader) -> Upload:
         {},
         header.loss,
         evaluation,
-    )
-
-
-def upload_fields(upload: Upload, tensors: dict) -> tuple:
-    """An upload's fields with its tensors."""
-    return (
-        upload.path,
-        upload.variant,
-        upload.round,
-        upload.seed,
-        upload.weight,
-        tensors,
-        upload.loss,
-        upload.evaluation,
     )
 
 
