@@ -6,8 +6,14 @@ metric (top-1), bytes each client uploads per round, and the bytes its weights t
 as means over clients and as ratios to the all-fp32 mix. The mixed federation is run with each
 sub-model scheme: rolling (FedRolex), static (HeteroFL) and random.
 
+First, what one client round of each variant costs on the wide digits MLP (8.5M parameters): peak memory and
+time per inner step, each measured in a fresh process (`fedmoe.memory.measure_round`, the variants taking
+turns, median of `--repeats`), as ratios to fp32 dense. A width sub-model trains sliced layers, so both
+shrink with its width.
+
     python bench/heterogeneity.py
     python bench/heterogeneity.py --spec fedmoe.models.digits:spec --seeds 5
+    python bench/heterogeneity.py --costs-only
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ from rich.table import Table
 from fedmoe.assignment import MIXES
 from fedmoe.config import Config, InnerConfig
 from fedmoe.experiment import Experiment, train_dense, train_experts
+from fedmoe.memory import measure_round
 from fedmoe.spec import load_spec
+from fedmoe.worker import Variant
 
 ROWS = [  # (label, profiles, scheme)
     ("all fp32", ("fp32",) * 4, "rolling"),
@@ -47,6 +55,46 @@ SETTINGS = {  # spec -> (experiment, seeds)
         1,
     ),
 }
+
+
+COST_SPEC = "fedmoe.models.digits:wide"
+COST_VARIANTS = [
+    Variant(32),
+    Variant(16),
+    Variant(8),
+    Variant(4),
+    Variant(32, 0.5),
+    Variant(4, 0.5),
+    Variant(32, 0.25),
+    Variant(4, 0.25),
+]
+
+
+def variant_costs(repeats: int) -> Table:
+    """Peak memory and step time of one client round per variant, as ratios to fp32 dense."""
+    runs: dict[str, list[dict]] = {v.name: [] for v in COST_VARIANTS}
+    for _ in range(repeats):
+        for variant in COST_VARIANTS:  # in turns, so that the machine's noise falls on every variant alike
+            runs[variant.name].append(measure_round(COST_SPEC, variant, steps=10))
+    median = statistics.median
+    summary = {
+        name: (median(r["peak"] for r in rs), median(r["step_s"] for r in rs), rs[0]["estimate"])
+        for name, rs in runs.items()
+    }
+    peak0, step0, _ = summary["fp32"]
+    table = Table(title=f"one client round on {COST_SPEC} (batch 32, 10 steps), median of {repeats}")
+    for column in ("variant", "peak MiB", "ratio", "estimate MiB", "ms / step", "ratio"):
+        table.add_column(column, justify="left" if column == "variant" else "right")
+    for name, (peak, step, estimate) in summary.items():
+        table.add_row(
+            name,
+            f"{peak / 2**20:,.1f}",
+            f"{peak / peak0:.3f}",
+            f"{estimate / 2**20:,.1f}",
+            f"{1000 * step:.1f}",
+            f"{step / step0:.3f}",
+        )
+    return table
 
 
 def with_clients(experiment: Experiment, profiles: tuple[str, ...], scheme: str, seed: int) -> Experiment:
@@ -126,8 +174,13 @@ def main() -> None:
     parser.add_argument(
         "--seeds", type=int, default=0, help="seeds per spec (default: 3 for digits, 1 for bible)"
     )
+    parser.add_argument("--repeats", type=int, default=3, help="measurements per variant (median)")
+    parser.add_argument("--costs-only", action="store_true", help="print only the per-variant costs")
     args = parser.parse_args()
     console = Console(width=160)
+    console.print(variant_costs(args.repeats))
+    if args.costs_only:
+        return
     for ref in args.spec or list(SETTINGS):
         console.print(run(ref, args.seeds))
 

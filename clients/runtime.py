@@ -20,7 +20,6 @@ those aggregates, outer gradients and metrics leaves it.
 
 from __future__ import annotations
 
-import copy
 import functools
 import itertools
 import json
@@ -48,7 +47,7 @@ from fedmoe.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fedmoe.clustering import cluster_stats, histogram
 from fedmoe.config import InnerConfig
 from fedmoe.ensemble import describe_mismatch
-from fedmoe.modular import ModularModel, Path
+from fedmoe.modular import Path
 from fedmoe.security import (
     KEY_MODE,
     channel_credentials,
@@ -222,10 +221,15 @@ def check_batch(spec: Spec, batch: Any, probe: nn.Module, all_targets: torch.Ten
         ) from None
 
 
-def check_model(spec: Spec, model: dict[str, Any], grid: ModularModel) -> None:
-    """Raise ValueError unless `grid` (this client's build) has the coordinator's parameters and shapes."""
+def check_model(spec: Spec, model: dict[str, Any]) -> None:
+    """Raise ValueError unless this client's spec builds the coordinator's parameters and shapes (checked on
+    one module per level: every module of a level comes from that level's factory)."""
     expected = {k: {n: tuple(s) for n, s in d.items()} for k, d in model["shapes"].items()}
-    found = {k: {n: tuple(t.shape) for n, t in d.items()} for k, d in grid.module_states().items()}
+    levels = spec.build((1,) * len(model["grid"]))
+    found = {
+        key: {n: tuple(p.shape) for n, p in levels.module(f"{key.split('.')[0]}.0").named_parameters()}
+        for key in expected
+    }
     if expected != found:
         grid_text = "x".join(map(str, model["grid"]))
         raise ValueError(
@@ -651,7 +655,6 @@ class Crew:
     spec: Spec
     model: dict[str, Any]  # the coordinator's model description: its grid and seed
     local: LocalData
-    grid: ModularModel | None = None  # the client's build of the grid, until its workers are made
     state: ClientState | None = None  # where the workers' state is kept (None: in memory only)
     compute: Compute = field(default_factory=Compute)  # where and in what precision its workers train
     workers: dict[str, Worker] = field(default_factory=dict)
@@ -665,18 +668,17 @@ class Crew:
         """The client's examples and their routing features (computed once); not for a stream of batches."""
         return LocalExamples(self.spec, self.local.train, self.local.test)
 
-    def path_model(self, path: Path) -> nn.Module:
-        """A copy of one path of the grid, for a worker to train."""
-        if self.grid is None:
-            self.grid = self.spec.build(self.model["grid"], self.model["seed"])
-        return copy.deepcopy(self.grid.compose(path))
+    def path_model(self, a: pb.Assignment) -> nn.Module:
+        """The modules of an assignment's path, for its worker to train (the rest of the grid is never built
+        here; a width sub-model's are only shapes, see `Spec.build_path`)."""
+        return self.spec.build_path(Path.parse(a.path), shapes_only=variant_of(a.variant).sliced)
 
     def add_turn(self, client_id: str, a: pb.Assignment) -> None:
         """The worker of a client given one path at join (paths in turn)."""
         local, path = self.local, Path.parse(a.path)
         worker = Worker(
             self.spec,
-            self.path_model(path),
+            self.path_model(a),
             local.batches(a.batch_size, a.seed),
             local.weight,
             variant_of(a.variant),
@@ -685,7 +687,6 @@ class Crew:
         )
         self.workers[client_id], self.paths[client_id] = worker, path
         self.restore(client_id, a)
-        self.grid = None  # the client keeps only its paths
 
     def restore(self, worker_id: str, a: pb.Assignment) -> None:
         """Note a new worker's assignment and continue it from its saved state, when there is one."""
@@ -767,7 +768,7 @@ class Crew:
             a, path = w.assignment, Path.parse(w.assignment.path)
             self.paths[w.worker_id] = path
             self.workers[w.worker_id] = self.examples.worker(
-                self.path_model(path),
+                self.path_model(a),
                 variant_of(a.variant),
                 a.seed,
                 a.batch_size,
@@ -785,7 +786,6 @@ class Crew:
                 self.workers[w.worker_id].weight,
                 w.cluster,
             )
-        self.grid = None  # the client keeps only its paths
         return True
 
 
@@ -874,8 +874,7 @@ def run(
                     "pass spec= (the same Spec)"
                 )
             spec = load_spec(model["spec"])
-        grid = spec.build(model["grid"], model["seed"])
-        check_model(spec, model, grid)
+        check_model(spec, model)
         local = local or prepare_data(spec, data, weight, partition, partitions)
         by_data = routing == "data"
         if by_data:
@@ -888,9 +887,8 @@ def run(
                 feature_sum = spec.feature_statistics(local.train)[0]
             features = (feature_sum, local.examples)
         session = join(stub, device, name, features, state, retry, enrolment)
-        check_model(spec, session.model, grid)
-        crew = Crew(spec, model, local, grid, state, compute)
-        del grid  # the crew keeps it until its workers are made, then only their paths
+        check_model(spec, session.model)
+        crew = Crew(spec, model, local, state, compute)
         if by_data:
             log.info(
                 "joined %s as %s: paths by data, %d examples", server, session.client_id, len(local.train)

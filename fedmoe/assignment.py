@@ -11,7 +11,8 @@ from fedmoe.compress.quant import BITS
 from fedmoe.worker import Variant, round_masks, variant_bytes
 
 GIB = 2**30
-TRAINING_BYTES_PER_PARAM = 16  # latent fp32 weight, its gradient and two AdamW moments
+TRAINING_BYTES_PER_PARAM = 20  # latent fp32 weight, its gradient, two AdamW moments, the step's temporaries
+QUANTIZED_BYTES_PER_PARAM = 8  # below 32 bits: the fake-quantized weight of the forward, error feedback
 
 
 MAX_DENSITIES = 8  # densities a profile may offer
@@ -83,11 +84,12 @@ def parse_profiles(text: str) -> tuple[str, ...]:
 
 def training_bytes(model: nn.Module, variant: Variant) -> int:
     """Bytes a client needs to train its sub-model: the stored weights plus fp32 training state per held
-    parameter.
-    """
+    parameter (a width sub-model holds and trains only its slices). Activations, which depend on the batch,
+    are left out: `fedmoe memory` measures the whole round (tests/test_submodels.py keeps the two close)."""
     masks = round_masks(model, variant, 0, 0)
     held = sum(int(masks[n].sum()) if n in masks else p.numel() for n, p in model.named_parameters())
-    return variant_bytes(model, variant, masks)["weights"] + TRAINING_BYTES_PER_PARAM * held
+    per_param = TRAINING_BYTES_PER_PARAM + (QUANTIZED_BYTES_PER_PARAM if variant.bits < 32 else 0)
+    return variant_bytes(model, variant, masks)["weights"] + per_param * held
 
 
 def assign_variant(profile: DeviceProfile, path_model: nn.Module, scheme: str = "rolling") -> Variant:

@@ -876,6 +876,51 @@ def simulate(
 
 
 @app.command()
+def memory(
+    spec: SpecOption = None,
+    profile: Annotated[
+        list[str] | None, typer.Option(help="Device profiles to measure (repeatable; default: every one).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Examples per inner step.")] = 32,
+    steps: Annotated[int, typer.Option(help="Inner steps per measured round.")] = 5,
+) -> None:
+    """Measure what a client round costs on one path of the spec, for the variant each profile is assigned:
+    peak memory and time per step (each in a fresh process) beside the memory the assignment estimates."""
+    from fedmoe.assignment import PROFILES, assign_variant, parse_profiles
+    from fedmoe.config import DEFAULT_SPEC
+    from fedmoe.memory import measure_round
+    from fedmoe.modular import Path as GridPath
+    from fedmoe.spec import load_spec
+
+    ref = spec or DEFAULT_SPEC
+    try:
+        names = parse_profiles(",".join(profile or PROFILES))
+        loaded = load_spec(ref)
+    except ValueError as e:
+        fail(str(e))
+    path_model = loaded.build_path(GridPath((0,) * loaded.default_levels))
+    table = Table(title=f"one client round of {ref}, batch {batch_size}")
+    for column in ("profile", "variant", "estimate MiB", "measured peak MiB", "ratio", "ms / step"):
+        table.add_column(column, justify="left" if column in ("profile", "variant") else "right")
+    for name in names:
+        try:
+            variant = assign_variant(PROFILES[name], path_model)
+        except ValueError as e:
+            table.add_row(name, str(e), "", "", "", "")
+            continue
+        m = measure_round(ref, variant, steps, batch_size)
+        table.add_row(
+            name,
+            variant.name,
+            f"{m['estimate'] / 2**20:,.1f}",
+            f"{m['peak'] / 2**20:,.1f}",
+            f"{m['peak'] / m['estimate']:.2f}",
+            f"{1000 * m['step_s']:.1f}",
+        )
+    console.print(table)
+
+
+@app.command()
 def health(
     server: Annotated[
         str, typer.Option(help="A coordinator or inference service, host:port.")

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedmoe.modular import ModularModel, split_evenly
+from fedmoe.modular import ModularModel, Path, split_evenly
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 LevelFactories = Sequence[Callable[[], nn.Module]]
@@ -199,6 +199,20 @@ class Spec:
         factories = self.level_factories(len(grid))
         torch.manual_seed(seed)
         return ModularModel([[make() for _ in range(n)] for make, n in zip(factories, grid)])
+
+    def build_path(self, path: Path, seed: int = 0, shapes_only: bool = False) -> nn.Sequential:
+        """Only the modules of `path`, arranged as `build(grid).compose(path)` arranges them: what a client
+        trains, without the rest of the grid (its weights come with its jobs). `shapes_only`: parameters on
+        the meta device, never allocated (what a width sub-model is sliced from), unless the modules hold
+        buffers, whose values only a real build computes."""
+        factories = self.level_factories(len(path.modules))
+        if shapes_only:
+            with torch.device("meta"):
+                model = nn.Sequential(*(make() for make in factories))
+            if next(model.buffers(), None) is None:
+                return model
+        torch.manual_seed(seed)
+        return nn.Sequential(*(make() for make in factories))
 
     def outputs(self, raw: torch.Tensor) -> torch.Tensor:
         """A model's raw outputs in the form they are mixed and scored in (probabilities or values)."""

@@ -8,6 +8,7 @@ only held coordinates are trained and sent).
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -22,12 +23,16 @@ from torch.nn.utils import parametrize
 from fedmoe.clustering import members, nearest
 from fedmoe.compress.prune import (
     SCHEMES,
+    WIDTH_SCHEMES,
     Masks,
     check_density,
     held_shape,
     held_values,
+    reheld,
     scatter_held,
+    sliced_shape,
     submodel_masks,
+    width_slices,
 )
 from fedmoe.compress.quant import (
     BITS,
@@ -66,6 +71,12 @@ class Variant:
         """Short label, e.g. "int4-p50" (4 bits, half the width) or "fp32"."""
         bits = "fp32" if self.bits == 32 else "fp16" if self.bits == 16 else f"int{self.bits}"
         return bits if self.density == 1.0 else f"{bits}-p{round(100 * self.density)}"
+
+    @property
+    def sliced(self) -> bool:
+        """Whether a client of this variant trains a smaller model: a width sub-model (d of the hidden units),
+        as opposed to the whole path (dense) or the whole path under an unstructured (magnitude) mask."""
+        return self.density < 1.0 and self.scheme in WIDTH_SCHEMES
 
 
 class Restrict(nn.Module):
@@ -243,8 +254,9 @@ def deliver(path_model: nn.Module, variant: Variant, masks: Masks) -> dict[str, 
 @dataclass(frozen=True, eq=False)
 class Job:
     """What a client receives for a round: its path and variant, the round, its seed, this round's inner
-    settings, the path's weights as it holds them, and the masks of its sub-model (recomputed by a networked
-    client from (variant, round, seed); see `round_masks`)."""
+    settings, the path's weights as it holds them, and the masks of its sub-model (`round_masks`). A worker
+    reads the masks only for a magnitude sub-model, trained as the whole path under them (in-process only); a
+    width sub-model is sliced from the held tensors themselves, so a networked client's job carries none."""
 
     path: Path
     variant: Variant
@@ -252,7 +264,7 @@ class Job:
     seed: int
     inner: InnerConfig
     tensors: dict[str, QTensor]
-    masks: Masks
+    masks: Masks = field(default_factory=dict)
 
 
 ROUTER = "router/"  # the prefix of the learned router's tensors in jobs and uploads
@@ -297,8 +309,11 @@ class Worker:
     keeps optimiser state and error feedback across rounds.
 
     `path_model` is the client's own copy of its path (built once from the spec); each round loads the
-    delivered weights into it. With `test` examples (its held-out data of its path's cluster), every
-    upload carries the spec's metrics of the trained path on them: federated evaluation.
+    delivered weights into `model`, which is `path_model` itself, or for a width sub-model (`Variant.sliced`)
+    a copy sliced from it (Linear layers with d of the hidden units: weights, gradients, optimiser state and
+    activations are those of the sub-model; `path_model` keeps only its shapes, on the meta device). With
+    `test` examples (its held-out data of its path's cluster), every upload carries the spec's metrics of the
+    trained path on them: federated evaluation.
     """
 
     spec: Spec
@@ -311,51 +326,85 @@ class Worker:
     test: Examples | None = None
     router_data: RouterData | None = None  # its client's examples and their clusters
     compute: Compute = field(default_factory=Compute)  # where and in what precision it trains
+    held_round: int | None = None  # the round whose sub-model units the optimiser state and residuals follow
+    model: nn.Module = field(
+        init=False
+    )  # what it trains: `path_model`, or the width sub-model sliced from it
 
     def __post_init__(self) -> None:
         self.weight = float(self.weight)
         if self.feedback is None:
             self.feedback = ErrorFeedback(self.variant.bits)
+        self.model = self.path_model
+        if self.variant.sliced:
+            v = self.variant
+            kept = width_slices(shapes_only(self.path_model), v.density, v.scheme)
+            zeros = {
+                n: torch.zeros(sliced_shape(p.shape, kept.get(n)))
+                for n, p in self.path_model.named_parameters()
+            }
+            self.model = sliced_model(self.path_model, zeros)
 
     def train_round(self, job: Job) -> Upload:
         """Load the job's weights, train `job.inner.steps` steps on `compute.device`, return the compressed
-        outer gradient (the path model is back on the CPU afterwards)."""
-        path_model, masks, device = self.path_model, job.masks, self.compute.device
+        outer gradient (the model is back on the CPU afterwards)."""
+        model, device = self.model, self.compute.device
+        weights = {n: q for n, q in job.tensors.items() if not n.startswith(ROUTER)}
+        masks = {} if self.variant.sliced else job.masks
         with torch.no_grad():
-            for name, p in path_model.named_parameters():
-                p.copy_(scatter_held(dequantize(job.tensors[name]), masks.get(name), p.shape))
-        start = {name: p.detach().clone() for name, p in path_model.named_parameters()}
-        path_model.to(device)
-        restrictions = self.restrictions(path_model, masks)
+            for name, p in model.named_parameters():
+                p.copy_(scatter_held(dequantize(weights[name]), masks.get(name), p.shape))
+        model.to(device)
+        names = {id(p): n for n, p in model.named_parameters()}
+        restrictions = self.restrictions(model, masks)
         for module, name, mask in restrictions:
             held = None if mask is None else mask.to(device)
             parametrize.register_parametrization(module, name, Restrict(held, self.variant.bits))
+        if self.variant.sliced:
+            self.follow_units(job, [names[id(p)] for p in model.parameters()])
         batches = self.spec.training_batches(self.batches, job.seed * 1_000_003 + job.round)
         loss, self.optimizer_state = train_local(
-            path_model,
-            batches,
-            job.inner,
-            self.optimizer_state,
-            self.spec.loss,
-            self.spec.optimizer,
-            self.compute,
+            model, batches, job.inner, self.optimizer_state, self.spec.loss, self.spec.optimizer, self.compute
         )
         # keep the weights as the client computed with them: masked, fake-quantized
         for module, name, _ in restrictions:
             parametrize.remove_parametrizations(module, name, leave_parametrized=True)
-        path_model.to("cpu")
+        model.to("cpu")
         tensors = {}
-        for name, p in path_model.named_parameters():
+        for name, p in model.named_parameters():
             mask = masks.get(name)
-            delta = start[name] - p.detach()
+            delta = scatter_held(dequantize(weights[name]), mask, p.shape) - p.detach()
             tensors[name] = self.feedback.compress(name, delta if mask is None else delta * mask, mask)
         router = {n[len(ROUTER) :]: q for n, q in job.tensors.items() if n.startswith(ROUTER)}
         if router:
             tensors.update(self.train_router(router, job))
         evaluation = {}
         if self.test is not None and len(self.test):
-            evaluation = {**self.spec.evaluate(path_model, self.test), "examples": float(len(self.test))}
+            evaluation = {**self.spec.evaluate(model, self.test), "examples": float(len(self.test))}
         return Upload(job.path, self.variant, job.round, job.seed, self.weight, tensors, loss, evaluation)
+
+    def follow_units(self, job: Job, order: list[str]) -> None:
+        """Move a width sub-model's optimiser state and error-feedback residuals from the units it held in
+        `held_round` to this round's (rolling and random sub-models change units every round): a unit held
+        in both keeps its state, a new one starts from zero. `order`: the parameter names in the optimiser's
+        order."""
+        v, shapes = self.variant, {n: p.shape for n, p in self.path_model.named_parameters()}
+        if self.held_round is not None and self.held_round != job.round:
+            old = width_slices(self.path_model, v.density, v.scheme, self.held_round, job.seed)
+            new = width_slices(self.path_model, v.density, v.scheme, job.round, job.seed)
+
+            def move(name: str, t: torch.Tensor) -> torch.Tensor:
+                every = (None,) * len(shapes[name])
+                return reheld(t, old.get(name, every), new.get(name, every), shapes[name])
+
+            if self.optimizer_state is not None:
+                for index, entries in self.optimizer_state["state"].items():
+                    name = order[int(index)]
+                    for key, value in entries.items():
+                        if isinstance(value, torch.Tensor) and value.dim() == len(shapes[name]):
+                            entries[key] = move(name, value)
+            self.feedback.restore({n: move(n, r) for n, r in self.feedback.residuals.items()})
+        self.held_round = job.round
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """What this worker carries from round to round, as tensors and JSON for a checkpoint: its optimiser's
@@ -377,7 +426,7 @@ class Worker:
             tensors[f"feedback/{name}"] = residual
         if isinstance(self.batches, BatchSampler):
             tensors["batches"] = self.batches.generator.get_state()
-        return tensors, {"optimizer": optimizer}
+        return tensors, {"optimizer": optimizer, "held_round": self.held_round}
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         """Continue from a state that `state` returned (of a worker on the same path, variant and data)."""
@@ -394,7 +443,7 @@ class Worker:
                 optimizer_state["state"][int(index)][key] = t
             elif kind == "feedback":
                 residuals[rest] = t
-        self.optimizer_state = optimizer_state
+        self.optimizer_state, self.held_round = optimizer_state, meta.get("held_round")
         self.feedback.restore(residuals)
         if "batches" in tensors:
             self.batches.generator.set_state(tensors["batches"])
@@ -429,6 +478,26 @@ class Worker:
                 if mask is not None or (self.variant.bits < 32 and p.dim() >= 2):
                     out.append((module, name, mask))
         return out
+
+
+def shapes_only(model: nn.Module) -> nn.Module:
+    """Move `model`'s parameters (not its buffers) to the meta device, in place: the shapes a width sub-model
+    is sliced from, without their memory."""
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            module.register_parameter(name, nn.Parameter(p.detach().to("meta"), p.requires_grad))
+    return model
+
+
+def sliced_model(template: nn.Module, values: dict[str, torch.Tensor]) -> nn.Module:
+    """A copy of `template` whose parameters are `values` (by name, held shapes: a width sub-model's sliced
+    weights), its Linear layers' sizes following them. `template`'s parameters are never read."""
+    memo = {id(p): nn.Parameter(values[n], p.requires_grad) for n, p in template.named_parameters()}
+    model = copy.deepcopy(template, memo)
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            module.out_features, module.in_features = module.weight.shape
+    return model
 
 
 class LocalExamples:

@@ -60,7 +60,6 @@ from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from flwr.serverapp.strategy import Strategy  # noqa: E402
 from flwr.simulation import run_simulation  # noqa: E402
-from torch import nn  # noqa: E402
 
 from fedmoe.assignment import PROFILES, parse_profiles  # noqa: E402
 from fedmoe.clustering import ClusterStats, cluster_stats, histogram  # noqa: E402
@@ -71,7 +70,7 @@ from fedmoe.modular import ModularModel, Path  # noqa: E402
 from fedmoe.outer import Update  # noqa: E402
 from fedmoe.spec import Spec, load_spec  # noqa: E402
 from fedmoe.train import Compute  # noqa: E402
-from fedmoe.worker import ROUTER, Job, LocalExamples, Upload, Variant, round_masks  # noqa: E402
+from fedmoe.worker import ROUTER, Job, LocalExamples, Upload, Variant  # noqa: E402
 
 log = logging.getLogger("fedmoe.flower")
 
@@ -190,14 +189,13 @@ def job_cluster(content: RecordDict) -> int | None:
     return int(header["cluster"]) if "cluster" in header else None
 
 
-def decode_job(content: RecordDict, path_model: nn.Module) -> Job:
-    """The job of `encode_job`, its masks recomputed for `path_model` (the client's own copy of its path)."""
+def decode_job(content: RecordDict) -> Job:
+    """The job of `encode_job` (a width or dense sub-model's: no masks, see `Job`)."""
     header = content["job"]
     variant, round, seed = _variant(header), int(header["round"]), int(header["seed"])
     inner = InnerConfig(**{key: content["inner"][key] for key in InnerConfig.model_fields})
     tensors = decode_tensors(content["weights"], content["shapes"])
-    masks = round_masks(path_model, variant, round, seed)
-    return Job(Path.parse(str(header["path"])), variant, round, seed, inner, tensors, masks)
+    return Job(Path.parse(str(header["path"])), variant, round, seed, inner, tensors)
 
 
 def encode_upload(upload: Upload) -> RecordDict:
@@ -629,7 +627,7 @@ def train(msg: Message, context: Context) -> Message:
     uploads = {}
     for worker_id, content in sorted(unbundle(msg.content).items()):
         path_model = copy.deepcopy(_grid(ref, grid, seed).compose(Path.parse(str(content["job"]["path"]))))
-        job = decode_job(content, path_model)
+        job = decode_job(content)
         # the worker sent "router/" tensors also trains the learned router
         trains_router = any(name.startswith(ROUTER) for name in job.tensors)
         cluster = job_cluster(content)
@@ -637,18 +635,10 @@ def train(msg: Message, context: Context) -> Message:
         worker = examples.worker(
             path_model, job.variant, job.seed, job.inner.batch_size, cluster, routing, trains_router, compute
         )
-        batches = worker.batches
         if worker_id in states:  # this worker's own state from its previous rounds, pickled below
-            state = pickle.loads(states[worker_id])
-            worker.optimizer_state, worker.feedback = state["optimizer"], state["feedback"]
-            batches.generator.set_state(state["generator"])
+            worker.load_state(*pickle.loads(states[worker_id]))
         uploads[worker_id] = encode_upload(worker.train_round(job))
-        state = {
-            "optimizer": worker.optimizer_state,
-            "feedback": worker.feedback,
-            "generator": batches.generator.get_state(),
-        }
-        states[worker_id] = pickle.dumps(state)
+        states[worker_id] = pickle.dumps(worker.state())
     context.state[STATE_KEY] = states
     return Message(bundle(uploads), reply_to=msg)
 

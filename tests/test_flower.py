@@ -124,13 +124,11 @@ def test_jobs_uploads_and_tensors_round_trip_through_records() -> None:
 
     config = CONFIG.model_copy(update={"grid": (2, 2)})
     engine = Engine(SPEC, config)
-    a = engine.assign("c0000", PROFILES["int4-p50"])
+    engine.assign("c0000", PROFILES["int4-p50"])
     job = engine.job("c0000")
-    got = decode_job(encode_job(job), SPEC.build(config.grid).compose(a.path))
+    got = decode_job(encode_job(job))
     fields = ("path", "variant", "round", "seed", "inner")
     assert [getattr(got, f) for f in fields] == [getattr(job, f) for f in fields]
-    assert got.masks.keys() == job.masks.keys()
-    assert all(torch.equal(got.masks[k], job.masks[k]) for k in job.masks)
 
     def wire(tensors: dict) -> dict:
         return {k: (q.bits, q.shape, q.payload, q.scales) for k, q in tensors.items()}

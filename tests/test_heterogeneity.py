@@ -230,7 +230,7 @@ def test_mixed_federation_trains_every_variant():
 
 def test_assignment_picks_the_densest_variant_that_fits():
     path = GRID.compose(Path((0, 0)))  # 12 parameters: 2x2 + 2 + 2x2 + 2
-    assert training_bytes(path, Variant(32)) == 12 * 4 + 12 * 16
+    assert training_bytes(path, Variant(32)) == 12 * 4 + 12 * 20
     laptop = DeviceProfile("laptop", training_bytes(path, Variant(4, 0.5)), 4, (1.0, 0.5, 0.25))
     assert assign_variant(laptop, path) == Variant(4, 0.5)
     roomy = DeviceProfile("roomy", 10**9, 8, (1.0, 0.5))

@@ -7,6 +7,8 @@ the matching columns of the next layer. Which units: the first ones (HeteroFL, "
 that rolls by one unit per round (FedRolex, "rolling") or a fresh random subset each round
 ("random"). Magnitude masks keep the largest weights of each Linear (unstructured).
 Both sides compute the same masks from (variant, round, seed, global weights): masks never travel.
+A client of a width scheme trains the slices themselves (`width_slices`: the kept indices of every hidden
+layer's parameters), a smaller dense model; the coordinator places its update back by the masks.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from torch import nn
 from torch.nn.utils import prune
 
 Masks = dict[str, torch.Tensor]
+# per parameter of a width sub-model: the indices it keeps along each dimension (None: all of them)
+Slices = dict[str, tuple[torch.Tensor | None, ...]]
 # rebuilt from (variant, round, seed) and shapes alone: usable over the network
 WIDTH_SCHEMES = ("static", "rolling", "random")
 SCHEMES = (*WIDTH_SCHEMES, "magnitude")
@@ -59,26 +63,78 @@ def kept_units(
     return keep
 
 
-def width_masks(
+def width_slices(
     model: nn.Module, density: float, scheme: str = "rolling", round: int = 0, seed: int = 0
-) -> Masks:
-    """Masks that keep `density` of the hidden units of every hidden layer of `model`."""
+) -> Slices:
+    """The indices a client keeps of each parameter of `model`'s hidden layers (`density` of their units)."""
     check_density(density)
     if density == 1.0:
         return {}
     generator = torch.Generator().manual_seed(seed * 1_000_003 + round)
-    masks: Masks = {}
+    params = dict(model.named_parameters())
+    slices: Slices = {}
 
-    def restrict(name: str, mask: torch.Tensor) -> None:
-        masks[name] = masks[name] & mask if name in masks else mask
+    def keep(name: str, dim: int, index: torch.Tensor) -> None:
+        kept = list(slices.get(name, (None,) * params[name].dim()))
+        kept[dim] = index
+        slices[name] = tuple(kept)
 
-    for name, layer, next_name, next_layer in hidden_layers(model):
-        keep = kept_units(layer.out_features, density, scheme, round, generator)
-        restrict(f"{name}.weight", keep[:, None].expand_as(layer.weight).clone())
+    for name, layer, next_name, _ in hidden_layers(model):
+        index = kept_units(layer.out_features, density, scheme, round, generator).nonzero().flatten()
+        keep(f"{name}.weight", 0, index)
         if layer.bias is not None:
-            restrict(f"{name}.bias", keep.clone())
-        restrict(f"{next_name}.weight", keep[None, :].expand_as(next_layer.weight).clone())
+            keep(f"{name}.bias", 0, index)
+        keep(f"{next_name}.weight", 1, index)
+    return slices
+
+
+def sliced_shape(shape: torch.Size, kept: tuple[torch.Tensor | None, ...] | None) -> tuple[int, ...]:
+    """The shape of a parameter of `shape` sliced to the indices `kept` (None: whole)."""
+    kept = kept or (None,) * len(shape)
+    return tuple(size if index is None else len(index) for size, index in zip(shape, kept))
+
+
+def width_masks(
+    model: nn.Module, density: float, scheme: str = "rolling", round: int = 0, seed: int = 0
+) -> Masks:
+    """Masks that keep `density` of the hidden units of every hidden layer of `model` (see `width_slices`)."""
+    params = dict(model.named_parameters())
+    masks: Masks = {}
+    for name, kept in width_slices(model, density, scheme, round, seed).items():
+        mask = torch.ones(params[name].shape, dtype=torch.bool)
+        for dim, index in enumerate(kept):
+            if index is not None:
+                along = torch.zeros(mask.shape[dim], dtype=torch.bool)
+                along[index] = True
+                mask &= along.view([-1 if d == dim else 1 for d in range(mask.dim())])
+        masks[name] = mask
     return masks
+
+
+def reheld(
+    t: torch.Tensor,
+    old: tuple[torch.Tensor | None, ...],
+    new: tuple[torch.Tensor | None, ...],
+    shape: torch.Size,
+) -> torch.Tensor:
+    """`t`, held under the slices `old` of a parameter of `shape`, held under `new` instead: coordinates in
+    both keep their values, the others start at zero (a width sub-model's optimiser state moving with its
+    units from round to round)."""
+    sources, targets, sizes = [], [], []
+    for dim, size in enumerate(shape):
+        was = torch.arange(size) if old[dim] is None else old[dim]
+        now = torch.arange(size) if new[dim] is None else new[dim]
+        position = torch.full((size,), -1, dtype=torch.long)
+        position[was] = torch.arange(len(was))
+        source = position[now]
+        both = source >= 0
+        view = [-1 if d == dim else 1 for d in range(len(shape))]
+        sources.append(source[both].view(view).to(t.device))
+        targets.append(torch.arange(len(now))[both].view(view).to(t.device))
+        sizes.append(len(now))
+    out = t.new_zeros(sizes)
+    out[tuple(targets)] = t[tuple(sources)]
+    return out
 
 
 def magnitude_masks(model: nn.Module, density: float) -> Masks:
@@ -126,8 +182,8 @@ def scatter_held(values: torch.Tensor, mask: torch.Tensor | None, shape: torch.S
     """Inverse of `held_values`: a full tensor with the held coordinates filled in and zeros elsewhere."""
     if mask is None:
         return values.reshape(shape)
-    full = torch.zeros(shape, dtype=values.dtype)
-    full[mask] = values.reshape(-1)
+    full = torch.zeros(shape, dtype=values.dtype, device=values.device)
+    full[mask.to(values.device)] = values.reshape(-1)
     return full
 
 

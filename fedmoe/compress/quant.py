@@ -181,10 +181,13 @@ class ErrorFeedback:
         """Quantize the held part (under `mask`) of t plus the residual kept for name;
         keep the new error as that residual.
 
-        Residuals are full-shaped, so a coordinate not held this round keeps its residual until it is held
-        again.
+        Residuals have the shape of t: under a mask (full-shaped t), a coordinate not held this round keeps
+        its residual until it is held again; a width sub-model's worker moves its held residuals with its
+        units. At 32 bits nothing is lost and nothing is kept.
         """
         total = t.detach().to("cpu", torch.float32)
+        if self.bits == 32:
+            return quantize(held_values(total, mask), 32)
         residual = self._residuals.get(name)
         if residual is not None:
             if residual.shape != total.shape:

@@ -7,6 +7,7 @@ a fixed 20% of the test split (`eval_data`); it never loads the training split.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import lru_cache
 
 from fedmoe.data import client_parts, load_digits_split
@@ -47,3 +48,7 @@ spec = Spec(
     data=client_data,
     eval_data=eval_data,
 )
+
+# the same task with a wide MLP (2048 hidden units, three hidden layers; 8.5M parameters): for measuring what
+# sub-models save (`fedmoe memory`, bench/heterogeneity.py)
+wide = replace(spec, name="digits-wide", levels=mlp_levels(in_dim=64, hidden=2048, depth=3, classes=10))
