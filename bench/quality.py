@@ -12,12 +12,20 @@ the feature space of the frozen digits classifier that ships with fedmoe, agains
 each expert trains from scratch on one cluster (no shared rounds, as in DDM), the router is p(k | x_t, t) of
 the clusters as Gaussians, made from federated k-means' statistics (no router training), and the ensemble
 mixes velocities at every sampling step: all experts, the top-2, the top-1, or one expert re-sampled from the
-router per step.
+router per step; or each sample runs one expert drawn from the router by Gumbel-max with its noise held over
+the whole path ("held": at t = 1 a draw from the clusters' shares, kept until the router moves past it).
 
     python bench/quality.py                                           # both built-in specs
     python bench/quality.py --spec fedmoe.models.digits:spec --seeds 5
     python bench/quality.py --spec examples.tabular:spec --grid 3      # any spec with data and eval_data
     python bench/quality.py --spec fedmoe.models.digits_flow:spec      # the flow task, 3 seeds
+    python bench/quality.py --spec fedmoe.models.digits_flow:spec --steps 4 8 20 50 --solver euler heun
+
+With `--steps` or `--solver`, the flow task also samples the clustered experts' ensembles under both routers
+(the federation's posterior router and one learned on the pooled noised data) with every (solver, steps)
+setting, each contender from the same noise, and prints their FD side by side: all experts mixed, the top-k,
+one expert re-sampled per step, with the ratio re-sampled / all mixed (above 1: re-sampling is worse), and
+one expert held per sample.
 """
 
 from __future__ import annotations
@@ -31,7 +39,8 @@ from rich.console import Console
 from rich.table import Table
 
 from fedmoe.config import Config, InnerConfig, parse_grid
-from fedmoe.experiment import Experiment, compare, generative, train_dense
+from fedmoe.experiment import ROUTERS, Comparison, Experiment, compare, generative, sampler_sweep, train_dense
+from fedmoe.flow import SOLVERS
 from fedmoe.spec import load_spec
 
 DIGITS, BIBLE, FLOW = (
@@ -73,8 +82,15 @@ SETTINGS = {  # spec -> (experiment, seeds)
 }
 
 
-def run(ref: str, seeds: int, grid: tuple[int, ...] | None = None, router: str | None = None) -> Table:
-    """Train every contender for one spec and return its table."""
+def run(
+    ref: str,
+    seeds: int,
+    grid: tuple[int, ...] | None = None,
+    router: str | None = None,
+    settings: list[tuple[str, int]] | None = None,
+) -> list[Table]:
+    """Train every contender for one spec and return its table (and, for a generative spec given sampler
+    `settings`, the table of `sweep_table`)."""
     spec = load_spec(ref)
     experiment, default_seeds = SETTINGS.get(ref, SETTINGS[DIGITS])
     experiment = replace(
@@ -114,9 +130,12 @@ def run(ref: str, seeds: int, grid: tuple[int, ...] | None = None, router: str |
             )
             others[rows[-1][0]] = [x.quality.get(f"top{k}") for x in runs]
         if generative(spec):
-            name = f"{partition}: one expert re-sampled per step"
-            rows.append((name, per_path, total, mean(x.final["resample"] for x in runs)))
-            others[name] = [x.quality["resample"] for x in runs]
+            for key, name in (
+                ("resample", f"{partition}: one expert re-sampled per step"),
+                ("held", f"{partition}: one expert drawn per sample, held"),
+            ):
+                rows.append((name, per_path, total, mean(x.final[key] for x in runs)))
+                others[name] = [x.quality[key] for x in runs]
     reference = rows[0][3]
     metric = comparison.metric
     extra = [m for m in (comparison.dense[0].quality.get("dense") or {}) if m != metric]
@@ -138,6 +157,51 @@ def run(ref: str, seeds: int, grid: tuple[int, ...] | None = None, router: str |
     for name, steps, total_steps, value in rows:
         cells = [f"{mean(q[m] for q in others[name]):.4f}" for m in extra]
         table.add_row(name, str(steps), str(total_steps), f"{value:.4f}", f"{value / reference:.3f}", *cells)
+    if settings and generative(spec):
+        return [table, sweep_table(comparison, settings)]
+    return [table]
+
+
+def sweep_table(comparison: Comparison, settings: list[tuple[str, int]]) -> Table:
+    """FD of the clustered experts' routed ensembles under each router and sampler setting, mean over seeds:
+    all experts mixed, the top-k, one expert re-sampled per step, re-sampled / all mixed (the ratio of the
+    means; "worse in" counts the seeds where re-sampling's FD is above all mixed), and one expert held."""
+    spec, experiment, runs = comparison.spec, comparison.experiment, comparison.experts["clustered"]
+    n, seed = experiment.config.n_paths, experiment.config.seed
+    names = [*(f"top{k}" for k in experiment.top_ks), "resample", "held"]
+    started = time.perf_counter()
+    fds = {
+        kind: [
+            sampler_sweep(spec, experiment, run.ensembles[kind], settings, seed + s)
+            for s, run in enumerate(runs)
+        ]
+        for kind in ROUTERS
+    }
+    table = Table(
+        title=f"{spec.name}: FD by sampler, clustered experts, {experiment.samples} samples from the same "
+        f"noise per seed, mean of {len(runs)} seed(s), {time.perf_counter() - started:.0f} s"
+    )
+    columns = [
+        "router",
+        "solver",
+        "steps",
+        *(f"top-{k}" if k < n else "all mixed" for k in experiment.top_ks),
+    ]
+    for column in [*columns, "re-sampled", "re-sampled / all", "worse in", "held"]:
+        table.add_column(column, justify="left" if column in ("router", "solver") else "right")
+    for kind, runs_fds in fds.items():
+        label = "posterior (federated)" if kind == "centroid" else "learned (pooled)"
+        for setting in settings:
+            mean = {name: statistics.fmean(fd[setting][name] for fd in runs_fds) for name in names}
+            worse = sum(fd[setting]["resample"] > fd[setting][f"top{n}"] for fd in runs_fds)
+            table.add_row(
+                label,
+                *map(str, setting),
+                *(f"{mean[name]:.2f}" for name in names[:-1]),
+                f"{mean['resample'] / mean[f'top{n}']:.3f}",
+                f"{worse}/{len(runs_fds)}",
+                f"{mean['held']:.2f}",
+            )
     return table
 
 
@@ -165,10 +229,28 @@ def main() -> None:
         default=None,
         help="the ensembles' router: learned on the pooled data, or the federation's own (default per spec)",
     )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        nargs="+",
+        default=None,
+        help="generative specs: also compare samplers at these numbers of steps (default with --solver: 20)",
+    )
+    parser.add_argument(
+        "--solver",
+        nargs="+",
+        choices=SOLVERS,
+        default=None,
+        help="generative specs: and with these ODE solvers (default with --steps: euler)",
+    )
     args = parser.parse_args()
+    settings = None
+    if args.steps or args.solver:
+        settings = [(solver, steps) for solver in args.solver or ["euler"] for steps in args.steps or [20]]
     console = Console(width=140)
     for ref in args.spec or list(SETTINGS):
-        console.print(run(ref, args.seeds, args.grid, args.router))
+        for table in run(ref, args.seeds, args.grid, args.router, settings):
+            console.print(table)
 
 
 if __name__ == "__main__":

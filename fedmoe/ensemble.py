@@ -54,12 +54,16 @@ class Ensemble:
         top_k: int | None = None,
         features: torch.Tensor | None = None,
         draw: torch.Generator | None = None,
+        gumbel: torch.Tensor | None = None,
     ) -> Prediction:
         """Mix the outputs of the top-k experts (all of them when top_k is None).
 
         Routing features are `spec.featurize(inputs)` unless given. Each expert runs only on the examples
         routed to it; mixture weights are the router's probabilities renormalised over the chosen experts.
-        With `draw`, each example instead runs one expert drawn from the router's distribution (weight 1).
+        With `draw`, each example instead runs one expert drawn from the router's distribution (weight 1);
+        with `gumbel` (N, n_experts standard Gumbel noise), the expert of largest log probability plus its
+        noise (weight 1): also a draw from the router's distribution, and with the same noise over several
+        calls the expert changes only where the distribution moves past it (Gumbel-max).
         """
         k = len(self.experts) if top_k is None else top_k
         if not 1 <= k <= len(self.experts):
@@ -68,6 +72,9 @@ class Ensemble:
         route = self.router.probs(torch.as_tensor(features, dtype=torch.float32))
         if draw is not None:
             experts = torch.multinomial(route, 1, generator=draw)
+            weights = torch.ones(experts.shape)
+        elif gumbel is not None:
+            experts = (route.clamp_min(1e-30).log() + gumbel).argmax(-1, keepdim=True)
             weights = torch.ones(experts.shape)
         else:
             weights, experts = route.topk(k, dim=-1)

@@ -110,6 +110,8 @@ class RunResult:
     clients: list[dict[str, Any]] = field(default_factory=list)
     samples: dict[str, torch.Tensor] = field(default_factory=dict)  # generative specs: per contender
     quality: dict[str, dict[str, float]] = field(default_factory=dict)  # and their sample metrics
+    # generative specs: the trained paths under each kind of router (ROUTERS), for bench/quality.py's sweep
+    ensembles: dict[str, Ensemble] = field(default_factory=dict)
 
 
 def generative(spec: Spec) -> bool:
@@ -295,6 +297,12 @@ def train_experts(
     result.final = {f"top{k}": result.ensemble.score(test, min(k, n))[spec.metric] for k in experiment.top_ks}
     if generative(spec):
         score_flows(spec, experiment, result, experts, test)
+        result.ensembles = {
+            kind: result.ensemble
+            if kind == experiment.router
+            else make_ensemble(kind, spec, engine, shards, config.seed)[0]
+            for kind in ROUTERS
+        }
     branched = result.rounds[experiment.shared_rounds :]
     result.clients = [
         client_footprint(engine, c["client"])
@@ -305,8 +313,8 @@ def train_experts(
 
 
 def score_flows(spec: Spec, experiment: Experiment, result: RunResult, experts: list, test: Examples) -> None:
-    """A generative spec's final scores: the Fréchet distance of samples of each expert alone, of the routed
-    mixture of the top-k experts at every step, and of one expert re-sampled from the router at every step."""
+    """A generative spec's final scores: the Fréchet distance of samples of each expert alone and of the
+    routed ensemble's `mixture_samples`."""
     n, steps, solver, seed = (
         experiment.samples,
         experiment.sample_steps,
@@ -317,11 +325,39 @@ def score_flows(spec: Spec, experiment: Experiment, result: RunResult, experts: 
         score_samples(result, f"expert {i}", sample_model(e, spec.prior, n, steps, solver, seed), spec, test)
         for i, e in enumerate(experts)
     ]
-    for k in experiment.top_ks:
-        drawn = sample(result.ensemble, n, steps, solver, min(k, len(result.ensemble.paths)), seed=seed)
-        result.final[f"top{k}"] = score_samples(result, f"top{k}", drawn, spec, test)
-    drawn = sample(result.ensemble, n, steps, solver, resample=True, seed=seed)
-    result.final["resample"] = score_samples(result, "resample", drawn, spec, test)
+    for name, drawn in mixture_samples(result.ensemble, experiment.top_ks, n, steps, solver, seed).items():
+        result.final[name] = score_samples(result, name, drawn, spec, test)
+
+
+def mixture_samples(
+    ensemble: Ensemble, top_ks: Sequence[int], n: int, steps: int, solver: str, seed: int
+) -> dict[str, torch.Tensor]:
+    """Samples of a routed flow ensemble drawn with the same noise: mixing the top-k experts at every step
+    ("top1", "top2", ...; all of them at k = the number of paths), one expert re-sampled from the router
+    per sample and step ("resample"), and one expert per sample drawn with Gumbel noise held over the path
+    ("held")."""
+    n_paths = len(ensemble.paths)
+    drawn = {f"top{k}": sample(ensemble, n, steps, solver, min(k, n_paths), seed=seed) for k in top_ks}
+    drawn["resample"] = sample(ensemble, n, steps, solver, resample=True, seed=seed)
+    drawn["held"] = sample(ensemble, n, steps, solver, hold=True, seed=seed)
+    return drawn
+
+
+def sampler_sweep(
+    spec: Spec, experiment: Experiment, ensemble: Ensemble, settings: Sequence[tuple[str, int]], seed: int
+) -> dict[tuple[str, int], dict[str, float]]:
+    """The Fréchet distance of a routed flow ensemble's `mixture_samples` (`experiment.samples` of them, from
+    the noise of `seed`) on the spec's held-out examples, for each (solver, steps) setting."""
+    test = eval_examples(spec)
+    return {
+        (solver, steps): {
+            name: spec.sample_metrics(drawn, test)["fd"]
+            for name, drawn in mixture_samples(
+                ensemble, experiment.top_ks, experiment.samples, steps, solver, seed
+            ).items()
+        }
+        for solver, steps in settings
+    }
 
 
 def client_footprint(engine: Engine, client_id: str) -> dict[str, Any]:
@@ -367,6 +403,9 @@ class Comparison:
         if generative(self.spec):
             rows["one expert re-sampled per step"] = {
                 p: [r.final["resample"] for r in runs] for p, runs in self.experts.items()
+            }
+            rows["one expert drawn per sample, held"] = {
+                p: [r.final["held"] for r in runs] for p, runs in self.experts.items()
             }
         return rows
 

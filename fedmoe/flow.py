@@ -11,7 +11,9 @@ mixes their velocities with the router's p(k | x_t, t): exact for the per-cluste
 marginal velocity is the posterior-weighted mix of the per-cluster ones. `sample` integrates that mixture
 from noise (t = 1) to data (t = 0) with Euler or Heun steps, mixing all experts, the top-k or the top-1 at
 every step, or drawing one expert per sample and step from the router (its expected velocity is the full
-mixture's, but the drawn velocity jumps between unlike flows).
+mixture's, but the drawn velocity jumps between unlike flows), or drawing one expert per sample by Gumbel-max
+with noise held over the whole path (`hold`): at t = 1, where p(k | x_t, t) is the clusters' shares, that is
+the ancestral draw of a cluster, and the sample keeps its expert until the router moves past the draw.
 """
 
 from __future__ import annotations
@@ -218,22 +220,29 @@ def sample(
     top_k: int | None = None,
     resample: bool = False,
     seed: int = 0,
+    hold: bool = False,
 ) -> torch.Tensor:
     """`n` samples of a routed ensemble of flow experts: at every step the router's p(k | x_t, t) mixes the
-    velocities of all experts (`top_k` None), of the top-k (renormalised), or, with `resample`, of one
-    expert drawn from it per sample. Reproducible from `seed`."""
+    velocities of all experts (`top_k` None), of the top-k (renormalised), or picks one expert per sample:
+    drawn from it afresh (`resample`), or by Gumbel-max with each sample's Gumbel noise drawn once and held
+    over the path (`hold`). Reproducible from `seed`."""
     prior = ensemble.spec.prior
     if prior is None:
         raise ValueError(
             f"spec {ensemble.spec.ref or ensemble.spec.name!r} is not generative: it has no prior"
         )
+    if resample and hold:
+        raise ValueError("an expert is either re-sampled at every step or held: not both")
     generator = torch.Generator().manual_seed(seed)
     draw = generator if resample else None
+    noise = prior(n, generator)
+    uniform = torch.rand((n, len(ensemble.paths)), generator=generator) if hold else None
+    gumbel = None if uniform is None else -(-uniform.clamp(1e-12, 1 - 1e-7).log()).log()
 
     def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return ensemble.predict(with_time(x, t), top_k, draw=draw).outputs
+        return ensemble.predict(with_time(x, t), top_k, draw=draw, gumbel=gumbel).outputs
 
-    return integrate(velocity, prior(n, generator), steps, solver)
+    return integrate(velocity, noise, steps, solver)
 
 
 @torch.no_grad()

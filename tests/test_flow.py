@@ -166,6 +166,34 @@ def test_an_expert_is_drawn_per_example_from_the_router_when_resampling() -> Non
     assert (torch.bincount(drawn.experts[:, 0], minlength=K) / 2000 - expected).abs().max() < 0.03
 
 
+def test_a_gumbel_draw_follows_the_router_and_held_noise_holds_the_expert() -> None:
+    ensemble = exact_ensemble()
+    t = torch.full((2000,), 0.3)
+    inputs = with_time(marginal_points(2000, t), t)
+    gumbel = -(-torch.rand(2000, K, generator=torch.Generator().manual_seed(1)).log()).log()
+    drawn = ensemble.predict(inputs, gumbel=gumbel)
+    assert drawn.experts.shape == (2000, 1) and (drawn.weights == 1).all()
+    expected = posterior(*split_time(inputs)).mean(0)
+    assert (torch.bincount(drawn.experts[:, 0], minlength=K) / 2000 - expected).abs().max() < 0.03
+    assert torch.equal(ensemble.predict(inputs, gumbel=gumbel).experts, drawn.experts)
+
+
+def test_an_expert_held_per_sample_keeps_the_mixtures_shares_where_top1_gives_them_to_the_largest() -> None:
+    ensemble = exact_ensemble()
+
+    def shares_error(samples: torch.Tensor) -> float:
+        shares = torch.bincount(torch.cdist(samples, MEANS).argmin(1), minlength=K) / len(samples)
+        return float((shares - SHARES).abs().sum() / 2)
+
+    # at t = 1 p(k | x_t) is the shares: top-1 sends every sample to the largest cluster's expert first
+    top1 = shares_error(sample(ensemble, 1000, steps=20, top_k=1, seed=3))
+    held = shares_error(sample(ensemble, 1000, steps=20, hold=True, seed=3))
+    print(f"total variation of the cluster shares: top-1 {top1:.3f}, held {held:.3f}")
+    assert held < 0.05 and top1 > 0.25
+    with pytest.raises(ValueError, match="not both"):
+        sample(ensemble, 4, resample=True, hold=True)
+
+
 # -- the pieces ------------------------------------------------------------------------------------------
 def test_time_travels_with_flat_points_and_images() -> None:
     flat, images = torch.randn(5, 64), torch.randn(5, 1, 8, 8)
@@ -315,11 +343,11 @@ def test_the_demo_compares_flow_contenders_by_frechet_distance_and_draws_each(tm
     assert result.exit_code == 0, result.output
     assert "test fd" in result.output and "one expert re-sampled per step" in result.output
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
-    assert {"dense baseline", "ensemble top-1", "ensemble top-2", "one expert re-sampled per step"} <= set(
-        rows
-    )
+    drawn = {"one expert re-sampled per step", "one expert drawn per sample, held"}
+    assert {"dense baseline", "ensemble top-1", "ensemble top-2", *drawn} <= set(rows)
     grids = sorted(p.name for p in (tmp_path / "samples").glob("*.png"))
     assert "dense.png" in grids and "clustered-top1.png" in grids and "random-resample.png" in grids
+    assert "clustered-held.png" in grids
     assert "clustered-expert-0.png" in grids
 
 
