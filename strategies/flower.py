@@ -44,7 +44,6 @@ for _name, _value in (
 ):
     os.environ.setdefault(_name, _value)
 
-import copy  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import pickle  # noqa: E402
@@ -66,7 +65,7 @@ from fedmoe.clustering import ClusterStats, cluster_stats, histogram  # noqa: E4
 from fedmoe.compress.quant import QTensor  # noqa: E402
 from fedmoe.config import Config, InnerConfig  # noqa: E402
 from fedmoe.engine import NETWORK_SCHEMES, Engine  # noqa: E402
-from fedmoe.modular import ModularModel, Path  # noqa: E402
+from fedmoe.modular import Path  # noqa: E402
 from fedmoe.outer import Update  # noqa: E402
 from fedmoe.spec import Spec, load_spec  # noqa: E402
 from fedmoe.train import Compute  # noqa: E402
@@ -358,15 +357,14 @@ class EngineStrategy(Strategy):
 
 
 def train_content(engine: Engine, worker_ids: Sequence[str]) -> RecordDict:
-    """A node's train message: its workers' jobs (`bundle`d), what it builds its path models from ("run"),
-    and, when routing by data, the clustering it selects each worker's examples with ("routing")."""
+    """A node's train message: its workers' jobs (`bundle`d), the spec its path models are built from and
+    where they train ("run"), and, when routing by data, the clustering it selects each worker's examples
+    with ("routing")."""
     config = engine.config
     shared: dict[str, Any] = {
         "run": ConfigRecord(
             {
                 "spec": config.spec,
-                "grid": list(config.grid),
-                "config-seed": config.seed,
                 "device": config.clients.device,
                 "precision": config.clients.precision,
             }
@@ -549,11 +547,6 @@ def cached_spec(ref: str) -> Spec:
     return load_spec(ref)
 
 
-@lru_cache(maxsize=4)
-def _grid(ref: str, grid: tuple[int, ...], seed: int) -> ModularModel:
-    return cached_spec(ref).build(grid, seed)
-
-
 @lru_cache(maxsize=32)
 def node_examples(ref: str, partition: int, partitions: int) -> LocalExamples:
     """A node's own data, `spec.data(partition, partitions)`, with its routing features: loaded and computed
@@ -619,15 +612,15 @@ def train(msg: Message, context: Context) -> Message:
     worker sent the learned router ("router/" tensors) trains it on all the node's features, labelled with
     their clusters."""
     run = msg.content["run"]
-    ref, grid, seed = str(run["spec"]), tuple(int(n) for n in run["grid"]), int(run["config-seed"])
+    ref = str(run["spec"])
     examples = node_examples(ref, *node_partition(context))
     centroids, prices = decode_routing(msg.content)
     routing = None if centroids is None else (centroids, prices)
     states = context.state[STATE_KEY] if STATE_KEY in context.state else ConfigRecord()
     uploads = {}
     for worker_id, content in sorted(unbundle(msg.content).items()):
-        path_model = copy.deepcopy(_grid(ref, grid, seed).compose(Path.parse(str(content["job"]["path"]))))
         job = decode_job(content)
+        path_model = cached_spec(ref).build_path(job.path, shapes_only=job.variant.sliced)
         # the worker sent "router/" tensors also trains the learned router
         trains_router = any(name.startswith(ROUTER) for name in job.tensors)
         cluster = job_cluster(content)
