@@ -683,6 +683,13 @@ def sample(
     resample: Annotated[
         bool, typer.Option(help="Draw one expert per sample and step from the router instead of mixing.")
     ] = False,
+    hold: Annotated[
+        bool,
+        typer.Option(
+            help="Draw one expert per sample from the router (Gumbel-max) and hold its noise along the path "
+            "instead of mixing; not with --resample."
+        ),
+    ] = False,
     seed: Annotated[int, typer.Option(min=0, help="Seed of the noise (and the draws).")] = 0,
     out: Annotated[Path, typer.Option(help="The PNG grid of samples to write.")] = Path("samples.png"),
     certs: Annotated[Path | None, typer.Option(help="TLS: the directory with ca.pem.")] = None,
@@ -696,7 +703,7 @@ def sample(
     from fedmoe.v1 import inference_pb2
 
     request = inference_pb2.SampleRequest(
-        n=n, steps=steps, solver=solver, top_k=top_k, full=full, resample=resample, seed=seed
+        n=n, steps=steps, solver=solver, top_k=top_k, full=full, resample=resample, hold=hold, seed=seed
     )
     if checkpoint is not None:
         from fedmoe.ensemble import Ensemble

@@ -57,7 +57,8 @@ def predict(ensemble: Ensemble, inputs: torch.Tensor, top_k: int) -> pb.PredictR
 def draw(ensemble: Ensemble, request: pb.SampleRequest, top_k: int) -> pb.SampleReply:
     """Samples of a generative ensemble as a request asks (see inference.proto's SampleRequest).
 
-    Raises ValueError for a spec without a prior or a request out of bounds.
+    Raises ValueError for a spec without a prior, a request out of bounds, or one asking for both `resample`
+    and `hold`.
     """
     spec = ensemble.spec
     if spec.prior is None:
@@ -69,18 +70,31 @@ def draw(ensemble: Ensemble, request: pb.SampleRequest, top_k: int) -> pb.Sample
     solver = request.solver or "euler"
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; known: {', '.join(SOLVERS)}")
+    if request.resample and request.hold:
+        raise ValueError(
+            "ask for `resample` (an expert drawn per sample at every step) or `hold` (one drawn per sample "
+            "and held along its path), not both"
+        )
     k = None if request.full else (request.top_k or top_k)
     if k is not None and not 1 <= k <= len(ensemble.experts):
         raise ValueError(f"top_k must be in 1..{len(ensemble.experts)}, got {k}")
     samples = sample(
-        ensemble, request.n, request.steps or DEFAULT_STEPS, solver, k, request.resample, request.seed
+        ensemble,
+        request.n,
+        request.steps or DEFAULT_STEPS,
+        solver,
+        k,
+        resample=request.resample,
+        seed=request.seed,
+        hold=request.hold,
     )
     return pb.SampleReply(samples=samples.flatten().tolist(), shape=list(samples.shape))
 
 
 class InferenceService(pb_grpc.InferenceServicer):
     """Predict: route one example to the top-k experts and mix their outputs as the spec says. Sample: draw
-    from a generative ensemble, mixing the experts' velocities by the router at every step."""
+    from a generative ensemble, mixing the experts' velocities by the router at every step (or following one
+    expert per sample that the router draws)."""
 
     def __init__(self, ensemble: Ensemble, top_k: int = 1):
         self.ensemble, self.top_k = ensemble, top_k

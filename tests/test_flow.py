@@ -318,19 +318,31 @@ def test_a_flow_federation_over_grpc_with_an_int8_and_an_int4_half_width_client_
             stub = pb_grpc.InferenceStub(channel)
             reply = stub.Sample(pb.SampleRequest(n=8, steps=4, seed=1), timeout=60)
             full = stub.Sample(pb.SampleRequest(n=8, steps=4, seed=1, full=True, solver="heun"), timeout=60)
+            held = stub.Sample(pb.SampleRequest(n=8, steps=4, seed=1, hold=True), timeout=60)
             with pytest.raises(grpc.RpcError) as refused:
                 stub.Sample(pb.SampleRequest(n=0), timeout=60)
             assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            with pytest.raises(grpc.RpcError) as both:
+                stub.Sample(pb.SampleRequest(n=8, steps=4, resample=True, hold=True), timeout=60)
+            assert both.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "not both" in both.value.details()
         assert list(reply.shape) == [8, 64] and np.isfinite(reply.samples).all()
         expected = sample(ensemble, 8, steps=4, top_k=1, seed=1)
         assert torch.allclose(torch.tensor(list(reply.samples)).view(8, 64), expected)
         assert list(full.shape) == [8, 64]
+        # one expert per sample, held along its path: not the samples that mix every expert
+        assert list(held.shape) == [8, 64]
+        held_samples = torch.tensor(list(held.samples)).view(8, 64)
+        assert torch.allclose(held_samples, sample(ensemble, 8, steps=4, seed=1, hold=True))
+        assert not torch.allclose(held_samples, sample(ensemble, 8, steps=4, seed=1), atol=1e-3)
         out = tmp_path / "grid.png"
-        cli = CliRunner().invoke(
-            app, ["sample", "--server", address, "--n", "16", "--steps", "4", "--out", str(out)]
-        )
+        args = ["sample", "--server", address, "--n", "16", "--steps", "4", "--hold", "--out", str(out)]
+        cli = CliRunner().invoke(app, args)
         assert cli.exit_code == 0, cli.output
+        assert json.loads(cli.output) == {"samples": [16, 64], "out": str(out)}
         assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        cli = CliRunner().invoke(app, [*args, "--resample"])  # --hold reaches the service, which refuses both
+        assert cli.exit_code != 0 and "INVALID_ARGUMENT" in cli.output, cli.output
     finally:
         inference.stop(0).wait()
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66\x65\x64moe/v1/inference.proto\x12\tfedmoe.v1\"=\n\x0ePredictRequest\x12\x0e\n\x06inputs\x18\x01 \x03(\x02\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\r\n\x05top_k\x18\x03 \x01(\r\"P\n\x0cPredictReply\x12\x0f\n\x07outputs\x18\x01 \x03(\x02\x12\x0f\n\x07\x65xperts\x18\x02 \x03(\r\x12\x0f\n\x07weights\x18\x03 \x03(\x02\x12\r\n\x05paths\x18\x04 \x03(\t\"v\n\rSampleRequest\x12\t\n\x01n\x18\x01 \x01(\r\x12\r\n\x05steps\x18\x02 \x01(\r\x12\x0e\n\x06solver\x18\x03 \x01(\t\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x0c\n\x04\x66ull\x18\x05 \x01(\x08\x12\x10\n\x08resample\x18\x06 \x01(\x08\x12\x0c\n\x04seed\x18\x07 \x01(\x04\"-\n\x0bSampleReply\x12\x0f\n\x07samples\x18\x01 \x03(\x02\x12\r\n\x05shape\x18\x02 \x03(\r2\x86\x01\n\tInference\x12=\n\x07Predict\x12\x19.fedmoe.v1.PredictRequest\x1a\x17.fedmoe.v1.PredictReply\x12:\n\x06Sample\x12\x18.fedmoe.v1.SampleRequest\x1a\x16.fedmoe.v1.SampleReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66\x65\x64moe/v1/inference.proto\x12\tfedmoe.v1\"=\n\x0ePredictRequest\x12\x0e\n\x06inputs\x18\x01 \x03(\x02\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\r\n\x05top_k\x18\x03 \x01(\r\"P\n\x0cPredictReply\x12\x0f\n\x07outputs\x18\x01 \x03(\x02\x12\x0f\n\x07\x65xperts\x18\x02 \x03(\r\x12\x0f\n\x07weights\x18\x03 \x03(\x02\x12\r\n\x05paths\x18\x04 \x03(\t\"\x84\x01\n\rSampleRequest\x12\t\n\x01n\x18\x01 \x01(\r\x12\r\n\x05steps\x18\x02 \x01(\r\x12\x0e\n\x06solver\x18\x03 \x01(\t\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x0c\n\x04\x66ull\x18\x05 \x01(\x08\x12\x10\n\x08resample\x18\x06 \x01(\x08\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x0c\n\x04hold\x18\x08 \x01(\x08\"-\n\x0bSampleReply\x12\x0f\n\x07samples\x18\x01 \x03(\x02\x12\r\n\x05shape\x18\x02 \x03(\r2\x86\x01\n\tInference\x12=\n\x07Predict\x12\x19.fedmoe.v1.PredictRequest\x1a\x17.fedmoe.v1.PredictReply\x12:\n\x06Sample\x12\x18.fedmoe.v1.SampleRequest\x1a\x16.fedmoe.v1.SampleReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,10 +35,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREDICTREQUEST']._serialized_end=101
   _globals['_PREDICTREPLY']._serialized_start=103
   _globals['_PREDICTREPLY']._serialized_end=183
-  _globals['_SAMPLEREQUEST']._serialized_start=185
-  _globals['_SAMPLEREQUEST']._serialized_end=303
-  _globals['_SAMPLEREPLY']._serialized_start=305
-  _globals['_SAMPLEREPLY']._serialized_end=350
-  _globals['_INFERENCE']._serialized_start=353
-  _globals['_INFERENCE']._serialized_end=487
+  _globals['_SAMPLEREQUEST']._serialized_start=186
+  _globals['_SAMPLEREQUEST']._serialized_end=318
+  _globals['_SAMPLEREPLY']._serialized_start=320
+  _globals['_SAMPLEREPLY']._serialized_end=365
+  _globals['_INFERENCE']._serialized_start=368
+  _globals['_INFERENCE']._serialized_end=502
 # @@protoc_insertion_point(module_scope)

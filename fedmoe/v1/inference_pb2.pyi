@@ -29,7 +29,7 @@ class PredictReply(_message.Message):
     def __init__(self, outputs: _Optional[_Iterable[float]] = ..., experts: _Optional[_Iterable[int]] = ..., weights: _Optional[_Iterable[float]] = ..., paths: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SampleRequest(_message.Message):
-    __slots__ = ("n", "steps", "solver", "top_k", "full", "resample", "seed")
+    __slots__ = ("n", "steps", "solver", "top_k", "full", "resample", "seed", "hold")
     N_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     SOLVER_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +37,7 @@ class SampleRequest(_message.Message):
     FULL_FIELD_NUMBER: _ClassVar[int]
     RESAMPLE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    HOLD_FIELD_NUMBER: _ClassVar[int]
     n: int
     steps: int
     solver: str
@@ -44,7 +45,8 @@ class SampleRequest(_message.Message):
     full: bool
     resample: bool
     seed: int
-    def __init__(self, n: _Optional[int] = ..., steps: _Optional[int] = ..., solver: _Optional[str] = ..., top_k: _Optional[int] = ..., full: _Optional[bool] = ..., resample: _Optional[bool] = ..., seed: _Optional[int] = ...) -> None: ...
+    hold: bool
+    def __init__(self, n: _Optional[int] = ..., steps: _Optional[int] = ..., solver: _Optional[str] = ..., top_k: _Optional[int] = ..., full: _Optional[bool] = ..., resample: _Optional[bool] = ..., seed: _Optional[int] = ..., hold: _Optional[bool] = ...) -> None: ...
 
 class SampleReply(_message.Message):
     __slots__ = ("samples", "shape")
