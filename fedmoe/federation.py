@@ -11,7 +11,6 @@ their updates: exactly what the gRPC coordinator and the Flower strategy do over
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -113,7 +112,7 @@ def enrol(engine: Engine, clients: Sequence[LocalClient]) -> tuple[list[str], li
             routing = engine.routing_state()
             assignments = engine.assign_by_data(client_id, profile, histogram(examples.features, *routing))
         for worker_id, a in assignments.items():
-            path_model = copy.deepcopy(engine.model.compose(a.path))
+            path_model = engine.spec.build_path(a.path, shapes_only=a.variant.sliced)  # weights: in its jobs
             workers.append(
                 examples.worker(
                     path_model, a.variant, a.seed, batch_size, a.cluster, routing, a.trains_router, compute

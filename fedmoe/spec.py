@@ -211,8 +211,9 @@ class Spec:
                 model = nn.Sequential(*(make() for make in factories))
             if next(model.buffers(), None) is None:
                 return model
-        torch.manual_seed(seed)
-        return nn.Sequential(*(make() for make in factories))
+        with torch.random.fork_rng(devices=[]):  # the caller's random stream is left as it was
+            torch.manual_seed(seed)
+            return nn.Sequential(*(make() for make in factories))
 
     def outputs(self, raw: torch.Tensor) -> torch.Tensor:
         """A model's raw outputs in the form they are mixed and scored in (probabilities or values)."""
