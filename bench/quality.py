@@ -10,10 +10,11 @@ byte lower is better. Values are means over seeds.
 The flow task (`fedmoe.models.digits_flow:spec`) scores samples by Fréchet distance (FD, lower is better) in
 the feature space of the frozen digits classifier that ships with fedmoe, against the 540 held-out digits:
 each expert trains from scratch on one cluster (no shared rounds, as in DDM), the router is p(k | x_t, t) of
-the clusters as Gaussians, made from federated k-means' statistics (no router training), and the ensemble
-mixes velocities at every sampling step: all experts, the top-2, the top-1, or one expert re-sampled from the
-router per step; or each sample runs one expert drawn from the router by Gumbel-max with its noise held over
-the whole path ("held": at t = 1 a draw from the clusters' shares, kept until the router moves past it).
+the clusters as Gaussians (full covariances), made from federated k-means' statistics (no router training),
+and the ensemble mixes velocities at every sampling step: all experts, the top-2, the top-1, or one expert
+re-sampled from the router per step; or each sample runs one expert drawn from the router by Gumbel-max with
+its noise held over the whole path ("held": at t = 1 a draw from the clusters' shares, kept until the
+router moves past it).
 
     python bench/quality.py                                           # both built-in specs
     python bench/quality.py --spec fedmoe.models.digits:spec --seeds 5

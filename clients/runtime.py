@@ -44,7 +44,7 @@ from torch import nn
 
 from fedmoe.assignment import PROFILES, DeviceProfile
 from fedmoe.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from fedmoe.clustering import cluster_stats, histogram
+from fedmoe.clustering import cluster_stats, histogram, upper_triangles
 from fedmoe.config import InnerConfig
 from fedmoe.ensemble import describe_mismatch
 from fedmoe.modular import Path
@@ -727,7 +727,7 @@ class Crew:
         )
         if reply.converged:
             return
-        stats = cluster_stats(self.examples.features, *proposal_arrays(reply), reply.softness)
+        stats = cluster_stats(self.examples.features, *proposal_arrays(reply), reply.softness, reply.products)
         report = pb.ClusterReport(
             client_id=session.client_id,
             pass_number=reply.pass_number,
@@ -735,6 +735,7 @@ class Crew:
             sums=stats.sums.reshape(-1).tolist(),
             squares=stats.squares.reshape(-1).tolist(),
             soft=[] if stats.soft is None else stats.soft.tolist(),
+            products=[] if stats.products is None else upper_triangles(stats.products).tolist(),
         )
         try:
             retry(lambda: stub.Cluster(report, metadata=session.metadata, timeout=CALL_TIMEOUT_S), "cluster")

@@ -12,6 +12,11 @@ along that cluster's per-dimension spread (Linde-Buzo-Gray splitting), running L
 convergence after each split. It is deterministic: the same data gives the same centroids however it
 is spread over clients.
 
+Second moments: a clustering made for a cluster router that needs them (`second_moments`) asks, once
+converged, for one more pass against the final centroids in which clients also sum the outer products of
+their features per cluster (the upper triangle: width x (width + 1) / 2 numbers per cluster), when those
+fit in `MAX_MOMENT_VALUES`. They give each cluster's full covariance; still aggregates, never rows.
+
 Balanced k-means: once Lloyd has converged with k centroids, the centroids stay and each gets a price
 added to its squared distance, raised while it holds more than its share of the federation's examples
 and lowered while it holds fewer (dual ascent on the size constraint), until the largest cluster is
@@ -24,6 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+MAX_MOMENT_VALUES = 1 << 16  # second moments a pass may ask each client for (k x the upper triangle)
+
 
 @dataclass(frozen=True, eq=False)
 class ClusterStats:
@@ -33,12 +40,25 @@ class ClusterStats:
     sums: np.ndarray
     squares: np.ndarray
     soft: np.ndarray | None = None  # with a softness: the summed soft assignments (balanced k-means' pricing)
+    products: np.ndarray | None = None  # when asked: per cluster, the summed outer products (k, width, width)
 
     def __add__(self, other: ClusterStats) -> ClusterStats:
         soft = None if self.soft is None or other.soft is None else self.soft + other.soft
+        products = None if self.products is None or other.products is None else self.products + other.products
         return ClusterStats(
-            self.counts + other.counts, self.sums + other.sums, self.squares + other.squares, soft
+            self.counts + other.counts, self.sums + other.sums, self.squares + other.squares, soft, products
         )
+
+    def moments(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per cluster with examples: the counts, the means and the covariance matrices (full when the second
+        moments were gathered, else diagonal), and which clusters those are."""
+        counts = np.maximum(self.counts, 1.0)
+        means = self.sums / counts[:, None]
+        if self.products is not None:
+            covariances = self.products / counts[:, None, None] - means[:, :, None] * means[:, None, :]
+        else:
+            covariances = np.stack([np.diag(v) for v in self.squares / counts[:, None] - means**2])
+        return self.counts, means, covariances
 
     def check(self, k: int, width: int) -> None:
         """Raise ValueError unless these are finite statistics of `k` centroids over `width` features."""
@@ -55,6 +75,13 @@ class ClusterStats:
             raise ValueError("cluster statistics must be finite")
         if (self.counts < 0).any() or (self.squares < 0).any():
             raise ValueError("cluster counts and sums of squares cannot be negative")
+        if self.products is not None:
+            if self.products.shape != (k, width, width) or not np.isfinite(self.products).all():
+                raise ValueError(f"second moments must be finite, of shape ({k}, {width}, {width})")
+            if not np.allclose(
+                np.diagonal(self.products, axis1=1, axis2=2), self.squares, rtol=1e-6, atol=1e-9
+            ):
+                raise ValueError("second moments disagree with the sums of squares")
 
 
 def squared_distances(features: np.ndarray, centroids: np.ndarray) -> np.ndarray:
@@ -79,11 +106,13 @@ def cluster_stats(
     centroids: np.ndarray | None,
     prices: np.ndarray | None = None,
     softness: float = 0.0,
+    products: bool = False,
 ) -> ClusterStats:
     """A client's answer to a proposal: its examples' statistics per nearest centroid (None: one cluster).
 
     With a softness (balanced k-means' pricing), also the sums of the soft assignments
-    softmax(-(squared distance + price) / softness) over the centroids.
+    softmax(-(squared distance + price) / softness) over the centroids; with `products`, the sums of the
+    outer products of the features per cluster (second moments).
     """
     x = np.asarray(features, dtype=np.float64)
     k = 1 if centroids is None else len(centroids)
@@ -99,7 +128,29 @@ def cluster_stats(
     squares = np.zeros((k, x.shape[1]))
     np.add.at(sums, labels, x)
     np.add.at(squares, labels, x * x)
-    return ClusterStats(counts, sums, squares, soft)
+    outer = None
+    if products:
+        outer = np.stack([x[labels == c].T @ x[labels == c] for c in range(k)])
+    return ClusterStats(counts, sums, squares, soft, outer)
+
+
+def upper_triangles(products: np.ndarray) -> np.ndarray:
+    """Second moments (k, width, width) as they travel: each cluster's upper triangle, row-major, flat."""
+    width = products.shape[-1]
+    return products[:, *np.triu_indices(width)].reshape(-1)
+
+
+def from_upper_triangles(values: np.ndarray, k: int, width: int) -> np.ndarray:
+    """Inverse of `upper_triangles`; ValueError for the wrong number of values."""
+    values = np.asarray(values, dtype=np.float64)
+    size = width * (width + 1) // 2
+    if values.shape != (k * size,):
+        raise ValueError(f"second moments of {k} clusters over {width} features are {k * size} values")
+    rows, cols = np.triu_indices(width)
+    products = np.zeros((k, width, width))
+    products[:, rows, cols] = values.reshape(k, size)
+    products[:, cols, rows] = values.reshape(k, size)
+    return products
 
 
 def histogram(features: np.ndarray, centroids: np.ndarray, prices: np.ndarray | None = None) -> np.ndarray:
@@ -141,6 +192,7 @@ class FederatedKMeans:
         max_iter: int = 300,
         balanced: bool = False,
         balance_slack: float = 0.05,
+        second_moments: bool = False,
     ):
         if k < 1:
             raise ValueError(f"k-means needs k >= 1, got {k}")
@@ -161,12 +213,15 @@ class FederatedKMeans:
         self.pricing = False  # balanced k-means' last stage: centroids fixed, prices move
         self.softness = 0.0  # of the soft assignments the pricing asks for: a tenth of the temperature
         self.last: ClusterStats | None = None
+        self.second_moments = second_moments  # gather them in one last pass (see the module docstring)
+        self.gathering = False  # that pass is open
 
-    def proposal(self) -> tuple[np.ndarray | None, np.ndarray | None, float]:
-        """The centroids, prices and softness clients compute their statistics against (None: one cluster)."""
+    def proposal(self) -> tuple[np.ndarray | None, np.ndarray | None, float, bool]:
+        """The centroids, prices and softness clients compute their statistics against (None: one cluster),
+        and whether they also sum their second moments (`cluster_stats`'s arguments after the features)."""
         if self.centroids is None:
-            return None, None, 0.0
-        return self.centroids, self.prices, self.softness if self.pricing else 0.0
+            return None, None, 0.0, False
+        return self.centroids, self.prices, self.softness if self.pricing else 0.0, self.gathering
 
     def update(self, stats: ClusterStats) -> bool:
         """Fold in the federation's statistics for the current proposal; return whether clustering is done."""
@@ -175,6 +230,11 @@ class FederatedKMeans:
         stats.check(*((1, stats.sums.shape[-1]) if self.centroids is None else self.centroids.shape))
         self.iterations += 1
         self.stage_iterations += 1
+        if self.gathering:
+            if stats.products is None:
+                raise ValueError("this pass asks for the second moments of the features")
+            self.last, self.gathering, self.done = stats, False, True
+            return True
         if self.centroids is None:  # the first pass: one cluster, the federation's moments
             total = stats.counts.sum()
             if total <= 0:
@@ -215,6 +275,10 @@ class FederatedKMeans:
         return self._finish()
 
     def _finish(self) -> bool:
+        k, width = self.centroids.shape
+        if self.second_moments and k * width * (width + 1) // 2 <= MAX_MOMENT_VALUES:
+            self.gathering = True
+            return False
         self.done = True
         return True
 
@@ -227,7 +291,11 @@ class FederatedKMeans:
             "prices": self.prices.tolist(),
             "temperature": self.temperature,
             "iterations": self.iterations,
-            "last": {name: getattr(self.last, name).tolist() for name in ("counts", "sums", "squares")},
+            "last": {
+                name: getattr(self.last, name).tolist()
+                for name in ("counts", "sums", "squares", "products")
+                if getattr(self.last, name) is not None
+            },
         }
 
     def restore(self, state: dict[str, object]) -> None:
@@ -241,8 +309,9 @@ class FederatedKMeans:
         )
         if "last" in state:  # the converged clusters' statistics (a cluster router is made of them)
             last = state["last"]
+            products = np.asarray(last["products"], np.float64) if "products" in last else None
             self.last = ClusterStats(
-                *(np.asarray(last[n], np.float64) for n in ("counts", "sums", "squares"))
+                *(np.asarray(last[n], np.float64) for n in ("counts", "sums", "squares")), products=products
             )
 
     def _errors(self, stats: ClusterStats) -> np.ndarray:

@@ -106,7 +106,13 @@ class Engine:
         """Federated k-means from its first pass, as `config.routing` sets it (routing by data); a clustering
         whose members all went silent starts again from here."""
         routing = self.config.routing
-        return FederatedKMeans(self.config.n_paths, routing.tol, routing.max_iter, routing.balanced)
+        return FederatedKMeans(
+            self.config.n_paths,
+            routing.tol,
+            routing.max_iter,
+            routing.balanced,
+            second_moments=self.spec.cluster_router is not None,
+        )
 
     @property
     def finished(self) -> bool:
@@ -119,7 +125,7 @@ class Engine:
         """Whether paths can be assigned: federated k-means has converged (always, with paths in turn)."""
         return self.kmeans is None or self.kmeans.done
 
-    def cluster_proposal(self) -> tuple[np.ndarray | None, np.ndarray | None, float]:
+    def cluster_proposal(self) -> tuple[np.ndarray | None, np.ndarray | None, float, bool]:
         """What every client computes its `cluster_stats` against now (see `FederatedKMeans.proposal`)."""
         if self.kmeans is None or self.kmeans.done:
             raise RuntimeError("no clustering is under way")
@@ -379,11 +385,8 @@ class Engine:
         if not trained:
             raise ValueError("no client has a path yet")
         if self.spec.cluster_router is not None:
-            stats = self.kmeans.last
-            counts = stats.counts[trained]
-            means = stats.sums[trained] / counts[:, None]
-            variances = np.maximum(stats.squares[trained] / counts[:, None] - means**2, 0.0)
-            router = self.spec.cluster_router(counts, means, variances)
+            counts, means, covariances = self.kmeans.last.moments()
+            router = self.spec.cluster_router(counts[trained], means[trained], covariances[trained])
         else:
             centroids, prices = self.routing_state()
             router = CentroidRouter(centroids[trained], self.kmeans.temperature, prices[trained])

@@ -100,43 +100,60 @@ VARIANCE_FLOOR = 1e-4  # of a cluster's per-feature variance (a pixel that never
 
 
 class FlowRouter:
-    """p(k | x_t, t) of a flow whose data clusters are Gaussians N(mu_k, diag(var_k)) weighted w_k: x_t =
-    (1 - t) x_0 + t eps is then N((1 - t) mu_k, (1 - t)^2 var_k + t^2) in cluster k, and the router is that
-    mixture's posterior. Exact for Gaussian clusters, it reads routing features (x, time features of t)
-    of flat points, and is made from the federated k-means statistics alone (`posterior_router`)."""
+    """p(k | x_t, t) of a flow whose data clusters are Gaussians N(mu_k, Sigma_k) weighted w_k: x_t =
+    (1 - t) x_0 + t eps is then N((1 - t) mu_k, (1 - t)^2 Sigma_k + t^2 I) in cluster k, and the router is
+    that mixture's posterior, computed in each cluster's eigenbasis (Sigma_k = U_k diag(variances_k) U_k^T;
+    no `bases`: diagonal covariances). Exact for Gaussian clusters, it reads routing features (x, time
+    features of t) of flat points, and is made from the federated k-means statistics alone
+    (`posterior_router`)."""
 
-    def __init__(self, log_weights: torch.Tensor, means: torch.Tensor, variances: torch.Tensor):
+    def __init__(
+        self,
+        log_weights: torch.Tensor,
+        means: torch.Tensor,
+        variances: torch.Tensor,
+        bases: torch.Tensor | None = None,
+    ):
         self.log_weights = torch.as_tensor(log_weights, dtype=torch.float32)
         self.means = torch.as_tensor(means, dtype=torch.float32)
         self.variances = torch.as_tensor(variances, dtype=torch.float32).clamp_min(VARIANCE_FLOOR)
+        self.bases = None if bases is None else torch.as_tensor(bases, dtype=torch.float32)
         self.n_experts, self.dim = self.means.shape
 
     def probs(self, features: torch.Tensor) -> torch.Tensor:
         """Routing distribution for each row of (x, time features) routing features."""
         features = torch.as_tensor(features, dtype=torch.float32)
         x, t = features[:, None, : self.dim], features[:, self.dim, None, None]  # t: the first time feature
+        offset = x - (1 - t) * self.means  # (N, k, dim)
+        if self.bases is not None:
+            offset = torch.einsum("nkd,kde->nke", offset, self.bases)
         variance = (1 - t) ** 2 * self.variances + t**2
-        log_joint = -0.5 * ((x - (1 - t) * self.means) ** 2 / variance + variance.log()).sum(-1)
+        log_joint = -0.5 * (offset**2 / variance + variance.log()).sum(-1)
         return F.softmax(log_joint + self.log_weights, dim=-1)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Weights to checkpoint."""
-        return {"log_weights": self.log_weights, "means": self.means, "variances": self.variances}
+        tensors = {"log_weights": self.log_weights, "means": self.means, "variances": self.variances}
+        return tensors if self.bases is None else {**tensors, "bases": self.bases}
 
     def config(self) -> dict[str, Any]:
         """Settings to checkpoint."""
         return {"kind": "flow"}
 
 
-def posterior_router(counts: np.ndarray, means: np.ndarray, variances: np.ndarray) -> FlowRouter:
+def posterior_router(counts: np.ndarray, means: np.ndarray, covariances: np.ndarray) -> FlowRouter:
     """A flow spec's `cluster_router`: the Gaussian posterior of the federated clusters (their example
-    counts, and the means and variances of their points' routing features; the time features are dropped)."""
+    counts, and the means and covariance matrices of their points' routing features; the time features are
+    dropped). Full covariances (from the clusters' second moments) make it exact for correlated clusters."""
     counts = np.asarray(counts, dtype=np.float64)
     points = np.asarray(means).shape[1] - TIME_FEATURES
+    covariances = np.asarray(covariances, dtype=np.float64)[:, :points, :points]
+    variances, bases = np.linalg.eigh(covariances)
     return FlowRouter(
         torch.as_tensor(np.log(counts / counts.sum())),
         torch.as_tensor(np.asarray(means)[:, :points]),
-        torch.as_tensor(np.asarray(variances)[:, :points]),
+        torch.as_tensor(variances),
+        torch.as_tensor(bases),
     )
 
 

@@ -128,5 +128,7 @@ def router_from_state(
     if kind == "flow":
         from fedmoe.flow import FlowRouter  # flow models build on the ensemble, which builds on routers
 
-        return FlowRouter(tensors["log_weights"], tensors["means"], tensors["variances"])
+        return FlowRouter(
+            tensors["log_weights"], tensors["means"], tensors["variances"], tensors.get("bases")
+        )
     raise ValueError(f"unknown router kind {kind!r}")

@@ -146,10 +146,11 @@ class Spec:
     - `prior(n, generator)`: for generative specs, n starting points of sampling (a flow model's noise at
       t = 1); `sample_metrics(samples, examples)`: scores of samples against held-out examples, with "fd"
       (a Fréchet distance, lower is better) among them.
-    - `cluster_router(counts, means, variances)`: a router made from the federated clusters' statistics
-      (examples, and per routing feature the mean and variance, one row per cluster) instead of their
-      centroids: a flow spec's exact-for-Gaussians p(k | x_t, t) (`fedmoe.flow.posterior_router`). It needs
-      no training and sees no example.
+    - `cluster_router(counts, means, covariances)`: a router made from the federated clusters' statistics
+      (examples, the mean of the routing features and their covariance matrix, one per cluster) instead of
+      their centroids: a flow spec's exact-for-Gaussians p(k | x_t, t) (`fedmoe.flow.posterior_router`). It
+      needs no training and sees no example. A spec with one makes clustering gather the clusters' second
+      moments in one more pass (full covariances; diagonal when k x width^2 / 2 exceeds 65,536 numbers).
     """
 
     name: str

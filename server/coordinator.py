@@ -36,7 +36,7 @@ import numpy as np
 from fedmoe.aggregate import update_norm
 from fedmoe.assignment import DeviceProfile, assign_variant
 from fedmoe.checkpoint import CheckpointError, load_checkpoint, load_latest, save_checkpoint
-from fedmoe.clustering import ClusterStats, check_histogram
+from fedmoe.clustering import ClusterStats, check_histogram, from_upper_triangles
 from fedmoe.config import Config
 from fedmoe.engine import NETWORK_SCHEMES, Assignment, Engine
 from fedmoe.faults import crash_point
@@ -112,6 +112,7 @@ class Proposal:
     centroids: np.ndarray | None  # None: the first pass, one cluster
     prices: np.ndarray | None
     softness: float
+    products: bool  # clients also send their second moments
     converged: bool
 
 
@@ -439,7 +440,7 @@ class Coordinator:
                 )
             if engine.kmeans.done:
                 centroids, prices = engine.routing_state()
-                return Proposal(self.passes, centroids, prices, 0.0, True)
+                return Proposal(self.passes, centroids, prices, 0.0, False, True)
             if not self.clustering:
                 raise Rejected(
                     "FAILED_PRECONDITION",
@@ -456,6 +457,7 @@ class Coordinator:
         sums: np.ndarray,
         squares: np.ndarray,
         soft: np.ndarray,
+        products: np.ndarray | None = None,
     ) -> Proposal:
         """Take a member's statistics (flat, as they travel) for pass `number`; close the pass when due.
 
@@ -478,21 +480,27 @@ class Coordinator:
             if client_id in self.answers:
                 raise Rejected("ALREADY_EXISTS", f"client {client_id} already answered pass {number}")
             try:
-                stats = self.cluster_statistics(client_id, counts, sums, squares, soft)
+                stats = self.cluster_statistics(client_id, counts, sums, squares, soft, products)
             except ValueError as e:
                 raise Rejected("INVALID_ARGUMENT", f"bad cluster statistics: {e}") from None
             self.answers[client_id] = stats
             self.cluster_counts[client_id] = float(stats.counts.sum())
             self.close_pass_if_due()
             if self.engine.kmeans.done:
-                return Proposal(self.passes, *self.engine.routing_state(), 0.0, True)
+                return Proposal(self.passes, *self.engine.routing_state(), 0.0, False, True)
             return Proposal(self.passes, *self.engine.cluster_proposal(), False)
 
     def cluster_statistics(
-        self, client_id: str, counts: np.ndarray, sums: np.ndarray, squares: np.ndarray, soft: np.ndarray
+        self,
+        client_id: str,
+        counts: np.ndarray,
+        sums: np.ndarray,
+        squares: np.ndarray,
+        soft: np.ndarray,
+        products: np.ndarray | None = None,
     ) -> ClusterStats:
         """A member's flat statistics as `ClusterStats` of the open proposal's shapes, or ValueError."""
-        centroids, _, softness = self.engine.cluster_proposal()
+        centroids, _, softness, asked = self.engine.cluster_proposal()
         counts, sums, squares, soft = (
             np.asarray(a, dtype=np.float64).reshape(-1) for a in (counts, sums, squares, soft)
         )
@@ -505,8 +513,15 @@ class Coordinator:
             )
         if (len(soft) != k) if softness > 0 else len(soft):
             raise ValueError(f"{len(soft)} soft counts; expected {k if softness > 0 else 0}")
+        products = np.zeros(0) if products is None else np.asarray(products, dtype=np.float64)
+        if len(products) and not asked:
+            raise ValueError("second moments this pass does not ask for")
         stats = ClusterStats(
-            counts, sums.reshape(k, width), squares.reshape(k, width), soft if softness > 0 else None
+            counts,
+            sums.reshape(k, width),
+            squares.reshape(k, width),
+            soft if softness > 0 else None,
+            from_upper_triangles(products, k, width) if asked else None,
         )
         stats.check(k, width)
         total = counts.sum()

@@ -31,6 +31,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from fedmoe.assignment import DeviceProfile
+from fedmoe.clustering import MAX_MOMENT_VALUES
 from fedmoe.config import InnerConfig
 from fedmoe.engine import Assignment
 from fedmoe.faults import crash_point
@@ -196,6 +197,7 @@ def proposal_message(proposal: Proposal) -> pb.ProposalReply:
         prices=np.asarray(proposal.prices, dtype=np.float64).tolist(),
         softness=proposal.softness,
         converged=proposal.converged,
+        products=proposal.products,
     )
 
 
@@ -378,7 +380,13 @@ class CoordinatorService:
                 request.pass_number,
                 *(
                     np.asarray(values, dtype=np.float64)
-                    for values in (request.counts, request.sums, request.squares, request.soft)
+                    for values in (
+                        request.counts,
+                        request.sums,
+                        request.squares,
+                        request.soft,
+                        request.products[: MAX_MOMENT_VALUES + 1],  # more is refused by its length
+                    )
                 ),
             )
         except Rejected as e:

@@ -255,16 +255,18 @@ def decode_routing(content: RecordDict) -> tuple[np.ndarray | None, np.ndarray |
 
 def encode_stats(stats: ClusterStats) -> ArrayRecord:
     """A node's `ClusterStats` as an ArrayRecord."""
-    arrays = {name: Array(getattr(stats, name)) for name in ("counts", "sums", "squares")}
-    if stats.soft is not None:
-        arrays["soft"] = Array(stats.soft)
-    return ArrayRecord(arrays)
+    names = ("counts", "sums", "squares", "soft", "products")
+    return ArrayRecord(
+        {name: Array(getattr(stats, name)) for name in names if getattr(stats, name) is not None}
+    )
 
 
 def decode_stats(record: ArrayRecord) -> ClusterStats:
     """Inverse of `encode_stats` (the engine checks shapes and values)."""
-    soft = record["soft"].numpy() if "soft" in record else None
-    return ClusterStats(record["counts"].numpy(), record["sums"].numpy(), record["squares"].numpy(), soft)
+    soft, products = (record[name].numpy() if name in record else None for name in ("soft", "products"))
+    return ClusterStats(
+        record["counts"].numpy(), record["sums"].numpy(), record["squares"].numpy(), soft, products
+    )
 
 
 # -- server -----------------------------------------------------------------------------------------
@@ -421,10 +423,9 @@ def cluster(grid: Grid, engine: Engine, nodes: Sequence[int], order: Sequence[in
     """Run the engine's federated k-means to convergence, every node answering `cluster_stats` of its own
     training features; the statistics are summed in enrolment order."""
     while not engine.clustered:
-        centroids, prices, softness = engine.cluster_proposal()
-        content = RecordDict(
-            {"query": ConfigRecord({"spec": engine.config.spec, "softness": float(softness)})}
-        )
+        centroids, prices, softness, products = engine.cluster_proposal()
+        query = {"spec": engine.config.spec, "softness": float(softness), "products": products}
+        content = RecordDict({"query": ConfigRecord(query)})
         if centroids is not None:
             content["routing"] = encode_routing(centroids, prices)
         replies = ask(grid, nodes, "cluster", content)
@@ -593,7 +594,8 @@ def clustering_statistics(msg: Message, context: Context) -> Message:
     """A pass of federated k-means: this node's `cluster_stats` for the proposal in the message."""
     query = msg.content["query"]
     features = node_examples(str(query["spec"]), *node_partition(context)).features
-    stats = cluster_stats(features, *decode_routing(msg.content), float(query["softness"]))
+    routing = decode_routing(msg.content)
+    stats = cluster_stats(features, *routing, float(query["softness"]), bool(query["products"]))
     return answer(msg, context, {"stats": encode_stats(stats)})
 
 

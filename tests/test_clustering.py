@@ -9,8 +9,10 @@ from fedmoe.clustering import (
     FederatedKMeans,
     cluster_stats,
     federated_kmeans,
+    from_upper_triangles,
     histogram,
     nearest,
+    upper_triangles,
 )
 from fedmoe.data import load_digits_split
 
@@ -78,3 +80,40 @@ def test_bad_statistics_are_refused() -> None:
             kmeans.update(bad)
     kmeans.update(good)  # a refused update changed nothing
     assert kmeans.iterations == 2
+
+
+def test_second_moments_are_gathered_in_one_more_pass_and_give_each_clusters_covariance() -> None:
+    parts = unequal_parts(DIGITS[:, :24])  # 24 features: 4 x 300 upper-triangle numbers per client
+    plain = federated_kmeans(parts, 4)
+    kmeans = federated_kmeans(parts, 4, second_moments=True)
+    assert kmeans.iterations == plain.iterations + 1 and np.allclose(kmeans.centroids, plain.centroids)
+    counts, means, covariances = kmeans.last.moments()
+    labels = nearest(DIGITS[:, :24], kmeans.centroids)
+    for c in range(4):
+        mine = DIGITS[labels == c, :24]
+        assert counts[c] == len(mine) and np.allclose(means[c], mine.mean(0))
+        assert np.allclose(covariances[c], np.cov(mine.T, bias=True), atol=1e-8)
+    restored = FederatedKMeans(4)
+    restored.restore(kmeans.state())
+    assert np.array_equal(restored.last.products, kmeans.last.products)
+    flat = upper_triangles(kmeans.last.products)
+    assert flat.shape == (4 * 24 * 25 // 2,)
+    assert np.array_equal(from_upper_triangles(flat, 4, 24), kmeans.last.products)
+    with pytest.raises(ValueError, match="values"):
+        from_upper_triangles(flat[:-1], 4, 24)
+    # moments that disagree with the sums of squares, and a pass that asked for moments without them
+    asked = FederatedKMeans(2, second_moments=True)
+    while not asked.gathering:
+        asked.update(cluster_stats(DIGITS, *asked.proposal()[:3]))
+    good = cluster_stats(DIGITS, *asked.proposal())
+    with pytest.raises(ValueError, match="disagree"):
+        asked.update(ClusterStats(good.counts, good.sums, good.squares, None, good.products * 1.01))
+    with pytest.raises(ValueError, match="second moments"):
+        asked.update(cluster_stats(DIGITS, *asked.proposal()[:3]))
+    assert asked.update(good) and asked.done
+
+
+def test_second_moments_too_many_to_send_are_not_asked_for() -> None:
+    kmeans = federated_kmeans([DIGITS], 32, second_moments=True)  # 32 x 64 x 65 / 2 > 65,536 numbers
+    assert kmeans.done and kmeans.last.products is None
+    assert kmeans.last.moments()[2].shape == (32, 64, 64)  # diagonal covariances from the squares

@@ -376,12 +376,41 @@ def test_the_example_2d_flow_spec_holds_one_gaussian_per_client() -> None:
 def test_the_posterior_router_of_gaussian_cluster_statistics_is_the_exact_posterior() -> None:
     time_columns = torch.zeros(K, TIME_FEATURES)  # statistics of the time features, dropped at t = 0
     means = torch.cat([MEANS, time_columns], 1).numpy()
-    variances = torch.cat([torch.full((K, 2), SPREAD**2), time_columns], 1).numpy()
-    router = posterior_router((1000 * SHARES).numpy(), means, variances)
+    variances = torch.cat([torch.full((K, 2), SPREAD**2), time_columns], 1)
+    router = posterior_router((1000 * SHARES).numpy(), means, torch.diag_embed(variances).numpy())
     t = torch.rand(2000, generator=torch.Generator().manual_seed(3)) * 0.98 + 0.01
     x = marginal_points(2000, t, seed=4).float()
     routed = router.probs(flow_features(with_time(x, t)))
     assert (routed.double() - posterior(x, t)).abs().max() < 1e-4
+
+
+def test_with_full_covariances_the_posterior_router_is_exact_for_correlated_clusters() -> None:
+    generator = torch.Generator().manual_seed(5)
+    means = torch.randn(3, 4, generator=generator, dtype=torch.float64)
+    factors = torch.randn(3, 4, 4, generator=generator, dtype=torch.float64)
+    covariances = factors @ factors.transpose(1, 2) * 0.3 + 0.05 * torch.eye(4, dtype=torch.float64)
+    counts = torch.tensor([500.0, 300.0, 200.0], dtype=torch.float64)
+    time_columns = torch.zeros(3, TIME_FEATURES, dtype=torch.float64)
+    full = torch.zeros(3, 4 + TIME_FEATURES, 4 + TIME_FEATURES, dtype=torch.float64)
+    full[:, :4, :4] = covariances
+    router = posterior_router(counts.numpy(), torch.cat([means, time_columns], 1).numpy(), full.numpy())
+    t = torch.rand(500, generator=generator, dtype=torch.float64) * 0.98 + 0.01
+    x = torch.randn(500, 4, generator=generator, dtype=torch.float64)
+    # the exact posterior of x_t = (1 - t) x_0 + t eps, x_0 from the Gaussian mixture
+    scale = (1 - t)[:, None, None, None] ** 2 * covariances + t[:, None, None, None] ** 2 * torch.eye(4)
+    likelihood = torch.distributions.MultivariateNormal((1 - t)[:, None, None] * means, scale)
+    log_joint = likelihood.log_prob(x[:, None, :]) + (counts / counts.sum()).log()
+    exact = log_joint.softmax(-1)
+    routed = router.probs(flow_features(with_time(x.float(), t.float())))
+    assert (routed.double() - exact).abs().max() < 1e-4
+    diagonal = posterior_router(
+        counts.numpy(),
+        torch.cat([means, time_columns], 1).numpy(),
+        torch.diag_embed(full.diagonal(0, 1, 2)).numpy(),
+    )
+    assert (
+        diagonal.probs(flow_features(with_time(x.float(), t.float()))).double() - exact
+    ).abs().max() > 0.05
 
 
 def test_a_federation_samples_well_with_the_router_of_its_cluster_statistics(tmp_path) -> None:

@@ -31,9 +31,9 @@ from fedmoe.clients.runtime import (
     pull_job,
     push_frames,
 )
-from fedmoe.clustering import cluster_stats, histogram
+from fedmoe.clustering import cluster_stats, histogram, upper_triangles
 from fedmoe.security import given_enrolment
-from fedmoe.server.coordinator import Coordinator
+from fedmoe.server.coordinator import Coordinator, Rejected
 from fedmoe.server.service import start_server
 from fedmoe.v1 import coordinator_pb2 as pb
 from fedmoe.v1 import coordinator_pb2_grpc as pb_grpc
@@ -355,3 +355,33 @@ def test_a_restart_mid_clustering_starts_it_again_and_a_silent_member_is_left_ou
     assert again.workers(late) and again.action(ids[1]) == ("ASSIGN", [])
     assert again.assign(ids[1], histogram(features[1], centroids, prices))  # assigned on arrival
     assert again.action(ids[1])[0] == "TRAIN"
+
+
+def test_second_moments_are_taken_only_when_asked_and_only_of_the_right_size(tmp_path: Path) -> None:
+    flow = "fedmoe.models.digits_flow:spec"
+    config = Config(spec=flow, grid=(2,), rounds=1).with_overrides({"policy.min_clients": 1})
+    coordinator = Coordinator(config, tmp_path / "state")
+    member = coordinator.join(PROFILES["fp32"], "m", public_key=bytes(32), enrolled=True).client_id
+    spec = load_spec(flow)
+    features = spec.features(spec.data(0, 1).train)
+
+    def answer(products: np.ndarray) -> None:
+        p = coordinator.proposal(member)
+        s = cluster_stats(features, p.centroids, p.prices, p.softness)
+        soft = np.zeros(0) if s.soft is None else s.soft
+        coordinator.cluster(member, p.number, s.counts, s.sums, s.squares, soft, products)
+
+    with pytest.raises(Rejected, match="does not ask") as refused:  # the first pass asks for none
+        answer(np.ones(3))
+    assert refused.value.code == "INVALID_ARGUMENT"
+    while not coordinator.proposal(member).products:
+        answer(np.zeros(0))
+    p = coordinator.proposal(member)
+    right = upper_triangles(cluster_stats(features, p.centroids, p.prices, p.softness, True).products)
+    for wrong in (np.zeros(0), right[:-1], np.append(right, 0.0), right * 1.5):
+        with pytest.raises(Rejected) as refused:
+            answer(wrong)
+        assert refused.value.code == "INVALID_ARGUMENT"
+    assert not coordinator.engine.clustered
+    answer(right)
+    assert coordinator.engine.clustered and coordinator.engine.kmeans.last.products is not None

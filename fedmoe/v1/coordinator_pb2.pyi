@@ -200,7 +200,7 @@ class ProposalRequest(_message.Message):
     def __init__(self, client_id: _Optional[str] = ...) -> None: ...
 
 class ProposalReply(_message.Message):
-    __slots__ = ("pass_number", "first", "k", "width", "centroids", "prices", "softness", "converged")
+    __slots__ = ("pass_number", "first", "k", "width", "centroids", "prices", "softness", "converged", "products")
     PASS_NUMBER_FIELD_NUMBER: _ClassVar[int]
     FIRST_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
@@ -209,6 +209,7 @@ class ProposalReply(_message.Message):
     PRICES_FIELD_NUMBER: _ClassVar[int]
     SOFTNESS_FIELD_NUMBER: _ClassVar[int]
     CONVERGED_FIELD_NUMBER: _ClassVar[int]
+    PRODUCTS_FIELD_NUMBER: _ClassVar[int]
     pass_number: int
     first: bool
     k: int
@@ -217,23 +218,26 @@ class ProposalReply(_message.Message):
     prices: _containers.RepeatedScalarFieldContainer[float]
     softness: float
     converged: bool
-    def __init__(self, pass_number: _Optional[int] = ..., first: _Optional[bool] = ..., k: _Optional[int] = ..., width: _Optional[int] = ..., centroids: _Optional[_Iterable[float]] = ..., prices: _Optional[_Iterable[float]] = ..., softness: _Optional[float] = ..., converged: _Optional[bool] = ...) -> None: ...
+    products: bool
+    def __init__(self, pass_number: _Optional[int] = ..., first: _Optional[bool] = ..., k: _Optional[int] = ..., width: _Optional[int] = ..., centroids: _Optional[_Iterable[float]] = ..., prices: _Optional[_Iterable[float]] = ..., softness: _Optional[float] = ..., converged: _Optional[bool] = ..., products: _Optional[bool] = ...) -> None: ...
 
 class ClusterReport(_message.Message):
-    __slots__ = ("client_id", "pass_number", "counts", "sums", "squares", "soft")
+    __slots__ = ("client_id", "pass_number", "counts", "sums", "squares", "soft", "products")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     PASS_NUMBER_FIELD_NUMBER: _ClassVar[int]
     COUNTS_FIELD_NUMBER: _ClassVar[int]
     SUMS_FIELD_NUMBER: _ClassVar[int]
     SQUARES_FIELD_NUMBER: _ClassVar[int]
     SOFT_FIELD_NUMBER: _ClassVar[int]
+    PRODUCTS_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     pass_number: int
     counts: _containers.RepeatedScalarFieldContainer[float]
     sums: _containers.RepeatedScalarFieldContainer[float]
     squares: _containers.RepeatedScalarFieldContainer[float]
     soft: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, client_id: _Optional[str] = ..., pass_number: _Optional[int] = ..., counts: _Optional[_Iterable[float]] = ..., sums: _Optional[_Iterable[float]] = ..., squares: _Optional[_Iterable[float]] = ..., soft: _Optional[_Iterable[float]] = ...) -> None: ...
+    products: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, client_id: _Optional[str] = ..., pass_number: _Optional[int] = ..., counts: _Optional[_Iterable[float]] = ..., sums: _Optional[_Iterable[float]] = ..., squares: _Optional[_Iterable[float]] = ..., soft: _Optional[_Iterable[float]] = ..., products: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ClusterReply(_message.Message):
     __slots__ = ("pass_number", "converged")
