@@ -1,18 +1,26 @@
 """Load benchmark on loopback: N concurrent clients heartbeat, pull and push small signed updates to a
-coordinator running as its own process. For each N it prints RPC latency percentiles, errors and
-accepted updates per second, then the largest N held with p99 under 1 s and no errors. Then, with 32
-clients, S more members each hold a Push stream open that sends nothing (reopening it whenever the
-coordinator ends or refuses it), and the table shows heartbeat and Status latencies under that stall.
+coordinator running as its own process. A client with nothing to do waits in a held heartbeat (a
+long-poll, `HeartbeatRequest.wait_s`) until the next round opens. For each N it prints RPC latency
+percentiles (Join, Pull, Push, Status, heartbeats answered at once, and for a held heartbeat the time from
+the round's opening to its answer, the opening taken as the start of the round's last push, or join: an
+upper bound), errors, accepted updates per second, the coordinator's peak memory (VmHWM) and the cores the
+coordinator and the clients used (client threads in `--processes` processes), then the largest N held with
+p99 under 1 s and no errors. Then, with 32 clients, S more members each hold a Push stream open that sends
+nothing (reopening it whenever the coordinator ends or refuses it), and the table shows heartbeat and
+Status latencies under that stall.
 
-    python bench/load.py                      # N = 8, 32, 64, 128, 256; then S = 16, 64 stalled streams
+    python bench/load.py                      # N = 8, 32, 128, 256, 512; then S = 16, 64 stalled streams
     python bench/load.py --clients 16 64 --stalled 16 --seconds 10
+    python bench/load.py --clients 512 --stalled --train-s 20   # pushes spread over local training
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import multiprocessing as mp
 import os
+import random
 import re
 import statistics
 import subprocess
@@ -20,6 +28,8 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
+from pathlib import Path as FsPath
 
 import grpc
 import torch
@@ -39,6 +49,7 @@ from fedmoe.wire import decode_tensors
 from fedmoe.worker import Upload
 
 SPEC = load_spec(DEFAULT_SPEC)
+HOLD_S = 10.0  # how long a client asks the coordinator to hold its heartbeat while there is nothing to do
 ENROLMENT = os.environ.setdefault(
     ENROLMENT_ENV, "bench-load-enrolment-token-0123456789"
 )  # the coordinator's too
@@ -77,60 +88,84 @@ def start_coordinator(n: int, state: str) -> tuple[subprocess.Popen, int]:
     raise RuntimeError("the coordinator did not start")
 
 
-def client_loop(
-    port: int,
-    features: tuple,
-    stop: threading.Event,
-    latencies: list[float],
-    errors: list[str],
-    accepted: list[int],
-    heartbeats: list[float],
-    joined: list[int],
-    steady: threading.Event,
-) -> None:
-    """Join, then heartbeat; when told to train, pull and push a zero update (no local training:
-    this measures the coordinator).
+@dataclass
+class Level:
+    """What the threads of one level record."""
+
+    latencies: list[float] = field(default_factory=list)  # every RPC's, as a client waits for it
+    kinds: dict[str, list[float]] = field(default_factory=dict)  # the same by call: join, pull, push
+    heartbeats: list[float] = field(default_factory=list)  # heartbeats', once every member joined
+    statuses: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    accepted: list[int] = field(default_factory=list)
+    joined: list[int] = field(default_factory=list)
+    pushed: dict[int, float] = field(default_factory=dict)  # per round, when its last push started
+    # (round -1: the last join)
+    stop: threading.Event = field(default_factory=threading.Event)
+    steady: threading.Event = field(default_factory=threading.Event)  # every member joined
+
+    def pushing(self, round: int, now: float) -> None:
+        """A push for `round` starts at `now`."""
+        self.pushed[round] = max(now, self.pushed.get(round, now))
+
+
+def client_loop(port: int, features: tuple, level: Level, train_s: float, seed: int) -> None:
+    """Join, then heartbeat (held while there is nothing to do); when told to train, pull, wait as long as
+    local training would take (`train_s` x a uniform 0.5 to 1.5; 0: no wait, every client pushes at once),
+    and push a zero update (no training is done: this measures the coordinator).
     """
+    rng = random.Random(seed)
+    latencies = level.latencies
     with connect(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.CoordinatorStub(channel)
 
-        def timed(call):
+        def timed(call, kind):
             started = time.perf_counter()
             try:
                 return call()
             finally:
                 latencies.append(time.perf_counter() - started)
+                level.kinds.setdefault(kind, []).append(latencies[-1])
 
         try:
             retry = Retry(f"127.0.0.1:{port}", 30.0)
-            session = timed(lambda: join(stub, PROFILES["fp32"], "load", features, None, retry, ENROLMENT))
-            joined.append(1)
-            while not stop.is_set():
+            level.pushing(-1, time.perf_counter())  # round 0 opens once the last member joined
+            session = timed(
+                lambda: join(stub, PROFILES["fp32"], "load", features, None, retry, ENROLMENT), "join"
+            )
+            level.joined.append(1)
+            request = pb.HeartbeatRequest(client_id=session.client_id, wait_s=HOLD_S)
+            while not level.stop.is_set():
                 started = time.perf_counter()
-                beat = timed(
-                    lambda: stub.Heartbeat(
-                        pb.HeartbeatRequest(client_id=session.client_id),
-                        metadata=session.metadata,
-                        timeout=30,
-                    )
-                )
-                if steady.is_set():
-                    heartbeats.append(time.perf_counter() - started)
-                if beat.action != pb.HeartbeatReply.TRAIN:
+                beat = stub.Heartbeat(request, metadata=session.metadata, timeout=30 + HOLD_S)
+                answered = time.perf_counter()
+                train = beat.action == pb.HeartbeatReply.TRAIN
+                # held until the round opened: counted from the start of the push that closed the previous
+                # round (the last one to start; an upper bound); a WAIT comes at once, or once the hold ends
+                opened = level.pushed.get(beat.round - 1, started) if train else started
+                waited = answered - max(started, opened)
+                if train or waited < HOLD_S / 2:
+                    latencies.append(waited)
+                    if level.steady.is_set():
+                        level.heartbeats.append(waited)
+                if not train:
                     time.sleep(0.05)
                     continue
                 pull = functools.partial(pulled, stub, session.client_id, session.metadata)
-                frames = timed(functools.partial(retry, pull, "pull"))
+                frames = timed(functools.partial(retry, pull, "pull"), "pull")
+                if level.stop.wait(train_s * rng.uniform(0.5, 1.5)):
+                    break
                 a = frames[0].assignment
                 delivered = decode_tensors((f.tensor for f in frames[1:]), 1 << 30)
                 zeros = {n: quantize(torch.zeros(q.shape), q.bits) for n, q in delivered.items()}
                 upload = Upload(Path.parse(a.path), variant_of(a.variant), a.round, a.seed, 1.0, zeros, 0.0)
                 sent = list(push_frames(session, upload))  # one update id, however often retried
                 push = functools.partial(resend, stub, sent, session.metadata)
-                timed(functools.partial(retry, push, "push"))
-                accepted.append(1)
+                level.pushing(a.round, time.perf_counter())
+                timed(functools.partial(retry, push, "push"), "push")
+                level.accepted.append(1)
         except grpc.RpcError as e:
-            errors.append(f"{e.code().name}: {e.details()}")
+            level.errors.append(f"{e.code().name}: {e.details()}")
 
 
 def pulled(stub: pb_grpc.CoordinatorStub, client_id: str, metadata: tuple) -> list:
@@ -143,35 +178,48 @@ def resend(stub: pb_grpc.CoordinatorStub, frames: list, metadata: tuple) -> pb.P
     return stub.Push(iter(frames), metadata=metadata, timeout=30)
 
 
-def stalled_stream(port: int, features: tuple, stop: threading.Event, joined: list[int]) -> None:
-    """A member that keeps one Push stream open sending nothing, reopening it whenever it is ended."""
+def stalled_stream(port: int, features: tuple, level: Level) -> None:
+    """A member that keeps one Push stream open sending nothing, reopening it whenever it is ended; and
+    meanwhile, once every member joined, heartbeats every 50 ms without being held, recording how long
+    each answer takes."""
 
     def silent():
-        stop.wait()
+        level.stop.wait()
         yield from ()
+
+    def beating() -> None:
+        request = pb.HeartbeatRequest(client_id=session.client_id)
+        while not level.stop.wait(0.05):
+            started = time.perf_counter()
+            stub.Heartbeat(request, metadata=session.metadata, timeout=30)
+            if level.steady.is_set():
+                level.heartbeats.append(time.perf_counter() - started)
 
     with connect(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.CoordinatorStub(channel)
         session = join(
             stub, PROFILES["fp32"], "stalled", features, None, Retry(f"127.0.0.1:{port}"), ENROLMENT
         )
-        joined.append(1)
-        while not stop.is_set():
+        level.joined.append(1)
+        beats = threading.Thread(target=beating)
+        beats.start()
+        while not level.stop.is_set():
             try:
                 stub.Push(silent(), metadata=session.metadata, timeout=120)
             except grpc.RpcError:
-                stop.wait(0.2)  # refused (UNAVAILABLE) or ended by the coordinator's idle limit
+                level.stop.wait(0.2)  # refused (UNAVAILABLE) or ended by the coordinator's idle limit
+        beats.join()
 
 
-def status_probe(port: int, stop: threading.Event, latencies: list[float], steady: threading.Event) -> None:
+def status_probe(port: int, level: Level) -> None:
     """Once every member joined, ask for Status every 50 ms, recording how long each answer takes."""
     with connect(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.CoordinatorStub(channel)
-        while not stop.wait(0.05):
+        while not level.stop.wait(0.05):
             started = time.perf_counter()
             stub.Status(pb.StatusRequest(), timeout=30)
-            if steady.is_set():
-                latencies.append(time.perf_counter() - started)
+            if level.steady.is_set():
+                level.statuses.append(time.perf_counter() - started)
 
 
 def p99(values: list[float]) -> float:
@@ -179,40 +227,100 @@ def p99(values: list[float]) -> float:
     return statistics.quantiles(values, n=100)[98] if len(values) > 1 else float("nan")
 
 
-def run_level(n: int, seconds: float, stalled: int = 0) -> dict[str, float]:
-    """Drive n clients for `seconds` (with `stalled` more members holding silent Push streams); return
-    latency percentiles, heartbeat and Status p99, errors and accepted updates per second."""
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds process `pid` has used (its threads included)."""
+    fields = FsPath(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def peak_rss(pid: int) -> int:
+    """Process `pid`'s peak resident memory (VmHWM), bytes."""
+    found = re.search(r"VmHWM:\s+(\d+) kB", FsPath(f"/proc/{pid}/status").read_text())
+    return int(found.group(1)) * 1024
+
+
+def client_process(
+    port: int, features: tuple, share: range, train_s: float, signals: tuple, results: mp.Queue
+) -> None:
+    """Clients `share` as threads of this process, until `signals` (joined count, steady, stop) says stop;
+    then what they recorded, and this process's CPU seconds, go on `results`."""
+    joined, steady, stop = signals
+    level, cpu = Level(), time.process_time()
+    threads = [threading.Thread(target=client_loop, args=(port, features, level, train_s, i)) for i in share]
+    for t in threads:
+        t.start()
+    counted = 0
+    while not stop.wait(0.05):
+        with joined.get_lock():
+            joined.value += len(level.joined) - counted
+        counted = len(level.joined)
+        if steady.is_set():
+            level.steady.set()
+    level.stop.set()
+    for t in threads:
+        t.join(timeout=60)
+    recorded = (level.latencies, level.kinds, level.heartbeats, level.errors, len(level.accepted))
+    results.put((*recorded, time.process_time() - cpu))
+
+
+def run_level(
+    n: int, seconds: float, stalled: int = 0, train_s: float = 0.0, processes: int = 1
+) -> dict[str, float]:
+    """Drive n clients (threads of `processes` processes) for `seconds` (with `stalled` more members
+    holding silent Push streams); return latency percentiles, heartbeat and Status p99, errors, accepted
+    updates per second, the coordinator's peak memory and the cores the coordinator and the clients used."""
     # every client reports the same routing statistics
     features = SPEC.feature_statistics(SPEC.data(0, 1).train)
+    level = Level()
+    spawn = mp.get_context("spawn")  # no gRPC state crosses a fork
+    signals = (spawn.Value("i", 0), spawn.Event(), spawn.Event())
+    joined, steady, stop = signals
+    results = spawn.Queue()
     with tempfile.TemporaryDirectory() as state:
         proc, port = start_coordinator(n, state)
-        latencies: list[float] = []
-        heartbeats: list[float] = []
-        statuses: list[float] = []
-        errors: list[str] = []
-        accepted: list[int] = []
-        joined: list[int] = []
-        stop, steady = threading.Event(), threading.Event()
-        loop = (port, features, stop, latencies, errors, accepted, heartbeats, joined, steady)
-        threads = [threading.Thread(target=client_loop, args=loop) for _ in range(n)]
-        stall = (port, features, stop, joined)
-        threads += [threading.Thread(target=stalled_stream, args=stall) for _ in range(stalled)]
-        threads.append(threading.Thread(target=status_probe, args=(port, stop, statuses, steady)))
+        shares = [range(i, n, processes) for i in range(min(processes, n))]
+        workers = [
+            spawn.Process(target=client_process, args=(port, features, share, train_s, signals, results))
+            for share in shares
+        ]
+        threads = [
+            threading.Thread(target=stalled_stream, args=(port, features, level)) for _ in range(stalled)
+        ]
+        threads.append(threading.Thread(target=status_probe, args=(port, level)))
         try:
-            started = time.perf_counter()
+            started, ours, theirs = time.perf_counter(), time.process_time(), cpu_seconds(proc.pid)
+            for worker in workers:
+                worker.start()
             for t in threads:
                 t.start()
-            while len(joined) < n + stalled and time.perf_counter() - started < 60:
+            while joined.value + len(level.joined) < n + stalled and time.perf_counter() - started < 120:
                 time.sleep(0.05)
             steady.set()  # heartbeat and Status latencies count from here: every member joined
+            level.steady.set()
             time.sleep(seconds)
             stop.set()
+            level.stop.set()
+            recorded = [results.get(timeout=120) for _ in workers]
             for t in threads:
                 t.join(timeout=60)
+            for worker in workers:
+                worker.join(timeout=60)
             elapsed = time.perf_counter() - started
+            ours, theirs = time.process_time() - ours, cpu_seconds(proc.pid) - theirs
+            memory = peak_rss(proc.pid)
         finally:
             proc.kill()
             proc.wait()
+    accepted = 0
+    for latencies, kinds, heartbeats, errors, their_accepted, cpu in recorded:
+        level.latencies += latencies
+        for kind, values in kinds.items():
+            level.kinds.setdefault(kind, []).extend(values)
+        level.heartbeats += heartbeats
+        level.errors += errors
+        accepted += their_accepted
+        ours += cpu
+    latencies = level.latencies + level.statuses
     cuts = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [float("nan")] * 99
     return {
         "n": n,
@@ -220,11 +328,17 @@ def run_level(n: int, seconds: float, stalled: int = 0) -> dict[str, float]:
         "calls": len(latencies),
         "p50": cuts[49],
         "p99": cuts[98],
-        "heartbeat_p99": p99(heartbeats),
-        "status_p99": p99(statuses),
-        "errors": len(errors),
-        "updates_per_s": len(accepted) / elapsed,
-        "first_error": errors[0] if errors else "",
+        "join_p99": p99(level.kinds.get("join", [])),
+        "pull_p99": p99(level.kinds.get("pull", [])),
+        "push_p99": p99(level.kinds.get("push", [])),
+        "heartbeat_p99": p99(level.heartbeats),
+        "status_p99": p99(level.statuses),
+        "errors": len(level.errors),
+        "updates_per_s": accepted / elapsed,
+        "peak_rss": memory,
+        "coordinator_cores": theirs / elapsed,
+        "client_cores": ours / elapsed,
+        "first_error": level.errors[0] if level.errors else "",
     }
 
 
@@ -232,30 +346,43 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--clients", type=int, nargs="+", default=[8, 32, 64, 128, 256])
+    parser.add_argument("--clients", type=int, nargs="*", default=[8, 32, 128, 256, 512])
     parser.add_argument("--stalled", type=int, nargs="*", default=[16, 64], help="silent Push streams")
     parser.add_argument("--stalled-clients", type=int, default=32, help="clients beside the stalled streams")
     parser.add_argument("--seconds", type=float, default=15.0, help="load duration per level (bounded)")
+    parser.add_argument(
+        "--train-s", type=float, default=0.0, help="local training time per round (x 0.5 to 1.5 per client)"
+    )
+    parser.add_argument("--processes", type=int, default=4, help="processes the client threads run in")
     args = parser.parse_args()
-    console = Console(width=140)
-    table = Table(title=f"coordinator under load on loopback, {args.seconds:.0f} s per level")
-    columns = ("clients", "stalled streams", "RPCs", "p50 ms", "p99 ms", "heartbeat p99", "Status p99")
-    for column in (*columns, "errors", "updates/s"):
+    console = Console(width=180)
+    training = f"local training {args.train_s:g} s x 0.5-1.5" if args.train_s else "no local training"
+    table = Table(title=f"coordinator under load on loopback, {args.seconds:.0f} s per level, {training}")
+    columns = ("clients", "stalled streams", "RPCs", "p50 ms", "p99 ms", "Join p99", "Pull p99", "Push p99")
+    columns += ("heartbeat p99", "Status p99")
+    more = ("errors", "updates/s", "coordinator peak RSS MiB", "coordinator cores", "client cores")
+    for column in (*columns, *more):
         table.add_column(column, justify="right")
     held = None
     levels = [(n, 0) for n in args.clients] + [(args.stalled_clients, s) for s in args.stalled]
     for n, stalled in levels:
-        r = run_level(n, args.seconds, stalled)
+        r = run_level(n, args.seconds, stalled, args.train_s, args.processes)
         table.add_row(
             str(n),
             str(stalled),
             str(r["calls"]),
             f"{1000 * r['p50']:.1f}",
             f"{1000 * r['p99']:.1f}",
+            f"{1000 * r['join_p99']:.1f}",
+            f"{1000 * r['pull_p99']:.1f}",
+            f"{1000 * r['push_p99']:.1f}",
             f"{1000 * r['heartbeat_p99']:.1f}",
             f"{1000 * r['status_p99']:.1f}",
             str(r["errors"]),
             f"{r['updates_per_s']:.1f}",
+            f"{r['peak_rss'] / (1 << 20):.0f}",
+            f"{r['coordinator_cores']:.2f}",
+            f"{r['client_cores']:.2f}",
         )
         if r["errors"] == 0 and r["p99"] < 1.0 and not stalled:
             held = n
@@ -263,6 +390,10 @@ def main() -> None:
             console.print(f"{n} clients: first error {r['first_error']}")
     console.print(table)
     console.print(f"largest N held with p99 < 1 s and no errors: {held if held is not None else 'none'}")
+    console.print(
+        f"on {os.cpu_count()} cores, shared by the coordinator and the client threads ({args.processes} "
+        "processes; cores: CPU s / s)"
+    )
 
 
 if __name__ == "__main__":

@@ -19,8 +19,8 @@ from rich.table import Table
 
 from fedmoe.aggregate import aggregate
 from fedmoe.assignment import PROFILES
-from fedmoe.clients.runtime import connect, join, push_frames
-from fedmoe.compress.quant import quantize
+from fedmoe.clients.runtime import connect, coordinator_stub, join, pull_job, push_frames
+from fedmoe.compress.quant import QTensor, quantize
 from fedmoe.config import Config
 from fedmoe.models.classifier import mlp_levels
 from fedmoe.modular import Path
@@ -28,9 +28,7 @@ from fedmoe.security import enrolment_token
 from fedmoe.server.coordinator import Coordinator
 from fedmoe.server.service import start_server
 from fedmoe.spec import Examples, Spec
-from fedmoe.v1 import coordinator_pb2 as pb
-from fedmoe.v1 import coordinator_pb2_grpc as pb_grpc
-from fedmoe.wire import CHUNK_BYTES, decode_tensors
+from fedmoe.wire import CHUNK_BYTES
 from fedmoe.worker import Upload, Variant
 
 REPEATS = 3
@@ -81,23 +79,22 @@ def pull_push_seconds() -> tuple[int, float, float]:
         server, port = start_server(coordinator, "127.0.0.1:0")
         try:
             with connect(f"127.0.0.1:{port}") as channel:
-                stub = pb_grpc.CoordinatorStub(channel)
+                stub = coordinator_stub(channel)
                 enrolment = enrolment_token(state)
                 sessions = [
                     join(stub, PROFILES["fp32"], f"bench{i}", features, enrolment=enrolment) for i in range(2)
                 ]
+                a = sessions[0].assignment
                 pulls, pushes = [], []
                 for _ in range(REPEATS):
                     started = time.perf_counter()
-                    frames = list(
-                        stub.Pull(
-                            pb.PullRequest(client_id=sessions[0].client_id), metadata=sessions[0].metadata
-                        )
-                    )
-                    tensors = decode_tensors((f.tensor for f in frames[1:]), 1 << 32)
+                    job = pull_job(stub, sessions[0])
                     pulls.append(time.perf_counter() - started)
-                    a = sessions[0].assignment
-                    upload = Upload(Path.parse(a.path), Variant(), 0, a.seed, 1.0, tensors, 0.0)
+                    # new QTensors, which the client hashes to sign them, as it does a trained update
+                    tensors = {
+                        n: QTensor(q.bits, q.shape, q.payload, q.scales) for n, q in job.tensors.items()
+                    }
+                    upload = Upload(job.path, Variant(), 0, a.seed, 1.0, tensors, 0.0)
                     started = time.perf_counter()
                     stub.Push(push_frames(sessions[0], upload), metadata=sessions[0].metadata)
                     pushes.append(time.perf_counter() - started)
@@ -141,7 +138,7 @@ def main() -> None:
     for name, seconds in (
         ("raw gRPC byte stream", raw_s),
         ("Pull (stream + checksum + decode)", pull_s),
-        ("Push (stream + decode + durable write)", push_s),
+        ("Push (sign + stream + checksum + checks + durable write)", push_s),
     ):
         table.add_row(name, f"{seconds:.2f}", f"{mb / seconds:.0f}", f"{(mb / seconds) / (mb / raw_s):.2f}")
     console.print(table)

@@ -45,6 +45,7 @@ from torch import nn
 from fedmoe.assignment import PROFILES, DeviceProfile
 from fedmoe.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fedmoe.clustering import cluster_stats, histogram, upper_triangles
+from fedmoe.compress.quant import QTensor
 from fedmoe.config import InnerConfig
 from fedmoe.ensemble import describe_mismatch
 from fedmoe.modular import Path
@@ -62,7 +63,7 @@ from fedmoe.spec import Batch, ClientData, Examples, Spec, cross_entropy, load_s
 from fedmoe.train import Compute
 from fedmoe.v1 import coordinator_pb2 as pb
 from fedmoe.v1 import coordinator_pb2_grpc as pb_grpc
-from fedmoe.wire import decode_tensors, encode_tensors
+from fedmoe.wire import chunk_view, decode_tensors, encode_tensors, hash_tensors, read_ahead
 from fedmoe.worker import (
     Job,
     LocalExamples,
@@ -70,7 +71,6 @@ from fedmoe.worker import (
     Variant,
     Worker,
     load_upload,
-    round_masks,
     signed_fields,
     upload_state,
 )
@@ -82,6 +82,7 @@ RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grp
 SCHEMES = ("http://", "https://", "grpc://", "grpcs://")
 MAX_PULL_BYTES = 4 << 30
 CALL_TIMEOUT_S = 30.0
+HOLD_S = 30.0  # how long the coordinator may hold a heartbeat while there is nothing to do (a long-poll)
 STREAM_TIMEOUT_S = 600.0
 PROBE_EXAMPLES = 8  # examples of an `Examples` run through the model to check its inputs
 
@@ -507,6 +508,25 @@ def connect(server: str, certs: str | None = None, cert_name: str | None = None)
     return grpc.insecure_channel(server, options=options)
 
 
+def coordinator_stub(channel: grpc.Channel) -> pb_grpc.CoordinatorStub:
+    """The coordinator's stub on `channel`, its Pull frames read by `pull_frame` (`pull_job` takes a plain
+    generated stub too)."""
+    stub = pb_grpc.CoordinatorStub(channel)
+    stub.Pull = channel.unary_stream(
+        f"/{pb.DESCRIPTOR.services_by_name['Coordinator'].full_name}/Pull",
+        request_serializer=pb.PullRequest.SerializeToString,
+        response_deserializer=pull_frame,
+    )
+    return stub
+
+
+def pull_frame(data: bytes) -> pb.PullFrame | memoryview:
+    """A Pull frame as it arrives: a chunk frame's data as a view into the message (`chunk_view`: no parse,
+    no copy), any other frame parsed."""
+    view = chunk_view(data)
+    return pb.PullFrame.FromString(data) if view is None else view
+
+
 def profile_message(profile: DeviceProfile) -> pb.DeviceProfile:
     """The wire form of a device profile."""
     return pb.DeviceProfile(
@@ -569,23 +589,24 @@ def variant_of(message: pb.Variant) -> Variant:
 
 
 def pull_job(
-    stub: pb_grpc.CoordinatorStub,
-    session: Session,
-    path_model: nn.Module,
-    retry: Retry | None = None,
-    worker_id: str = "",
+    stub: pb_grpc.CoordinatorStub, session: Session, retry: Retry | None = None, worker_id: str = ""
 ) -> Job:
-    """Pull a worker's assignment and weights for this round (worker "": the client's one path): the job,
-    its masks recomputed from (variant, round, seed)."""
+    """Pull a worker's assignment and weights for this round (worker "": the client's one path): its job (a
+    width or dense sub-model's, without masks: see `Job`)."""
     retry = retry or Retry("coordinator")
     request = pb.PullRequest(client_id=session.client_id, worker_id=worker_id)
-    frames = retry(
-        lambda: list(stub.Pull(request, metadata=session.metadata, timeout=STREAM_TIMEOUT_S)), "pull"
-    )
-    if not frames or frames[0].WhichOneof("frame") != "assignment":
-        raise ValueError("the coordinator's Pull stream did not start with an assignment")
-    a = frames[0].assignment
-    tensors = decode_tensors((f.tensor for f in frames[1:]), MAX_PULL_BYTES)
+
+    def pulled() -> tuple[pb.Assignment, dict[str, QTensor]]:
+        """The assignment and its tensors, decoded (and hashed) as their frames arrive."""
+        call = stub.Pull(request, metadata=session.metadata, timeout=STREAM_TIMEOUT_S)
+        frames = read_ahead(call, call.cancel)
+        first = next(frames, None)
+        if not isinstance(first, pb.PullFrame) or first.WhichOneof("frame") != "assignment":
+            raise ValueError("the coordinator's Pull stream did not start with an assignment")
+        tensor_frames = (f if isinstance(f, memoryview) else f.tensor for f in frames)
+        return first.assignment, decode_tensors(tensor_frames, MAX_PULL_BYTES)
+
+    a, tensors = retry(pulled, "pull")
     variant = variant_of(a.variant)
     inner = InnerConfig(
         steps=a.inner_steps,
@@ -594,8 +615,7 @@ def pull_job(
         batch_size=a.batch_size,
         grad_clip=a.grad_clip,
     )
-    masks = round_masks(path_model, variant, a.round, a.seed)
-    return Job(Path.parse(a.path), variant, a.round, a.seed, inner, tensors, masks)
+    return Job(Path.parse(a.path), variant, a.round, a.seed, inner, tensors)
 
 
 def push(
@@ -610,9 +630,10 @@ def push_frames(
     session: Session, upload: Upload, update_id: str | None = None, worker_id: str = ""
 ) -> Iterator[pb.PushFrame]:
     """A push of a worker's update (worker "": the client's one path): the signed header, then the tensor
-    stream."""
+    stream (each tensor hashed once, for the signature and the wire's checksum)."""
     v = upload.variant
     update_id = update_id or uuid.uuid4().hex
+    hash_tensors(upload.tensors.values())
     digest = update_digest(signed_fields(worker_id or session.client_id, update_id, upload), upload.tensors)
     header = pb.PushHeader(
         client_id=session.client_id,
@@ -628,8 +649,7 @@ def push_frames(
         evaluation=upload.evaluation,
     )
     yield pb.PushFrame(header=header)
-    for frame in encode_tensors(upload.tensors):
-        yield pb.PushFrame(tensor=frame)
+    yield from encode_tensors(upload.tensors, into=pb.PushFrame)
 
 
 # -- routing by data ------------------------------------------------------------------------
@@ -849,7 +869,8 @@ def run(
     - `device` ("auto": cuda, else mps, else cpu) and `precision` ("fp32", "bf16", "fp16" on CUDA): where and
       how this machine trains (see `fedmoe.train.Compute`); what it sends is the same fp32-derived update.
     - `retry_s`: how long an unreachable coordinator is retried (a WARNING per retry) before ConnectionError;
-      `timeout_s`: an overall limit (None: none). `poll_s`: the wait between heartbeats while waiting.
+      `timeout_s`: an overall limit (None: none). `poll_s`: the least time between two heartbeats while
+      waiting (the coordinator holds a heartbeat until there is something to do, up to `HOLD_S`).
 
     Raises TypeError/ValueError, naming the fix, for anything wrong that can be found before joining.
     Returns a summary: client id, spec, routing, path(s), variant, examples (weight), rounds trained, bytes
@@ -866,7 +887,7 @@ def run(
     if enrolment is None:
         enrolment = given_enrolment(certs)
     with connect(server, certs, cert_name) as channel:
-        stub = pb_grpc.CoordinatorStub(channel)
+        stub = coordinator_stub(channel)
         model, routing = describe_coordinator(stub, retry)
         if spec is None:
             if not model["spec"]:
@@ -967,14 +988,17 @@ def train_until_done(
     update of each worker the open round lacks. The rounds each worker sent an update of, bytes sent."""
     trained: dict[str, list[int]] = {}
     uploaded = 0
-    heartbeat = pb.HeartbeatRequest(client_id=session.client_id)
     actions = pb.HeartbeatReply
     while True:
-        if time.monotonic() > retry.deadline:
+        asked = time.monotonic()
+        if asked > retry.deadline:
             raise TimeoutError(f"training did not finish within {timeout_s:g} s (timeout_s)")
-        beat = retry(
-            lambda: stub.Heartbeat(heartbeat, metadata=session.metadata, timeout=CALL_TIMEOUT_S), "heartbeat"
+        hold = min(HOLD_S, retry.deadline - asked)
+        heartbeat = pb.HeartbeatRequest(client_id=session.client_id, wait_s=hold)
+        call = functools.partial(
+            stub.Heartbeat, heartbeat, metadata=session.metadata, timeout=CALL_TIMEOUT_S + hold
         )
+        beat = retry(call, "heartbeat")
         if beat.action == actions.DONE:
             return trained, uploaded
         crew.forget(beat.round)
@@ -986,8 +1010,8 @@ def train_until_done(
             if not crew.assign(stub, session, retry):
                 time.sleep(poll_s)
             continue
-        if not todo:
-            time.sleep(poll_s)
+        if not todo:  # a WAIT answered early (the coordinator did not hold it): not again at once
+            time.sleep(max(0.0, asked + poll_s - time.monotonic()))
             continue
         for worker_id in todo:
             sent = send_update(stub, session, crew, worker_id, beat.round, retry, trained)
@@ -1012,7 +1036,7 @@ def send_update(
     held = crew.held.get(worker_id)
     if held is None or held.acknowledged and held.upload.round != open_round:
         worker = crew.workers[worker_id]
-        upload = worker.train_round(pull_job(stub, session, worker.path_model, retry, worker_id))
+        upload = worker.train_round(pull_job(stub, session, retry, worker_id))
         held = Held(upload, uuid.uuid4().hex)  # one id for every send of this update, restarts included
         crew.keep(worker_id, held)
     else:

@@ -6,6 +6,10 @@ module) after dequantizing, so masks and bit-widths mix freely:
 - "median": the coordinate-wise median;
 - "trimmed-mean": drop the `trim` fraction of largest and of smallest values per coordinate, average the rest.
 `clip_norm` first scales down every update whose outer-gradient norm is above it.
+
+`Aggregation` combines updates as they arrive (the coordinator folds in each update once it is durable): the
+mean keeps a running weighted sum per parameter, so its memory is that of the grid whatever the number of
+updates; the median and the trimmed mean need every value of a coordinate and keep each update.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from fedmoe.modular import ModularModel
-from fedmoe.outer import ModuleStates, Update, average_updates
+from fedmoe.outer import ModuleStates, Update
 from fedmoe.worker import Upload, decode
 
 RULES = ("mean", "median", "trimmed-mean")
@@ -41,13 +45,79 @@ def combine(
     updates: Sequence[Update], rule: str = "mean", trim: float = 0.2, clip_norm: float | None = None
 ) -> tuple[ModuleStates, ModuleStates]:
     """`aggregate` for updates already decoded (full-shaped outer gradients with their masks)."""
-    if rule not in RULES:
-        raise ValueError(f"unknown aggregation rule {rule!r}; known: {', '.join(RULES)}")
-    if clip_norm is not None:
-        updates = [clipped(u, clip_norm) for u in updates]
-    if rule == "mean":
-        return average_updates(updates)
-    return robust_average(updates, rule, trim)
+    aggregation = Aggregation(rule, trim, clip_norm)
+    for update in updates:
+        aggregation.add(update)
+    return aggregation.result()
+
+
+class Aggregation:
+    """Updates combined one at a time as they arrive (`add`), by `rule` after clipping to `clip_norm`;
+    `result` is the weighted mean over the updates holding each coordinate (or `robust_average` of them),
+    bit for bit what computing it from all the updates at once in the same order gives.
+
+    The mean keeps per parameter a running sum of weight x outer gradient and the weight summed per
+    coordinate (a single number while every update held the parameter whole): its memory is one grid,
+    whatever the number of updates. The median and the trimmed mean need every value of a coordinate: they
+    keep each (clipped) update, one grid per update.
+    """
+
+    def __init__(self, rule: str = "mean", trim: float = 0.2, clip_norm: float | None = None):
+        if rule not in RULES:
+            raise ValueError(f"unknown aggregation rule {rule!r}; known: {', '.join(RULES)}")
+        if not 0 <= trim < 0.5:
+            raise ValueError(f"trim must be in [0, 0.5), got {trim}")
+        self.rule, self.trim, self.clip_norm = rule, trim, clip_norm
+        self.sums: ModuleStates = {}  # the mean: per parameter, the sum of weight x outer gradient
+        self.totals: ModuleStates = {}  # and the weight summed per coordinate (0-d while held whole)
+        self.kept: list[Update] = []  # the median and the trimmed mean: every update
+        self.counts: dict[str, int] = {}  # per module, the updates that hold it
+
+    def add(self, update: Update) -> None:
+        """Fold in one update (ValueError for a weight that is not positive)."""
+        if not update.weight > 0:
+            raise ValueError(f"update weight must be positive, got {update.weight}")
+        if self.clip_norm is not None:
+            update = clipped(update, self.clip_norm)
+        for key in update.deltas:
+            self.counts[key] = self.counts.get(key, 0) + 1
+        if self.rule != "mean":
+            self.kept.append(update)
+            return
+        masks = update.masks or {}
+        for key, state in update.deltas.items():
+            sums, totals = self.sums.setdefault(key, {}), self.totals.setdefault(key, {})
+            for name, t in state.items():
+                mask = masks.get(key, {}).get(name)
+                weight = torch.tensor(update.weight, dtype=t.dtype)
+                weights = weight if mask is None else mask.to(t.dtype) * weight
+                if name in sums:
+                    sums[name] += weights * t
+                    totals[name] = totals[name] + weights
+                else:
+                    sums[name], totals[name] = weights * t, weights
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensors it holds."""
+        held = [*self.sums.values(), *self.totals.values()]
+        for update in self.kept:
+            held += [*update.deltas.values(), *(update.masks or {}).values()]
+        return sum(t.nbytes for state in held for t in state.values())
+
+    def result(self) -> tuple[ModuleStates, ModuleStates]:
+        """(outer gradient, held) per module: pass both to `OuterOptimizer.step`, which leaves coordinates
+        that no update held, and their momentum, as they were."""
+        if self.rule != "mean":
+            return robust_average(self.kept, self.rule, self.trim)
+        mean: ModuleStates = {}
+        held: ModuleStates = {}
+        for key, sums in self.sums.items():
+            for name, s in sums.items():
+                total = self.totals[key][name]
+                mean.setdefault(key, {})[name] = torch.where(total > 0, s / total.clamp_min(1e-30), 0.0)
+                held.setdefault(key, {})[name] = (total > 0).expand(s.shape).clone()
+        return mean, held
 
 
 def update_norm(update: Update) -> float:

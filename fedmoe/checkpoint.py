@@ -3,6 +3,9 @@ written atomically (the manifest is the commit point).
 
 With `keep_previous`, a save keeps the generation before it (manifest.prev.json and its weights), and
 `load_latest` falls back to it when the newest is torn or corrupt.
+
+`save_records` stores named byte strings the same way, in one data file whose records the caller's sha256s
+check (`load_records`): bytes that arrived with a verified digest are written without a second pass.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import hashlib
 import json
 import os
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +22,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 FORMAT = "fedmoe-checkpoint/1"
+RECORDS_FORMAT = "fedmoe-records/1"
 MANIFEST = "manifest.json"
 PREVIOUS = "manifest.prev.json"
 RESERVED = frozenset({"format", "weights", "sha256", "tensors"})
+RECORDS_RESERVED = frozenset({"format", "data", "records"})
 _TMP_PREFIX = ".tmp-"
 
 
@@ -93,7 +98,7 @@ def save_checkpoint(
     }
 
     def write_manifest(tmp: Path) -> str:
-        tmp.write_text(json.dumps(full, indent=2), encoding="utf-8")
+        tmp.write_text(json.dumps(full), encoding="utf-8")
         return MANIFEST
 
     current = directory / MANIFEST
@@ -142,14 +147,7 @@ def load_checkpoint(
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Load and verify the checkpoint in directory; returns (tensors, whole manifest)."""
     path = Path(directory) / manifest_name
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"missing checkpoint manifest {path}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"corrupt checkpoint manifest {path}: {e}") from e
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a {FORMAT} manifest")
+    manifest = _read_manifest(path, FORMAT)
     name = manifest.get("weights")
     if not isinstance(name, str) or Path(name).name != name or not isinstance(manifest.get("tensors"), dict):
         raise CheckpointError(f"{path}: bad 'weights' or 'tensors' entry")
@@ -169,3 +167,87 @@ def load_checkpoint(
     if found != manifest["tensors"]:
         raise CheckpointError(f"tensors in {weights} do not match the names/dtypes/shapes in {path}")
     return tensors, manifest
+
+
+def _read_manifest(path: Path, form: str) -> dict[str, Any]:
+    """The manifest at path, of format `form`; CheckpointError when missing, unreadable or of another."""
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"missing checkpoint manifest {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"corrupt checkpoint manifest {path}: {e}") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != form:
+        raise CheckpointError(f"{path}: not a {form} manifest")
+    return manifest
+
+
+def save_records(
+    directory: str | os.PathLike,
+    records: Mapping[str, Sequence[bytes]],
+    sha256: Mapping[str, bytes],
+    manifest: Mapping[str, Any],
+) -> Path:
+    """Atomically write named byte records and a manifest to directory: the records back to back in one data
+    file (each given as parts, written as they are), then the manifest, the commit point, with each
+    record's offset, length and sha256.
+
+    `sha256` holds each record's digest (of its parts joined), as the caller knows it: a received tensor's,
+    verified on arrival, costs no second pass over its bytes. `load_records` checks them.
+    """
+    clash = RECORDS_RESERVED.intersection(manifest)
+    if clash:
+        raise ValueError(f"manifest keys {sorted(clash)} are reserved for the records format")
+    json.dumps(dict(manifest))  # raises TypeError before anything is written
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    entries, offset = {}, 0
+    for name, parts in records.items():
+        size = sum(len(part) for part in parts)
+        entries[name] = {"offset": offset, "bytes": size, "sha256": sha256[name].hex()}
+        offset += size
+
+    def write_data(tmp: Path) -> str:
+        with open(tmp, "wb") as f:
+            for parts in records.values():
+                f.writelines(parts)
+        return f"records-{uuid.uuid4().hex[:16]}.bin"
+
+    data = _commit(directory, write_data)
+    full = {**manifest, "format": RECORDS_FORMAT, "data": data, "records": entries}
+
+    def write_manifest(tmp: Path) -> str:
+        tmp.write_text(json.dumps(full), encoding="utf-8")
+        return MANIFEST
+
+    _commit(directory, write_manifest)  # the commit point
+    for path in directory.iterdir():
+        if path.name.startswith(_TMP_PREFIX) or path.name.startswith("records-") and path.name != data:
+            path.unlink(missing_ok=True)
+    return directory
+
+
+def load_records(directory: str | os.PathLike) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """Load and verify what `save_records` wrote to directory: (records, whole manifest)."""
+    path = Path(directory) / MANIFEST
+    manifest = _read_manifest(path, RECORDS_FORMAT)
+    name, entries = manifest.get("data"), manifest.get("records")
+    if not isinstance(name, str) or Path(name).name != name or not isinstance(entries, dict):
+        raise CheckpointError(f"{path}: bad 'data' or 'records' entry")
+    data = path.parent / name
+    records, torn = {}, []
+    try:
+        with open(data, "rb") as f:
+            for record, entry in entries.items():
+                f.seek(entry["offset"])
+                blob = f.read(entry["bytes"])
+                if len(blob) != entry["bytes"] or hashlib.sha256(blob).hexdigest() != entry["sha256"]:
+                    torn.append(record)
+                records[record] = blob
+    except OSError as e:
+        raise CheckpointError(f"cannot read the data file {data} named by {path}: {e}") from None
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: bad record entry: {e}") from None
+    if torn:
+        raise CheckpointError(f"records {torn[:8]} of {data} are torn or corrupt (sha256 mismatch)")
+    return records, manifest

@@ -3,11 +3,12 @@
 `Engine` owns the grid and the round counter. It assigns each client a path (load balance over the
 paths, in enrolment order) and a variant (the densest its device profile fits), makes what a client
 receives each round (`job`), decodes and checks what it sends back (`decode`), aggregates a round's
-updates with the configured rule and takes the DiLoCo outer step (`close_round`), and builds the routed
-ensemble from federated feature statistics (each client's sum and count of routing features, never
-its data). The in-process runner (`fedmoe.federation`), the gRPC coordinator (`fedmoe.server`) and the
-Flower strategy (`fedmoe.strategies.flower`) are thin drivers around it: they differ in transport,
-membership and persistence, not in the algorithm.
+updates with the configured rule, all at once or as they arrive (`aggregation`), takes the DiLoCo outer
+step (`close_round`, `close_aggregated`), and builds the routed ensemble from federated feature statistics
+(each client's sum and count of routing features, never its data). The in-process runner
+(`fedmoe.federation`), the gRPC coordinator (`fedmoe.server`) and the Flower strategy
+(`fedmoe.strategies.flower`) are thin drivers around it: they differ in transport, membership and
+persistence, not in the algorithm.
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedmoe.aggregate import combine
+from fedmoe.aggregate import Aggregation
 from fedmoe.assignment import DeviceProfile, assign_variant
 from fedmoe.clustering import ClusterStats, FederatedKMeans, check_histogram
 from fedmoe.compress.prune import held_shape
-from fedmoe.compress.quant import dequantize, quantize
+from fedmoe.compress.quant import QTensor, dequantize, quantize
 from fedmoe.config import Config, InnerConfig, resolve_outer
 from fedmoe.ensemble import Ensemble
 from fedmoe.modular import ModularModel, Path
@@ -78,6 +79,25 @@ class Assignment:
             int(d.get("examples", 0)),
             bool(d.get("trains_router", False)),
         )
+
+
+@dataclass(frozen=True)
+class Received:
+    """What closing a round needs of an upload besides its outer gradient (aggregated as it arrives): its
+    weight, inner loss, evaluation and bytes, and the learned router's tensors when it trains the router
+    (small: features x paths)."""
+
+    weight: float
+    loss: float
+    evaluation: dict[str, float]
+    nbytes: int
+    router: dict[str, QTensor]
+
+    @classmethod
+    def of(cls, upload: Upload) -> Received:
+        """What `upload` leaves once its outer gradient is aggregated."""
+        router = {n[len(ROUTER) :]: q for n, q in upload.tensors.items() if n.startswith(ROUTER)}
+        return cls(upload.weight, upload.loss, dict(upload.evaluation), upload.nbytes, router)
 
 
 class Engine:
@@ -302,45 +322,54 @@ class Engine:
         quorum = max(1, int(np.ceil(policy.quorum * members)))
         return pending >= quorum or elapsed_s >= policy.deadline_s
 
+    def aggregation(self) -> Aggregation:
+        """An empty aggregation by the configured rule, for the open round's updates as they arrive."""
+        agg = self.config.aggregation
+        return Aggregation(agg.rule, agg.trim, agg.clip_norm)
+
     def close_round(self, uploads: Sequence[Upload], updates: Sequence[Update]) -> dict[str, Any]:
-        """Aggregate the round's updates with the configured rule, take the outer step, open the next round.
+        """Aggregate the round's updates (decoded from `uploads`, in this order) with the configured rule,
+        take the outer step, open the next round; the round's metrics (see `close_aggregated`)."""
+        aggregation = self.aggregation()
+        for update in updates:
+            aggregation.add(update)
+        return self.close_aggregated(aggregation, [Received.of(upload) for upload in uploads])
+
+    def close_aggregated(self, aggregation: Aggregation, received: Sequence[Received]) -> dict[str, Any]:
+        """Take the outer step with the round's aggregated updates (what `received` describes, in enrolment
+        order), average the learned router, open the next round.
 
         The first call fixes the outer step's lr and momentum by `resolve_outer`. Returns the round's metrics:
         updates, mean inner loss, upload bytes, and the ensemble's metrics on the spec's eval set when it has
         one.
         """
-        if not updates:
+        if not received or not aggregation.counts:
             raise ValueError("a round closes with at least one update")
         if self.outer_choice is None:
-            per_module: dict[str, int] = {}
-            for update in updates:
-                for key in update.deltas:
-                    per_module[key] = per_module.get(key, 0) + 1
-            self.set_outer(*resolve_outer(self.config.outer, max(per_module.values())))
-        agg = self.config.aggregation
-        self.outer.step(*combine(updates, agg.rule, agg.trim, agg.clip_norm))
-        self.average_router(uploads)
+            self.set_outer(*resolve_outer(self.config.outer, max(aggregation.counts.values())))
+        self.outer.step(*aggregation.result())
+        self.average_router(received)
         metrics: dict[str, Any] = {
             "round": self.round + 1,
-            "updates": len(updates),
-            "loss": float(np.mean([u.loss for u in uploads])),
-            "upload_bytes": sum(u.nbytes for u in uploads),
+            "updates": len(received),
+            "loss": float(np.mean([r.loss for r in received])),
+            "upload_bytes": sum(r.nbytes for r in received),
         }
-        metrics.update(client_evaluation(uploads))
+        metrics.update(client_evaluation(received))
         self.round += 1
         if self.spec.eval_data is not None and self.has_router:
             metrics.update(self.evaluate())
         return metrics
 
-    def average_router(self, uploads: Sequence[Upload]) -> None:
+    def average_router(self, received: Sequence[Received]) -> None:
         """FedAvg of the learned router: subtract the mean of the router changes, weighted by examples."""
-        sent = [(u.weight, u.tensors) for u in uploads if any(n.startswith(ROUTER) for n in u.tensors)]
+        sent = [(r.weight, r.router) for r in received if r.router]
         if self.router_model is None or not sent:
             return
         total = sum(w for w, _ in sent)
         with torch.no_grad():
             for name, p in self.router_model.named_parameters():
-                p -= sum(w * dequantize(t[ROUTER + name]) for w, t in sent) / total
+                p -= sum(w * dequantize(t[name]) for w, t in sent) / total
 
     def set_outer(self, lr: float, momentum: float) -> None:
         """Fix the outer step's learning rate and momentum (Nesterov when configured and momentum > 0)."""
@@ -450,10 +479,10 @@ class Engine:
             self.feature_sums[c], self.feature_counts[c] = np.asarray(s, dtype=np.float64), float(n)
 
 
-def client_evaluation(uploads: Sequence[Upload]) -> dict[str, float]:
+def client_evaluation(received: Sequence[Received]) -> dict[str, float]:
     """The clients' own evaluations of their paths on their held-out examples: per metric, the mean weighted
     by their numbers of examples ("client_<metric>") and the spread ("client_<metric>_min", "_max")."""
-    reports = [u.evaluation for u in uploads if u.evaluation.get("examples", 0) > 0]
+    reports = [r.evaluation for r in received if r.evaluation.get("examples", 0) > 0]
     if not reports:
         return {}
     counts = np.array([r["examples"] for r in reports], dtype=np.float64)

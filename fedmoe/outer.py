@@ -1,10 +1,9 @@
-"""DiLoCo outer step per module: average outer gradients over the paths that hold a module,
-then Nesterov SGD.
+"""DiLoCo outer step per module: Nesterov SGD on the outer gradients averaged over the paths that hold a
+module (`fedmoe.aggregate`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,35 +25,6 @@ class Update:
     deltas: ModuleStates
     weight: float
     masks: ModuleStates | None = None
-
-
-def average_updates(updates: Sequence[Update]) -> tuple[ModuleStates, ModuleStates]:
-    """Per coordinate, the weighted mean of the outer gradients of the updates that hold it;
-    and that coverage.
-
-    Returns (mean, held): `held` is True where at least one update holds the coordinate; the mean
-    is 0 elsewhere, and `OuterOptimizer.step` leaves those coordinates and their momentum alone.
-    """
-    sums: ModuleStates = {}
-    totals: ModuleStates = {}
-    for update in updates:
-        if update.weight <= 0:
-            raise ValueError(f"update weight must be positive, got {update.weight}")
-        masks = update.masks or {}
-        for key, state in update.deltas.items():
-            acc = sums.setdefault(key, {})
-            tot = totals.setdefault(key, {})
-            for name, t in state.items():
-                mask = masks.get(key, {}).get(name)
-                w = torch.full_like(t, update.weight) if mask is None else mask.to(t.dtype) * update.weight
-                acc[name] = acc[name] + w * t if name in acc else w * t
-                tot[name] = tot[name] + w if name in tot else w
-    mean = {
-        k: {n: torch.where(totals[k][n] > 0, t / totals[k][n].clamp_min(1e-30), 0.0) for n, t in s.items()}
-        for k, s in sums.items()
-    }
-    held = {k: {n: w > 0 for n, w in s.items()} for k, s in totals.items()}
-    return mean, held
 
 
 class OuterOptimizer:

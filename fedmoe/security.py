@@ -24,6 +24,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedmoe.wire import tensor_sha256
+
 CA_CERT = "ca.pem"
 CA_KEY = "ca.key"
 SERVER_CERT = "server.pem"
@@ -359,12 +361,15 @@ def public_bytes(key: ed25519.Ed25519PrivateKey) -> bytes:
 def update_digest(fields: Sequence[object], tensors: Mapping[str, Any]) -> bytes:
     """SHA-256 over an update's header fields and every tensor's name, bits,
     shape and bytes (names in order).
+
+    A tensor's bytes enter as their sha256 over payload || scales, the wire's checksum (`tensor_sha256`):
+    the sender hashes each tensor once for both, and the receiver reads the digests it verified on arrival.
     """
     digest = hashlib.sha256("\x1f".join(str(f) for f in fields).encode())
     for name in sorted(tensors):
         q = tensors[name]
         digest.update(f"\x1e{name}\x1f{q.bits}\x1f{tuple(q.shape)}\x1f".encode())
-        digest.update(hashlib.sha256(q.payload + q.scales).digest())
+        digest.update(tensor_sha256(q))
     return digest.digest()
 
 

@@ -4,14 +4,24 @@ Each tensor travels as a header (name, bits, shape, byte counts, sha256 of paylo
 chunks of at most `CHUNK_BYTES` (the payload's, then the scales'); one End frame with the tensor count closes
 the stream. Chunks stay far below gRPC's 4 MB default message limit, so that limit never bounds a tensor's
 size; `decode_tensors` bounds it instead, checking each header against the tensors the receiver expects (when
-it knows them) and the declared sizes against `max_bytes`, and its buffers grow as data arrives: a header
-alone allocates nothing.
+it knows them) and the declared sizes against `max_bytes`, and it keeps the chunks as they arrive (small ones
+copied together), joined once when a tensor is complete: a header alone allocates nothing.
+
+Each side hashes a tensor's bytes once: `tensor_sha256` remembers the digest of every QTensor it hashed or
+`decode_tensors` verified, so a signature over the tensors (`fedmoe.security.update_digest`) reads it instead
+of hashing again. A receiver may hand `decode_tensors` a chunk frame's data as a memoryview into the message
+as it arrived (`chunk_view`), sparing the protobuf parse and its copies.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import os
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import grpc
 
@@ -19,6 +29,55 @@ from fedmoe.compress.quant import BITS, QTensor, wire_bytes
 from fedmoe.v1 import tensor_pb2
 
 CHUNK_BYTES = 1 << 20
+TENSOR_FIELD = 2  # the field number of the TensorFrame in PullFrame and PushFrame
+PARALLEL_HASH_BYTES = 8 << 20  # tensors of at least this many bytes in all are hashed on several threads
+# a received chunk this large is kept as it came; smaller ones are copied together
+KEPT_CHUNK_BYTES = 64 << 10
+READ_AHEAD = 8  # messages a stream is received ahead of its reader (see `read_ahead`)
+T = TypeVar("T")
+_DIGESTS: weakref.WeakKeyDictionary[QTensor, bytes] = weakref.WeakKeyDictionary()
+
+
+def tensor_sha256(q: QTensor) -> bytes:
+    """The sha256 of q's payload || scales, hashed once per QTensor (the digest is remembered while q lives;
+    a QTensor's bytes never change)."""
+    digest = _DIGESTS.get(q)
+    if digest is None:
+        h = hashlib.sha256(q.payload)
+        h.update(q.scales)
+        digest = _DIGESTS[q] = h.digest()
+    return digest
+
+
+def hash_tensors(tensors: Iterable[QTensor]) -> None:
+    """Work out every tensor's `tensor_sha256` ahead of its use, several tensors at once on the machine's
+    cores when they are `PARALLEL_HASH_BYTES` or more in all (hashlib releases the GIL)."""
+    todo = [q for q in tensors if q not in _DIGESTS]
+    threads = min(len(todo), os.cpu_count() or 1)
+    if threads > 1 and sum(q.nbytes for q in todo) >= PARALLEL_HASH_BYTES:
+        with ThreadPoolExecutor(threads, thread_name_prefix="fedmoe-hash") as pool:
+            list(pool.map(tensor_sha256, todo))
+
+
+def read_ahead(
+    messages: Iterator[T], cancel: Callable[[], Any] | None = None, depth: int = READ_AHEAD
+) -> Iterator[T]:
+    """The messages of a gRPC stream, received by a thread of their own up to `depth` ahead of the reader, so
+    that receiving overlaps what the reader does with each (hashing and joining release the GIL; gRPC asks
+    for the next message only when the last is taken). The stream's error is raised to the reader in its
+    place. A reader that stops early calls `cancel` (a client's call.cancel) to end a receive under way; a
+    server's request stream ends with its call."""
+    end = object()
+    pool = ThreadPoolExecutor(1, thread_name_prefix="fedmoe-read-ahead")  # one next() at a time, in order
+    ahead = deque(pool.submit(next, messages, end) for _ in range(depth))
+    try:
+        while (message := ahead.popleft().result()) is not end:
+            ahead.append(pool.submit(next, messages, end))
+            yield message
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        if cancel is not None:
+            cancel()
 
 
 class WireError(ValueError):
@@ -42,10 +101,13 @@ def _lengths(name: str, bits: int, shape: Sequence[int]) -> tuple[int, int]:
 
 
 def encode_tensors(
-    tensors: Mapping[str, QTensor], chunk_bytes: int = CHUNK_BYTES
-) -> Iterator[tensor_pb2.TensorFrame]:
+    tensors: Mapping[str, QTensor], chunk_bytes: int = CHUNK_BYTES, into: type | None = None
+) -> Iterator[Any]:
     """The frames of tensors: per tensor a header then its chunks of at most chunk_bytes,
     then one End frame.
+
+    TensorFrames, or with `into` (PullFrame or PushFrame) frames of that type, their TensorFrame built in
+    place in the `tensor` field (not built apart and copied in, chunk by chunk).
     """
     if chunk_bytes < 1:
         raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
@@ -55,31 +117,70 @@ def encode_tensors(
                 f"tensor {name!r}: {len(q.payload)} + {len(q.scales)} bytes do not fit "
                 f"{q.bits} bits and shape {tuple(q.shape)}"
             )
-        digest = hashlib.sha256(q.payload)
-        digest.update(q.scales)
         header = tensor_pb2.TensorHeader(
             name=name,
             bits=q.bits,
             shape=q.shape,
             payload_bytes=len(q.payload),
             scale_bytes=len(q.scales),
-            sha256=digest.digest(),
+            sha256=tensor_sha256(q),
         )
-        yield tensor_pb2.TensorFrame(header=header)
+        yield _frame(into, header=header)
         for part in (q.payload, q.scales):
             view = memoryview(part)
             for start in range(0, len(view), chunk_bytes):
-                frame = tensor_pb2.TensorFrame()
-                frame.chunk.data = bytes(view[start : start + chunk_bytes])
+                frame = _frame(into)
+                (frame.tensor if into else frame).chunk.data = bytes(view[start : start + chunk_bytes])
                 yield frame
-    yield tensor_pb2.TensorFrame(end=tensor_pb2.End(tensors=len(tensors)))
+    yield _frame(into, end=tensor_pb2.End(tensors=len(tensors)))
+
+
+def _frame(into: type | None, **field: Any) -> Any:
+    """A TensorFrame with `field` set, or one inside a frame of type `into`."""
+    frame = tensor_pb2.TensorFrame(**field)
+    return frame if into is None else into(tensor=frame)
+
+
+def _varint(data: bytes | memoryview, at: int) -> tuple[int, int]:
+    """The base-128 varint in data at `at` and the offset after it; (-1, at) when it runs past the end or
+    past 10 bytes."""
+    value = shift = 0
+    for i in range(at, min(at + 10, len(data))):
+        byte = data[i]
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, i + 1
+        shift += 7
+    return -1, at
+
+
+def chunk_view(message: bytes) -> memoryview | None:
+    """The data of a serialized PullFrame or PushFrame that holds nothing but a chunk frame, as a view into
+    `message` (no copy); None for any other message, which the caller parses as protobuf.
+
+    Such a message is exactly: field `TENSOR_FIELD` (length-delimited) holding field 2 of TensorFrame (the
+    Chunk) holding field 1 (its data), each length filling the rest of the message.
+    """
+    at = 0
+    for tag in (TENSOR_FIELD << 3 | 2, 2 << 3 | 2, 1 << 3 | 2):
+        if at >= len(message) or message[at] != tag:
+            return None
+        length, at = _varint(message, at + 1)
+        if length != len(message) - at:
+            return None
+    return memoryview(message)[at:]
 
 
 Expected = Mapping[str, tuple[int, tuple[int, ...]]]  # tensor name -> (bits, shape)
 
 
 class _Incoming:
-    """A tensor being received: its header's fields, and the bytes so far in a buffer that grows with them."""
+    """A tensor being received: its header's fields, its chunks so far (payload's and scales', a chunk across
+    the boundary split in two) and their running sha256.
+
+    A chunk of `KEPT_CHUNK_BYTES` or more is kept as it arrived (no copy); smaller ones are copied into one
+    buffer, so that many tiny chunks cost no more memory than their bytes.
+    """
 
     def __init__(
         self, h: tensor_pb2.TensorHeader, seen: Mapping[str, QTensor], budget: int, expected: Expected | None
@@ -114,42 +215,61 @@ class _Incoming:
         self.name, self.bits, self.shape = h.name, h.bits, tuple(h.shape)
         self.payload_bytes, self.sha256 = h.payload_bytes, h.sha256
         self.size = payload + scale
-        self.buffer = bytearray()
+        self.filled = 0
+        self.payload_parts: list[bytes | memoryview | bytearray] = []
+        self.scale_parts: list[bytes | memoryview | bytearray] = []
         self.digest = hashlib.sha256()
-
-    @property
-    def filled(self) -> int:
-        """Bytes received so far."""
-        return len(self.buffer)
 
     def progress(self) -> str:
         """How far the tensor got, for error messages."""
         return f"{self.filled} of {self.size} bytes of tensor {self.name!r}"
 
-    def add(self, data: bytes) -> None:
-        """Append one chunk's data."""
+    def add(self, data: bytes | memoryview) -> None:
+        """Take one chunk's data (kept as it is, not copied)."""
         if not data or self.filled + len(data) > self.size:
             raise _invalid(f"chunk of {len(data)} bytes after {self.progress()}: empty or overflowing")
-        self.buffer += data
         self.digest.update(data)
+        in_payload = self.payload_bytes - self.filled
+        if in_payload >= len(data):
+            _keep(self.payload_parts, data)
+        elif in_payload > 0:
+            view = memoryview(data)
+            _keep(self.payload_parts, view[:in_payload])
+            _keep(self.scale_parts, view[in_payload:])
+        else:
+            _keep(self.scale_parts, data)
+        self.filled += len(data)
 
     def result(self) -> QTensor | None:
-        """The tensor once all its bytes arrived, after checking their sha256; None before."""
+        """The tensor once all its bytes arrived, after checking their sha256 (remembered as its
+        `tensor_sha256`); None before."""
         if self.filled < self.size:
             return None
-        if self.digest.digest() != self.sha256:
+        digest = self.digest.digest()
+        if digest != self.sha256:
             raise _invalid(f"tensor {self.name!r}: sha256 mismatch over its {self.filled} bytes")
-        view = memoryview(self.buffer)
-        return QTensor(
-            self.bits, self.shape, bytes(view[: self.payload_bytes]), bytes(view[self.payload_bytes :])
-        )
+        q = QTensor(self.bits, self.shape, b"".join(self.payload_parts), b"".join(self.scale_parts))
+        _DIGESTS[q] = digest
+        return q
+
+
+def _keep(parts: list[bytes | memoryview | bytearray], data: bytes | memoryview) -> None:
+    """Add data to parts: as it is when `KEPT_CHUNK_BYTES` or more, else copied onto a trailing buffer."""
+    if len(data) >= KEPT_CHUNK_BYTES:
+        parts.append(data)
+    elif parts and isinstance(parts[-1], bytearray):
+        parts[-1] += data
+    else:
+        parts.append(bytearray(data))
 
 
 def decode_tensors(
-    frames: Iterable[tensor_pb2.TensorFrame], max_bytes: int, expected: Expected | None = None
+    frames: Iterable[tensor_pb2.TensorFrame | memoryview], max_bytes: int, expected: Expected | None = None
 ) -> dict[str, QTensor]:
     """The tensors of a frame stream, read to its end;
     raises WireError on a malformed, oversize or truncated stream.
+
+    A frame is a TensorFrame, or a chunk frame's data as a memoryview (see `chunk_view`).
 
     With `expected` ({name: (bits, shape)}), the stream must carry exactly those tensors. The declared sizes
     are summed and checked against max_bytes at each header, before that tensor's data is read.
@@ -159,7 +279,8 @@ def decode_tensors(
     declared = 0
     ended = False
     for frame in frames:
-        kind = frame.WhichOneof("frame")
+        data = frame if isinstance(frame, memoryview) else None
+        kind = "chunk" if data is not None else frame.WhichOneof("frame")
         if ended:
             raise _invalid(f"{kind or 'empty'} frame after End")
         if kind == "header":
@@ -169,14 +290,15 @@ def decode_tensors(
             current = _Incoming(h, tensors, max_bytes - declared, expected)
             declared += current.size
         elif kind == "chunk":
+            data = frame.chunk.data if data is None else data
             if current is None:
                 after = (
                     f"after tensor {next(reversed(tensors))!r} was complete"
                     if tensors
                     else "before any header"
                 )
-                raise _invalid(f"chunk of {len(frame.chunk.data)} bytes {after}")
-            current.add(frame.chunk.data)
+                raise _invalid(f"chunk of {len(data)} bytes {after}")
+            current.add(data)
         elif kind == "end":
             if current is not None:
                 raise WireError(grpc.StatusCode.DATA_LOSS, f"End after only {current.progress()}")

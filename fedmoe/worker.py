@@ -141,7 +141,13 @@ def upload_state(upload: Upload) -> tuple[dict[str, torch.Tensor], dict[str, Any
     for name, q in upload.tensors.items():
         tensors[f"{name}/payload"] = _byte_tensor(q.payload)
         tensors[f"{name}/scales"] = _byte_tensor(q.scales)
-    meta = {
+    return tensors, upload_meta(upload)
+
+
+def upload_meta(upload: Upload) -> dict[str, Any]:
+    """An upload's fields and its tensors' bits and shapes, as JSON (their bytes are stored beside it);
+    `stored_upload` is its inverse."""
+    return {
         "path": str(upload.path),
         "variant": asdict(upload.variant),
         "round": upload.round,
@@ -151,7 +157,6 @@ def upload_state(upload: Upload) -> tuple[dict[str, torch.Tensor], dict[str, Any
         "evaluation": upload.evaluation,
         "qtensors": {name: {"bits": q.bits, "shape": list(q.shape)} for name, q in upload.tensors.items()},
     }
-    return tensors, meta
 
 
 def load_upload(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Upload:
@@ -165,6 +170,11 @@ def load_upload(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Uploa
         )
         for name, q in meta["qtensors"].items()
     }
+    return stored_upload(meta, qtensors)
+
+
+def stored_upload(meta: dict[str, Any], qtensors: dict[str, QTensor]) -> Upload:
+    """The upload that `upload_meta` described, with its tensors."""
     return Upload(
         Path.parse(meta["path"]),
         Variant(**meta["variant"]),

@@ -6,7 +6,11 @@ the ensemble; the coordinator adds what a network needs: members who come and go
 updates), rounds that close at a quorum or a deadline (`config.policy`), late updates, and a state
 directory. Every accepted update is written there before it is acknowledged and every closed round is
 checkpointed, so a restarted coordinator resumes where it stopped and applies each acknowledged update
-exactly once. The coordinator never loads training data: it evaluates only on the spec's `eval_data`.
+exactly once. A stored update is folded into the round's aggregation at once, in arrival order (kept with
+it, so a restart folds them in the same order): for the mean the coordinator holds running sums, one grid
+whatever the number of updates. A member with nothing to do may wait in a held heartbeat (`held_action`),
+answered when there is something. The coordinator never loads training data: it evaluates only on the
+spec's `eval_data`.
 
 Routing by data (`routing.assign = "data"`): members join with nothing of their data. Once
 `policy.min_clients` joined, federated k-means runs over them, one pass at a time: every clustering
@@ -22,6 +26,7 @@ rounds count workers. A restart during clustering starts it again; converged clu
 from __future__ import annotations
 
 import logging
+import math
 import re
 import shutil
 import threading
@@ -35,15 +40,24 @@ import numpy as np
 
 from fedmoe.aggregate import update_norm
 from fedmoe.assignment import DeviceProfile, assign_variant
-from fedmoe.checkpoint import CheckpointError, load_checkpoint, load_latest, save_checkpoint
+from fedmoe.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_latest,
+    load_records,
+    save_checkpoint,
+    save_records,
+)
 from fedmoe.clustering import ClusterStats, check_histogram, from_upper_triangles
+from fedmoe.compress.quant import QTensor
 from fedmoe.config import Config
-from fedmoe.engine import NETWORK_SCHEMES, Assignment, Engine
+from fedmoe.engine import NETWORK_SCHEMES, Assignment, Engine, Received
 from fedmoe.faults import crash_point
 from fedmoe.outer import Update
 from fedmoe.security import AuthError, rejoin_message, update_digest, verify_signature
 from fedmoe.spec import Spec, load_spec
-from fedmoe.worker import Job, Upload, load_upload, signed_fields, upload_state
+from fedmoe.wire import tensor_sha256
+from fedmoe.worker import Job, Upload, signed_fields, stored_upload, upload_meta
 
 log = logging.getLogger("fedmoe.server")
 RESUME_KEYS = ("spec", "grid", "seed")  # what a state directory must share with the config to be resumed
@@ -52,6 +66,7 @@ PUBLIC_KEY_BYTES = 32  # a raw Ed25519 public key
 MAX_NAME = 64  # characters of a client's name kept for logs and status
 PROOF_WINDOW_MS = 5 * 60 * 1000  # how far a rejoin proof's time may be from the coordinator's clock
 IDENTIFIER = re.compile(r"[A-Za-z0-9._-]{1,64}")  # client, worker and update ids
+MAX_HOLD_S = 60.0  # the longest a heartbeat is held waiting for something to do
 
 
 def shown(text: object, limit: int = MAX_NAME) -> str:
@@ -92,6 +107,11 @@ class Member:
     left: bool = False  # it called Leave: it no longer counts in the quorum and holds no valid token
     proof_time: int = 0  # the time (unix ms) of its last rejoin proof: a proof is never accepted twice
 
+    def to_dict(self) -> dict[str, Any]:
+        """Its fields as JSON (a shallow copy: `dataclasses.asdict` deep-copies, and a state of a thousand
+        members is saved at every round)."""
+        return dict(self.__dict__)
+
     @property
     def token_subject(self) -> str:
         """What its current token names: "<client id>/<epoch>"."""
@@ -102,6 +122,14 @@ class Member:
         """The device profile it joined with."""
         d = self.device
         return DeviceProfile(d["name"], d["memory_bytes"], d["bits"], tuple(d["densities"]), d["speed"])
+
+
+@dataclass(eq=False)
+class Waiter:
+    """A held heartbeat: `woken` is set once `answer` is known (or its call ended)."""
+
+    woken: threading.Event
+    answer: tuple[str, list[str]] | None = None
 
 
 @dataclass(frozen=True)
@@ -152,8 +180,22 @@ class Coordinator:
         self.model = model_description(self.engine)
         self.lock = threading.RLock()
         self.members: dict[str, Member] = {}
-        self.pending: dict[str, tuple[Upload, Update]] = {}  # per worker: the upload as stored, and decoded
-        self.pending_ids: dict[str, str] = {}  # per worker: the update id of its pending upload
+        # the open round's updates, folded into `aggregation` as they become durable, in that order: per
+        # worker what the round's close needs besides (see `Received`), and the update's id
+        self.pending: dict[str, tuple[Received, str]] = {}
+        self.aggregation = self.engine.aggregation()
+        # updates being stored (arrival number: worker id), and those stored that wait for an earlier
+        # arrival to be stored before they are folded in: every restart folds them in the same order
+        self.storing: dict[int, str] = {}
+        self.stored: dict[int, tuple[str, str, Upload, Update]] = {}
+        self.arrivals = 0  # arrival numbers handed out in the open round
+        self.waiting: dict[str, Waiter] = {}  # members whose heartbeat is held, answered by `changed`
+        # the state on disk: versions count its changes; one checkpoint write at a time (`writing`), and
+        # `written` tells those waiting for one (see `wait_saved`)
+        self.version = self.saved_version = 0
+        self.saving = False
+        self.writing = threading.Lock()
+        self.written = threading.Condition(self.lock)
         self.seen_updates: set[str] = set()
         self.metrics: list[dict[str, Any]] = []
         self.told_done: set[str] = set()
@@ -213,7 +255,24 @@ class Coordinator:
         `examples` (their number), and is given a path and a variant that fits. Routing by data: it sends
         neither (its paths come from its histogram once clustering converged; see `assign`), and its profile
         must hold a path. A rejoining client may bring fresh statistics (in turn).
+
+        Returns once the member is in the durable state (joins that arrive together share one write).
         """
+        member, version = self.admit(profile, name, client_id, public_key, feature_sum, examples, enrolled)
+        self.wait_saved(version)
+        return member
+
+    def admit(
+        self,
+        profile: DeviceProfile,
+        name: str,
+        client_id: str,
+        public_key: bytes,
+        feature_sum: np.ndarray | None,
+        examples: float,
+        enrolled: bool,
+    ) -> tuple[Member, int]:
+        """`join` until the member is admitted in memory: the member, and the state version that holds it."""
         by_data = self.engine.kmeans is not None
         sent_features = feature_sum is not None and len(feature_sum) > 0
         if len(public_key) != PUBLIC_KEY_BYTES:
@@ -244,8 +303,7 @@ class Coordinator:
                     self.add_features(client_id, feature_sum, examples)
                 member.public_key, member.last_seen = public_key.hex(), self.clock()
                 member.epoch, member.left = member.epoch + 1, False
-                self.save_state()
-                return member
+                return member, self.state_changed()
             if not enrolled:
                 raise Rejected(
                     "UNAUTHENTICATED",
@@ -286,7 +344,9 @@ class Coordinator:
             if not by_data and len(self.members) == self.config.policy.min_clients:
                 self.round_opened = self.clock()  # round 0 opens: its deadline runs
             self.start_clustering()
-            self.save_state()
+            version = self.state_changed()
+            if len(self.members) == self.config.policy.min_clients:
+                self.changed()  # the federation is complete: its first round opens
             placed = (
                 "paths by its data"
                 if by_data
@@ -300,7 +360,7 @@ class Coordinator:
                 placed,
                 variant.name,
             )
-            return member
+            return member, version
 
     def authenticate(self, subject: str) -> str:
         """The member a valid token's subject ("<client id>/<epoch>") names, recorded as heard from now;
@@ -347,15 +407,20 @@ class Coordinator:
         with self.lock:
             member = self.member(client_id)
             member.left, member.epoch = True, member.epoch + 1
-            self.save_state()
+            version = self.state_changed()
             log.info("client %s (%s) left", client_id, member.name)
             self.close_if_due()
+        self.wait_saved(version)
 
     def active_workers(self) -> int:
         """Workers whose member is present and heard from within `membership.evict_after_s`: the quorum
         counts these."""
         now, limit = self.clock(), self.config.membership.evict_after_s
-        active = {c for c, m in self.members.items() if not m.left and now - m.last_seen <= limit}
+        active = {
+            c
+            for c, m in self.members.items()
+            if not m.left and (now - m.last_seen <= limit or c in self.waiting)
+        }
         return sum(w.partition(".")[0] in active for w in self.engine.assignments)
 
     def add_features(self, client_id: str, feature_sum: np.ndarray, examples: float) -> None:
@@ -394,19 +459,82 @@ class Coordinator:
             member = self.member(client_id)
             member.last_seen = self.clock()
             self.advance()
-            if self.finished:
-                self.told_done.add(client_id)
-                return "DONE", []
-            if not self.engine.clustered:
-                answer = client_id in self.clustering and client_id not in self.answers
-                return ("CLUSTER" if answer else "WAIT"), []
-            mine = self.workers(client_id)
-            if not mine:
-                return ("WAIT" if client_id in self.held else "ASSIGN"), []
-            if len(self.members) < self.config.policy.min_clients:
-                return "WAIT", []
-            todo = [w for w in mine if w not in self.pending]
-            return ("TRAIN", todo) if todo else ("WAIT", [])
+            return self.told(client_id)
+
+    def told(self, client_id: str) -> tuple[str, list[str]]:
+        """What a member is told to do now, closing nothing (see `action`; under the lock)."""
+        if self.finished:
+            self.told_done.add(client_id)
+            return "DONE", []
+        if not self.engine.clustered:
+            answer = client_id in self.clustering and client_id not in self.answers
+            return ("CLUSTER" if answer else "WAIT"), []
+        mine = self.workers(client_id)
+        if not mine:
+            return ("WAIT" if client_id in self.held else "ASSIGN"), []
+        if len(self.members) < self.config.policy.min_clients:
+            return "WAIT", []
+        todo = [w for w in mine if w not in self.pending and w not in self.storing.values()]
+        return ("TRAIN", todo) if todo else ("WAIT", [])
+
+    def held_action(
+        self, client_id: str, wait_s: float, woken: threading.Event, active: Callable[[], bool]
+    ) -> tuple[str, list[str]]:
+        """`action`, held while it is WAIT for up to `wait_s` seconds (at most `MAX_HOLD_S`): answered as
+        soon as the coordinator's state gives the member something to do (`changed` answers it and sets
+        `woken`), when a deadline of the policy passes, or when `active()` turns false (the caller sets
+        `woken` when its call ends).
+
+        A waiting member costs no work and takes no lock until it is answered. A member holds at most one
+        wait, and at most `membership.max_members` wait in all: the others are answered at once.
+        """
+        until = time.monotonic() + min(wait_s, MAX_HOLD_S)
+        with self.lock:
+            answer = self.action(client_id)
+            crowded = len(self.waiting) >= self.config.membership.max_members
+            if answer[0] != "WAIT" or wait_s <= 0 or client_id in self.waiting or crowded:
+                return answer
+            woken.clear()
+            waiter = self.waiting[client_id] = Waiter(woken)
+            due = time.monotonic() + self.until_due()
+        try:
+            while waiter.answer is None and active():
+                now = time.monotonic()
+                if now >= until:
+                    break
+                if woken.wait(min(until, due) - now):
+                    woken.clear()  # answered, or the call ended
+                elif time.monotonic() >= due:  # a deadline of the policy passed: close what is due
+                    with self.lock:
+                        if waiter.answer is None:
+                            self.advance()
+                            due = time.monotonic() + self.until_due()
+        finally:
+            if waiter.answer is None:
+                with self.lock:
+                    if self.waiting.get(client_id) is waiter:
+                        del self.waiting[client_id]
+        return waiter.answer or ("WAIT", [])
+
+    def until_due(self) -> float:
+        """Seconds until a deadline of the policy may change what members are told: the open round's (with an
+        update pending), the clustering pass's, or the held histograms' (inf: none runs)."""
+        now, deadline = self.clock(), self.config.policy.deadline_s
+        opened = [self.round_opened] if self.pending else []
+        opened += [self.pass_opened] if self.clustering else []
+        opened += [self.barrier_opened] if self.barrier and self.held else []
+        return max(0.05, min((deadline - (now - t) for t in opened), default=math.inf))
+
+    def changed(self) -> None:
+        """Answer the held heartbeats of the members that now have something to do (call under the lock)."""
+        now = self.clock()
+        for client_id, waiter in list(self.waiting.items()):
+            answer = self.told(client_id)
+            if answer[0] != "WAIT":
+                del self.waiting[client_id]
+                self.members[client_id].last_seen = now
+                waiter.answer = answer
+                waiter.woken.set()
 
     def advance(self) -> None:
         """Close a clustering pass, release the held histograms, or close a round, when due."""
@@ -427,6 +555,7 @@ class Coordinator:
         self.answers, self.cluster_counts, self.passes = {}, {}, 0
         self.pass_opened = self.clock()
         log.info("federated k-means starts over %d clients: %s", len(self.clustering), self.clustering)
+        self.changed()
 
     def proposal(self, client_id: str) -> Proposal:
         """The open clustering proposal, or the converged centroids and prices (FAILED_PRECONDITION before
@@ -586,6 +715,7 @@ class Coordinator:
         self.passes += 1
         self.answers = {}
         self.pass_opened = self.clock()
+        self.changed()
         if done:
             self.clustered = {c: self.cluster_counts[c] for c in self.clustering}
             self.barrier, self.held = list(self.clustering), {}
@@ -625,10 +755,11 @@ class Coordinator:
             if self.barrier:
                 self.held[client_id] = counts
                 self.release_if_due()
-            else:
-                self.assign_now(client_id, counts)
-                self.save_state()
-            return self.workers(client_id)
+                return self.workers(client_id)
+            self.assign_now(client_id, counts)
+            version, workers = self.state_changed(), self.workers(client_id)
+        self.wait_saved(version)
+        return workers
 
     def assign_now(self, client_id: str, counts: np.ndarray) -> None:
         """Give a member its workers by its histogram (the engine registers them in this order)."""
@@ -657,6 +788,7 @@ class Coordinator:
         self.barrier, self.held = [], {}
         self.round_opened = self.clock()  # round 0 opens: its deadline runs
         self.save_state()
+        self.changed()
 
     # -- rounds -----------------------------------------------------------------------------
     def worker(self, client_id: str, worker_id: str) -> str:
@@ -689,12 +821,16 @@ class Coordinator:
     def submit(
         self, upload: Upload, client_id: str, update_id: str, signature: bytes = b"", worker_id: str = ""
     ) -> int:
-        """Validate and durably store one upload of a member's worker for the open round, close the round
-        when due; the open round.
+        """Validate and durably store one upload of a member's worker for the open round, fold it into the
+        round's aggregation, close the round when due; the open round.
 
         Every update is signed by the member's pinned key (see `signed_fields`). The signature, decoding and
-        norm checks read only the upload and the grid's shapes, so they run outside the lock: other clients
-        heartbeat, pull and push meanwhile.
+        norm checks read only the upload and the grid's shapes, and the durable write only the upload, so
+        they run outside the lock: other clients heartbeat, pull and push meanwhile, and writes that arrive
+        together reach the disk together. An update takes an arrival number before it is written (stored with
+        it); updates are folded in by arrival number, so a restarted coordinator that folds in the stored
+        ones in that order reaches the same sums bit for bit. The round does not close while an update is
+        being written.
         """
         check_identifier("update_id", update_id)
         with self.lock:
@@ -727,12 +863,34 @@ class Coordinator:
             if staleness:
                 upload = replace(upload, weight=upload.weight / (1 + staleness))
                 update = replace(update, weight=upload.weight)
-            self.write_pending(worker_id, update_id, upload)
-            self.pending[worker_id], self.pending_ids[worker_id] = (upload, update), update_id
+            arrival, counted_in = self.arrivals, self.round
+            self.arrivals += 1
+            self.storing[arrival] = worker_id
             self.seen_updates.add(update_id)
-            crash_point("push-stored")  # durable, not yet acknowledged
-            self.close_if_due()
+        try:
+            self.write_pending(worker_id, update_id, upload, counted_in, arrival)
+        except BaseException:
+            with self.lock:
+                del self.storing[arrival]
+                self.seen_updates.discard(update_id)
+                self.fold_stored()
+            raise
+        crash_point("push-stored")  # durable, not yet acknowledged
+        with self.lock:
+            self.stored[arrival] = (worker_id, update_id, upload, update)
+            self.fold_stored()
             return self.round
+
+    def fold_stored(self) -> None:
+        """Fold the stored updates into the round's aggregation in arrival order, up to the first one still
+        being written; close the round when due."""
+        while self.stored and min(self.stored) == min(self.storing):
+            arrival = min(self.stored)
+            worker_id, update_id, upload, update = self.stored.pop(arrival)
+            del self.storing[arrival]
+            self.aggregation.add(update)
+            self.pending[worker_id] = (Received.of(upload), update_id)
+        self.close_if_due()
 
     def admissible(self, upload: Upload, client_id: str, update_id: str, worker_id: str) -> str:
         """Raise `Rejected` unless this member may submit this upload of its worker now (round, replay,
@@ -752,7 +910,7 @@ class Coordinator:
             )
         if member.left:
             raise Rejected("FAILED_PRECONDITION", f"client {client_id} left the federation")
-        if worker_id in self.pending:
+        if worker_id in self.pending or worker_id in self.storing.values():
             raise Rejected(
                 "ALREADY_EXISTS", f"worker {worker_id} already sent its update for round {self.round}"
             )
@@ -766,21 +924,19 @@ class Coordinator:
 
     def close_if_due(self) -> None:
         """Close the open round when the policy says so (the quorum of the workers sent, or the deadline
-        passed with an update)."""
-        if not self.pending:  # nothing to close with: spare every heartbeat the count of active workers
+        passed with an update), and no update is being stored."""
+        if not self.pending or self.storing:  # spare every heartbeat the count of active workers
             return
         workers = self.active_workers()
         if self.engine.round_due(len(self.pending), workers, self.clock() - self.round_opened):
             self.close_round()
 
     def close_round(self) -> None:
-        """Aggregate the pending uploads through the engine (in enrolment order, whatever order they came
-        in), checkpoint, and open the next round."""
+        """Take the outer step with the round's aggregation (the metrics and the learned router over the
+        updates in enrolment order, whatever order they came in), checkpoint, and open the next round."""
         order = {w: i for i, w in enumerate(self.engine.assignments)}
-        pending = [self.pending[w] for w in sorted(self.pending, key=order.__getitem__)]
-        uploads = [upload for upload, _ in pending]
-        updates = [update for _, update in pending]
-        metrics = self.engine.close_round(uploads, updates)
+        received = [self.pending[w][0] for w in sorted(self.pending, key=order.__getitem__)]
+        metrics = self.engine.close_aggregated(self.aggregation, received)
         crash_point("round-close")  # aggregated in memory, not yet saved
         self.metrics.append(metrics)
         shown = (
@@ -788,14 +944,15 @@ class Coordinator:
         )
         log.info("round %d closed: %s", metrics["round"], ", ".join(shown))
         self.pending.clear()
-        self.pending_ids.clear()
+        self.aggregation, self.arrivals = self.engine.aggregation(), 0
         self.round_opened = self.clock()
         self.save_state()
+        self.changed()
         # the closed round's updates stay until the next round closes: the previous state generation, which
-        # a torn newest one falls back to, reads them again
-        for stale in (self.state_dir / "pending").glob("*"):
-            if pending_round(stale) < self.round - 1:
-                shutil.rmtree(stale)
+        # a torn newest one falls back to, reads them again. Older ones go, off the lock (resume skips them)
+        stale = [d for d in (self.state_dir / "pending").glob("*") if pending_round(d) < self.round - 1]
+        if stale:
+            threading.Thread(target=remove_all, args=(stale,), name="fedmoe-stale", daemon=True).start()
         if self.finished:
             crash_point("final-save")  # the last round saved, the ensemble not yet written
             self.write_ensemble()
@@ -806,13 +963,14 @@ class Coordinator:
         log.info("training finished: ensemble written to %s", self.state_dir / "ensemble")
 
     def status(self) -> dict[str, Any]:
-        """Round, members (with assignments), metrics and the model description, for `Status` and logs."""
+        """Round, members (with assignments), metrics and the model description, for `Status` and logs.
+
+        Copied under the lock, built outside it: a status of a thousand members does not hold up the
+        calls that need the lock."""
         with self.lock:
-            members = []
-            for client_id, member in self.members.items():
-                workers = {w: a.to_dict() for w, a in self.workers(client_id).items()}
-                members.append({**asdict(member), **workers.get(client_id, {}), "workers": workers})
-            return {
+            members = [(client_id, member.to_dict()) for client_id, member in self.members.items()]
+            workers = {client_id: self.workers(client_id) for client_id, _ in members}
+            status = {
                 "round": self.round,
                 "rounds": self.config.rounds,
                 "finished": self.finished,
@@ -820,31 +978,75 @@ class Coordinator:
                 "clustering": {
                     "running": bool(self.clustering),
                     "passes": self.passes,
-                    "members": self.clustering,
+                    "members": list(self.clustering),
                 },
                 "pending": sorted(self.pending),
-                "metrics": self.metrics,
+                "metrics": list(self.metrics),
                 "model": self.model,
-                "members": members,
             }
+        status["members"] = []
+        for client_id, member in members:
+            theirs = {w: a.to_dict() for w, a in workers[client_id].items()}
+            status["members"].append({**member, **theirs.get(client_id, {}), "workers": theirs})
+        return status
 
     # -- state ------------------------------------------------------------------------------
     def save_state(self) -> None:
-        """Checkpoint the engine (grid, momentum, round, assignments, routing statistics, converged
-        clustering), members, and who the held histograms wait for."""
-        manifest = {
+        """Checkpoint the state now (see `state_manifest`), holding the lock meanwhile."""
+        with self.lock:
+            version = self.state_changed()
+            tensors, manifest = self.engine.state_tensors(), self.state_manifest()
+            with self.writing:
+                save_checkpoint(self.state_dir / "state", tensors, manifest, keep_previous=True)
+                self.saved_version = version
+            self.written.notify_all()
+
+    def state_changed(self) -> int:
+        """Count a change of the state (under the lock); the version to wait for with `wait_saved`."""
+        self.version += 1
+        return self.version
+
+    def wait_saved(self, version: int) -> None:
+        """Return once state `version`, or a newer one, is on disk (call without the lock). The first caller
+        writes the state as it is then, covering every change counted before, while later callers wait for
+        it or write the next: changes that arrive together share one write."""
+        while True:
+            with self.lock:
+                if self.saved_version >= version:
+                    return
+                if self.saving:
+                    self.written.wait()
+                    continue
+                self.saving, newest = True, self.version
+                # a copy: the grid may take its next outer step while this is written
+                tensors = {name: t.clone() for name, t in self.engine.state_tensors().items()}
+                manifest = self.state_manifest()
+            try:
+                with self.writing:
+                    if self.saved_version < newest:  # else a round's close saved a newer state meanwhile
+                        save_checkpoint(self.state_dir / "state", tensors, manifest, keep_previous=True)
+                        self.saved_version = newest
+            finally:
+                with self.lock:
+                    self.saving = False
+                    self.written.notify_all()
+
+    def state_manifest(self) -> dict[str, Any]:
+        """The state besides the grid's tensors, as JSON: the engine's (round, assignments, routing
+        statistics, converged clustering), members, who the held histograms wait for, the updates seen and
+        the metrics."""
+        return {
             "kind": "coordinator",
             "config": self.config.model_dump(mode="json"),
             "engine": self.engine.state_manifest(),
-            "members": [asdict(m) for m in self.members.values()],
-            "clustered": self.clustered,
-            "barrier": self.barrier,
+            "members": [m.to_dict() for m in self.members.values()],
+            "clustered": dict(self.clustered),
+            "barrier": list(self.barrier),
             # the open round's updates are known by their pending files: one that turns out unreadable is
             # sent again with the same id
-            "seen_updates": sorted(self.seen_updates - set(self.pending_ids.values())),
-            "metrics": self.metrics,
+            "seen_updates": sorted(self.seen_updates - {update_id for _, update_id in self.pending.values()}),
+            "metrics": list(self.metrics),
         }
-        save_checkpoint(self.state_dir / "state", self.engine.state_tensors(), manifest, keep_previous=True)
 
     def resume(self) -> None:
         """Load the newest readable state generation (saying so when it falls back to the previous one) and
@@ -883,9 +1085,13 @@ class Coordinator:
         self.metrics = manifest["metrics"]
         self.clustered = manifest.get("clustered", {})
         self.barrier = manifest.get("barrier", [])
+        stored = []
         for directory in sorted((self.state_dir / "pending").glob("*")):
+            if pending_round(directory) < self.round - 1:  # of a round two closes ago: counted and saved
+                shutil.rmtree(directory, ignore_errors=True)
+                continue
             try:
-                worker_id, update_id, counted_in, upload = self.read_pending(directory)
+                worker_id, update_id, counted_in, arrival, upload = self.read_pending(directory)
             except CheckpointError as e:
                 log.warning(
                     "a stored update %s is unreadable (%s): its client is asked to send it again",
@@ -895,8 +1101,11 @@ class Coordinator:
                 continue
             self.seen_updates.add(update_id)
             if counted_in == self.round:
-                self.pending[worker_id] = (upload, self.engine.decode(worker_id, upload))
-                self.pending_ids[worker_id] = update_id
+                stored.append((arrival, worker_id, update_id, upload))
+        for arrival, worker_id, update_id, upload in sorted(stored, key=lambda s: s[0]):
+            self.aggregation.add(self.engine.decode(worker_id, upload))  # in the order they were folded in
+            self.pending[worker_id] = (Received.of(upload), update_id)
+            self.arrivals = arrival + 1
         log.info(
             "resumed at round %d with %d members and %d pending updates",
             self.round,
@@ -909,22 +1118,48 @@ class Coordinator:
             except CheckpointError:
                 self.write_ensemble()
 
-    def write_pending(self, worker_id: str, update_id: str, upload: Upload) -> None:
-        """Make an accepted upload durable before it is acknowledged."""
-        tensors, stored = upload_state(upload)
+    def write_pending(
+        self, worker_id: str, update_id: str, upload: Upload, counted_in: int, arrival: int
+    ) -> None:
+        """Make an accepted upload durable before it is acknowledged, with the round it counts in and its
+        arrival number in that round: each tensor's payload || scales a record, checked by the sha256 it
+        arrived with (`fedmoe.wire.tensor_sha256`)."""
+        tensors = upload.tensors
         manifest = {
             "kind": "upload",
             "worker_id": worker_id,
             "update_id": update_id,
-            "upload": stored,
-            "counted_in": self.round,
+            "upload": upload_meta(upload),
+            "payload_bytes": {name: len(q.payload) for name, q in tensors.items()},
+            "counted_in": counted_in,
+            "arrival": arrival,
         }
-        save_checkpoint(self.state_dir / "pending" / f"r{self.round}-{worker_id}", tensors, manifest)
+        save_records(
+            self.state_dir / "pending" / f"r{counted_in}-{worker_id}",
+            {name: (q.payload, q.scales) for name, q in tensors.items()},
+            {name: tensor_sha256(q) for name, q in tensors.items()},
+            manifest,
+        )
 
-    def read_pending(self, directory: FsPath) -> tuple[str, str, int, Upload]:
-        """Inverse of `write_pending`: worker id, update id, the round the upload counts in, the upload."""
-        tensors, m = load_checkpoint(directory)
-        return m["worker_id"], m["update_id"], m["counted_in"], load_upload(tensors, m["upload"])
+    def read_pending(self, directory: FsPath) -> tuple[str, str, int, int, Upload]:
+        """Inverse of `write_pending`: worker id, update id, the round the upload counts in, its arrival
+        number, the upload."""
+        records, m = load_records(directory)
+        try:
+            qtensors = {}
+            for name, q in m["upload"]["qtensors"].items():
+                record, cut = records[name], m["payload_bytes"][name]
+                qtensors[name] = QTensor(q["bits"], tuple(q["shape"]), record[:cut], record[cut:])
+            upload = stored_upload(m["upload"], qtensors)
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{directory}: a stored update that does not read back: {e!r}") from None
+        return m["worker_id"], m["update_id"], m["counted_in"], m.get("arrival", 0), upload
+
+
+def remove_all(directories: list[FsPath]) -> None:
+    """Remove these directories and what they hold (those already gone too)."""
+    for directory in directories:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def pending_round(directory: FsPath) -> int:

@@ -4,9 +4,11 @@ clustering messages.
 Every call but Join and Status carries a bearer token naming the member and its token epoch; a Push is
 authenticated from that metadata before any of its messages is read, and its header is checked against
 what the coordinator expects of that worker before its tensors are. Pull and Push streams are bounded in
-number (`transport.max_streams`, the rest answered UNAVAILABLE) and in time (`transport.stream_idle_s` without
-a message, `transport.stream_max_s` in all), so stalled streams never take the threads that serve heartbeats
-and status. A message that does not parse is answered INVALID_ARGUMENT.
+number (`transport.max_streams`, the rest wait their turn, then are answered UNAVAILABLE) and in time
+(`transport.stream_idle_s` without a message, `transport.stream_max_s` in all), so stalled streams never take
+the threads that serve heartbeats and status. A heartbeat with `wait_s` is held until its member has
+something to do (`Coordinator.held_action`), on a thread of its own. A message that does not parse is
+answered INVALID_ARGUMENT.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import errno
 import hmac
 import json
 import logging
+import math
 import socket
 import threading
 import time
@@ -32,6 +35,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from fedmoe.assignment import DeviceProfile
 from fedmoe.clustering import MAX_MOMENT_VALUES
+from fedmoe.compress.quant import wire_bytes
 from fedmoe.config import InnerConfig
 from fedmoe.engine import Assignment
 from fedmoe.faults import crash_point
@@ -39,7 +43,7 @@ from fedmoe.modular import Path
 from fedmoe.security import AuthError, TokenAuthority, bearer, enrolment_token, server_credentials
 from fedmoe.server.coordinator import Coordinator, Proposal, Rejected, check_identifier, shown
 from fedmoe.v1 import coordinator_pb2 as pb
-from fedmoe.wire import WireError, decode_tensors, encode_tensors
+from fedmoe.wire import WireError, chunk_view, decode_tensors, encode_tensors, hash_tensors, read_ahead
 from fedmoe.worker import Job, Upload, Variant
 
 log = logging.getLogger("fedmoe.server")
@@ -48,8 +52,11 @@ MESSAGE_OPTIONS = [("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send
 STREAMS_PER_CLIENT = 2  # Pull and Push streams one client may hold open at once
 PREEMPT_S = 2.0  # a stream silent this long gives its place to a new one when all are taken
 FIRST_MESSAGE_S = 0.25  # and so does one that moved no message this long after it opened
+PLACE_WAIT_S = 5.0  # how long a new stream waits for a place when all are taken by streams that move
+SILENCED_S = 30.0  # how long a client whose stream was ended for its silence waits in no line for a place
 MAX_FEATURES = 1 << 16  # routing features a client may report at join (paths in turn)
 MAX_TEXT = 4096  # characters of an enrolment token
+READ_AHEAD_BYTES = 8 << 20  # a push of this many bytes is received on a thread of its own (`read_ahead`)
 
 
 def abort(context: grpc.ServicerContext, code: str, detail: str) -> None:
@@ -80,6 +87,23 @@ def parser(message: Any) -> Callable[[bytes], Any]:
     return parse
 
 
+def frame_parser(message: Any) -> Callable[[bytes], Any]:
+    """`parser` for a stream of frames: a chunk frame comes as a view of its data (`fedmoe.wire.chunk_view`,
+    no parse and no copy), any other as a parsed message."""
+    parse = parser(message)
+
+    def parse_frame(data: bytes) -> Any:
+        view = chunk_view(data)
+        return parse(data) if view is None else view
+
+    return parse_frame
+
+
+def serialized(reply: Any) -> bytes:
+    """A reply's bytes: a message serialized, or bytes (Pull's tensor frames, encoded once) as they are."""
+    return reply if isinstance(reply, bytes) else reply.SerializeToString()
+
+
 @dataclass(eq=False)
 class Stream:
     """An open Pull or Push stream: whose, its call, when it opened and when it last moved a message."""
@@ -105,26 +129,50 @@ class Streams:
     """The open Pull and Push streams: at most `limit` at once and `STREAMS_PER_CLIENT` per client; a
     watchdog thread (running while any is open) cancels one silent for `idle_s` or open for `max_s`. When
     all places are taken, a new stream takes the place of the one silent longest among those stalled (see
-    `Stream.stalled`): a stalled stream holds a place only while nobody else needs it."""
+    `Stream.stalled`): a stalled stream holds a place only while nobody else needs it. Without a stalled
+    one, it waits up to `PLACE_WAIT_S` for a place to free (in arrival order, mostly), then UNAVAILABLE:
+    many clients pulling at a round's opening are served in turn instead of retrying with backoff. A client
+    whose stream was ended for its silence in the last `SILENCED_S` waits in no line: refused at once when
+    no place is free, its silent streams take no turns from the others."""
 
     def __init__(self, limit: int, idle_s: float, max_s: float):
         self.limit, self.idle_s, self.max_s = limit, idle_s, max_s
         self.lock = threading.Lock()
+        self.freed = threading.Condition(self.lock)  # a place was given back
+        self.queue: list[object] = []  # the streams waiting for a place, in arrival order
+        self.silenced: dict[str, float] = {}  # per client, when a stream of it was last ended for silence
         self.open: set[Stream] = set()
         self.watchdog: threading.Thread | None = None
 
     @contextmanager
     def slot(self, client_id: str, context: grpc.ServicerContext) -> Iterator[Stream]:
-        """Hold a place for a stream of `client_id` while the block runs; UNAVAILABLE when none is free."""
-        now = time.monotonic()
-        stream = Stream(client_id, context, now, now)
+        """Hold a place for a stream of `client_id` while the block runs; UNAVAILABLE when it has
+        `STREAMS_PER_CLIENT` open, or no place freed within `PLACE_WAIT_S`."""
         with self.lock:
             if sum(s.client_id == client_id for s in self.open) >= STREAMS_PER_CLIENT:
                 raise Rejected("UNAVAILABLE", f"client {client_id} has {STREAMS_PER_CLIENT} streams open")
-            if len(self.open) >= self.limit:
-                self.preempt(now)
-            if len(self.open) >= self.limit:
-                raise Rejected("UNAVAILABLE", f"{len(self.open)} streams are open, the most served: retry")
+            now = time.monotonic()
+            patient = now - self.silenced.get(client_id, -math.inf) > SILENCED_S
+            until, ticket = now + (PLACE_WAIT_S if patient else 0.0), object()
+            self.queue.append(ticket)
+            try:
+                while len(self.open) >= self.limit:
+                    self.preempt(now)
+                    if len(self.open) < self.limit:
+                        break
+                    if now >= until or not context.is_active():
+                        raise Rejected(
+                            "UNAVAILABLE", f"{len(self.open)} streams are open, the most served: retry"
+                        )
+                    # the first in line looks again as streams may stall; the others wait their turn
+                    first = self.queue[0] is ticket
+                    self.freed.wait(min(until - now, FIRST_MESSAGE_S) if first else until - now)
+                    now = time.monotonic()
+            finally:
+                self.queue.remove(ticket)
+                if self.queue:
+                    self.freed.notify()  # the next in line may be first now
+            stream = Stream(client_id, context, now, now)
             self.open.add(stream)
             if self.watchdog is None:
                 self.watchdog = threading.Thread(target=self.watch, name="fedmoe-streams", daemon=True)
@@ -134,6 +182,7 @@ class Streams:
         finally:
             with self.lock:
                 self.open.discard(stream)
+                self.freed.notify()
 
     def preempt(self, now: float) -> None:
         """End the stalled stream silent longest, if any, to free its place (under the lock)."""
@@ -143,8 +192,14 @@ class Streams:
         quiet = min(stalled, key=lambda s: s.active)
         quiet.ended = f"silent for {now - quiet.active:.1f} s while another stream waited for its place"
         self.open.discard(quiet)
+        self.silence(quiet.client_id, now)
         log.warning("stream of client %s ended: %s", quiet.client_id, quiet.ended)
         quiet.context.cancel()
+
+    def silence(self, client_id: str, now: float) -> None:
+        """A stream of `client_id` was ended for its silence at `now` (under the lock; see `slot`)."""
+        self.silenced = {c: t for c, t in self.silenced.items() if now - t <= SILENCED_S}
+        self.silenced[client_id] = now
 
     def watch(self) -> None:
         """Cancel streams idle or open too long, until none is open."""
@@ -160,6 +215,8 @@ class Streams:
             for s in overdue:
                 if now - s.active > self.idle_s:
                     s.ended = f"no message for {self.idle_s:g} s (transport.stream_idle_s)"
+                    with self.lock:
+                        self.silence(s.client_id, now)
                 elif now - s.opened > self.max_s:
                     s.ended = f"open for more than {self.max_s:g} s (transport.stream_max_s)"
                 else:
@@ -215,8 +272,8 @@ class CoordinatorService:
         self.max_update_bytes = transport.max_update_bytes
         self.streams = Streams(transport.max_streams, transport.stream_idle_s, transport.stream_max_s)
         self.model_json = json.dumps(coordinator.model)
-        # this round's deliveries as they travel, by the engine's shared tensors of each (see Engine.job):
-        # encoded once, sent to every worker that receives them
+        # this round's deliveries as they travel (serialized PullFrames), by the engine's shared tensors of
+        # each (see Engine.job): encoded once, sent to every worker that receives them
         self.encoded: dict[int, tuple[int, dict, list]] = {}
         self.encoding = threading.Lock()
 
@@ -295,7 +352,7 @@ class CoordinatorService:
             abort(context, e.code, e.detail)
         return pb.LeaveReply()
 
-    def Pull(self, request: pb.PullRequest, context: grpc.ServicerContext) -> Iterator[pb.PullFrame]:
+    def Pull(self, request: pb.PullRequest, context: grpc.ServicerContext) -> Iterator[pb.PullFrame | bytes]:
         client_id = self.authenticate(context, request.client_id)
         try:
             job = self.coordinator.job(client_id, request.worker_id)
@@ -308,15 +365,17 @@ class CoordinatorService:
         except Rejected as e:
             abort(context, e.code, e.detail)
 
-    def frames(self, job: Job) -> list[pb.PullFrame]:
-        """A job's tensors as Pull frames, encoded once per delivery and round (the engine shares one tensors
-        dict among the workers that receive the same; the entry keeps it, so its id stays its own)."""
+    def frames(self, job: Job) -> list[bytes]:
+        """A job's tensors as serialized Pull frames, encoded once per delivery and round (the engine shares
+        one tensors dict among the workers that receive the same; the entry keeps it, so its id stays its
+        own)."""
         key = id(job.tensors)
         with self.encoding:
             entry = self.encoded.get(key)
             if entry is not None and entry[1] is job.tensors:
                 return entry[2]
-        frames = [pb.PullFrame(tensor=frame) for frame in encode_tensors(job.tensors)]
+        hash_tensors(job.tensors.values())
+        frames = [frame.SerializeToString() for frame in encode_tensors(job.tensors, into=pb.PullFrame)]
         with self.encoding:
             self.encoded = {k: e for k, e in self.encoded.items() if e[0] == job.round}
             self.encoded[key] = (job.round, job.tensors, frames)
@@ -329,7 +388,7 @@ class CoordinatorService:
             with self.streams.slot(client_id, context) as stream:
                 frames = moving(request_iterator, stream)
                 first = next(frames, None)
-                if first is None or first.WhichOneof("frame") != "header":
+                if not isinstance(first, pb.PushFrame) or first.WhichOneof("frame") != "header":
                     raise Rejected("INVALID_ARGUMENT", "a push starts with a PushHeader")
                 header = first.header
                 if header.client_id != client_id:
@@ -337,6 +396,8 @@ class CoordinatorService:
                 worker_id = header.worker_id and check_identifier("worker_id", header.worker_id)
                 upload = header_upload(header)
                 expected = coordinator.expected_upload(upload, client_id, header.update_id, worker_id)
+                if sum(wire_bytes(shape, bits) for bits, shape in expected.values()) >= READ_AHEAD_BYTES:
+                    frames = read_ahead(frames)  # received while the chunks before are hashed
                 tensors = decode_tensors(tensor_frames(frames), self.max_update_bytes, expected)
             crash_point("push-read")  # read in full, nothing stored yet
             upload = replace(upload, tensors=tensors)
@@ -354,8 +415,14 @@ class CoordinatorService:
 
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatReply:
         client_id = self.authenticate(context, request.client_id)
+        if not request.wait_s >= 0:  # NaN and negative waits
+            abort(context, "INVALID_ARGUMENT", f"wait_s is a number of seconds >= 0, got {request.wait_s}")
+        woken = threading.Event()
+        context.add_callback(woken.set)  # the call ended (cancelled, timed out, or the server stops)
         try:
-            action, workers = self.coordinator.action(client_id)
+            action, workers = self.coordinator.held_action(
+                client_id, request.wait_s, woken, context.is_active
+            )
         except Rejected as e:
             abort(context, e.code, e.detail)
         return pb.HeartbeatReply(
@@ -448,7 +515,8 @@ def moving(frames: Iterator[Any], stream: Stream) -> Iterator[Any]:
 
 def add_coordinator(service: CoordinatorService, server: grpc.Server) -> None:
     """Register the service's methods, their requests parsed by `parser` (a unary request that does not
-    parse is answered INVALID_ARGUMENT by the handler)."""
+    parse is answered INVALID_ARGUMENT by the handler; a stream's chunk frames by `frame_parser`), their
+    replies serialized by `serialized`."""
     makers = {
         (False, False): grpc.unary_unary_rpc_method_handler,
         (False, True): grpc.unary_stream_rpc_method_handler,
@@ -456,12 +524,13 @@ def add_coordinator(service: CoordinatorService, server: grpc.Server) -> None:
     }
     handlers = {}
     for method in pb.DESCRIPTOR.services_by_name["Coordinator"].methods:
-        request, reply = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
+        request = getattr(pb, method.input_type.name)
         behaviour = getattr(service, method.name)
         if not method.client_streaming:
             behaviour = parsed(behaviour, method.input_type.name)
+        parse = frame_parser(request) if method.client_streaming else parser(request)
         handlers[method.name] = makers[(method.client_streaming, method.server_streaming)](
-            behaviour, request_deserializer=parser(request), response_serializer=reply.SerializeToString
+            behaviour, request_deserializer=parse, response_serializer=serialized
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
 
@@ -477,9 +546,13 @@ def parsed(behaviour: Callable[[Any, grpc.ServicerContext], Any], name: str) -> 
     return call
 
 
-def tensor_frames(frames: Iterator[pb.PushFrame]) -> Iterator:
-    """The tensor frames after a push's header; a second header is malformed."""
+def tensor_frames(frames: Iterator[pb.PushFrame | memoryview]) -> Iterator:
+    """The tensor frames after a push's header (a chunk's data as a memoryview); a second header is
+    malformed."""
     for frame in frames:
+        if isinstance(frame, memoryview):
+            yield frame
+            continue
         if frame.WhichOneof("frame") != "tensor":
             raise WireError(grpc.StatusCode.INVALID_ARGUMENT, "a push carries exactly one PushHeader, first")
         yield frame.tensor
@@ -544,7 +617,9 @@ def start_server(
 
     With `certs` (default `transport.certs`: a directory made by `fedmoe certs`) the port speaks TLS, and
     with `transport.mutual_tls` it requires a client certificate of the same CA; otherwise it is plain text.
-    Threads, stream bounds and the largest update come from the coordinator's `config.transport`; the
+    Threads, stream bounds and the largest update come from the coordinator's `config.transport`, and beside
+    its `threads`, one thread per member whose heartbeat is held (a long-poll: `Coordinator.held_action`, at
+    most `membership.max_members`; threads start when first needed and idle ones cost no work); the
     enrolment token from `fedmoe.security.enrolment_token(state_dir, certs)`. Raises OSError when the port is
     in use.
     """
@@ -553,7 +628,8 @@ def start_server(
     if transport.mutual_tls and not certs:
         raise ValueError("transport.mutual_tls needs TLS: give the certificates (--certs)")
     options = server_options(*MESSAGE_OPTIONS)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=transport.threads), options=options)
+    threads = transport.threads + coordinator.config.membership.max_members
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=options)
     state_dir = FsPath(coordinator.state_dir)
     tokens = TokenAuthority.load_or_create(state_dir / "token.secret")
     enrolment = enrolment_token(state_dir, certs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedmoe.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from fedmoe.checkpoint import CheckpointError, load_checkpoint, load_records, save_checkpoint, save_records
 
 
 def _tensors(seed: int) -> dict[str, torch.Tensor]:
@@ -173,3 +174,30 @@ def test_crash_before_manifest_rename_keeps_previous(tmp_path: Path, monkeypatch
     save_checkpoint(tmp_path, _tensors(2), {"step": 3})  # the next good save removes the orphan
     assert len(_weights(tmp_path)) == 1
     _assert_identical(load_checkpoint(tmp_path)[0], _tensors(2))
+
+
+def test_records_round_trip_checked_by_the_digests_given(tmp_path: Path) -> None:
+    records = {"a": (b"payload", b"scales"), "empty": (b"", b""), "b": (os.urandom(1000),)}
+    digests = {name: hashlib.sha256(b"".join(parts)).digest() for name, parts in records.items()}
+    save_records(tmp_path, records, digests, {"kind": "upload"})
+    save_records(tmp_path, records, digests, {"kind": "upload", "again": True})  # replaces, one data file
+    got, manifest = load_records(tmp_path)
+    assert got == {name: b"".join(parts) for name, parts in records.items()}
+    assert manifest["kind"] == "upload" and manifest["again"]
+    (data,) = tmp_path.glob("records-*.bin")
+    flipped = bytearray(data.read_bytes())
+    flipped[3] ^= 1  # inside record "a"
+    data.write_bytes(bytes(flipped))
+    with pytest.raises(CheckpointError, match=r"records \['a'\] .* torn or corrupt"):
+        load_records(tmp_path)
+    data.write_bytes(bytes(flipped[:10]))
+    with pytest.raises(CheckpointError, match="torn or corrupt"):
+        load_records(tmp_path)
+    data.unlink()
+    with pytest.raises(CheckpointError, match="cannot read the data file"):
+        load_records(tmp_path)
+    with pytest.raises(CheckpointError, match="not a fedmoe-records/1 manifest"):
+        load_records(save_checkpoint(tmp_path / "other", _tensors(0), {}))
+    with pytest.raises(ValueError, match="reserved"):
+        save_records(tmp_path / "new", records, digests, {"records": 1})
+    assert not (tmp_path / "new").exists()

@@ -21,7 +21,16 @@ from hypothesis import strategies as st
 import fedmoe.engine
 import fedmoe.server.service
 from fedmoe.assignment import PROFILES
-from fedmoe.clients.runtime import Session, connect, join, pull_job, push_frames, run, variant_of
+from fedmoe.clients.runtime import (
+    Session,
+    connect,
+    coordinator_stub,
+    join,
+    pull_job,
+    push_frames,
+    run,
+    variant_of,
+)
 from fedmoe.compress.quant import QTensor, quantize
 from fedmoe.config import Config
 from fedmoe.federation import run_federation
@@ -68,7 +77,7 @@ def joined(stub, profile="fp32"):
 
 
 def trained_upload(stub, session, worker):
-    return worker.train_round(pull_job(stub, session, worker.path_model))
+    return worker.train_round(pull_job(stub, session))
 
 
 def push(stub, session, upload, update_id=None):
@@ -467,7 +476,7 @@ def test_a_delivery_is_made_and_encoded_once_per_round_for_every_worker_that_rec
     real_make, real_encode = fedmoe.engine.make_job, fedmoe.server.service.encode_tensors
     monkeypatch.setattr(fedmoe.engine, "make_job", lambda *a: made.append(1) or real_make(*a))
     monkeypatch.setattr(
-        fedmoe.server.service, "encode_tensors", lambda t: encoded.append(1) or real_encode(t)
+        fedmoe.server.service, "encode_tensors", lambda t, **kw: encoded.append(1) or real_encode(t, **kw)
     )
     coordinator = Coordinator(CONFIG.with_overrides({"grid": "1"}), tmp_path / "state")
     server, port = start_server(coordinator, "127.0.0.1:0")
@@ -475,7 +484,9 @@ def test_a_delivery_is_made_and_encoded_once_per_round_for_every_worker_that_rec
         with connect(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.CoordinatorStub(channel)
             (a, worker_a), (b, worker_b) = joined(stub), joined(stub)
-            jobs = [pull_job(stub, s, w.path_model) for s, w in ((a, worker_a), (b, worker_b), (a, worker_a))]
+            # the last through the client's own stub, which reads chunks as views of the messages
+            pulls = ((stub, a, worker_a), (stub, b, worker_b), (coordinator_stub(channel), a, worker_a))
+            jobs = [pull_job(via, s) for via, s, _ in pulls]
             assert made == [1] and encoded == [1]  # one path and variant: made and encoded once
             assert jobs[0].seed != jobs[1].seed  # each worker still gets its own seed
             assert all(
@@ -484,7 +495,7 @@ def test_a_delivery_is_made_and_encoded_once_per_round_for_every_worker_that_rec
             for session, worker, job in ((a, worker_a, jobs[0]), (b, worker_b, jobs[1])):
                 assert push(stub, session, worker.train_round(job)).accepted
             assert coordinator.round == 1
-            pull_job(stub, a, worker_a.path_model)
+            pull_job(stub, a)
             assert made == [1, 1] and encoded == [1, 1]  # a new round, a new delivery
     finally:
         server.stop(0).wait()

@@ -269,7 +269,7 @@ def test_bad_cluster_statistics_histograms_and_uploads_are_refused_and_change_no
         assert not crew.assign(stub, a, RETRY)  # held until the other clustering member's histogram
         assert crews[1].assign(stub, sessions[1], RETRY) and crew.assign(stub, a, RETRY)
         worker_id, worker = next(iter(crew.workers.items()))
-        upload = worker.train_round(pull_job(stub, a, worker.path_model, RETRY, worker_id))
+        upload = worker.train_round(pull_job(stub, a, RETRY, worker_id))
         examples = coordinator.engine.assignments[worker_id].examples
         assert upload.weight == examples and upload.evaluation["examples"] > 0
         before = {

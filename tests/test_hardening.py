@@ -85,7 +85,7 @@ class Federation:
         return session, worker
 
     def trained(self, session: Session, worker: Worker) -> Upload:
-        return worker.train_round(pull_job(self.stub, session, worker.path_model))
+        return worker.train_round(pull_job(self.stub, session))
 
     def push(self, session: Session, upload: Upload, update_id: str | None = None) -> pb.PushReply:
         return self.stub.Push(push_frames(session, upload, update_id), metadata=session.metadata, timeout=30)

@@ -2,8 +2,9 @@ import pytest
 import torch
 from torch import nn
 
+from fedmoe.aggregate import combine
 from fedmoe.modular import ModularModel
-from fedmoe.outer import OuterOptimizer, Update, average_updates
+from fedmoe.outer import OuterOptimizer, Update
 
 
 def two_param_grid(values):
@@ -24,7 +25,7 @@ def test_two_parameter_outer_step_sign_and_arithmetic():
     start = model.module_states()
     ends = [{"0.0": {"weight": torch.tensor([[0.0, 2.0]])}}, {"0.0": {"weight": torch.tensor([[1.0, 0.0]])}}]
     updates = [Update(outer_gradient(start, end), w) for end, w in zip(ends, (1.0, 3.0))]
-    avg, _ = average_updates(updates)
+    avg, _ = combine(updates)
     # weighted mean of [1, 0] (w=1) and [0, 2] (w=3): [0.25, 1.5]
     assert torch.allclose(avg["0.0"]["weight"], torch.tensor([[0.25, 1.5]]), atol=1e-6)
     outer = OuterOptimizer(model, lr=0.7, momentum=0.9, nesterov=True)
@@ -47,14 +48,14 @@ def test_plain_outer_sgd_with_lr_one_lands_on_the_average_of_end_points():
     start = model.module_states()
     ends = [{"0.0": {"weight": torch.tensor([[3.0, 0.0]])}}, {"0.0": {"weight": torch.tensor([[1.0, 4.0]])}}]
     outer = OuterOptimizer(model, lr=1.0, momentum=0.0, nesterov=False)
-    outer.step(*average_updates([Update(outer_gradient(start, e), 1.0) for e in ends]))
+    outer.step(*combine([Update(outer_gradient(start, e), 1.0) for e in ends]))
     assert torch.allclose(model.levels[0][0].weight, torch.tensor([[2.0, 2.0]]))  # FedAvg
 
 
 def test_modules_average_only_over_the_paths_that_hold_them():
     g = lambda v: {"w": torch.tensor([v])}  # noqa: E731
     updates = [Update({"0.0": g(1.0), "1.0": g(10.0)}, 1.0), Update({"0.0": g(3.0), "1.1": g(20.0)}, 1.0)]
-    avg, _held = average_updates(updates)
+    avg, _held = combine(updates)
     assert avg["0.0"]["w"].item() == 2.0  # shared module: mean over both paths
     assert avg["1.0"]["w"].item() == 10.0 and avg["1.1"]["w"].item() == 20.0  # each path alone
 
@@ -75,4 +76,4 @@ def test_bad_updates_are_rejected():
     with pytest.raises(ValueError, match="shape"):
         OuterOptimizer(model).step({"0.0": {"weight": torch.zeros(3)}})
     with pytest.raises(ValueError, match="positive"):
-        average_updates([Update({"0.0": {"weight": torch.zeros(1, 2)}}, 0.0)])
+        combine([Update({"0.0": {"weight": torch.zeros(1, 2)}}, 0.0)])

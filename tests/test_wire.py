@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import tracemalloc
 from collections.abc import Iterator
 from concurrent import futures
 
@@ -14,8 +15,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedmoe.compress.quant import QTensor, dequantize, quantize
+from fedmoe.security import update_digest
 from fedmoe.v1 import coordinator_pb2, coordinator_pb2_grpc, tensor_pb2
-from fedmoe.wire import CHUNK_BYTES, WireError, decode_tensors, encode_tensors
+from fedmoe.wire import (
+    CHUNK_BYTES,
+    PARALLEL_HASH_BYTES,
+    WireError,
+    chunk_view,
+    decode_tensors,
+    encode_tensors,
+    hash_tensors,
+    read_ahead,
+    tensor_sha256,
+)
 
 INVALID, DATA_LOSS, EXHAUSTED = (
     grpc.StatusCode.INVALID_ARGUMENT,
@@ -281,3 +293,97 @@ def test_wire_error_becomes_its_grpc_status(coordinator: coordinator_pb2_grpc.Co
     with pytest.raises(grpc.RpcError) as info:
         coordinator.Push(_push({}, frames[:-1]), timeout=30)
     assert info.value.code() == DATA_LOSS and "stream ended before End" in info.value.details()
+
+
+def test_chunk_frames_decode_from_views_of_the_message_as_it_arrived() -> None:
+    tensors = _tensors()
+    messages = [f.SerializeToString() for f in encode_tensors(tensors, 5, into=coordinator_pb2.PushFrame)]
+    views = [chunk_view(m) for m in messages]
+    for message, view in zip(messages, views, strict=True):
+        frame = coordinator_pb2.PushFrame.FromString(message).tensor
+        if frame.WhichOneof("frame") == "chunk":
+            assert isinstance(view, memoryview) and view.obj is message and bytes(view) == frame.chunk.data
+        else:
+            assert view is None  # headers and End are parsed as protobuf
+    frames = [
+        v if v is not None else coordinator_pb2.PushFrame.FromString(m).tensor
+        for m, v in zip(messages, views)
+    ]
+    out = decode_tensors(frames, sum(q.nbytes for q in tensors.values()))
+    assert {n: (q.payload, q.scales) for n, q in out.items()} == {
+        n: (q.payload, q.scales) for n, q in tensors.items()
+    }
+    tampered = list(frames)
+    i = next(i for i, f in enumerate(frames) if isinstance(f, memoryview))
+    tampered[i] = memoryview(bytes([frames[i][0] ^ 1]) + bytes(frames[i][1:]))
+    _fails(tampered, INVALID, "sha256 mismatch")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=40))
+def test_a_chunk_view_is_what_protobuf_parses(message: bytes) -> None:
+    view = chunk_view(message)
+    if view is not None:  # then protobuf reads the same message as a chunk of exactly those bytes
+        frame = coordinator_pb2.PullFrame.FromString(message)
+        assert frame.tensor.WhichOneof("frame") == "chunk" and frame.tensor.chunk.data == bytes(view)
+    framed = coordinator_pb2.PullFrame(tensor=tensor_pb2.TensorFrame(chunk=tensor_pb2.Chunk(data=message)))
+    view = chunk_view(framed.SerializeToString())
+    assert bytes(view) == message if message else view is None  # an empty chunk serializes no data field
+    assert chunk_view(framed.SerializeToString() + b"\x08\x01") is None  # one more field: not only a chunk
+
+
+def test_a_tensor_is_hashed_once_per_side() -> None:
+    q = quantize(torch.randn(4, 5, generator=torch.Generator().manual_seed(2)), 8)
+    digest = tensor_sha256(q)
+    assert digest == hashlib.sha256(q.payload + q.scales).digest() and tensor_sha256(q) is digest
+    (received,) = decode_tensors(_frames({"q": q}), q.nbytes).values()
+    assert tensor_sha256(received) == digest  # verified on arrival, remembered for the signature
+    assert update_digest(["f"], {"q": received}) == update_digest(["f"], {"q": q})
+
+
+def test_large_tensors_are_hashed_together_ahead_of_their_use() -> None:
+    g = torch.Generator().manual_seed(3)
+    tensors = [quantize(torch.randn(768, 1024, generator=g), 32) for _ in range(3)]  # 9 MiB in all
+    assert sum(q.nbytes for q in tensors) >= PARALLEL_HASH_BYTES
+    hash_tensors(tensors)
+    for q in tensors:
+        assert tensor_sha256(q) == hashlib.sha256(q.payload + q.scales).digest()
+
+
+def test_tiny_chunks_cost_no_more_memory_than_their_bytes() -> None:
+    q = quantize(
+        torch.randn(50_000, generator=torch.Generator().manual_seed(4)), 32
+    )  # 200 KB in 1-byte chunks
+    header, *_ = _frames({"q": q})
+    blob = q.payload
+
+    def frames() -> Iterator[tensor_pb2.TensorFrame | memoryview]:
+        yield header
+        yield from (memoryview(blob)[i : i + 1] for i in range(len(blob)))
+        yield tensor_pb2.TensorFrame(end=tensor_pb2.End(tensors=1))
+
+    tracemalloc.start()
+    try:
+        out = decode_tensors(frames(), q.nbytes)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert out["q"].payload == q.payload and peak < 4 * q.nbytes  # kept one view each: over 100 x
+
+
+def test_read_ahead_keeps_order_raises_in_place_and_cancels_when_left() -> None:
+    def stream(n: int, error: Exception | None = None) -> Iterator[int]:
+        yield from range(n)
+        if error is not None:
+            raise error
+
+    assert list(read_ahead(stream(50), depth=4)) == list(range(50))
+    reader = read_ahead(stream(20, ConnectionError("reset")))
+    assert [next(reader) for _ in range(20)] == list(range(20))  # every message before the error
+    with pytest.raises(ConnectionError, match="reset"):
+        next(reader)
+    cancelled = []
+    reader = read_ahead(stream(1000), lambda: cancelled.append(True))
+    assert next(reader) == 0 and not cancelled
+    reader.close()  # the reader stops early
+    assert cancelled == [True]

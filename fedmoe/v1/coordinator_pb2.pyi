@@ -156,10 +156,12 @@ class PushReply(_message.Message):
     def __init__(self, accepted: _Optional[bool] = ..., round: _Optional[int] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("client_id",)
+    __slots__ = ("client_id", "wait_s")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    WAIT_S_FIELD_NUMBER: _ClassVar[int]
     client_id: str
-    def __init__(self, client_id: _Optional[str] = ...) -> None: ...
+    wait_s: float
+    def __init__(self, client_id: _Optional[str] = ..., wait_s: _Optional[float] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
     __slots__ = ("action", "round", "workers")
