@@ -62,6 +62,19 @@ def _commit(directory: Path, write: Callable[[Path], str]) -> str:
         raise
 
 
+def _writable(
+    directory: str | Path, manifest: Mapping[str, Any], reserved: frozenset[str], kind: str
+) -> Path:
+    """The directory, made if missing, once the manifest is known to serialise and to use no reserved key."""
+    clash = reserved.intersection(manifest)
+    if clash:
+        raise ValueError(f"manifest keys {sorted(clash)} are reserved for the {kind} format")
+    json.dumps(dict(manifest))  # raises TypeError before anything is written
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
 def save_checkpoint(
     directory: str | os.PathLike,
     tensors: Mapping[str, torch.Tensor],
@@ -73,12 +86,7 @@ def save_checkpoint(
 
     `keep_previous`: the checkpoint being replaced stays as the previous generation (see `load_latest`).
     """
-    clash = RESERVED.intersection(manifest)
-    if clash:
-        raise ValueError(f"manifest keys {sorted(clash)} are reserved for the checkpoint format")
-    json.dumps(dict(manifest))  # raises TypeError before anything is written
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = _writable(directory, manifest, RESERVED, "checkpoint")
     cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
     digest = ""
 
@@ -195,12 +203,7 @@ def save_records(
     `sha256` holds each record's digest (of its parts joined), as the caller knows it: a received tensor's,
     verified on arrival, costs no second pass over its bytes. `load_records` checks them.
     """
-    clash = RECORDS_RESERVED.intersection(manifest)
-    if clash:
-        raise ValueError(f"manifest keys {sorted(clash)} are reserved for the records format")
-    json.dumps(dict(manifest))  # raises TypeError before anything is written
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = _writable(directory, manifest, RECORDS_RESERVED, "records")
     entries, offset = {}, 0
     for name, parts in records.items():
         size = sum(len(part) for part in parts)
