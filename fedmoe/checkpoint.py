@@ -65,13 +65,17 @@ def _commit(directory: Path, write: Callable[[Path], str]) -> str:
 def _writable(
     directory: str | Path, manifest: Mapping[str, Any], reserved: frozenset[str], kind: str
 ) -> Path:
-    """The directory, made if missing, once the manifest is known to serialise and to use no reserved key."""
+    """The directory, made if missing (its entry in its parent made durable), once the manifest is known to
+    serialise and to use no reserved key."""
     clash = reserved.intersection(manifest)
     if clash:
         raise ValueError(f"manifest keys {sorted(clash)} are reserved for the {kind} format")
     json.dumps(dict(manifest))  # raises TypeError before anything is written
     directory = Path(directory)
+    made = [d for d in (directory, *directory.parents) if not d.exists()]
     directory.mkdir(parents=True, exist_ok=True)
+    for new in reversed(made):  # a directory made here is durable in its parent before anything in it is
+        _fsync_dir(new.parent)
     return directory
 
 

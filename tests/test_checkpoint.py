@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedmoe import checkpoint
 from fedmoe.checkpoint import CheckpointError, load_checkpoint, load_records, save_checkpoint, save_records
 
 
@@ -201,3 +202,15 @@ def test_records_round_trip_checked_by_the_digests_given(tmp_path: Path) -> None
     with pytest.raises(ValueError, match="reserved"):
         save_records(tmp_path / "new", records, digests, {"records": 1})
     assert not (tmp_path / "new").exists()
+
+
+def test_a_directory_made_for_a_checkpoint_is_made_durable_in_its_parent(tmp_path, monkeypatch):
+    synced = []
+    real = checkpoint._fsync_dir
+    monkeypatch.setattr(checkpoint, "_fsync_dir", lambda d: synced.append(Path(d)) or real(d))
+    save_records(tmp_path / "pending" / "r0-w", {"t": (b"ab",)}, {"t": hashlib.sha256(b"ab").digest()}, {})
+    # "pending" and "r0-w" were made: each one's entry is synced in its parent, before the records
+    assert synced[:2] == [tmp_path, tmp_path / "pending"]
+    synced.clear()
+    save_records(tmp_path / "pending" / "r0-w", {"t": (b"cd",)}, {"t": hashlib.sha256(b"cd").digest()}, {})
+    assert tmp_path not in synced and tmp_path / "pending" not in synced  # nothing new to make durable
