@@ -63,7 +63,7 @@ from fedmoe.spec import Batch, ClientData, Examples, Spec, cross_entropy, load_s
 from fedmoe.train import Compute
 from fedmoe.v1 import coordinator_pb2 as pb
 from fedmoe.v1 import coordinator_pb2_grpc as pb_grpc
-from fedmoe.wire import chunk_view, decode_tensors, encode_tensors, hash_tensors, read_ahead
+from fedmoe.wire import CHUNK_BYTES, chunk_view, decode_tensors, encode_tensors, hash_tensors, read_ahead
 from fedmoe.worker import (
     Job,
     LocalExamples,
@@ -649,7 +649,7 @@ def push_frames(
         evaluation=upload.evaluation,
     )
     yield pb.PushFrame(header=header)
-    yield from encode_tensors(upload.tensors, into=pb.PushFrame)
+    yield from encode_tensors(upload.tensors, into=pb.PushFrame, batch_bytes=CHUNK_BYTES)
 
 
 # -- routing by data ------------------------------------------------------------------------

@@ -101,16 +101,48 @@ def _lengths(name: str, bits: int, shape: Sequence[int]) -> tuple[int, int]:
 
 
 def encode_tensors(
-    tensors: Mapping[str, QTensor], chunk_bytes: int = CHUNK_BYTES, into: type | None = None
+    tensors: Mapping[str, QTensor],
+    chunk_bytes: int = CHUNK_BYTES,
+    into: type | None = None,
+    batch_bytes: int = 0,
 ) -> Iterator[Any]:
-    """The frames of tensors: per tensor a header then its chunks of at most chunk_bytes,
-    then one End frame.
+    """The frames of tensors: per tensor a header then its payload's and scales' chunks of at most
+    chunk_bytes, then one End frame.
+
+    With `batch_bytes` (what the coordinator and clients send), a tensor whose bytes fit one chunk travels in
+    one, and frames smaller than `KEPT_CHUNK_BYTES` travel together in Batch frames of up to batch_bytes: a
+    path of small tensors is a message or two, not two or three per tensor (gRPC's cost is per message).
 
     TensorFrames, or with `into` (PullFrame or PushFrame) frames of that type, their TensorFrame built in
-    place in the `tensor` field (not built apart and copied in, chunk by chunk).
+    place in the `tensor` field (not built apart and copied in).
     """
     if chunk_bytes < 1:
         raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+    batch, batched = None, 0
+    for kind, value in _frame_items(tensors, chunk_bytes, whole=batch_bytes > 0):
+        size = len(value) if kind == "chunk" else value.ByteSize()
+        if not batch_bytes or size >= KEPT_CHUNK_BYTES:  # alone (a receiver keeps a large chunk as a view)
+            if batch is not None:
+                yield batch
+                batch, batched = None, 0
+            frame = _frame(into)
+            _set(frame.tensor if into else frame, kind, value)
+            yield frame
+            continue
+        if batch is None:
+            batch = _frame(into, batch=tensor_pb2.Batch())
+        _set((batch.tensor if into else batch).batch.frames.add(), kind, value)
+        batched += size
+        if batched >= batch_bytes:
+            yield batch
+            batch, batched = None, 0
+    if batch is not None:
+        yield batch
+
+
+def _frame_items(tensors: Mapping[str, QTensor], chunk_bytes: int, whole: bool) -> Iterator[tuple[str, Any]]:
+    """(kind, value) of each frame of `encode_tensors`: ("header", TensorHeader), ("chunk", bytes) or
+    ("end", End). `whole`: a tensor whose bytes fit one chunk travels in one."""
     for name, q in tensors.items():
         if (len(q.payload), len(q.scales)) != _lengths(name, q.bits, q.shape):
             raise _invalid(
@@ -125,20 +157,42 @@ def encode_tensors(
             scale_bytes=len(q.scales),
             sha256=tensor_sha256(q),
         )
-        yield _frame(into, header=header)
+        yield "header", header
+        if whole and len(q.payload) + len(q.scales) <= chunk_bytes:
+            if q.payload or q.scales:
+                yield "chunk", q.payload + q.scales
+            continue
         for part in (q.payload, q.scales):
             view = memoryview(part)
             for start in range(0, len(view), chunk_bytes):
-                frame = _frame(into)
-                (frame.tensor if into else frame).chunk.data = bytes(view[start : start + chunk_bytes])
-                yield frame
-    yield _frame(into, end=tensor_pb2.End(tensors=len(tensors)))
+                yield "chunk", bytes(view[start : start + chunk_bytes])
+    yield "end", tensor_pb2.End(tensors=len(tensors))
+
+
+def _set(frame: tensor_pb2.TensorFrame, kind: str, value: Any) -> None:
+    """Fill `frame` with one item of `_frame_items`."""
+    if kind == "chunk":
+        frame.chunk.data = value
+    else:
+        getattr(frame, kind).CopyFrom(value)
 
 
 def _frame(into: type | None, **field: Any) -> Any:
     """A TensorFrame with `field` set, or one inside a frame of type `into`."""
     frame = tensor_pb2.TensorFrame(**field)
     return frame if into is None else into(tensor=frame)
+
+
+def _unbatched(frames: Iterable[tensor_pb2.TensorFrame | memoryview]) -> Iterator:
+    """A stream's frames with each Batch frame's frames in its place (a batch holds no batch)."""
+    for frame in frames:
+        if isinstance(frame, memoryview) or frame.WhichOneof("frame") != "batch":
+            yield frame
+            continue
+        for inner in frame.batch.frames:
+            if inner.WhichOneof("frame") == "batch":
+                raise _invalid("a batch frame inside a batch frame")
+            yield inner
 
 
 def _varint(data: bytes | memoryview, at: int) -> tuple[int, int]:
@@ -278,7 +332,7 @@ def decode_tensors(
     current: _Incoming | None = None
     declared = 0
     ended = False
-    for frame in frames:
+    for frame in _unbatched(frames):
         data = frame if isinstance(frame, memoryview) else None
         kind = "chunk" if data is not None else frame.WhichOneof("frame")
         if ended:

@@ -43,7 +43,15 @@ from fedmoe.modular import Path
 from fedmoe.security import AuthError, TokenAuthority, bearer, enrolment_token, server_credentials
 from fedmoe.server.coordinator import Coordinator, Proposal, Rejected, check_identifier, shown
 from fedmoe.v1 import coordinator_pb2 as pb
-from fedmoe.wire import WireError, chunk_view, decode_tensors, encode_tensors, hash_tensors, read_ahead
+from fedmoe.wire import (
+    CHUNK_BYTES,
+    WireError,
+    chunk_view,
+    decode_tensors,
+    encode_tensors,
+    hash_tensors,
+    read_ahead,
+)
 from fedmoe.worker import Job, Upload, Variant
 
 log = logging.getLogger("fedmoe.server")
@@ -375,7 +383,10 @@ class CoordinatorService:
             if entry is not None and entry[1] is job.tensors:
                 return entry[2]
         hash_tensors(job.tensors.values())
-        frames = [frame.SerializeToString() for frame in encode_tensors(job.tensors, into=pb.PullFrame)]
+        frames = [
+            frame.SerializeToString()
+            for frame in encode_tensors(job.tensors, into=pb.PullFrame, batch_bytes=CHUNK_BYTES)
+        ]
         with self.encoding:
             self.encoded = {k: e for k, e in self.encoded.items() if e[0] == job.round}
             self.encoded[key] = (job.round, job.tensors, frames)

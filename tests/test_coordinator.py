@@ -174,16 +174,19 @@ def test_bad_input_gets_a_precise_status_and_changes_nothing(federation):
 
     def corrupted():
         frames = list(push_frames(a, upload))
-        chunk = next(
-            f for f in frames if f.WhichOneof("frame") == "tensor" and f.tensor.WhichOneof("frame") == "chunk"
-        )
-        chunk.tensor.chunk.data = bytes([chunk.tensor.chunk.data[0] ^ 1]) + chunk.tensor.chunk.data[1:]
+        tensor_frames = [f.tensor for f in frames if f.WhichOneof("frame") == "tensor"]
+        inner = [t for f in tensor_frames for t in (f.batch.frames if f.HasField("batch") else [f])]
+        chunk = next(t for t in inner if t.WhichOneof("frame") == "chunk")
+        chunk.chunk.data = bytes([chunk.chunk.data[0] ^ 1]) + chunk.chunk.data[1:]
         return stub.Push(iter(frames), metadata=a.metadata, timeout=60)
 
     assert code_of(corrupted) == grpc.StatusCode.INVALID_ARGUMENT
 
     def truncated():
-        frames = list(push_frames(a, upload))[:-2]
+        frames = list(push_frames(a, upload))
+        last = frames[-1].tensor
+        assert last.HasField("batch")  # this path's small tensors travel together in one message
+        del last.batch.frames[-2:]  # its last chunk and End
         return stub.Push(iter(frames), metadata=a.metadata, timeout=60)
 
     assert code_of(truncated) == grpc.StatusCode.DATA_LOSS

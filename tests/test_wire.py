@@ -387,3 +387,27 @@ def test_read_ahead_keeps_order_raises_in_place_and_cancels_when_left() -> None:
     assert next(reader) == 0 and not cancelled
     reader.close()  # the reader stops early
     assert cancelled == [True]
+
+
+def test_small_tensors_travel_batched_in_one_message_and_large_chunks_alone() -> None:
+    small = {
+        f"layer{i}.{kind}": quantize(torch.randn(16, 8), bits)
+        for i in range(6)
+        for kind, bits in (("weight", 4), ("bias", 32))
+    }
+    large = quantize(torch.randn(300_000), 32)  # 1.2 MB: two chunks, each a message of its own
+    frames = list(
+        encode_tensors({**small, "large": large}, into=coordinator_pb2.PullFrame, batch_bytes=1 << 20)
+    )
+    kinds = [f.tensor.WhichOneof("frame") for f in frames]
+    assert kinds == ["batch", "chunk", "chunk", "batch"], kinds  # 12 tensors, a header, End: 4 messages
+    assert len(frames[0].tensor.batch.frames) == 2 * len(small) + 1  # each small tensor: header + one chunk
+    assert chunk_view(frames[1].SerializeToString()) is not None  # a large chunk still arrives as a view
+    assert chunk_view(frames[0].SerializeToString()) is None
+    out = decode_tensors((f.tensor for f in frames), 1 << 30)
+    for name, q in {**small, "large": large}.items():
+        assert (out[name].payload, out[name].scales) == (q.payload, q.scales), name
+    unbatched = list(encode_tensors(small, into=coordinator_pb2.PullFrame))
+    assert len(unbatched) == 3 * 6 + 2 * 6 + 1  # int4: header, payload, scales; fp32: header, payload
+    nested = tensor_pb2.TensorFrame(batch=tensor_pb2.Batch(frames=[frames[0].tensor]))
+    _fails([nested], INVALID, "batch frame inside a batch frame")

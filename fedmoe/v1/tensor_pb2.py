@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x66\x65\x64moe/v1/tensor.proto\x12\tfedmoe.v1\"u\n\x0cTensorHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x62its\x18\x02 \x01(\r\x12\r\n\x05shape\x18\x03 \x03(\x04\x12\x15\n\rpayload_bytes\x18\x04 \x01(\x04\x12\x13\n\x0bscale_bytes\x18\x05 \x01(\x04\x12\x0e\n\x06sha256\x18\x06 \x01(\x0c\"\x15\n\x05\x43hunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\x83\x01\n\x0bTensorFrame\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.fedmoe.v1.TensorHeaderH\x00\x12!\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x10.fedmoe.v1.ChunkH\x00\x12\x1d\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x0e.fedmoe.v1.EndH\x00\x42\x07\n\x05\x66rame\"\x16\n\x03\x45nd\x12\x0f\n\x07tensors\x18\x01 \x01(\rb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x66\x65\x64moe/v1/tensor.proto\x12\tfedmoe.v1\"u\n\x0cTensorHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x62its\x18\x02 \x01(\r\x12\r\n\x05shape\x18\x03 \x03(\x04\x12\x15\n\rpayload_bytes\x18\x04 \x01(\x04\x12\x13\n\x0bscale_bytes\x18\x05 \x01(\x04\x12\x0e\n\x06sha256\x18\x06 \x01(\x0c\"\x15\n\x05\x43hunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\xa6\x01\n\x0bTensorFrame\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.fedmoe.v1.TensorHeaderH\x00\x12!\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x10.fedmoe.v1.ChunkH\x00\x12\x1d\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x0e.fedmoe.v1.EndH\x00\x12!\n\x05\x62\x61tch\x18\x04 \x01(\x0b\x32\x10.fedmoe.v1.BatchH\x00\x42\x07\n\x05\x66rame\"/\n\x05\x42\x61tch\x12&\n\x06\x66rames\x18\x01 \x03(\x0b\x32\x16.fedmoe.v1.TensorFrame\"\x16\n\x03\x45nd\x12\x0f\n\x07tensors\x18\x01 \x01(\rb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,7 +36,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHUNK']._serialized_start=156
   _globals['_CHUNK']._serialized_end=177
   _globals['_TENSORFRAME']._serialized_start=180
-  _globals['_TENSORFRAME']._serialized_end=311
-  _globals['_END']._serialized_start=313
-  _globals['_END']._serialized_end=335
+  _globals['_TENSORFRAME']._serialized_end=346
+  _globals['_BATCH']._serialized_start=348
+  _globals['_BATCH']._serialized_end=395
+  _globals['_END']._serialized_start=397
+  _globals['_END']._serialized_end=419
 # @@protoc_insertion_point(module_scope)
