@@ -19,7 +19,7 @@ from rich.table import Table
 
 from fedmoe.aggregate import aggregate
 from fedmoe.assignment import PROFILES
-from fedmoe.clients.runtime import connect, coordinator_stub, join, pull_job, push_frames
+from fedmoe.clients.runtime import connect, coordinator_stub, join, pull_job, push
 from fedmoe.compress.quant import QTensor, quantize
 from fedmoe.config import Config
 from fedmoe.models.classifier import mlp_levels
@@ -96,7 +96,7 @@ def pull_push_seconds() -> tuple[int, float, float]:
                     }
                     upload = Upload(job.path, Variant(), 0, a.seed, 1.0, tensors, 0.0)
                     started = time.perf_counter()
-                    stub.Push(push_frames(sessions[0], upload), metadata=sessions[0].metadata)
+                    push(stub, sessions[0], upload, "")  # as clients push: frames sent as they travel
                     pushes.append(time.perf_counter() - started)
                     coordinator.pending.clear()  # let the same client push again; nothing else reads it here
         finally:

@@ -63,7 +63,7 @@ from fedmoe.spec import Batch, ClientData, Examples, Spec, cross_entropy, load_s
 from fedmoe.train import Compute
 from fedmoe.v1 import coordinator_pb2 as pb
 from fedmoe.v1 import coordinator_pb2_grpc as pb_grpc
-from fedmoe.wire import CHUNK_BYTES, chunk_view, decode_tensors, encode_tensors, hash_tensors, read_ahead
+from fedmoe.wire import CHUNK_BYTES, chunk_view, decode_tensors, encode_tensors, read_ahead, serialized
 from fedmoe.worker import (
     Job,
     LocalExamples,
@@ -508,16 +508,27 @@ def connect(server: str, certs: str | None = None, cert_name: str | None = None)
     return grpc.insecure_channel(server, options=options)
 
 
-def coordinator_stub(channel: grpc.Channel) -> pb_grpc.CoordinatorStub:
-    """The coordinator's stub on `channel`, its Pull frames read by `pull_frame` (`pull_job` takes a plain
-    generated stub too)."""
-    stub = pb_grpc.CoordinatorStub(channel)
-    stub.Pull = channel.unary_stream(
-        f"/{pb.DESCRIPTOR.services_by_name['Coordinator'].full_name}/Pull",
-        request_serializer=pb.PullRequest.SerializeToString,
-        response_deserializer=pull_frame,
-    )
-    return stub
+class StreamingStub(pb_grpc.CoordinatorStub):
+    """The coordinator's generated stub, its tensor streams spared copies: Pull frames read by `pull_frame`,
+    Push frames sent as they are when already serialized (`push` sends them so through this stub only)."""
+
+    def __init__(self, channel: grpc.Channel):
+        super().__init__(channel)
+        service = f"/{pb.DESCRIPTOR.services_by_name['Coordinator'].full_name}"
+        self.Pull = channel.unary_stream(
+            f"{service}/Pull",
+            request_serializer=pb.PullRequest.SerializeToString,
+            response_deserializer=pull_frame,
+        )
+        self.Push = channel.stream_unary(
+            f"{service}/Push", request_serializer=serialized, response_deserializer=pb.PushReply.FromString
+        )
+
+
+def coordinator_stub(channel: grpc.Channel) -> StreamingStub:
+    """The coordinator's stub on `channel` for the SDK (`pull_job` and `push` take a plain generated stub
+    too)."""
+    return StreamingStub(channel)
 
 
 def pull_frame(data: bytes) -> pb.PullFrame | memoryview:
@@ -621,19 +632,25 @@ def pull_job(
 def push(
     stub: pb_grpc.CoordinatorStub, session: Session, upload: Upload, update_id: str, worker_id: str = ""
 ) -> pb.PushReply:
-    """Push one update of a worker; retrying it with the same `update_id` cannot count it twice."""
-    frames = push_frames(session, upload, update_id, worker_id)
+    """Push one update of a worker; retrying it with the same `update_id` cannot count it twice. Its frames
+    travel serialized, spared copies, through a `StreamingStub`; as messages through a plain one."""
+    fast = isinstance(stub, StreamingStub)
+    frames = push_frames(session, upload, update_id, worker_id, serialized=fast)
     return stub.Push(frames, metadata=session.metadata, timeout=STREAM_TIMEOUT_S)
 
 
 def push_frames(
-    session: Session, upload: Upload, update_id: str | None = None, worker_id: str = ""
-) -> Iterator[pb.PushFrame]:
+    session: Session,
+    upload: Upload,
+    update_id: str | None = None,
+    worker_id: str = "",
+    serialized: bool = False,
+) -> Iterator[pb.PushFrame | bytes]:
     """A push of a worker's update (worker "": the client's one path): the signed header, then the tensor
-    stream (each tensor hashed once, for the signature and the wire's checksum)."""
+    stream (each tensor hashed once, for the signature and the wire's checksum). `serialized`: the tensor
+    frames as they travel (see `fedmoe.wire.encode_tensors`), which a `StreamingStub` sends as they are."""
     v = upload.variant
     update_id = update_id or uuid.uuid4().hex
-    hash_tensors(upload.tensors.values())
     digest = update_digest(signed_fields(worker_id or session.client_id, update_id, upload), upload.tensors)
     header = pb.PushHeader(
         client_id=session.client_id,
@@ -649,7 +666,9 @@ def push_frames(
         evaluation=upload.evaluation,
     )
     yield pb.PushFrame(header=header)
-    yield from encode_tensors(upload.tensors, into=pb.PushFrame, batch_bytes=CHUNK_BYTES)
+    yield from encode_tensors(
+        upload.tensors, into=pb.PushFrame, batch_bytes=CHUNK_BYTES, serialized=serialized
+    )
 
 
 # -- routing by data ------------------------------------------------------------------------

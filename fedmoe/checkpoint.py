@@ -4,8 +4,9 @@ written atomically (the manifest is the commit point).
 With `keep_previous`, a save keeps the generation before it (manifest.prev.json and its weights), and
 `load_latest` falls back to it when the newest is torn or corrupt.
 
-`save_records` stores named byte strings the same way, in one data file whose records the caller's sha256s
-check (`load_records`): bytes that arrived with a verified digest are written without a second pass.
+`save_records` stores named byte strings the same way, in one data file whose records the caller's BLAKE3
+digests check (`load_records`): bytes that arrived with a verified digest (`fedmoe.wire.tensor_digest`) are
+written without a second pass.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import blake3
 import torch
 from safetensors.torch import load_file, save_file
 
 FORMAT = "fedmoe-checkpoint/1"
-RECORDS_FORMAT = "fedmoe-records/1"
+RECORDS_FORMAT = "fedmoe-records/2"  # /1 checked records by sha256
 MANIFEST = "manifest.json"
 PREVIOUS = "manifest.prev.json"
 RESERVED = frozenset({"format", "weights", "sha256", "tensors"})
@@ -197,21 +199,21 @@ def _read_manifest(path: Path, form: str) -> dict[str, Any]:
 def save_records(
     directory: str | os.PathLike,
     records: Mapping[str, Sequence[bytes]],
-    sha256: Mapping[str, bytes],
+    digests: Mapping[str, bytes],
     manifest: Mapping[str, Any],
 ) -> Path:
     """Atomically write named byte records and a manifest to directory: the records back to back in one data
     file (each given as parts, written as they are), then the manifest, the commit point, with each
-    record's offset, length and sha256.
+    record's offset, length and BLAKE3 digest.
 
-    `sha256` holds each record's digest (of its parts joined), as the caller knows it: a received tensor's,
-    verified on arrival, costs no second pass over its bytes. `load_records` checks them.
+    `digests` holds each record's BLAKE3 digest (of its parts joined), as the caller knows it: a received
+    tensor's, verified on arrival, costs no second pass over its bytes. `load_records` checks them.
     """
     directory = _writable(directory, manifest, RECORDS_RESERVED, "records")
     entries, offset = {}, 0
     for name, parts in records.items():
         size = sum(len(part) for part in parts)
-        entries[name] = {"offset": offset, "bytes": size, "sha256": sha256[name].hex()}
+        entries[name] = {"offset": offset, "bytes": size, "blake3": digests[name].hex()}
         offset += size
 
     def write_data(tmp: Path) -> str:
@@ -248,7 +250,7 @@ def load_records(directory: str | os.PathLike) -> tuple[dict[str, bytes], dict[s
             for record, entry in entries.items():
                 f.seek(entry["offset"])
                 blob = f.read(entry["bytes"])
-                if len(blob) != entry["bytes"] or hashlib.sha256(blob).hexdigest() != entry["sha256"]:
+                if len(blob) != entry["bytes"] or blake3.blake3(blob).hexdigest() != entry["blake3"]:
                     torn.append(record)
                 records[record] = blob
     except OSError as e:
@@ -256,5 +258,5 @@ def load_records(directory: str | os.PathLike) -> tuple[dict[str, bytes], dict[s
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: bad record entry: {e}") from None
     if torn:
-        raise CheckpointError(f"records {torn[:8]} of {data} are torn or corrupt (sha256 mismatch)")
+        raise CheckpointError(f"records {torn[:8]} of {data} are torn or corrupt (digest mismatch)")
     return records, manifest

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedmoe.wire import tensor_sha256
+from fedmoe.wire import tensor_digest
 
 CA_CERT = "ca.pem"
 CA_KEY = "ca.key"
@@ -362,14 +362,15 @@ def update_digest(fields: Sequence[object], tensors: Mapping[str, Any]) -> bytes
     """SHA-256 over an update's header fields and every tensor's name, bits,
     shape and bytes (names in order).
 
-    A tensor's bytes enter as their sha256 over payload || scales, the wire's checksum (`tensor_sha256`):
-    the sender hashes each tensor once for both, and the receiver reads the digests it verified on arrival.
+    A tensor's bytes enter as their BLAKE3 digest over payload || scales, the wire's checksum
+    (`tensor_digest`): the sender hashes each tensor once for both, and the receiver reads the digests it
+    verified on arrival.
     """
     digest = hashlib.sha256("\x1f".join(str(f) for f in fields).encode())
     for name in sorted(tensors):
         q = tensors[name]
         digest.update(f"\x1e{name}\x1f{q.bits}\x1f{tuple(q.shape)}\x1f".encode())
-        digest.update(tensor_sha256(q))
+        digest.update(tensor_digest(q))
     return digest.digest()
 
 

@@ -1,36 +1,36 @@
 """Tensors on the wire: `QTensor`s as a stream of `TensorFrame`s, chunked and checksummed.
 
-Each tensor travels as a header (name, bits, shape, byte counts, sha256 of payload || scales) followed by
-chunks of at most `CHUNK_BYTES` (the payload's, then the scales'); one End frame with the tensor count closes
-the stream. Chunks stay far below gRPC's 4 MB default message limit, so that limit never bounds a tensor's
-size; `decode_tensors` bounds it instead, checking each header against the tensors the receiver expects (when
-it knows them) and the declared sizes against `max_bytes`, and it keeps the chunks as they arrive (small ones
-copied together), joined once when a tensor is complete: a header alone allocates nothing.
+Each tensor travels as a header (name, bits, shape, byte counts, BLAKE3 digest of payload || scales)
+followed by chunks of at most `CHUNK_BYTES` (the payload's, then the scales'); one End frame with the tensor
+count closes the stream. Chunks stay far below gRPC's 4 MB default message limit, so that limit never bounds a
+tensor's size; `decode_tensors` bounds it instead, checking each header against the tensors the receiver
+expects (when it knows them) and the declared sizes against `max_bytes`, and it keeps the chunks as they
+arrive (small ones copied together), joined once when a tensor is complete: a header alone allocates nothing.
 
-Each side hashes a tensor's bytes once: `tensor_sha256` remembers the digest of every QTensor it hashed or
+Each side hashes a tensor's bytes once: `tensor_digest` remembers the digest of every QTensor it hashed or
 `decode_tensors` verified, so a signature over the tensors (`fedmoe.security.update_digest`) reads it instead
-of hashing again. A receiver may hand `decode_tensors` a chunk frame's data as a memoryview into the message
-as it arrived (`chunk_view`), sparing the protobuf parse and its copies.
+of hashing again. BLAKE3, a cryptographic hash about five times as fast as SHA-256 on one core, keeps the
+checksum from slowing the stream. A receiver may hand `decode_tensors` a chunk frame's data as a memoryview
+into the message as it arrived (`chunk_view`), sparing the protobuf parse and its copies.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+import blake3
 import grpc
 
 from fedmoe.compress.quant import BITS, QTensor, wire_bytes
 from fedmoe.v1 import tensor_pb2
 
 CHUNK_BYTES = 1 << 20
+DIGEST_BYTES = 32  # a tensor's BLAKE3 digest
 TENSOR_FIELD = 2  # the field number of the TensorFrame in PullFrame and PushFrame
-PARALLEL_HASH_BYTES = 8 << 20  # tensors of at least this many bytes in all are hashed on several threads
 # a received chunk this large is kept as it came; smaller ones are copied together
 KEPT_CHUNK_BYTES = 64 << 10
 READ_AHEAD = 8  # messages a stream is received ahead of its reader (see `read_ahead`)
@@ -38,25 +38,15 @@ T = TypeVar("T")
 _DIGESTS: weakref.WeakKeyDictionary[QTensor, bytes] = weakref.WeakKeyDictionary()
 
 
-def tensor_sha256(q: QTensor) -> bytes:
-    """The sha256 of q's payload || scales, hashed once per QTensor (the digest is remembered while q lives;
-    a QTensor's bytes never change)."""
+def tensor_digest(q: QTensor) -> bytes:
+    """The BLAKE3 digest (32 bytes) of q's payload || scales, hashed once per QTensor (remembered while q
+    lives; a QTensor's bytes never change)."""
     digest = _DIGESTS.get(q)
     if digest is None:
-        h = hashlib.sha256(q.payload)
+        h = blake3.blake3(q.payload)
         h.update(q.scales)
         digest = _DIGESTS[q] = h.digest()
     return digest
-
-
-def hash_tensors(tensors: Iterable[QTensor]) -> None:
-    """Work out every tensor's `tensor_sha256` ahead of its use, several tensors at once on the machine's
-    cores when they are `PARALLEL_HASH_BYTES` or more in all (hashlib releases the GIL)."""
-    todo = [q for q in tensors if q not in _DIGESTS]
-    threads = min(len(todo), os.cpu_count() or 1)
-    if threads > 1 and sum(q.nbytes for q in todo) >= PARALLEL_HASH_BYTES:
-        with ThreadPoolExecutor(threads, thread_name_prefix="fedmoe-hash") as pool:
-            list(pool.map(tensor_sha256, todo))
 
 
 def read_ahead(
@@ -105,6 +95,7 @@ def encode_tensors(
     chunk_bytes: int = CHUNK_BYTES,
     into: type | None = None,
     batch_bytes: int = 0,
+    serialized: bool = False,
 ) -> Iterator[Any]:
     """The frames of tensors: per tensor a header then its payload's and scales' chunks of at most
     chunk_bytes, then one End frame.
@@ -114,35 +105,43 @@ def encode_tensors(
     path of small tensors is a message or two, not two or three per tensor (gRPC's cost is per message).
 
     TensorFrames, or with `into` (PullFrame or PushFrame) frames of that type, their TensorFrame built in
-    place in the `tensor` field (not built apart and copied in).
+    place in the `tensor` field (not built apart and copied in). With `into` and `serialized`, each frame as
+    it travels (bytes): a chunk that travels alone is built straight from the tensor's bytes
+    (`chunk_message`, one copy where a message would take three).
     """
     if chunk_bytes < 1:
         raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+    if serialized and into is None:
+        raise ValueError("serialized frames need `into`: the message type they travel as")
+    done = (lambda frame: frame.SerializeToString()) if serialized else (lambda frame: frame)
     batch, batched = None, 0
     for kind, value in _frame_items(tensors, chunk_bytes, whole=batch_bytes > 0):
         size = len(value) if kind == "chunk" else value.ByteSize()
         if not batch_bytes or size >= KEPT_CHUNK_BYTES:  # alone (a receiver keeps a large chunk as a view)
             if batch is not None:
-                yield batch
+                yield done(batch)
                 batch, batched = None, 0
+            if serialized and kind == "chunk":
+                yield chunk_message(value)
+                continue
             frame = _frame(into)
             _set(frame.tensor if into else frame, kind, value)
-            yield frame
+            yield done(frame)
             continue
         if batch is None:
             batch = _frame(into, batch=tensor_pb2.Batch())
         _set((batch.tensor if into else batch).batch.frames.add(), kind, value)
         batched += size
         if batched >= batch_bytes:
-            yield batch
+            yield done(batch)
             batch, batched = None, 0
     if batch is not None:
-        yield batch
+        yield done(batch)
 
 
 def _frame_items(tensors: Mapping[str, QTensor], chunk_bytes: int, whole: bool) -> Iterator[tuple[str, Any]]:
-    """(kind, value) of each frame of `encode_tensors`: ("header", TensorHeader), ("chunk", bytes) or
-    ("end", End). `whole`: a tensor whose bytes fit one chunk travels in one."""
+    """(kind, value) of each frame of `encode_tensors`: ("header", TensorHeader), ("chunk", bytes or a view
+    of the tensor's bytes) or ("end", End). `whole`: a tensor whose bytes fit one chunk travels in one."""
     for name, q in tensors.items():
         if (len(q.payload), len(q.scales)) != _lengths(name, q.bits, q.shape):
             raise _invalid(
@@ -155,7 +154,7 @@ def _frame_items(tensors: Mapping[str, QTensor], chunk_bytes: int, whole: bool) 
             shape=q.shape,
             payload_bytes=len(q.payload),
             scale_bytes=len(q.scales),
-            sha256=tensor_sha256(q),
+            digest=tensor_digest(q),
         )
         yield "header", header
         if whole and len(q.payload) + len(q.scales) <= chunk_bytes:
@@ -165,14 +164,14 @@ def _frame_items(tensors: Mapping[str, QTensor], chunk_bytes: int, whole: bool) 
         for part in (q.payload, q.scales):
             view = memoryview(part)
             for start in range(0, len(view), chunk_bytes):
-                yield "chunk", bytes(view[start : start + chunk_bytes])
+                yield "chunk", view[start : start + chunk_bytes]
     yield "end", tensor_pb2.End(tensors=len(tensors))
 
 
 def _set(frame: tensor_pb2.TensorFrame, kind: str, value: Any) -> None:
     """Fill `frame` with one item of `_frame_items`."""
     if kind == "chunk":
-        frame.chunk.data = value
+        frame.chunk.data = bytes(value)
     else:
         getattr(frame, kind).CopyFrom(value)
 
@@ -208,6 +207,30 @@ def _varint(data: bytes | memoryview, at: int) -> tuple[int, int]:
     return -1, at
 
 
+def serialized(frame: Any) -> bytes:
+    """A frame as it travels: a message serialized, bytes (already serialized) as they are; the serializer of
+    the streams that carry `encode_tensors(..., serialized=True)` frames."""
+    return frame if isinstance(frame, bytes) else frame.SerializeToString()
+
+
+def _field(number: int, length: int) -> bytes:
+    """The tag and length of a length-delimited protobuf field."""
+    out = bytearray([number << 3 | 2])
+    while length >= 0x80:
+        out.append(length & 0x7F | 0x80)
+        length >>= 7
+    out.append(length)
+    return bytes(out)
+
+
+def chunk_message(data: bytes | memoryview) -> bytes:
+    """A serialized PullFrame or PushFrame holding nothing but a chunk frame of (non-empty) `data`, built
+    straight from its bytes: exactly what protobuf would serialize, and what `chunk_view` reads back."""
+    inner = _field(1, len(data))
+    middle = _field(2, len(inner) + len(data))
+    return b"".join((_field(TENSOR_FIELD, len(middle) + len(inner) + len(data)), middle, inner, data))
+
+
 def chunk_view(message: bytes) -> memoryview | None:
     """The data of a serialized PullFrame or PushFrame that holds nothing but a chunk frame, as a view into
     `message` (no copy); None for any other message, which the caller parses as protobuf.
@@ -230,7 +253,7 @@ Expected = Mapping[str, tuple[int, tuple[int, ...]]]  # tensor name -> (bits, sh
 
 class _Incoming:
     """A tensor being received: its header's fields, its chunks so far (payload's and scales', a chunk across
-    the boundary split in two) and their running sha256.
+    the boundary split in two) and their running digest.
 
     A chunk of `KEPT_CHUNK_BYTES` or more is kept as it arrived (no copy); smaller ones are copied into one
     buffer, so that many tiny chunks cost no more memory than their bytes.
@@ -258,8 +281,8 @@ class _Incoming:
                 f"tensor {h.name!r}: declares {h.payload_bytes} payload + {h.scale_bytes} scale bytes, "
                 f"but {h.bits} bits and shape {tuple(h.shape)} need {payload} + {scale}"
             )
-        if len(h.sha256) != hashlib.sha256().digest_size:
-            raise _invalid(f"tensor {h.name!r}: sha256 must be 32 bytes, got {len(h.sha256)}")
+        if len(h.digest) != DIGEST_BYTES:
+            raise _invalid(f"tensor {h.name!r}: its digest must be {DIGEST_BYTES} bytes, got {len(h.digest)}")
         if payload + scale > budget:
             raise WireError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -267,12 +290,12 @@ class _Incoming:
                 f"bytes, over the {max(budget, 0)} left under the stream's limit",
             )
         self.name, self.bits, self.shape = h.name, h.bits, tuple(h.shape)
-        self.payload_bytes, self.sha256 = h.payload_bytes, h.sha256
+        self.payload_bytes, self.expected_digest = h.payload_bytes, h.digest
         self.size = payload + scale
         self.filled = 0
         self.payload_parts: list[bytes | memoryview | bytearray] = []
         self.scale_parts: list[bytes | memoryview | bytearray] = []
-        self.digest = hashlib.sha256()
+        self.digest = blake3.blake3()
 
     def progress(self) -> str:
         """How far the tensor got, for error messages."""
@@ -295,13 +318,13 @@ class _Incoming:
         self.filled += len(data)
 
     def result(self) -> QTensor | None:
-        """The tensor once all its bytes arrived, after checking their sha256 (remembered as its
-        `tensor_sha256`); None before."""
+        """The tensor once all its bytes arrived, after checking their digest (remembered as its
+        `tensor_digest`); None before."""
         if self.filled < self.size:
             return None
         digest = self.digest.digest()
-        if digest != self.sha256:
-            raise _invalid(f"tensor {self.name!r}: sha256 mismatch over its {self.filled} bytes")
+        if digest != self.expected_digest:
+            raise _invalid(f"tensor {self.name!r}: digest mismatch over its {self.filled} bytes")
         q = QTensor(self.bits, self.shape, b"".join(self.payload_parts), b"".join(self.scale_parts))
         _DIGESTS[q] = digest
         return q

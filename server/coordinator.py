@@ -56,7 +56,7 @@ from fedmoe.faults import crash_point
 from fedmoe.outer import Update
 from fedmoe.security import AuthError, rejoin_message, update_digest, verify_signature
 from fedmoe.spec import Spec, load_spec
-from fedmoe.wire import tensor_sha256
+from fedmoe.wire import tensor_digest
 from fedmoe.worker import Job, Upload, signed_fields, stored_upload, upload_meta
 
 log = logging.getLogger("fedmoe.server")
@@ -1122,8 +1122,8 @@ class Coordinator:
         self, worker_id: str, update_id: str, upload: Upload, counted_in: int, arrival: int
     ) -> None:
         """Make an accepted upload durable before it is acknowledged, with the round it counts in and its
-        arrival number in that round: each tensor's payload || scales a record, checked by the sha256 it
-        arrived with (`fedmoe.wire.tensor_sha256`)."""
+        arrival number in that round: each tensor's payload || scales a record, checked by the digest it
+        arrived with (`fedmoe.wire.tensor_digest`)."""
         tensors = upload.tensors
         manifest = {
             "kind": "upload",
@@ -1137,7 +1137,7 @@ class Coordinator:
         save_records(
             self.state_dir / "pending" / f"r{counted_in}-{worker_id}",
             {name: (q.payload, q.scales) for name, q in tensors.items()},
-            {name: tensor_sha256(q) for name, q in tensors.items()},
+            {name: tensor_digest(q) for name, q in tensors.items()},
             manifest,
         )
 

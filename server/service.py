@@ -49,8 +49,8 @@ from fedmoe.wire import (
     chunk_view,
     decode_tensors,
     encode_tensors,
-    hash_tensors,
     read_ahead,
+    serialized,
 )
 from fedmoe.worker import Job, Upload, Variant
 
@@ -105,11 +105,6 @@ def frame_parser(message: Any) -> Callable[[bytes], Any]:
         return parse(data) if view is None else view
 
     return parse_frame
-
-
-def serialized(reply: Any) -> bytes:
-    """A reply's bytes: a message serialized, or bytes (Pull's tensor frames, encoded once) as they are."""
-    return reply if isinstance(reply, bytes) else reply.SerializeToString()
 
 
 @dataclass(eq=False)
@@ -382,11 +377,9 @@ class CoordinatorService:
             entry = self.encoded.get(key)
             if entry is not None and entry[1] is job.tensors:
                 return entry[2]
-        hash_tensors(job.tensors.values())
-        frames = [
-            frame.SerializeToString()
-            for frame in encode_tensors(job.tensors, into=pb.PullFrame, batch_bytes=CHUNK_BYTES)
-        ]
+        frames = list(
+            encode_tensors(job.tensors, into=pb.PullFrame, batch_bytes=CHUNK_BYTES, serialized=True)
+        )
         with self.encoding:
             self.encoded = {k: e for k, e in self.encoded.items() if e[0] == job.round}
             self.encoded[key] = (job.round, job.tensors, frames)

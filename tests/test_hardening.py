@@ -226,7 +226,7 @@ def test_4_a_tensor_header_is_checked_against_the_expected_upload_before_anythin
         frames = list(push_frames(a, upload))
         frames[0].header.round = round
         header = tensor_pb2.TensorHeader(
-            name=tensor_name, bits=32, shape=shape, payload_bytes=4 * int(np.prod(shape)), sha256=bytes(32)
+            name=tensor_name, bits=32, shape=shape, payload_bytes=4 * int(np.prod(shape)), digest=bytes(32)
         )
         huge = [
             pb.PushFrame(header=frames[0].header),

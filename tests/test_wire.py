@@ -7,6 +7,7 @@ import tracemalloc
 from collections.abc import Iterator
 from concurrent import futures
 
+import blake3
 import grpc
 import pytest
 import torch
@@ -19,14 +20,12 @@ from fedmoe.security import update_digest
 from fedmoe.v1 import coordinator_pb2, coordinator_pb2_grpc, tensor_pb2
 from fedmoe.wire import (
     CHUNK_BYTES,
-    PARALLEL_HASH_BYTES,
     WireError,
     chunk_view,
     decode_tensors,
     encode_tensors,
-    hash_tensors,
     read_ahead,
-    tensor_sha256,
+    tensor_digest,
 )
 
 INVALID, DATA_LOSS, EXHAUSTED = (
@@ -102,7 +101,7 @@ def test_bad_checksum() -> None:
     data = bytearray(frames[i].chunk.data)
     data[0] ^= 1
     frames[i].chunk.data = bytes(data)
-    _fails(frames, INVALID, "tensor 'fp32': sha256 mismatch")
+    _fails(frames, INVALID, "tensor 'fp32': digest mismatch")
 
 
 def test_truncated_streams() -> None:
@@ -165,8 +164,8 @@ def test_malformed_streams() -> None:
     frames[1].chunk.data = b""
     _fails(frames, INVALID, "chunk of 0 bytes .*: empty")
     frames = _frames(one)
-    frames[0].header.sha256 = b"\0" * 31
-    _fails(frames, INVALID, "tensor 'w': sha256 must be 32 bytes")
+    frames[0].header.digest = b"\0" * 31
+    _fails(frames, INVALID, "tensor 'w': its digest must be 32 bytes")
 
 
 def test_wrong_bits_and_inconsistent_sizes() -> None:
@@ -200,7 +199,7 @@ _random_frames = st.one_of(
     st.builds(
         lambda name, bits, shape, p, s, sha: tensor_pb2.TensorFrame(
             header=tensor_pb2.TensorHeader(
-                name=name, bits=bits, shape=shape, payload_bytes=p, scale_bytes=s, sha256=sha
+                name=name, bits=bits, shape=shape, payload_bytes=p, scale_bytes=s, digest=sha
             )
         ),
         st.sampled_from(["", "a", "b"]),
@@ -316,7 +315,7 @@ def test_chunk_frames_decode_from_views_of_the_message_as_it_arrived() -> None:
     tampered = list(frames)
     i = next(i for i, f in enumerate(frames) if isinstance(f, memoryview))
     tampered[i] = memoryview(bytes([frames[i][0] ^ 1]) + bytes(frames[i][1:]))
-    _fails(tampered, INVALID, "sha256 mismatch")
+    _fails(tampered, INVALID, "digest mismatch")
 
 
 @settings(max_examples=300, deadline=None)
@@ -334,20 +333,11 @@ def test_a_chunk_view_is_what_protobuf_parses(message: bytes) -> None:
 
 def test_a_tensor_is_hashed_once_per_side() -> None:
     q = quantize(torch.randn(4, 5, generator=torch.Generator().manual_seed(2)), 8)
-    digest = tensor_sha256(q)
-    assert digest == hashlib.sha256(q.payload + q.scales).digest() and tensor_sha256(q) is digest
+    digest = tensor_digest(q)
+    assert digest == blake3.blake3(q.payload + q.scales).digest() and tensor_digest(q) is digest
     (received,) = decode_tensors(_frames({"q": q}), q.nbytes).values()
-    assert tensor_sha256(received) == digest  # verified on arrival, remembered for the signature
+    assert tensor_digest(received) == digest  # verified on arrival, remembered for the signature
     assert update_digest(["f"], {"q": received}) == update_digest(["f"], {"q": q})
-
-
-def test_large_tensors_are_hashed_together_ahead_of_their_use() -> None:
-    g = torch.Generator().manual_seed(3)
-    tensors = [quantize(torch.randn(768, 1024, generator=g), 32) for _ in range(3)]  # 9 MiB in all
-    assert sum(q.nbytes for q in tensors) >= PARALLEL_HASH_BYTES
-    hash_tensors(tensors)
-    for q in tensors:
-        assert tensor_sha256(q) == hashlib.sha256(q.payload + q.scales).digest()
 
 
 def test_tiny_chunks_cost_no_more_memory_than_their_bytes() -> None:

@@ -7,20 +7,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class TensorHeader(_message.Message):
-    __slots__ = ("name", "bits", "shape", "payload_bytes", "scale_bytes", "sha256")
+    __slots__ = ("name", "bits", "shape", "payload_bytes", "scale_bytes", "digest")
     NAME_FIELD_NUMBER: _ClassVar[int]
     BITS_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     SCALE_BYTES_FIELD_NUMBER: _ClassVar[int]
-    SHA256_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
     name: str
     bits: int
     shape: _containers.RepeatedScalarFieldContainer[int]
     payload_bytes: int
     scale_bytes: int
-    sha256: bytes
-    def __init__(self, name: _Optional[str] = ..., bits: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., payload_bytes: _Optional[int] = ..., scale_bytes: _Optional[int] = ..., sha256: _Optional[bytes] = ...) -> None: ...
+    digest: bytes
+    def __init__(self, name: _Optional[str] = ..., bits: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., payload_bytes: _Optional[int] = ..., scale_bytes: _Optional[int] = ..., digest: _Optional[bytes] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("data",)
