@@ -4,10 +4,11 @@ long-poll, `HeartbeatRequest.wait_s`) until the next round opens. For each N it 
 percentiles (Join, Pull, Push, Status, heartbeats answered at once, and for a held heartbeat the time from
 the round's opening to its answer, the opening taken as the start of the round's last push, or join: an
 upper bound), errors, accepted updates per second, the coordinator's peak memory (VmHWM) and the cores the
-coordinator and the clients used (client threads in `--processes` processes), then the largest N held with
-p99 under 1 s and no errors. Then, with 32 clients, S more members each hold a Push stream open that sends
-nothing (reopening it whenever the coordinator ends or refuses it), and the table shows heartbeat and
-Status latencies under that stall.
+coordinator and the clients used, then the largest N held with p99 under 1 s and no errors. Each client
+has a channel (a connection) of its own and sends the SDK's messages, as a coroutine over grpc.aio in one
+of `--processes` processes: a load generator that costs the machine little beside the coordinator. Then,
+with 32 clients, S more members each hold a Push stream open that sends nothing (reopening it whenever the
+coordinator ends or refuses it), and the table shows heartbeat and Status latencies under that stall.
 
     python bench/load.py                      # N = 8, 32, 128, 256, 512; then S = 16, 64 stalled streams
     python bench/load.py --clients 16 64 --stalled 16 --seconds 10
@@ -17,6 +18,7 @@ Status latencies under that stall.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import functools
 import multiprocessing as mp
 import os
@@ -37,11 +39,11 @@ from rich.console import Console
 from rich.table import Table
 
 from fedmoe.assignment import PROFILES
-from fedmoe.clients.runtime import Retry, connect, join, push_frames, variant_of
+from fedmoe.clients.runtime import Retry, connect, join, join_request, joined, push_frames, variant_of
 from fedmoe.compress.quant import quantize
 from fedmoe.config import DEFAULT_SPEC
 from fedmoe.modular import Path
-from fedmoe.security import ENROLMENT_ENV
+from fedmoe.security import ENROLMENT_ENV, new_signing_key
 from fedmoe.spec import load_spec
 from fedmoe.v1 import coordinator_pb2 as pb
 from fedmoe.v1 import coordinator_pb2_grpc as pb_grpc
@@ -109,73 +111,87 @@ class Level:
         self.pushed[round] = max(now, self.pushed.get(round, now))
 
 
-def client_loop(port: int, features: tuple, level: Level, train_s: float, seed: int) -> None:
-    """Join, then heartbeat (held while there is nothing to do); when told to train, pull, wait as long as
-    local training would take (`train_s` x a uniform 0.5 to 1.5; 0: no wait, every client pushes at once),
-    and push a zero update (no training is done: this measures the coordinator).
+async def client_loop(port: int, features: tuple, level: Level, train_s: float, seed: int) -> None:
+    """One client, a coroutine on its own channel (its own connection, as a client on its own machine has):
+    join, then heartbeat (held while there is nothing to do); when told to train, pull, wait as long as local
+    training would take (`train_s` x a uniform 0.5 to 1.5; 0: no wait, every client pushes at once), and
+    push a zero update (no training is done: this measures the coordinator). The SDK's messages, sent over
+    grpc.aio, so that hundreds of clients cost the machine little beside the coordinator.
     """
     rng = random.Random(seed)
     latencies = level.latencies
-    with connect(f"127.0.0.1:{port}") as channel:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.CoordinatorStub(channel)
 
-        def timed(call, kind):
+        async def timed(call, kind):
             started = time.perf_counter()
             try:
-                return call()
+                return await retried(call)
             finally:
                 latencies.append(time.perf_counter() - started)
                 level.kinds.setdefault(kind, []).append(latencies[-1])
 
         try:
-            retry = Retry(f"127.0.0.1:{port}", 30.0)
             level.pushing(-1, time.perf_counter())  # round 0 opens once the last member joined
-            session = timed(
-                lambda: join(stub, PROFILES["fp32"], "load", features, None, retry, ENROLMENT), "join"
-            )
+            key = new_signing_key()
+            request, _ = join_request(PROFILES["fp32"], "load", features, key, enrolment=ENROLMENT)
+            session = joined(await timed(lambda: stub.Join(request, timeout=30), "join"), key)
             level.joined.append(1)
-            request = pb.HeartbeatRequest(client_id=session.client_id, wait_s=HOLD_S)
+            beat = pb.HeartbeatRequest(client_id=session.client_id, wait_s=HOLD_S)
             while not level.stop.is_set():
                 started = time.perf_counter()
-                beat = stub.Heartbeat(request, metadata=session.metadata, timeout=30 + HOLD_S)
+                reply = await stub.Heartbeat(beat, metadata=session.metadata, timeout=30 + HOLD_S)
                 answered = time.perf_counter()
-                train = beat.action == pb.HeartbeatReply.TRAIN
+                train = reply.action == pb.HeartbeatReply.TRAIN
                 # held until the round opened: counted from the start of the push that closed the previous
                 # round (the last one to start; an upper bound); a WAIT comes at once, or once the hold ends
-                opened = level.pushed.get(beat.round - 1, started) if train else started
+                opened = level.pushed.get(reply.round - 1, started) if train else started
                 waited = answered - max(started, opened)
                 if train or waited < HOLD_S / 2:
                     latencies.append(waited)
                     if level.steady.is_set():
                         level.heartbeats.append(waited)
                 if not train:
-                    time.sleep(0.05)
+                    await asyncio.sleep(0.05)
                     continue
-                pull = functools.partial(pulled, stub, session.client_id, session.metadata)
-                frames = timed(functools.partial(retry, pull, "pull"), "pull")
-                if level.stop.wait(train_s * rng.uniform(0.5, 1.5)):
+                pull = pb.PullRequest(client_id=session.client_id)
+                frames = await timed(functools.partial(pulled, stub, pull, session.metadata), "pull")
+                await asyncio.sleep(train_s * rng.uniform(0.5, 1.5))
+                if level.stop.is_set():
                     break
                 a = frames[0].assignment
                 delivered = decode_tensors((f.tensor for f in frames[1:]), 1 << 30)
                 zeros = {n: quantize(torch.zeros(q.shape), q.bits) for n, q in delivered.items()}
                 upload = Upload(Path.parse(a.path), variant_of(a.variant), a.round, a.seed, 1.0, zeros, 0.0)
                 sent = list(push_frames(session, upload))  # one update id, however often retried
-                push = functools.partial(resend, stub, sent, session.metadata)
                 level.pushing(a.round, time.perf_counter())
-                timed(functools.partial(retry, push, "push"), "push")
+                await timed(functools.partial(resend, stub, sent, session.metadata), "push")
                 level.accepted.append(1)
-        except grpc.RpcError as e:
+        except grpc.aio.AioRpcError as e:
             level.errors.append(f"{e.code().name}: {e.details()}")
 
 
-def pulled(stub: pb_grpc.CoordinatorStub, client_id: str, metadata: tuple) -> list:
-    """The frames of one Pull."""
-    return list(stub.Pull(pb.PullRequest(client_id=client_id), metadata=metadata, timeout=30))
+async def retried(call):
+    """Await `call()`, again with backoff while the coordinator answers UNAVAILABLE (for up to 30 s)."""
+    delay, until = 0.05, time.monotonic() + 30
+    while True:
+        try:
+            return await call()
+        except grpc.aio.AioRpcError as e:
+            if e.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() + delay > until:
+                raise
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 2.0)
 
 
-def resend(stub: pb_grpc.CoordinatorStub, frames: list, metadata: tuple) -> pb.PushReply:
+async def resend(stub: pb_grpc.CoordinatorStub, frames: list, metadata: tuple) -> pb.PushReply:
     """Push the same frames (the same update id) again."""
-    return stub.Push(iter(frames), metadata=metadata, timeout=30)
+    return await stub.Push(iter(frames), metadata=metadata, timeout=30)
+
+
+async def pulled(stub: pb_grpc.CoordinatorStub, request: pb.PullRequest, metadata: tuple) -> list:
+    """The frames of one Pull."""
+    return [frame async for frame in stub.Pull(request, metadata=metadata, timeout=30)]
 
 
 def stalled_stream(port: int, features: tuple, level: Level) -> None:
@@ -242,23 +258,27 @@ def peak_rss(pid: int) -> int:
 def client_process(
     port: int, features: tuple, share: range, train_s: float, signals: tuple, results: mp.Queue
 ) -> None:
-    """Clients `share` as threads of this process, until `signals` (joined count, steady, stop) says stop;
-    then what they recorded, and this process's CPU seconds, go on `results`."""
+    """Clients `share` as coroutines of one event loop in this process, until `signals` (joined count,
+    steady, stop) says stop; then what they recorded, and this process's CPU seconds, go on `results`."""
     joined, steady, stop = signals
     level, cpu = Level(), time.process_time()
-    threads = [threading.Thread(target=client_loop, args=(port, features, level, train_s, i)) for i in share]
-    for t in threads:
-        t.start()
-    counted = 0
-    while not stop.wait(0.05):
-        with joined.get_lock():
-            joined.value += len(level.joined) - counted
-        counted = len(level.joined)
-        if steady.is_set():
-            level.steady.set()
-    level.stop.set()
-    for t in threads:
-        t.join(timeout=60)
+
+    async def clients() -> None:
+        tasks = [asyncio.create_task(client_loop(port, features, level, train_s, i)) for i in share]
+        counted = 0
+        while not stop.is_set():
+            await asyncio.sleep(0.05)
+            with joined.get_lock():
+                joined.value += len(level.joined) - counted
+            counted = len(level.joined)
+            if steady.is_set():
+                level.steady.set()
+        level.stop.set()
+        await asyncio.wait(tasks, timeout=HOLD_S + 5)
+        for task in tasks:
+            task.cancel()
+
+    asyncio.run(clients())
     recorded = (level.latencies, level.kinds, level.heartbeats, level.errors, len(level.accepted))
     results.put((*recorded, time.process_time() - cpu))
 
@@ -266,7 +286,7 @@ def client_process(
 def run_level(
     n: int, seconds: float, stalled: int = 0, train_s: float = 0.0, processes: int = 1
 ) -> dict[str, float]:
-    """Drive n clients (threads of `processes` processes) for `seconds` (with `stalled` more members
+    """Drive n clients (coroutines of `processes` processes) for `seconds` (with `stalled` more members
     holding silent Push streams); return latency percentiles, heartbeat and Status p99, errors, accepted
     updates per second, the coordinator's peak memory and the cores the coordinator and the clients used."""
     # every client reports the same routing statistics
@@ -353,7 +373,7 @@ def main() -> None:
     parser.add_argument(
         "--train-s", type=float, default=0.0, help="local training time per round (x 0.5 to 1.5 per client)"
     )
-    parser.add_argument("--processes", type=int, default=4, help="processes the client threads run in")
+    parser.add_argument("--processes", type=int, default=2, help="processes the clients run in")
     args = parser.parse_args()
     console = Console(width=180)
     training = f"local training {args.train_s:g} s x 0.5-1.5" if args.train_s else "no local training"
@@ -391,7 +411,7 @@ def main() -> None:
     console.print(table)
     console.print(f"largest N held with p99 < 1 s and no errors: {held if held is not None else 'none'}")
     console.print(
-        f"on {os.cpu_count()} cores, shared by the coordinator and the client threads ({args.processes} "
+        f"on {os.cpu_count()} cores, shared by the coordinator and the clients ({args.processes} "
         "processes; cores: CPU s / s)"
     )
 

@@ -571,9 +571,25 @@ def join(
     keeps its paths and its signing key). `enrolment` is the operator's enrolment token (not needed with a
     client certificate under mutual TLS, nor to rejoin with the same key)."""
     retry = retry or Retry("coordinator")
+    key = state.signing_key() if state else new_signing_key()
+    request, metadata = join_request(profile, name, features, key, state, enrolment)
+    reply = retry(lambda: stub.Join(request, metadata=metadata, timeout=CALL_TIMEOUT_S), "join")
+    if state:
+        state.save_identity(reply.client_id, reply.token, key)
+    return joined(reply, key)
+
+
+def join_request(
+    profile: DeviceProfile,
+    name: str,
+    features: tuple[np.ndarray, float] | None,
+    key: ed25519.Ed25519PrivateKey,
+    state: ClientState | None = None,
+    enrolment: str = "",
+) -> tuple[pb.JoinRequest, tuple[tuple[str, str], ...]]:
+    """The JoinRequest of `join` and the metadata to send it with (a rejoin's token)."""
     client_id = state.client_id if state else ""
     metadata = (("authorization", f"Bearer {state.token}"),) if client_id else ()
-    key = state.signing_key() if state else new_signing_key()
     request = pb.JoinRequest(
         profile=profile_message(profile),
         name=name,
@@ -588,9 +604,11 @@ def join(
         feature_sum, examples = features
         request.feature_sum.extend(np.asarray(feature_sum, dtype=np.float64).tolist())
         request.examples = float(examples)
-    reply = retry(lambda: stub.Join(request, metadata=metadata, timeout=CALL_TIMEOUT_S), "join")
-    if state:
-        state.save_identity(reply.client_id, reply.token, key)
+    return request, metadata
+
+
+def joined(reply: pb.JoinReply, key: ed25519.Ed25519PrivateKey) -> Session:
+    """The session a JoinReply opens for the client signing with `key`."""
     return Session(reply.client_id, reply.token, json.loads(reply.model_json), reply.assignment, key)
 
 
