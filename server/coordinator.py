@@ -42,6 +42,7 @@ from fedmoe.aggregate import update_norm
 from fedmoe.assignment import DeviceProfile, assign_variant
 from fedmoe.checkpoint import (
     CheckpointError,
+    GroupSync,
     load_checkpoint,
     load_latest,
     load_records,
@@ -195,6 +196,7 @@ class Coordinator:
         self.version = self.saved_version = 0
         self.saving = False
         self.writing = threading.Lock()
+        self.group = GroupSync(self.state_dir)  # pending updates stored together share one flush
         self.written = threading.Condition(self.lock)
         self.seen_updates: set[str] = set()
         self.metrics: list[dict[str, Any]] = []
@@ -1139,6 +1141,7 @@ class Coordinator:
             {name: (q.payload, q.scales) for name, q in tensors.items()},
             {name: tensor_digest(q) for name, q in tensors.items()},
             manifest,
+            self.group,
         )
 
     def read_pending(self, directory: FsPath) -> tuple[str, str, int, int, Upload]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 from pathlib import Path
 
 import blake3
@@ -214,3 +216,58 @@ def test_a_directory_made_for_a_checkpoint_is_made_durable_in_its_parent(tmp_pat
     synced.clear()
     save_records(tmp_path / "pending" / "r0-w", {"t": (b"cd",)}, {"t": blake3.blake3(b"cd").digest()}, {})
     assert tmp_path not in synced and tmp_path / "pending" not in synced  # nothing new to make durable
+
+
+def test_records_stored_together_share_one_flush_and_each_waits_for_a_flush_begun_after_its_call(
+    tmp_path, monkeypatch
+):
+    flushes: list[tuple[float, float]] = []
+    real = checkpoint._syncfs
+
+    def flush(directory: Path) -> None:
+        started = time.monotonic()
+        real(directory)
+        time.sleep(0.05)  # a disk that takes its time: writers pile up meanwhile
+        flushes.append((started, time.monotonic()))
+
+    fsyncs = []
+    monkeypatch.setattr(checkpoint, "_syncfs", flush)
+    monkeypatch.setattr(os, "fsync", lambda fd: fsyncs.append(fd))
+    group = checkpoint.GroupSync(tmp_path)
+    calls: list[tuple[float, float]] = []
+
+    def store(i: int) -> None:
+        data = os.urandom(1000)
+        called = time.monotonic()
+        save_records(
+            tmp_path / "pending" / f"r0-w{i}", {"t": (data,)}, {"t": blake3.blake3(data).digest()}, {}, group
+        )
+        calls.append((called, time.monotonic()))
+
+    threads = [threading.Thread(target=store, args=(i,)) for i in range(24)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not fsyncs  # nothing fsynced on its own
+    assert len(calls) == 24 and 1 <= len(flushes) < 12, flushes  # writers of the same moment share flushes
+    for called, returned in calls:  # durable on return: a whole flush ran between the call and the return
+        assert any(called <= began and ended <= returned for began, ended in flushes)
+    for i in range(24):
+        assert load_records(tmp_path / "pending" / f"r0-w{i}")[0]["t"]
+
+
+def test_without_syncfs_a_group_fsyncs_each_path_it_is_given(tmp_path, monkeypatch):
+    synced = []
+    monkeypatch.setattr(checkpoint, "_SYNCFS", None)
+    monkeypatch.setattr(checkpoint, "_fsync_dir", lambda d: synced.append(Path(d)))
+    save_records(
+        tmp_path / "pending" / "r0-w",
+        {"t": (b"ab",)},
+        {"t": blake3.blake3(b"ab").digest()},
+        {},
+        checkpoint.GroupSync(tmp_path),
+    )
+    directory = tmp_path / "pending" / "r0-w"
+    (data,) = directory.glob("records-*.bin")
+    assert set(synced) == {data, directory / "manifest.json", directory, tmp_path / "pending", tmp_path}
