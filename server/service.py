@@ -117,6 +117,7 @@ class Stream:
     active: float
     moved: bool = False  # a message moved since it opened
     ended: str = ""  # why it was cancelled
+    storing: bool = False  # read in full: its update is being checked and stored (never stalled)
 
     def touch(self) -> None:
         """A message moved."""
@@ -125,6 +126,8 @@ class Stream:
     def stalled(self, now: float) -> bool:
         """Silent for `PREEMPT_S`, or moved nothing in its first `FIRST_MESSAGE_S` (a client sends its
         first message at once)."""
+        if self.storing:
+            return False
         return now - self.active >= PREEMPT_S or (not self.moved and now - self.opened >= FIRST_MESSAGE_S)
 
 
@@ -214,7 +217,7 @@ class Streams:
                 if not self.open:
                     self.watchdog = None
                     return
-                overdue = [s for s in self.open if not s.ended]
+                overdue = [s for s in self.open if not s.ended and not s.storing]
             for s in overdue:
                 if now - s.active > self.idle_s:
                     s.ended = f"no message for {self.idle_s:g} s (transport.stream_idle_s)"
@@ -403,9 +406,14 @@ class CoordinatorService:
                 if sum(wire_bytes(shape, bits) for bits, shape in expected.values()) >= READ_AHEAD_BYTES:
                     frames = read_ahead(frames)  # received while the chunks before are hashed
                 tensors = decode_tensors(tensor_frames(frames), self.max_update_bytes, expected)
-            crash_point("push-read")  # read in full, nothing stored yet
-            upload = replace(upload, tensors=tensors)
-            open_round = coordinator.submit(upload, client_id, header.update_id, header.signature, worker_id)
+                crash_point("push-read")  # read in full, nothing stored yet
+                upload = replace(upload, tensors=tensors)
+                # still in its place: at most `max_streams` pushes check and store at once, so that a burst
+                # of pushes does not crowd the coordinator's lock with hundreds of threads
+                stream.storing = True
+                open_round = coordinator.submit(
+                    upload, client_id, header.update_id, header.signature, worker_id
+                )
         except grpc.RpcError:  # the stream was cancelled: by the client, or by the watchdog
             log.info("push of client %s ended before its end: %s", client_id, stream.ended or "cancelled")
             return pb.PushReply()
