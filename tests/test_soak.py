@@ -45,6 +45,11 @@ def serving(port: int, proc: subprocess.Popen) -> bool:
     return False
 
 
+def rounds_closed(log: Path) -> int:
+    """How many round closes the coordinators have logged so far."""
+    return log.read_text().count(" closed: updates ")
+
+
 def server(port: int, state: Path, log: Path, crash: str | None) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != CRASH_ENV}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
@@ -85,7 +90,11 @@ def federation(tmp_path: Path, plan: list[str]) -> tuple[dict, list[int]]:
                 while i + 1 < CLIENTS and not (tmp_path / f"client{i}.json").exists() and proc.poll() is None:
                     time.sleep(0.05)
         if step == "sigkill" and serving(port, proc):
-            time.sleep(rng.uniform(0.1, 1.0))  # somewhere in its rounds
+            # somewhere in the round after the next to close: by rounds, not seconds (a round can take 40 ms)
+            closed, until = rounds_closed(log), time.monotonic() + 60
+            while rounds_closed(log) == closed and proc.poll() is None and time.monotonic() < until:
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 0.05))
             proc.send_signal(signal.SIGKILL)
         statuses.append(proc.wait(timeout=100))
     for t in threads:
