@@ -19,7 +19,7 @@ from rich.table import Table
 
 from fedmoe.aggregate import aggregate
 from fedmoe.assignment import PROFILES
-from fedmoe.clients.runtime import connect, coordinator_stub, join, pull_job, push
+from fedmoe.clients.runtime import StreamingStub, connect, join, pull_job, push
 from fedmoe.compress.quant import QTensor, quantize
 from fedmoe.config import Config
 from fedmoe.models.classifier import mlp_levels
@@ -79,7 +79,7 @@ def pull_push_seconds() -> tuple[int, float, float]:
         server, port = start_server(coordinator, "127.0.0.1:0")
         try:
             with connect(f"127.0.0.1:{port}") as channel:
-                stub = coordinator_stub(channel)
+                stub = StreamingStub(channel)
                 enrolment = enrolment_token(state)
                 sessions = [
                     join(stub, PROFILES["fp32"], f"bench{i}", features, enrolment=enrolment) for i in range(2)

@@ -510,7 +510,8 @@ def connect(server: str, certs: str | None = None, cert_name: str | None = None)
 
 class StreamingStub(pb_grpc.CoordinatorStub):
     """The coordinator's generated stub, its tensor streams spared copies: Pull frames read by `pull_frame`,
-    Push frames sent as they are when already serialized (`push` sends them so through this stub only)."""
+    Push frames sent as they are when already serialized (`push` sends them so through this stub only).
+    The SDK's stub; `pull_job` and `push` take a plain generated one too."""
 
     def __init__(self, channel: grpc.Channel):
         super().__init__(channel)
@@ -523,12 +524,6 @@ class StreamingStub(pb_grpc.CoordinatorStub):
         self.Push = channel.stream_unary(
             f"{service}/Push", request_serializer=serialized, response_deserializer=pb.PushReply.FromString
         )
-
-
-def coordinator_stub(channel: grpc.Channel) -> StreamingStub:
-    """The coordinator's stub on `channel` for the SDK (`pull_job` and `push` take a plain generated stub
-    too)."""
-    return StreamingStub(channel)
 
 
 def pull_frame(data: bytes) -> pb.PullFrame | memoryview:
@@ -924,7 +919,7 @@ def run(
     if enrolment is None:
         enrolment = given_enrolment(certs)
     with connect(server, certs, cert_name) as channel:
-        stub = coordinator_stub(channel)
+        stub = StreamingStub(channel)
         model, routing = describe_coordinator(stub, retry)
         if spec is None:
             if not model["spec"]:

@@ -23,8 +23,8 @@ import fedmoe.server.service
 from fedmoe.assignment import PROFILES
 from fedmoe.clients.runtime import (
     Session,
+    StreamingStub,
     connect,
-    coordinator_stub,
     join,
     pull_job,
     push_frames,
@@ -488,7 +488,7 @@ def test_a_delivery_is_made_and_encoded_once_per_round_for_every_worker_that_rec
             stub = pb_grpc.CoordinatorStub(channel)
             (a, worker_a), (b, worker_b) = joined(stub), joined(stub)
             # the last through the client's own stub, which reads chunks as views of the messages
-            pulls = ((stub, a, worker_a), (stub, b, worker_b), (coordinator_stub(channel), a, worker_a))
+            pulls = ((stub, a, worker_a), (stub, b, worker_b), (StreamingStub(channel), a, worker_a))
             jobs = [pull_job(via, s) for via, s, _ in pulls]
             assert made == [1] and encoded == [1]  # one path and variant: made and encoded once
             assert jobs[0].seed != jobs[1].seed  # each worker still gets its own seed
