@@ -90,11 +90,11 @@ def federation(tmp_path: Path, plan: list[str]) -> tuple[dict, list[int]]:
                 while i + 1 < CLIENTS and not (tmp_path / f"client{i}.json").exists() and proc.poll() is None:
                     time.sleep(0.05)
         if step == "sigkill" and serving(port, proc):
-            # somewhere in the round after the next to close: by rounds, not seconds (a round can take 40 ms)
-            closed, until = rounds_closed(log), time.monotonic() + 60
+            # somewhere in its rounds: at a random moment, but before a second round closes (a round can take
+            # 40 ms: a kill by the clock alone let the run end before the planned final-save kill)
+            closed, until = rounds_closed(log), time.monotonic() + rng.uniform(0.1, 1.0)
             while rounds_closed(log) == closed and proc.poll() is None and time.monotonic() < until:
                 time.sleep(0.01)
-            time.sleep(rng.uniform(0.0, 0.05))
             proc.send_signal(signal.SIGKILL)
         statuses.append(proc.wait(timeout=100))
     for t in threads:
