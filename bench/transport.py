@@ -1,6 +1,7 @@
 """Transport benchmark on loopback: Pull and Push of a 100 MB module next to a raw gRPC byte stream of the
-same size, in the same run (the ratio is the figure), and the coordinator's aggregation of one round of
-16 updates of 10M parameters.
+same size, in the same run, taking turns (raw, Pull, Push, again), so that the ratio of each turn is the
+figure and a machine whose speed drifts weighs on all three alike; and the coordinator's aggregation of one
+round of 16 updates of 10M parameters.
 
     python bench/transport.py
 """
@@ -31,7 +32,7 @@ from fedmoe.spec import Examples, Spec
 from fedmoe.wire import CHUNK_BYTES
 from fedmoe.worker import Upload, Variant
 
-REPEATS = 3
+REPEATS = 5
 
 
 def raw_stream_seconds(size: int) -> float:
@@ -65,8 +66,9 @@ def mlp_spec(hidden: int, depth: int) -> Spec:
     return Spec(f"mlp-{hidden}x{depth}", mlp_levels(in_dim=64, hidden=hidden, depth=depth, classes=10))
 
 
-def pull_push_seconds() -> tuple[int, float, float]:
-    """(module bytes, Pull seconds, Push seconds) for a ~100 MB path through the coordinator."""
+def turns() -> tuple[int, list[tuple[float, float, float]]]:
+    """Module bytes, and per turn (raw stream, Pull, Push) seconds for a ~100 MB path through the
+    coordinator."""
     spec = mlp_spec(3500, 3)
     features = spec.feature_statistics(Examples(torch.rand(16, 64), torch.zeros(16, dtype=torch.int64)))
     with tempfile.TemporaryDirectory() as state:
@@ -85,11 +87,12 @@ def pull_push_seconds() -> tuple[int, float, float]:
                     join(stub, PROFILES["fp32"], f"bench{i}", features, enrolment=enrolment) for i in range(2)
                 ]
                 a = sessions[0].assignment
-                pulls, pushes = [], []
+                timed = []
                 for _ in range(REPEATS):
+                    raw = raw_stream_seconds(size)
                     started = time.perf_counter()
                     job = pull_job(stub, sessions[0])
-                    pulls.append(time.perf_counter() - started)
+                    pulled = time.perf_counter() - started
                     # new QTensors, which the client hashes to sign them, as it does a trained update
                     tensors = {
                         n: QTensor(q.bits, q.shape, q.payload, q.scales) for n, q in job.tensors.items()
@@ -97,11 +100,11 @@ def pull_push_seconds() -> tuple[int, float, float]:
                     upload = Upload(job.path, Variant(), 0, a.seed, 1.0, tensors, 0.0)
                     started = time.perf_counter()
                     push(stub, sessions[0], upload, "")  # as clients push: frames sent as they travel
-                    pushes.append(time.perf_counter() - started)
+                    timed.append((raw, pulled, time.perf_counter() - started))
                     coordinator.pending.clear()  # let the same client push again; nothing else reads it here
         finally:
             server.stop(0)
-    return size, statistics.median(pulls), statistics.median(pushes)
+    return size, timed
 
 
 def aggregation_seconds(bits: int, n_updates: int = 16) -> float:
@@ -129,18 +132,21 @@ def aggregation_seconds(bits: int, n_updates: int = 16) -> float:
 
 def main() -> None:
     console = Console(width=140)
-    size, pull_s, push_s = pull_push_seconds()
-    raw_s = statistics.median(raw_stream_seconds(size) for _ in range(REPEATS))
-    mb = size / 1e6
-    table = Table(title=f"loopback transport of a {mb:.0f} MB module (median of {REPEATS})")
-    for column in ("what", "seconds", "MB/s", "ratio to raw gRPC"):
+    size, timed = turns()
+    mb, median = size / 1e6, statistics.median
+    table = Table(title=f"loopback transport of a {mb:.0f} MB module (median of {REPEATS} turns)")
+    for column in ("what", "seconds", "MB/s", "ratio to raw gRPC (per turn: median, range)"):
         table.add_column(column, justify="left" if column == "what" else "right")
-    for name, seconds in (
-        ("raw gRPC byte stream", raw_s),
-        ("Pull (stream + checksum + decode)", pull_s),
-        ("Push (sign + stream + checksum + checks + durable write)", push_s),
-    ):
-        table.add_row(name, f"{seconds:.2f}", f"{mb / seconds:.0f}", f"{(mb / seconds) / (mb / raw_s):.2f}")
+    names = (
+        "raw gRPC byte stream",
+        "Pull (stream + checksum + decode)",
+        "Push (sign + stream + checksum + checks + durable write)",
+    )
+    for i, name in enumerate(names):
+        seconds = median(t[i] for t in timed)
+        ratios = [t[0] / t[i] for t in timed]
+        spread = f"{median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
+        table.add_row(name, f"{seconds:.2f}", f"{mb / seconds:.0f}", spread)
     console.print(table)
     n_params = sum(p.numel() for p in mlp_spec(3150, 2).build((1,)).parameters())
     agg = Table(title=f"aggregation of one round: 16 updates of {n_params / 1e6:.1f}M parameters")
