@@ -39,7 +39,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedmoe.assignment import PROFILES
-from fedmoe.clients.runtime import Retry, connect, join, join_request, joined, push_frames, variant_of
+from fedmoe.clients.runtime import Retry, connect, join, join_request, push_frames, session_of, variant_of
 from fedmoe.compress.quant import quantize
 from fedmoe.config import DEFAULT_SPEC
 from fedmoe.modular import Path
@@ -135,7 +135,7 @@ async def client_loop(port: int, features: tuple, level: Level, train_s: float, 
             level.pushing(-1, time.perf_counter())  # round 0 opens once the last member joined
             key = new_signing_key()
             request, _ = join_request(PROFILES["fp32"], "load", features, key, enrolment=ENROLMENT)
-            session = joined(await timed(lambda: stub.Join(request, timeout=30), "join"), key)
+            session = session_of(await timed(lambda: stub.Join(request, timeout=30), "join"), key)
             level.joined.append(1)
             beat = pb.HeartbeatRequest(client_id=session.client_id, wait_s=HOLD_S)
             while not level.stop.is_set():

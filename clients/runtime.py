@@ -63,7 +63,7 @@ from fedmoe.spec import Batch, ClientData, Examples, Spec, cross_entropy, load_s
 from fedmoe.train import Compute
 from fedmoe.v1 import coordinator_pb2 as pb
 from fedmoe.v1 import coordinator_pb2_grpc as pb_grpc
-from fedmoe.wire import CHUNK_BYTES, chunk_view, decode_tensors, encode_tensors, read_ahead, serialized
+from fedmoe.wire import CHUNK_BYTES, chunk_view, decode_tensors, encode_tensors, frame_bytes, read_ahead
 from fedmoe.worker import (
     Job,
     LocalExamples,
@@ -522,7 +522,7 @@ class StreamingStub(pb_grpc.CoordinatorStub):
             response_deserializer=pull_frame,
         )
         self.Push = channel.stream_unary(
-            f"{service}/Push", request_serializer=serialized, response_deserializer=pb.PushReply.FromString
+            f"{service}/Push", request_serializer=frame_bytes, response_deserializer=pb.PushReply.FromString
         )
 
 
@@ -571,7 +571,7 @@ def join(
     reply = retry(lambda: stub.Join(request, metadata=metadata, timeout=CALL_TIMEOUT_S), "join")
     if state:
         state.save_identity(reply.client_id, reply.token, key)
-    return joined(reply, key)
+    return session_of(reply, key)
 
 
 def join_request(
@@ -602,7 +602,7 @@ def join_request(
     return request, metadata
 
 
-def joined(reply: pb.JoinReply, key: ed25519.Ed25519PrivateKey) -> Session:
+def session_of(reply: pb.JoinReply, key: ed25519.Ed25519PrivateKey) -> Session:
     """The session a JoinReply opens for the client signing with `key`."""
     return Session(reply.client_id, reply.token, json.loads(reply.model_json), reply.assignment, key)
 

@@ -113,7 +113,7 @@ def encode_tensors(
         raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
     if serialized and into is None:
         raise ValueError("serialized frames need `into`: the message type they travel as")
-    done = (lambda frame: frame.SerializeToString()) if serialized else (lambda frame: frame)
+    done = frame_bytes if serialized else (lambda frame: frame)
     batch, batched = None, 0
     for kind, value in _frame_items(tensors, chunk_bytes, whole=batch_bytes > 0):
         size = len(value) if kind == "chunk" else value.ByteSize()
@@ -207,7 +207,7 @@ def _varint(data: bytes | memoryview, at: int) -> tuple[int, int]:
     return -1, at
 
 
-def serialized(frame: Any) -> bytes:
+def frame_bytes(frame: Any) -> bytes:
     """A frame as it travels: a message serialized, bytes (already serialized) as they are; the serializer of
     the streams that carry `encode_tensors(..., serialized=True)` frames."""
     return frame if isinstance(frame, bytes) else frame.SerializeToString()

@@ -49,8 +49,8 @@ from fedmoe.wire import (
     chunk_view,
     decode_tensors,
     encode_tensors,
+    frame_bytes,
     read_ahead,
-    serialized,
 )
 from fedmoe.worker import Job, Upload, Variant
 
@@ -528,7 +528,7 @@ def moving(frames: Iterator[Any], stream: Stream) -> Iterator[Any]:
 def add_coordinator(service: CoordinatorService, server: grpc.Server) -> None:
     """Register the service's methods, their requests parsed by `parser` (a unary request that does not
     parse is answered INVALID_ARGUMENT by the handler; a stream's chunk frames by `frame_parser`), their
-    replies serialized by `serialized`."""
+    replies serialized by `frame_bytes`."""
     makers = {
         (False, False): grpc.unary_unary_rpc_method_handler,
         (False, True): grpc.unary_stream_rpc_method_handler,
@@ -542,7 +542,7 @@ def add_coordinator(service: CoordinatorService, server: grpc.Server) -> None:
             behaviour = parsed(behaviour, method.input_type.name)
         parse = frame_parser(request) if method.client_streaming else parser(request)
         handlers[method.name] = makers[(method.client_streaming, method.server_streaming)](
-            behaviour, request_deserializer=parse, response_serializer=serialized
+            behaviour, request_deserializer=parse, response_serializer=frame_bytes
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
 

@@ -21,6 +21,7 @@ from fedmoe.v1 import coordinator_pb2, coordinator_pb2_grpc, tensor_pb2
 from fedmoe.wire import (
     CHUNK_BYTES,
     WireError,
+    chunk_message,
     chunk_view,
     decode_tensors,
     encode_tensors,
@@ -328,7 +329,16 @@ def test_a_chunk_view_is_what_protobuf_parses(message: bytes) -> None:
     framed = coordinator_pb2.PullFrame(tensor=tensor_pb2.TensorFrame(chunk=tensor_pb2.Chunk(data=message)))
     view = chunk_view(framed.SerializeToString())
     assert bytes(view) == message if message else view is None  # an empty chunk serializes no data field
+    if message:  # built straight from the bytes, it is what protobuf serializes, from a view of them too
+        assert chunk_message(message) == chunk_message(memoryview(message)) == framed.SerializeToString()
     assert chunk_view(framed.SerializeToString() + b"\x08\x01") is None  # one more field: not only a chunk
+
+
+def test_chunk_messages_of_every_length_class_are_what_protobuf_serializes() -> None:
+    for n in (1, 127, 128, 16_383, 16_384, CHUNK_BYTES, 3 * CHUNK_BYTES + 5):  # 1- to 3-byte varint lengths
+        data = bytes(range(256)) * (n // 256) + bytes(n % 256)
+        framed = coordinator_pb2.PushFrame(tensor=tensor_pb2.TensorFrame(chunk=tensor_pb2.Chunk(data=data)))
+        assert chunk_message(data) == framed.SerializeToString(), n
 
 
 def test_a_tensor_is_hashed_once_per_side() -> None:
