@@ -84,18 +84,21 @@ class Aggregation:
         if self.rule != "mean":
             self.kept.append(update)
             return
-        masks = update.masks or {}
+        masks, weight = update.masks or {}, update.weight
         for key, state in update.deltas.items():
             sums, totals = self.sums.setdefault(key, {}), self.totals.setdefault(key, {})
             for name, t in state.items():
                 mask = masks.get(key, {}).get(name)
-                weight = torch.tensor(update.weight, dtype=t.dtype)
-                weights = weight if mask is None else mask.to(t.dtype) * weight
-                if name in sums:
+                if mask is None and name in sums and totals[name].dim() == 0:  # held whole, so far and now
+                    sums[name] += t * weight
+                    totals[name].add_(weight)
+                    continue
+                weights = torch.tensor(weight, dtype=t.dtype) if mask is None else mask.to(t.dtype) * weight
+                if name not in sums:
+                    sums[name], totals[name] = weights * t, weights
+                else:
                     sums[name] += weights * t
                     totals[name] = totals[name] + weights
-                else:
-                    sums[name], totals[name] = weights * t, weights
 
     @property
     def nbytes(self) -> int:

@@ -24,7 +24,6 @@ import torch
 from fedmoe.aggregate import Aggregation
 from fedmoe.assignment import DeviceProfile, assign_variant
 from fedmoe.clustering import ClusterStats, FederatedKMeans, check_histogram
-from fedmoe.compress.prune import held_shape
 from fedmoe.compress.quant import QTensor, dequantize, quantize
 from fedmoe.config import Config, InnerConfig, resolve_outer
 from fedmoe.ensemble import Ensemble
@@ -32,7 +31,7 @@ from fedmoe.modular import ModularModel, Path
 from fedmoe.outer import OuterOptimizer, Update
 from fedmoe.router import CentroidRouter, LearnedRouter
 from fedmoe.spec import Examples, Spec
-from fedmoe.worker import ROUTER, Job, Upload, Variant, decode, make_job, round_masks
+from fedmoe.worker import ROUTER, Job, Layout, Upload, Variant, decode, make_job
 
 log = logging.getLogger("fedmoe.engine")
 NETWORK_SCHEMES = ("rolling", "static", "random")
@@ -115,6 +114,7 @@ class Engine:
         self.feature_sums: dict[str, np.ndarray] = {}
         self.feature_counts: dict[str, float] = {}
         self.deliveries: dict[tuple, Job] = {}  # this round's jobs by what they deliver (see `delivery`)
+        self.layouts: dict[tuple, Layout] = {}  # this round's upload layouts (see `layout`)
         routing = config.routing
         self.kmeans = self.new_kmeans() if routing.assign == "data" else None
         self.router_model: LearnedRouter | None = (
@@ -273,12 +273,8 @@ class Engine:
         """The tensors an upload of `client_id`'s worker for `round` carries: {name: (bits, shape)}, its
         path's held coordinates at its variant's bit-width (and the router's at 32 bits when it trains it)."""
         a = self.assignments[client_id]
-        path_model = self.model.compose(a.path)
-        masks = round_masks(path_model, a.variant, round, a.seed)
-        expected = {
-            name: (a.variant.bits, held_shape(masks.get(name), p.shape))
-            for name, p in path_model.named_parameters()
-        }
+        bits = a.variant.bits
+        expected = {name: (bits, held) for name, held in self.layout(client_id, round).held.items()}
         if a.trains_router and self.router_model is not None:
             expected.update(
                 {ROUTER + n: (32, tuple(t.shape)) for n, t in self.router_model.tensors().items()}
@@ -299,7 +295,20 @@ class Engine:
                 raise ValueError(f"router tensors {got}, expected 32-bit {expected}")
         elif router_part:
             raise ValueError(f"this worker does not train the router, yet sent {sorted(router_part)}")
-        return decode(self.model, replace(upload, tensors=path_part))
+        layout = self.layout(client_id, upload.round)
+        return decode(self.model, replace(upload, tensors=path_part), layout)
+
+    def layout(self, client_id: str, round: int) -> Layout:
+        """The layout of `client_id`'s uploads trained in `round`, made once per open round (the masks of a
+        sub-model depend on its round and seed, a magnitude mask on the weights the open round started
+        from)."""
+        a = self.assignments[client_id]
+        key = (self.round, a.path, a.variant, round, a.seed)
+        layout = self.layouts.get(key)
+        if layout is None:
+            self.layouts = {k: v for k, v in self.layouts.items() if k[0] == self.round}
+            layout = self.layouts[key] = Layout.of(self.model.compose(a.path), a.variant, round, a.seed)
+        return layout
 
     def add_features(self, client_id: str, feature_sum: np.ndarray, count: float) -> None:
         """Record a client's routing statistics: the sum of its examples' feature vectors and their number."""

@@ -216,27 +216,43 @@ def round_masks(path_model: nn.Module, variant: Variant, round: int, seed: int) 
     return submodel_masks(path_model, variant.density, variant.scheme, round, seed)
 
 
-def decode(model: ModularModel, upload: Upload) -> Update:
+@dataclass(frozen=True)
+class Layout:
+    """How a path's parameters travel for one sub-model in one round: per parameter, its full shape, its
+    mask (absent: held whole) and the shape of the coordinates held (`held_values`)."""
+
+    shapes: dict[str, torch.Size]
+    masks: Masks
+    held: dict[str, tuple[int, ...]]
+
+    @classmethod
+    def of(cls, path_model: nn.Module, variant: Variant, round: int, seed: int) -> Layout:
+        """The layout of `variant`'s sub-model of `path_model` in `round` (see `round_masks`)."""
+        masks = round_masks(path_model, variant, round, seed)
+        shapes = {name: p.shape for name, p in path_model.named_parameters()}
+        return cls(shapes, masks, {name: held_shape(masks.get(name), s) for name, s in shapes.items()})
+
+
+def decode(model: ModularModel, upload: Upload, layout: Layout | None = None) -> Update:
     """Turn an upload back into full-shaped outer gradients and masks per grid module (the receiver's side).
 
-    `model` must hold the weights the round started from (magnitude masks depend on them).
+    `model` must hold the weights the round started from (magnitude masks depend on them); `layout`, the
+    upload's (`Layout.of` its path, variant, round and seed), when the caller keeps it.
     Raises ValueError when a tensor is missing, unexpected or of the wrong size.
     """
-    path_model = model.compose(upload.path)
-    masks = round_masks(path_model, upload.variant, upload.round, upload.seed)
-    params = dict(path_model.named_parameters())
-    if set(upload.tensors) != set(params):
-        raise ValueError(
-            f"upload for path {upload.path} has tensors {sorted(set(upload.tensors) ^ set(params))} wrong"
-        )
-    deltas = {}
+    if layout is None:
+        layout = Layout.of(model.compose(upload.path), upload.variant, upload.round, upload.seed)
+    if upload.tensors.keys() != layout.shapes.keys():
+        wrong = sorted(set(upload.tensors) ^ set(layout.shapes))
+        raise ValueError(f"upload for path {upload.path} has tensors {wrong} wrong")
+    masks, deltas = layout.masks, {}
     for name, q in upload.tensors.items():
-        expected = held_shape(masks.get(name), params[name].shape)
+        expected = layout.held[name]
         if q.shape != expected or q.bits != upload.variant.bits:
             raise ValueError(
                 f"{name}: got {q.bits}-bit {q.shape}, expected {upload.variant.bits}-bit {expected}"
             )
-        deltas[name] = scatter_held(dequantize(q), masks.get(name), params[name].shape)
+        deltas[name] = scatter_held(dequantize(q), masks.get(name), layout.shapes[name])
     return group_by_module(upload.path, deltas, masks, upload.weight)
 
 

@@ -37,6 +37,7 @@ from pathlib import Path as FsPath
 from typing import Any
 
 import numpy as np
+import torch
 
 from fedmoe.aggregate import update_norm
 from fedmoe.assignment import DeviceProfile, assign_variant
@@ -68,6 +69,7 @@ MAX_NAME = 64  # characters of a client's name kept for logs and status
 PROOF_WINDOW_MS = 5 * 60 * 1000  # how far a rejoin proof's time may be from the coordinator's clock
 IDENTIFIER = re.compile(r"[A-Za-z0-9._-]{1,64}")  # client, worker and update ids
 MAX_HOLD_S = 60.0  # the longest a heartbeat is held waiting for something to do
+ACTIVE_RECOUNT_S = 0.1  # how stale the count of active workers a round's quorum uses may be
 
 
 def shown(text: object, limit: int = MAX_NAME) -> str:
@@ -195,6 +197,8 @@ class Coordinator:
         # `written` tells those waiting for one (see `wait_saved`)
         self.version = self.saved_version = 0
         self.saving = False
+        self.opening = 0  # the state version a closed round waits for before the next opens (0: none)
+        self.active_count: tuple[int, float, int] | None = None  # see `active_workers`
         self.writing = threading.Lock()
         self.group = GroupSync(self.state_dir)  # pending updates stored together share one flush
         self.written = threading.Condition(self.lock)
@@ -416,14 +420,20 @@ class Coordinator:
 
     def active_workers(self) -> int:
         """Workers whose member is present and heard from within `membership.evict_after_s`: the quorum
-        counts these."""
+        counts these. Counted again when the membership changed, else at most every `ACTIVE_RECOUNT_S`
+        (each update folded in asks: a round of N updates would count N members N times)."""
         now, limit = self.clock(), self.config.membership.evict_after_s
+        counted = self.active_count
+        if counted is not None and counted[0] == self.version and now - counted[1] < ACTIVE_RECOUNT_S:
+            return counted[2]
         active = {
             c
             for c, m in self.members.items()
             if not m.left and (now - m.last_seen <= limit or c in self.waiting)
         }
-        return sum(w.partition(".")[0] in active for w in self.engine.assignments)
+        count = sum(w.partition(".")[0] in active for w in self.engine.assignments)
+        self.active_count = (self.version, now, count)
+        return count
 
     def add_features(self, client_id: str, feature_sum: np.ndarray, examples: float) -> None:
         """Record a client's routing statistics, or refuse them (INVALID_ARGUMENT)."""
@@ -465,6 +475,8 @@ class Coordinator:
 
     def told(self, client_id: str) -> tuple[str, list[str]]:
         """What a member is told to do now, closing nothing (see `action`; under the lock)."""
+        if self.opening:  # a round closed: the next opens once its state is on disk
+            return "WAIT", []
         if self.finished:
             self.told_done.add(client_id)
             return "DONE", []
@@ -805,6 +817,8 @@ class Coordinator:
         """A worker's job in the open round: its path's weights as it holds them, the inner settings."""
         with self.lock:
             worker_id = self.worker(client_id, worker_id)
+            if self.opening:
+                raise Rejected("UNAVAILABLE", "a round closed: the next opens once its state is saved, retry")
             if self.finished:
                 raise Rejected("FAILED_PRECONDITION", "training has finished")
             return self.engine.job(worker_id)
@@ -881,6 +895,7 @@ class Coordinator:
         with self.lock:
             self.stored[arrival] = (worker_id, update_id, upload, update)
             self.fold_stored()
+            self.written.wait_for(lambda: not self.opening)  # a round it closed is open again
             return self.round
 
     def fold_stored(self) -> None:
@@ -926,8 +941,8 @@ class Coordinator:
 
     def close_if_due(self) -> None:
         """Close the open round when the policy says so (the quorum of the workers sent, or the deadline
-        passed with an update), and no update is being stored."""
-        if not self.pending or self.storing:  # spare every heartbeat the count of active workers
+        passed with an update), no update is being stored and the round before is open."""
+        if not self.pending or self.storing or self.opening:  # spare every heartbeat the count of workers
             return
         workers = self.active_workers()
         if self.engine.round_due(len(self.pending), workers, self.clock() - self.round_opened):
@@ -935,7 +950,9 @@ class Coordinator:
 
     def close_round(self) -> None:
         """Take the outer step with the round's aggregation (the metrics and the learned router over the
-        updates in enrolment order, whatever order they came in), checkpoint, and open the next round."""
+        updates in enrolment order, whatever order they came in) and open the next round once the state is
+        on disk: a copy of it is written off the lock (`open_round`, on a thread of its own), while members
+        are told to wait."""
         order = {w: i for i, w in enumerate(self.engine.assignments)}
         received = [self.pending[w][0] for w in sorted(self.pending, key=order.__getitem__)]
         metrics = self.engine.close_aggregated(self.aggregation, received)
@@ -947,17 +964,33 @@ class Coordinator:
         log.info("round %d closed: %s", metrics["round"], ", ".join(shown))
         self.pending.clear()
         self.aggregation, self.arrivals = self.engine.aggregation(), 0
-        self.round_opened = self.clock()
-        self.save_state()
-        self.changed()
-        # the closed round's updates stay until the next round closes: the previous state generation, which
-        # a torn newest one falls back to, reads them again. Older ones go, off the lock (resume skips them)
+        self.opening = self.state_changed()
+        tensors = {name: t.clone() for name, t in self.engine.state_tensors().items()}
+        state = (self.opening, tensors, self.state_manifest())
+        threading.Thread(target=self.open_round, args=state, name="fedmoe-round", daemon=True).start()
+
+    def open_round(self, version: int, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]) -> None:
+        """Write the state of a closed round (`version`), then open the next: its deadline starts and the
+        members are told. The closed round's updates stay until the next round closes (the previous state
+        generation, which a torn newest one falls back to, reads them again); older ones go, off the lock
+        (resume skips them)."""
+        try:
+            with self.writing:
+                if self.saved_version < version:
+                    save_checkpoint(self.state_dir / "state", tensors, manifest, keep_previous=True)
+                    self.saved_version = version
+        except Exception:  # the federation goes on; a restart resumes from the state saved before
+            log.exception("the state of round %d could not be saved", manifest["engine"]["round"])
+        with self.lock:
+            self.opening = 0
+            self.round_opened = self.clock()
+            self.written.notify_all()
+            if self.finished:
+                crash_point("final-save")  # the last round saved, the ensemble not yet written
+                self.write_ensemble()
+            self.changed()
         stale = [d for d in (self.state_dir / "pending").glob("*") if pending_round(d) < self.round - 1]
-        if stale:
-            threading.Thread(target=remove_all, args=(stale,), name="fedmoe-stale", daemon=True).start()
-        if self.finished:
-            crash_point("final-save")  # the last round saved, the ensemble not yet written
-            self.write_ensemble()
+        remove_all(stale)
 
     def write_ensemble(self) -> None:
         """Write the final ensemble into the state directory."""

@@ -117,7 +117,6 @@ class Stream:
     active: float
     moved: bool = False  # a message moved since it opened
     ended: str = ""  # why it was cancelled
-    storing: bool = False  # read in full: its update is being checked and stored (never stalled)
 
     def touch(self) -> None:
         """A message moved."""
@@ -126,8 +125,6 @@ class Stream:
     def stalled(self, now: float) -> bool:
         """Silent for `PREEMPT_S`, or moved nothing in its first `FIRST_MESSAGE_S` (a client sends its
         first message at once)."""
-        if self.storing:
-            return False
         return now - self.active >= PREEMPT_S or (not self.moved and now - self.opened >= FIRST_MESSAGE_S)
 
 
@@ -217,7 +214,7 @@ class Streams:
                 if not self.open:
                     self.watchdog = None
                     return
-                overdue = [s for s in self.open if not s.ended and not s.storing]
+                overdue = [s for s in self.open if not s.ended]
             for s in overdue:
                 if now - s.active > self.idle_s:
                     s.ended = f"no message for {self.idle_s:g} s (transport.stream_idle_s)"
@@ -277,6 +274,7 @@ class CoordinatorService:
         transport = coordinator.config.transport
         self.max_update_bytes = transport.max_update_bytes
         self.streams = Streams(transport.max_streams, transport.stream_idle_s, transport.stream_max_s)
+        self.storing = threading.BoundedSemaphore(transport.max_streams)  # pushes read in full, being stored
         self.model_json = json.dumps(coordinator.model)
         # this round's deliveries as they travel (serialized PullFrames), by the engine's shared tensors of
         # each (see Engine.job): encoded once, sent to every worker that receives them
@@ -407,12 +405,11 @@ class CoordinatorService:
                     frames = read_ahead(frames)  # received while the chunks before are hashed
                 tensors = decode_tensors(tensor_frames(frames), self.max_update_bytes, expected)
                 crash_point("push-read")  # read in full, nothing stored yet
-                upload = replace(upload, tensors=tensors)
-                # still in its place: at most `max_streams` pushes check and store at once, so that a burst
-                # of pushes does not crowd the coordinator's lock with hundreds of threads
-                stream.storing = True
+            # its place goes to the next stream while the update is checked and stored (mostly waiting for
+            # the disk), at most `max_streams` at once: a burst of pushes does not crowd the lock
+            with self.storing:
                 open_round = coordinator.submit(
-                    upload, client_id, header.update_id, header.signature, worker_id
+                    replace(upload, tensors=tensors), client_id, header.update_id, header.signature, worker_id
                 )
         except grpc.RpcError:  # the stream was cancelled: by the client, or by the watchdog
             log.info("push of client %s ended before its end: %s", client_id, stream.ended or "cancelled")
