@@ -317,3 +317,40 @@ def test_a_stream_waits_its_turn_for_a_place_but_a_client_ended_for_silence_does
             with pytest.raises(Rejected) as refused, streams.slot("c", Call()):  # c waits in no line now
                 pass
             assert refused.value.code == "UNAVAILABLE" and time.monotonic() - started < 0.2
+
+
+def test_a_round_opens_once_its_state_is_saved_and_the_write_holds_no_call(tmp_path, monkeypatch):
+    import fedmoe.server.coordinator as coordinator_module
+
+    coordinator = Coordinator(config(), tmp_path / "state")
+    keys = enrol(coordinator, ["fp32", "fp32"])
+    a, b = keys
+    writing, release = threading.Event(), threading.Event()
+    save = coordinator_module.save_checkpoint
+
+    def slow_save(*args, **kwargs):
+        writing.set()
+        assert release.wait(30)
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(coordinator_module, "save_checkpoint", slow_save)
+    assert submit(coordinator, keys, a, random_upload(coordinator, a, 0, 1.0)) == 0
+    opened: list[int] = []
+    closing = threading.Thread(
+        target=lambda: opened.append(submit(coordinator, keys, b, random_upload(coordinator, b, 1, 1.0)))
+    )
+    closing.start()
+    assert writing.wait(30)  # the round closed, its state is being written
+    # the lock is free: members are heard, told to wait, and a pull waits for the next round to open
+    assert coordinator.lock.acquire(timeout=1.0)
+    coordinator.lock.release()
+    assert coordinator.action(a) == ("WAIT", [])
+    with pytest.raises(Rejected) as refused:
+        coordinator.job(a)
+    assert refused.value.code == "UNAVAILABLE"
+    assert coordinator.status()["round"] == 1 and not opened  # the closing push waits for the opening
+    release.set()
+    closing.join(30)
+    assert opened == [1] and coordinator.action(a) == ("TRAIN", [a]) and coordinator.job(a).round == 1
+    resumed = Coordinator(config(), tmp_path / "state")  # what the members were told is on disk
+    assert resumed.round == 1
