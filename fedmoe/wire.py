@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 import blake3
 import grpc
+import numpy as np
 
 from fedmoe.compress.quant import BITS, QTensor, wire_bytes
 from fedmoe.v1 import tensor_pb2
@@ -31,8 +32,7 @@ from fedmoe.v1 import tensor_pb2
 CHUNK_BYTES = 1 << 20
 DIGEST_BYTES = 32  # a tensor's BLAKE3 digest
 TENSOR_FIELD = 2  # the field number of the TensorFrame in PullFrame and PushFrame
-# a received chunk this large is kept as it came; smaller ones are copied together
-KEPT_CHUNK_BYTES = 64 << 10
+SMALL_FRAME_BYTES = 64 << 10  # frames smaller than this travel together in Batch frames
 READ_AHEAD = 8  # messages a stream is received ahead of its reader (see `read_ahead`)
 T = TypeVar("T")
 _DIGESTS: weakref.WeakKeyDictionary[QTensor, bytes] = weakref.WeakKeyDictionary()
@@ -101,7 +101,7 @@ def encode_tensors(
     chunk_bytes, then one End frame.
 
     With `batch_bytes` (what the coordinator and clients send), a tensor whose bytes fit one chunk travels in
-    one, and frames smaller than `KEPT_CHUNK_BYTES` travel together in Batch frames of up to batch_bytes: a
+    one, and frames smaller than `SMALL_FRAME_BYTES` travel together in Batch frames of up to batch_bytes: a
     path of small tensors is a message or two, not two or three per tensor (gRPC's cost is per message).
 
     TensorFrames, or with `into` (PullFrame or PushFrame) frames of that type, their TensorFrame built in
@@ -117,7 +117,7 @@ def encode_tensors(
     batch, batched = None, 0
     for kind, value in _frame_items(tensors, chunk_bytes, whole=batch_bytes > 0):
         size = len(value) if kind == "chunk" else value.ByteSize()
-        if not batch_bytes or size >= KEPT_CHUNK_BYTES:  # alone (a receiver keeps a large chunk as a view)
+        if not batch_bytes or size >= SMALL_FRAME_BYTES:  # alone
             if batch is not None:
                 yield done(batch)
                 batch, batched = None, 0
@@ -159,7 +159,7 @@ def _frame_items(tensors: Mapping[str, QTensor], chunk_bytes: int, whole: bool) 
         yield "header", header
         if whole and len(q.payload) + len(q.scales) <= chunk_bytes:
             if q.payload or q.scales:
-                yield "chunk", q.payload + q.scales
+                yield "chunk", b"".join((q.payload, q.scales))
             continue
         for part in (q.payload, q.scales):
             view = memoryview(part)
@@ -252,11 +252,13 @@ Expected = Mapping[str, tuple[int, tuple[int, ...]]]  # tensor name -> (bits, sh
 
 
 class _Incoming:
-    """A tensor being received: its header's fields, its chunks so far (payload's and scales', a chunk across
-    the boundary split in two) and their running digest.
+    """A tensor being received: its header's fields, its payload's and scales' bytes so far and their running
+    digest.
 
-    A chunk of `KEPT_CHUNK_BYTES` or more is kept as it arrived (no copy); smaller ones are copied into one
-    buffer, so that many tiny chunks cost no more memory than their bytes.
+    Each chunk is hashed and copied into place as it arrives (a copy that releases the GIL, while the stream
+    receives the next), so that the tensor is whole when its last chunk is: nothing is joined after the
+    stream. The buffer is allocated at the header, untouched: its memory is taken as it fills, not as the
+    header declares. The tensor's payload and scales are views of it.
     """
 
     def __init__(
@@ -293,8 +295,7 @@ class _Incoming:
         self.payload_bytes, self.expected_digest = h.payload_bytes, h.digest
         self.size = payload + scale
         self.filled = 0
-        self.payload_parts: list[bytes | memoryview | bytearray] = []
-        self.scale_parts: list[bytes | memoryview | bytearray] = []
+        self.buffer = np.empty(self.size, dtype=np.uint8)
         self.digest = blake3.blake3()
 
     def progress(self) -> str:
@@ -302,19 +303,11 @@ class _Incoming:
         return f"{self.filled} of {self.size} bytes of tensor {self.name!r}"
 
     def add(self, data: bytes | memoryview) -> None:
-        """Take one chunk's data (kept as it is, not copied)."""
+        """Take one chunk's data (copied)."""
         if not data or self.filled + len(data) > self.size:
             raise _invalid(f"chunk of {len(data)} bytes after {self.progress()}: empty or overflowing")
         self.digest.update(data)
-        in_payload = self.payload_bytes - self.filled
-        if in_payload >= len(data):
-            _keep(self.payload_parts, data)
-        elif in_payload > 0:
-            view = memoryview(data)
-            _keep(self.payload_parts, view[:in_payload])
-            _keep(self.scale_parts, view[in_payload:])
-        else:
-            _keep(self.scale_parts, data)
+        self.buffer[self.filled : self.filled + len(data)] = np.frombuffer(data, dtype=np.uint8)
         self.filled += len(data)
 
     def result(self) -> QTensor | None:
@@ -325,19 +318,10 @@ class _Incoming:
         digest = self.digest.digest()
         if digest != self.expected_digest:
             raise _invalid(f"tensor {self.name!r}: digest mismatch over its {self.filled} bytes")
-        q = QTensor(self.bits, self.shape, b"".join(self.payload_parts), b"".join(self.scale_parts))
+        view = memoryview(self.buffer)
+        q = QTensor(self.bits, self.shape, view[: self.payload_bytes], view[self.payload_bytes :])
         _DIGESTS[q] = digest
         return q
-
-
-def _keep(parts: list[bytes | memoryview | bytearray], data: bytes | memoryview) -> None:
-    """Add data to parts: as it is when `KEPT_CHUNK_BYTES` or more, else copied onto a trailing buffer."""
-    if len(data) >= KEPT_CHUNK_BYTES:
-        parts.append(data)
-    elif parts and isinstance(parts[-1], bytearray):
-        parts[-1] += data
-    else:
-        parts.append(bytearray(data))
 
 
 def decode_tensors(

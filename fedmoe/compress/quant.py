@@ -34,8 +34,8 @@ class QTensor:
 
     bits: int
     shape: tuple[int, ...]
-    payload: bytes
-    scales: bytes
+    payload: bytes | memoryview  # a received tensor's is a view of its buffer
+    scales: bytes | memoryview
 
     @property
     def nbytes(self) -> int:
