@@ -627,9 +627,10 @@ def start_server(
     With `certs` (default `transport.certs`: a directory made by `fedmoe certs`) the port speaks TLS, and
     with `transport.mutual_tls` it requires a client certificate of the same CA; otherwise it is plain text.
     Threads, stream bounds and the largest update come from the coordinator's `config.transport`, and beside
-    its `threads`, one thread per member whose heartbeat is held (a long-poll: `Coordinator.held_action`, at
-    most `membership.max_members`; threads start when first needed and idle ones cost no work); the
-    enrolment token from `fedmoe.security.enrolment_token(state_dir, certs)`. Raises OSError when the port is
+    its `threads`, one per push being stored (at most `max_streams`) and one per member whose heartbeat is
+    held (a long-poll: `Coordinator.held_action`, at most `membership.max_members`; threads start when first
+    needed and idle ones cost no work); the enrolment token from
+    `fedmoe.security.enrolment_token(state_dir, certs)`. Raises OSError when the port is
     in use.
     """
     transport = coordinator.config.transport
@@ -637,7 +638,7 @@ def start_server(
     if transport.mutual_tls and not certs:
         raise ValueError("transport.mutual_tls needs TLS: give the certificates (--certs)")
     options = server_options(*MESSAGE_OPTIONS)
-    threads = transport.threads + coordinator.config.membership.max_members
+    threads = transport.threads + transport.max_streams + coordinator.config.membership.max_members
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=options)
     state_dir = FsPath(coordinator.state_dir)
     tokens = TokenAuthority.load_or_create(state_dir / "token.secret")
