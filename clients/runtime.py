@@ -84,6 +84,7 @@ MAX_PULL_BYTES = 4 << 30
 CALL_TIMEOUT_S = 30.0
 HOLD_S = 30.0  # how long the coordinator may hold a heartbeat while there is nothing to do (a long-poll)
 STREAM_TIMEOUT_S = 600.0
+RETRY_DELAYS_S = (0.5, 1.5, 4.0)  # the first wait between retries, the growth of each next, the longest
 PROBE_EXAMPLES = 8  # examples of an `Examples` run through the model to check its inputs
 
 
@@ -312,8 +313,9 @@ class Retry:
     deadline: float = math.inf
 
     def __call__(self, call: Callable[[], T], what: str) -> T:
-        """Run `call`, retrying the codes in RETRYABLE with backoff and a WARNING per retry."""
-        delay, since = 0.5, None
+        """Run `call`, retrying the codes in RETRYABLE with backoff (`RETRY_DELAYS_S`) and a WARNING per
+        retry: a coordinator back after a restart is reached within a few seconds."""
+        (delay, growth, longest), since = RETRY_DELAYS_S, None
         while True:
             try:
                 return call()
@@ -344,7 +346,7 @@ class Retry:
                     self.retry_s,
                 )
                 time.sleep(wait)
-                delay = min(2 * delay, 10.0)
+                delay = min(growth * delay, longest)
 
 
 # -- the client's durable state ---------------------------------------------------------------
