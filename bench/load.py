@@ -3,8 +3,9 @@ coordinator running as its own process. A client with nothing to do waits in a h
 long-poll, `HeartbeatRequest.wait_s`) until the next round opens. For each N it prints RPC latency
 percentiles (Join, Pull, Push, Status, heartbeats answered at once, and for a held heartbeat the time from
 the round's opening to its answer, the opening taken as the start of the round's last push, or join: an
-upper bound), errors, accepted updates per second, the coordinator's peak memory (VmHWM) and the cores the
-coordinator and the clients used, then the largest N held with p99 under 1 s and no errors. Each client
+upper bound; a client's connection is set up before its first call and shown apart, as connect p99),
+errors, accepted updates per second, the coordinator's peak memory (VmHWM) and the cores the coordinator
+and the clients used, then the largest N held with p99 under 1 s and no errors. Each client
 has a channel (a connection) of its own and sends the SDK's messages, as a coroutine over grpc.aio in one
 of `--processes` processes: a load generator that costs the machine little beside the coordinator. Then,
 with 32 clients, S more members each hold a Push stream open that sends nothing (reopening it whenever the
@@ -132,6 +133,9 @@ async def client_loop(port: int, features: tuple, level: Level, train_s: float, 
                 level.kinds.setdefault(kind, []).append(latencies[-1])
 
         try:
+            started = time.perf_counter()  # the connection is set up apart from the first call
+            await asyncio.wait_for(channel.channel_ready(), 30)
+            level.kinds.setdefault("connect", []).append(time.perf_counter() - started)
             level.pushing(-1, time.perf_counter())  # round 0 opens once the last member joined
             key = new_signing_key()
             request, _ = join_request(PROFILES["fp32"], "load", features, key, enrolment=ENROLMENT)
@@ -169,6 +173,8 @@ async def client_loop(port: int, features: tuple, level: Level, train_s: float, 
                 level.accepted.append(1)
         except grpc.aio.AioRpcError as e:
             level.errors.append(f"{e.code().name}: {e.details()}")
+        except TimeoutError:
+            level.errors.append("the connection was not set up within 30 s")
 
 
 async def retried(call):
@@ -348,6 +354,7 @@ def run_level(
         "calls": len(latencies),
         "p50": cuts[49],
         "p99": cuts[98],
+        "connect_p99": p99(level.kinds.get("connect", [])),
         "join_p99": p99(level.kinds.get("join", [])),
         "pull_p99": p99(level.kinds.get("pull", [])),
         "push_p99": p99(level.kinds.get("push", [])),
@@ -378,8 +385,8 @@ def main() -> None:
     console = Console(width=180)
     training = f"local training {args.train_s:g} s x 0.5-1.5" if args.train_s else "no local training"
     table = Table(title=f"coordinator under load on loopback, {args.seconds:.0f} s per level, {training}")
-    columns = ("clients", "stalled streams", "RPCs", "p50 ms", "p99 ms", "Join p99", "Pull p99", "Push p99")
-    columns += ("heartbeat p99", "Status p99")
+    columns = ("clients", "stalled streams", "RPCs", "p50 ms", "p99 ms", "connect p99", "Join p99")
+    columns += ("Pull p99", "Push p99", "heartbeat p99", "Status p99")
     more = ("errors", "updates/s", "coordinator peak RSS MiB", "coordinator cores", "client cores")
     for column in (*columns, *more):
         table.add_column(column, justify="right")
@@ -393,6 +400,7 @@ def main() -> None:
             str(r["calls"]),
             f"{1000 * r['p50']:.1f}",
             f"{1000 * r['p99']:.1f}",
+            f"{1000 * r['connect_p99']:.1f}",
             f"{1000 * r['join_p99']:.1f}",
             f"{1000 * r['pull_p99']:.1f}",
             f"{1000 * r['push_p99']:.1f}",
