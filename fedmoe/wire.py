@@ -53,7 +53,7 @@ def read_ahead(
     messages: Iterator[T], cancel: Callable[[], Any] | None = None, depth: int = READ_AHEAD
 ) -> Iterator[T]:
     """The messages of a gRPC stream, received by a thread of their own up to `depth` ahead of the reader, so
-    that receiving overlaps what the reader does with each (hashing and joining release the GIL; gRPC asks
+    that receiving overlaps what the reader does with each (hashing and copying release the GIL; gRPC asks
     for the next message only when the last is taken). The stream's error is raised to the reader in its
     place. A reader that stops early calls `cancel` (a client's call.cancel) to end a receive under way; a
     server's request stream ends with its call."""
