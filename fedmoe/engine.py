@@ -51,6 +51,11 @@ class Assignment:
     examples: int = 0  # how many examples it reported for that cluster (0: not reported)
     trains_router: bool = False  # its client's worker that also trains the learned router (one per client)
 
+    @property
+    def mask_seed(self) -> int | None:
+        """The seed its sub-model's masks depend on; None for a dense variant, whose masks are none."""
+        return self.seed if self.variant.density < 1 else None
+
     def to_dict(self) -> dict[str, Any]:
         """JSON form, for state files and messages."""
         v = self.variant
@@ -240,7 +245,7 @@ class Engine:
         whether the router travels with it)."""
         a = self.assignments[client_id]
         router = a.trains_router and self.router_model is not None
-        return self.round, a.path, a.variant, a.seed if a.variant.density < 1 else None, router
+        return self.round, a.path, a.variant, a.mask_seed, router
 
     def job(self, client_id: str) -> Job:
         """What `client_id` receives for the open round:
@@ -303,7 +308,7 @@ class Engine:
         sub-model depend on its round and seed, a magnitude mask on the weights the open round started
         from)."""
         a = self.assignments[client_id]
-        key = (self.round, a.path, a.variant, round, a.seed)
+        key = (self.round, a.path, a.variant, round, a.mask_seed)
         layout = self.layouts.get(key)
         if layout is None:
             self.layouts = {k: v for k, v in self.layouts.items() if k[0] == self.round}
