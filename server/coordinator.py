@@ -965,20 +965,16 @@ class Coordinator:
         self.pending.clear()
         self.aggregation, self.arrivals = self.engine.aggregation(), 0
         self.opening = self.state_changed()
-        tensors = {name: t.clone() for name, t in self.engine.state_tensors().items()}
-        state = (self.opening, tensors, self.state_manifest())
+        state = (self.opening, *self.state_copy())
         threading.Thread(target=self.open_round, args=state, name="fedmoe-round", daemon=True).start()
 
     def open_round(self, version: int, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]) -> None:
-        """Write the state of a closed round (`version`), then open the next: its deadline starts and the
-        members are told. The closed round's updates stay until the next round closes (the previous state
-        generation, which a torn newest one falls back to, reads them again); older ones go, off the lock
-        (resume skips them)."""
+        """Write the state of a closed round (`version`, from `state_copy`), then open the next: its deadline
+        starts and the members are told. The closed round's updates stay until the next round closes (the
+        previous state generation, which a torn newest one falls back to, reads them again); older ones go,
+        off the lock (resume skips them)."""
         try:
-            with self.writing:
-                if self.saved_version < version:
-                    save_checkpoint(self.state_dir / "state", tensors, manifest, keep_previous=True)
-                    self.saved_version = version
+            self.write_state(version, tensors, manifest)
         except Exception:  # the federation goes on; a restart resumes from the state saved before
             log.exception("the state of round %d could not be saved", manifest["engine"]["round"])
         with self.lock:
@@ -1053,18 +1049,27 @@ class Coordinator:
                     self.written.wait()
                     continue
                 self.saving, newest = True, self.version
-                # a copy: the grid may take its next outer step while this is written
-                tensors = {name: t.clone() for name, t in self.engine.state_tensors().items()}
-                manifest = self.state_manifest()
+                tensors, manifest = self.state_copy()
             try:
-                with self.writing:
-                    if self.saved_version < newest:  # else a round's close saved a newer state meanwhile
-                        save_checkpoint(self.state_dir / "state", tensors, manifest, keep_previous=True)
-                        self.saved_version = newest
+                self.write_state(newest, tensors, manifest)
             finally:
                 with self.lock:
                     self.saving = False
                     self.written.notify_all()
+
+    def state_copy(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The state's tensors (copies: the grid may take its next outer step while they are written) and its
+        manifest, to write off the lock with `write_state` (call under the lock)."""
+        tensors = {name: t.clone() for name, t in self.engine.state_tensors().items()}
+        return tensors, self.state_manifest()
+
+    def write_state(self, version: int, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]) -> None:
+        """Write state `version` (from `state_copy`), unless a newer one was written meanwhile (call without
+        the lock)."""
+        with self.writing:
+            if self.saved_version < version:
+                save_checkpoint(self.state_dir / "state", tensors, manifest, keep_previous=True)
+                self.saved_version = version
 
     def state_manifest(self) -> dict[str, Any]:
         """The state besides the grid's tensors, as JSON: the engine's (round, assignments, routing
