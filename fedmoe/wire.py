@@ -324,32 +324,39 @@ class _Incoming:
         return q
 
 
-def decode_tensors(
-    frames: Iterable[tensor_pb2.TensorFrame | memoryview], max_bytes: int, expected: Expected | None = None
-) -> dict[str, QTensor]:
-    """The tensors of a frame stream, read to its end;
-    raises WireError on a malformed, oversize or truncated stream.
+class TensorReader:
+    """A frame stream's tensors, read as its frames arrive (`feed` each, then `tensors`); raises WireError on
+    a malformed, oversize or truncated stream.
 
-    A frame is a TensorFrame, or a chunk frame's data as a memoryview (see `chunk_view`).
-
-    With `expected` ({name: (bits, shape)}), the stream must carry exactly those tensors. The declared sizes
-    are summed and checked against max_bytes at each header, before that tensor's data is read.
+    A frame is a TensorFrame, or a chunk frame's data as a memoryview (see `chunk_view`). With `expected`
+    ({name: (bits, shape)}), the stream must carry exactly those tensors. The declared sizes are summed and
+    checked against max_bytes at each header, before that tensor's data is read.
     """
-    tensors: dict[str, QTensor] = {}
-    current: _Incoming | None = None
-    declared = 0
-    ended = False
-    for frame in _unbatched(frames):
+
+    def __init__(self, max_bytes: int, expected: Expected | None = None) -> None:
+        self.max_bytes, self.expected = max_bytes, expected
+        self.received: dict[str, QTensor] = {}
+        self.current: _Incoming | None = None
+        self.declared = 0
+        self.ended = False
+
+    def feed(self, frame: tensor_pb2.TensorFrame | memoryview) -> None:
+        """Take the stream's next frame."""
+        for inner in _unbatched((frame,)):
+            self._take(inner)
+
+    def _take(self, frame: tensor_pb2.TensorFrame | memoryview) -> None:
         data = frame if isinstance(frame, memoryview) else None
         kind = "chunk" if data is not None else frame.WhichOneof("frame")
-        if ended:
+        tensors, current, expected = self.received, self.current, self.expected
+        if self.ended:
             raise _invalid(f"{kind or 'empty'} frame after End")
         if kind == "header":
             h = frame.header
             if current is not None:
                 raise _invalid(f"header of {h.name!r} after only {current.progress()}")
-            current = _Incoming(h, tensors, max_bytes - declared, expected)
-            declared += current.size
+            current = self.current = _Incoming(h, tensors, self.max_bytes - self.declared, expected)
+            self.declared += current.size
         elif kind == "chunk":
             data = frame.chunk.data if data is None else data
             if current is None:
@@ -368,14 +375,28 @@ def decode_tensors(
             if expected is not None and len(tensors) != len(expected):
                 missing = sorted(set(expected) - set(tensors))
                 raise _invalid(f"the stream lacks {len(missing)} expected tensors: {missing[:8]}")
-            ended = True
+            self.ended = True
         else:
             raise _invalid("frame with no header, chunk or End set")
         if current is not None and (received := current.result()) is not None:
-            tensors[current.name], current = received, None
-    if not ended:
-        raise WireError(
-            grpc.StatusCode.DATA_LOSS,
-            "stream ended before End" + (f", after only {current.progress()}" if current else ""),
-        )
-    return tensors
+            tensors[current.name], self.current = received, None
+
+    def tensors(self) -> dict[str, QTensor]:
+        """The tensors, once the stream ended (DATA_LOSS when it stopped before its End frame)."""
+        if not self.ended:
+            current = self.current
+            raise WireError(
+                grpc.StatusCode.DATA_LOSS,
+                "stream ended before End" + (f", after only {current.progress()}" if current else ""),
+            )
+        return self.received
+
+
+def decode_tensors(
+    frames: Iterable[tensor_pb2.TensorFrame | memoryview], max_bytes: int, expected: Expected | None = None
+) -> dict[str, QTensor]:
+    """The tensors of a frame stream, read to its end (see `TensorReader`)."""
+    reader = TensorReader(max_bytes, expected)
+    for frame in frames:
+        reader.feed(frame)
+    return reader.tensors()
