@@ -108,9 +108,10 @@ class ClientsConfig(_Section):
 class TransportConfig(_Section):
     """The gRPC deployment: where the coordinator listens, TLS material (with `mutual_tls`, clients present a
     certificate of the same CA, and that certificate enrols them), the largest update it accepts, the threads
-    serving calls, and the bounds of Pull and Push streams: at most `max_streams` at once (the others are
-    answered UNAVAILABLE, so that `threads - max_streams` always serve heartbeats and status), each ended when
-    it sends or reads nothing for `stream_idle_s` or lasts longer than `stream_max_s`."""
+    doing the coordinator's work for its calls (streams and held heartbeats wait on its event loop, holding
+    none), and the bounds of Pull and Push streams: at most `max_streams` at once (the others wait their turn,
+    then are answered UNAVAILABLE; as many pushes are stored at once), each ended when it sends or reads
+    nothing for `stream_idle_s` or lasts longer than `stream_max_s`."""
 
     address: str = "127.0.0.1:7000"
     certs: str | None = None
@@ -120,15 +121,6 @@ class TransportConfig(_Section):
     max_streams: int = Field(16, ge=1)
     stream_idle_s: float = Field(30.0, gt=0)
     stream_max_s: float = Field(1800.0, gt=0)
-
-    @model_validator(mode="after")
-    def _threads_left(self) -> TransportConfig:
-        if self.max_streams >= self.threads:
-            raise ValueError(
-                f"transport.max_streams ({self.max_streams}) must be below transport.threads "
-                f"({self.threads}): the threads left serve heartbeats and status while streams run"
-            )
-        return self
 
 
 class MembershipConfig(_Section):

@@ -8,7 +8,7 @@ directory. Every accepted update is written there before it is acknowledged and 
 checkpointed, so a restarted coordinator resumes where it stopped and applies each acknowledged update
 exactly once. A stored update is folded into the round's aggregation at once, in arrival order (kept with
 it, so a restart folds them in the same order): for the mean the coordinator holds running sums, one grid
-whatever the number of updates. A member with nothing to do may wait in a held heartbeat (`held_action`),
+whatever the number of updates. A member with nothing to do may wait in a held heartbeat (`hold`),
 answered when there is something. The coordinator never loads training data: it evaluates only on the
 spec's `eval_data`.
 
@@ -129,10 +129,12 @@ class Member:
 
 @dataclass(eq=False)
 class Waiter:
-    """A held heartbeat: `woken` is set once `answer` is known (or its call ended)."""
+    """A held heartbeat: `wake()` is called (under the lock) once its `answer` is known; `due` is when a
+    deadline of the policy may change what it is told (`time.monotonic()`)."""
 
-    woken: threading.Event
+    wake: Callable[[], None]
     answer: tuple[str, list[str]] | None = None
+    due: float = math.inf
 
 
 @dataclass(frozen=True)
@@ -491,43 +493,36 @@ class Coordinator:
         todo = [w for w in mine if w not in self.pending and w not in self.storing.values()]
         return ("TRAIN", todo) if todo else ("WAIT", [])
 
-    def held_action(
-        self, client_id: str, wait_s: float, woken: threading.Event, active: Callable[[], bool]
-    ) -> tuple[str, list[str]]:
-        """`action`, held while it is WAIT for up to `wait_s` seconds (at most `MAX_HOLD_S`): answered as
-        soon as the coordinator's state gives the member something to do (`changed` answers it and sets
-        `woken`), when a deadline of the policy passes, or when `active()` turns false (the caller sets
-        `woken` when its call ends).
+    def hold(self, client_id: str, wait_s: float, wake: Callable[[], None]) -> Waiter:
+        """A heartbeat of `client_id` held while its action is WAIT (a long-poll): its `answer` set at once
+        when the member has something to do or may not wait (`wait_s` 0, a wait of it held already, or
+        `membership.max_members` waiting); otherwise it waits, and `changed` answers it and calls `wake` as
+        soon as the coordinator's state gives the member something to do. The caller waits at most `wait_s`
+        (and `MAX_HOLD_S`), calls `advance_due` when `due` passes, and `release`s it.
 
-        A waiting member costs no work and takes no lock until it is answered. A member holds at most one
-        wait, and at most `membership.max_members` wait in all: the others are answered at once.
+        A waiting member costs no work and takes no lock until it is answered.
         """
-        until = time.monotonic() + min(wait_s, MAX_HOLD_S)
         with self.lock:
             answer = self.action(client_id)
             crowded = len(self.waiting) >= self.config.membership.max_members
             if answer[0] != "WAIT" or wait_s <= 0 or client_id in self.waiting or crowded:
-                return answer
-            woken.clear()
-            waiter = self.waiting[client_id] = Waiter(woken)
-            due = time.monotonic() + self.until_due()
-        try:
-            while waiter.answer is None and active():
-                now = time.monotonic()
-                if now >= until:
-                    break
-                if woken.wait(min(until, due) - now):
-                    woken.clear()  # answered, or the call ended
-                elif time.monotonic() >= due:  # a deadline of the policy passed: close what is due
-                    with self.lock:
-                        if waiter.answer is None:
-                            self.advance()
-                            due = time.monotonic() + self.until_due()
-        finally:
+                return Waiter(wake, answer)
+            waiter = self.waiting[client_id] = Waiter(wake, due=time.monotonic() + self.until_due())
+            return waiter
+
+    def advance_due(self, waiter: Waiter) -> None:
+        """A deadline of the policy passed while `waiter` waited: close what is due and set its next `due`."""
+        with self.lock:
             if waiter.answer is None:
-                with self.lock:
-                    if self.waiting.get(client_id) is waiter:
-                        del self.waiting[client_id]
+                self.advance()
+                waiter.due = time.monotonic() + self.until_due()
+
+    def release(self, client_id: str, waiter: Waiter) -> tuple[str, list[str]]:
+        """A held heartbeat's answer once its wait ended (WAIT when none came); it no longer waits."""
+        if waiter.answer is None:
+            with self.lock:
+                if self.waiting.get(client_id) is waiter:
+                    del self.waiting[client_id]
         return waiter.answer or ("WAIT", [])
 
     def until_due(self) -> float:
@@ -548,7 +543,7 @@ class Coordinator:
                 del self.waiting[client_id]
                 self.members[client_id].last_seen = now
                 waiter.answer = answer
-                waiter.woken.set()
+                waiter.wake()
 
     def advance(self) -> None:
         """Close a clustering pass, release the held histograms, or close a round, when due."""

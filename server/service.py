@@ -1,30 +1,35 @@
 """The coordinator over gRPC: enrolment and authentication, bounded streams of tensors, health checking,
 clustering messages.
 
-Every call but Join and Status carries a bearer token naming the member and its token epoch; a Push is
-authenticated from that metadata before any of its messages is read, and its header is checked against
-what the coordinator expects of that worker before its tensors are. Pull and Push streams are bounded in
-number (`transport.max_streams`, the rest wait their turn, then are answered UNAVAILABLE) and in time
-(`transport.stream_idle_s` without a message, `transport.stream_max_s` in all), so stalled streams never take
-the threads that serve heartbeats and status. A heartbeat with `wait_s` is held until its member has
-something to do (`Coordinator.held_action`), on a thread of its own. A message that does not parse is
-answered INVALID_ARGUMENT.
+The server is grpc.aio on an event loop of its own thread (`CoordinatorServer`): Pull and Push streams and
+held heartbeats are coroutines, so that hundreds of clients streaming or waiting for a round take no thread
+each; the coordinator's work runs on bounded thread pools (see `CoordinatorService`). Every call but Join
+and Status carries a bearer token naming the member and its token epoch; a Push is authenticated from that
+metadata before any of its messages is read, and its header is checked against what the coordinator expects
+of that worker before its tensors are. Pull and Push streams are bounded in number
+(`transport.max_streams`, the rest wait their turn, then are answered UNAVAILABLE) and in time
+(`transport.stream_idle_s` without a message, `transport.stream_max_s` in all). A heartbeat with `wait_s` is
+held until its member has something to do (`Coordinator.hold`). A message that does not parse is answered
+INVALID_ARGUMENT.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import hmac
+import inspect
 import json
 import logging
 import math
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from concurrent import futures
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path as FsPath
 from typing import Any
 
@@ -35,23 +40,22 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from fedmoe.assignment import DeviceProfile
 from fedmoe.clustering import MAX_MOMENT_VALUES
-from fedmoe.compress.quant import wire_bytes
 from fedmoe.config import InnerConfig
 from fedmoe.engine import Assignment
 from fedmoe.faults import crash_point
 from fedmoe.modular import Path
 from fedmoe.security import AuthError, TokenAuthority, bearer, enrolment_token, server_credentials
-from fedmoe.server.coordinator import Coordinator, Proposal, Rejected, check_identifier, shown
-from fedmoe.v1 import coordinator_pb2 as pb
-from fedmoe.wire import (
-    CHUNK_BYTES,
-    WireError,
-    chunk_view,
-    decode_tensors,
-    encode_tensors,
-    frame_bytes,
-    read_ahead,
+from fedmoe.server.coordinator import (
+    MAX_HOLD_S,
+    Coordinator,
+    Proposal,
+    Rejected,
+    Waiter,
+    check_identifier,
+    shown,
 )
+from fedmoe.v1 import coordinator_pb2 as pb
+from fedmoe.wire import CHUNK_BYTES, TensorReader, WireError, chunk_view, encode_tensors, frame_bytes
 from fedmoe.worker import Job, Upload, Variant
 
 log = logging.getLogger("fedmoe.server")
@@ -64,15 +68,13 @@ PLACE_WAIT_S = 5.0  # how long a new stream waits for a place when all are taken
 SILENCED_S = 30.0  # how long a client whose stream was ended for its silence waits in no line for a place
 MAX_FEATURES = 1 << 16  # routing features a client may report at join (paths in turn)
 MAX_TEXT = 4096  # characters of an enrolment token
-READ_AHEAD_BYTES = 8 << 20  # a push of this many bytes is received on a thread of its own (`read_ahead`)
 
 
-def abort(context: grpc.ServicerContext, code: str, detail: str) -> None:
-    """End the call with a precise status (the detail escaped and truncated); the coordinator's state is
-    unchanged."""
-    detail = shown(detail, 500)
-    log.warning("rejected: %s %s", code, detail)
-    context.abort(getattr(grpc.StatusCode, code), detail)
+def refused(e: Rejected) -> tuple[grpc.StatusCode, str]:
+    """The status a refusal ends its call with (the detail escaped and truncated), logged."""
+    detail = shown(e.detail, 500)
+    log.warning("rejected: %s %s", e.code, detail)
+    return getattr(grpc.StatusCode, e.code), detail
 
 
 class Malformed:
@@ -109,10 +111,11 @@ def frame_parser(message: Any) -> Callable[[bytes], Any]:
 
 @dataclass(eq=False)
 class Stream:
-    """An open Pull or Push stream: whose, its call, when it opened and when it last moved a message."""
+    """An open Pull or Push stream: whose, the task serving it, when it opened and when it last moved a
+    message."""
 
     client_id: str
-    context: grpc.ServicerContext
+    task: asyncio.Task
     opened: float
     active: float
     moved: bool = False  # a message moved since it opened
@@ -127,105 +130,108 @@ class Stream:
         first message at once)."""
         return now - self.active >= PREEMPT_S or (not self.moved and now - self.opened >= FIRST_MESSAGE_S)
 
+    def end(self, why: str) -> None:
+        """Cancel its task; the stream's call ends CANCELLED with `why` (see `Streams.slot`)."""
+        self.ended = why
+        log.warning("stream of client %s ended: %s", self.client_id, why)
+        self.task.cancel()
+
 
 class Streams:
-    """The open Pull and Push streams: at most `limit` at once and `STREAMS_PER_CLIENT` per client; a
-    watchdog thread (running while any is open) cancels one silent for `idle_s` or open for `max_s`. When
-    all places are taken, a new stream takes the place of the one silent longest among those stalled (see
-    `Stream.stalled`): a stalled stream holds a place only while nobody else needs it. Without a stalled
-    one, it waits up to `PLACE_WAIT_S` for a place to free (in arrival order, mostly), then UNAVAILABLE:
-    many clients pulling at a round's opening are served in turn instead of retrying with backoff. A client
-    whose stream was ended for its silence in the last `SILENCED_S` waits in no line: refused at once when
-    no place is free, its silent streams take no turns from the others."""
+    """The open Pull and Push streams of the event loop serving them: at most `limit` at once and
+    `STREAMS_PER_CLIENT` per client; a watchdog task (running while any is open) ends one silent for
+    `idle_s` or open for `max_s`. When all places are taken, a new stream takes the place of the one silent
+    longest among those stalled (see `Stream.stalled`): a stalled stream holds a place only while nobody else
+    needs it. Without a stalled one, it waits up to `PLACE_WAIT_S` for a place to free (in arrival order),
+    then UNAVAILABLE: many clients pulling at a round's opening are served in turn instead of retrying with
+    backoff. A client whose stream was ended for its silence in the last `SILENCED_S` waits in no line:
+    refused at once when no place is free, its silent streams take no turns from the others."""
 
     def __init__(self, limit: int, idle_s: float, max_s: float):
         self.limit, self.idle_s, self.max_s = limit, idle_s, max_s
-        self.lock = threading.Lock()
-        self.freed = threading.Condition(self.lock)  # a place was given back
+        self.freed = asyncio.Condition()  # a place was given back
         self.queue: list[object] = []  # the streams waiting for a place, in arrival order
         self.silenced: dict[str, float] = {}  # per client, when a stream of it was last ended for silence
         self.open: set[Stream] = set()
-        self.watchdog: threading.Thread | None = None
+        self.watchdog: asyncio.Task | None = None
 
-    @contextmanager
-    def slot(self, client_id: str, context: grpc.ServicerContext) -> Iterator[Stream]:
-        """Hold a place for a stream of `client_id` while the block runs; UNAVAILABLE when it has
-        `STREAMS_PER_CLIENT` open, or no place freed within `PLACE_WAIT_S`."""
-        with self.lock:
-            if sum(s.client_id == client_id for s in self.open) >= STREAMS_PER_CLIENT:
-                raise Rejected("UNAVAILABLE", f"client {client_id} has {STREAMS_PER_CLIENT} streams open")
-            now = time.monotonic()
-            patient = now - self.silenced.get(client_id, -math.inf) > SILENCED_S
-            until, ticket = now + (PLACE_WAIT_S if patient else 0.0), object()
+    @asynccontextmanager
+    async def slot(self, client_id: str) -> AsyncIterator[Stream]:
+        """Hold a place for a stream of `client_id` (the current task) while the block runs; UNAVAILABLE
+        when it has `STREAMS_PER_CLIENT` open, or no place freed within `PLACE_WAIT_S`. A stream the
+        watchdog or a newcomer ends raises CANCELLED with the reason."""
+        if sum(s.client_id == client_id for s in self.open) >= STREAMS_PER_CLIENT:
+            raise Rejected("UNAVAILABLE", f"client {client_id} has {STREAMS_PER_CLIENT} streams open")
+        now = time.monotonic()
+        patient = now - self.silenced.get(client_id, -math.inf) > SILENCED_S
+        until, ticket = now + (PLACE_WAIT_S if patient else 0.0), object()
+        async with self.freed:
             self.queue.append(ticket)
             try:
                 while len(self.open) >= self.limit:
                     self.preempt(now)
                     if len(self.open) < self.limit:
                         break
-                    if now >= until or not context.is_active():
+                    if now >= until:
                         raise Rejected(
                             "UNAVAILABLE", f"{len(self.open)} streams are open, the most served: retry"
                         )
                     # the first in line looks again as streams may stall; the others wait their turn
                     first = self.queue[0] is ticket
-                    self.freed.wait(min(until - now, FIRST_MESSAGE_S) if first else until - now)
+                    with suppress(TimeoutError):
+                        await asyncio.wait_for(
+                            self.freed.wait(), min(until - now, FIRST_MESSAGE_S) if first else until - now
+                        )
                     now = time.monotonic()
             finally:
                 self.queue.remove(ticket)
                 if self.queue:
                     self.freed.notify()  # the next in line may be first now
-            stream = Stream(client_id, context, now, now)
-            self.open.add(stream)
-            if self.watchdog is None:
-                self.watchdog = threading.Thread(target=self.watch, name="fedmoe-streams", daemon=True)
-                self.watchdog.start()
+        stream = Stream(client_id, asyncio.current_task(), now, now)
+        self.open.add(stream)
+        if self.watchdog is None:
+            self.watchdog = asyncio.create_task(self.watch())
         try:
             yield stream
+        except asyncio.CancelledError:
+            if stream.ended:
+                raise Rejected("CANCELLED", stream.ended) from None
+            raise
         finally:
-            with self.lock:
-                self.open.discard(stream)
+            self.open.discard(stream)
+            async with self.freed:
                 self.freed.notify()
 
     def preempt(self, now: float) -> None:
-        """End the stalled stream silent longest, if any, to free its place (under the lock)."""
+        """End the stalled stream silent longest, if any, to free its place."""
         stalled = [s for s in self.open if s.stalled(now)]
         if not stalled:
             return
         quiet = min(stalled, key=lambda s: s.active)
-        quiet.ended = f"silent for {now - quiet.active:.1f} s while another stream waited for its place"
         self.open.discard(quiet)
         self.silence(quiet.client_id, now)
-        log.warning("stream of client %s ended: %s", quiet.client_id, quiet.ended)
-        quiet.context.cancel()
+        quiet.end(f"silent for {now - quiet.active:.1f} s while another stream waited for its place")
 
     def silence(self, client_id: str, now: float) -> None:
-        """A stream of `client_id` was ended for its silence at `now` (under the lock; see `slot`)."""
+        """A stream of `client_id` was ended for its silence at `now` (see `slot`)."""
         self.silenced = {c: t for c, t in self.silenced.items() if now - t <= SILENCED_S}
         self.silenced[client_id] = now
 
-    def watch(self) -> None:
-        """Cancel streams idle or open too long, until none is open."""
+    async def watch(self) -> None:
+        """End streams idle or open too long, until none is open."""
         period = min(1.0, self.idle_s / 4)
         while True:
-            time.sleep(period)
+            await asyncio.sleep(period)
+            if not self.open:
+                self.watchdog = None
+                return
             now = time.monotonic()
-            with self.lock:
-                if not self.open:
-                    self.watchdog = None
-                    return
-                overdue = [s for s in self.open if not s.ended]
-            for s in overdue:
+            for s in [s for s in self.open if not s.ended]:
                 if now - s.active > self.idle_s:
-                    s.ended = f"no message for {self.idle_s:g} s (transport.stream_idle_s)"
-                    with self.lock:
-                        self.silence(s.client_id, now)
+                    self.silence(s.client_id, now)
+                    s.end(f"no message for {self.idle_s:g} s (transport.stream_idle_s)")
                 elif now - s.opened > self.max_s:
-                    s.ended = f"open for more than {self.max_s:g} s (transport.stream_max_s)"
-                else:
-                    continue
-                log.warning("stream of client %s ended: %s", s.client_id, s.ended)
-                s.context.cancel()
+                    s.end(f"open for more than {self.max_s:g} s (transport.stream_max_s)")
 
 
 def assignment_message(assignment: Assignment, round: int, inner: InnerConfig) -> pb.Assignment:
@@ -264,7 +270,14 @@ def proposal_message(proposal: Proposal) -> pb.ProposalReply:
 class CoordinatorService:
     """Join, Leave, Pull, Push, Heartbeat, Status, and routing by data's Proposal, Cluster and Assign, on top
     of a `Coordinator`. `enrolment` is the operator's enrolment token; `mutual_tls`: every connection carries
-    a client certificate of the federation's CA, which enrols it."""
+    a client certificate of the federation's CA, which enrols it.
+
+    Pull, Push and Heartbeat are coroutines of the server's event loop: a stream or a held heartbeat holds no
+    thread while it waits for the network or for a round. What of them takes the coordinator's lock runs on
+    `work` (`transport.threads` threads), and storing a push (mostly waiting for the disk's flush) on
+    `storing`, at most `max_streams` at once. The other calls run on `calls`, one thread each (they may wait
+    for the state's write). A handler refuses a call by raising `Rejected`.
+    """
 
     def __init__(
         self, coordinator: Coordinator, tokens: TokenAuthority, enrolment: str, mutual_tls: bool = False
@@ -274,26 +287,35 @@ class CoordinatorService:
         transport = coordinator.config.transport
         self.max_update_bytes = transport.max_update_bytes
         self.streams = Streams(transport.max_streams, transport.stream_idle_s, transport.stream_max_s)
-        self.storing = threading.BoundedSemaphore(transport.max_streams)  # pushes read in full, being stored
+        self.work = futures.ThreadPoolExecutor(transport.threads, thread_name_prefix="fedmoe-work")
+        # the unary calls, many of which wait for the state's write (joins arriving together share one): as
+        # many as members may call at once
+        members = coordinator.config.membership.max_members
+        self.calls = futures.ThreadPoolExecutor(transport.threads + members, thread_name_prefix="fedmoe-call")
+        self.storing = futures.ThreadPoolExecutor(transport.max_streams, thread_name_prefix="fedmoe-store")
         self.model_json = json.dumps(coordinator.model)
         # this round's deliveries as they travel (serialized PullFrames), by the engine's shared tensors of
         # each (see Engine.job): encoded once, sent to every worker that receives them
-        self.encoded: dict[int, tuple[int, dict, list]] = {}
-        self.encoding = threading.Lock()
+        self.encoded: dict[int, tuple[int, dict, asyncio.Future]] = {}
 
-    def authenticate(self, context: grpc.ServicerContext, client_id: str = "") -> str:
-        """The member whose current token the call carries (it must be `client_id` when one is named)."""
-        token = bearer(context.invocation_metadata())
+    async def run(
+        self, function: Callable[..., Any], *args: Any, pool: futures.Executor | None = None
+    ) -> Any:
+        """`function(*args)` on a thread of `pool` (default `work`), awaited."""
+        return await asyncio.get_running_loop().run_in_executor(pool or self.work, partial(function, *args))
+
+    def authenticate(self, metadata: Any, client_id: str = "") -> str:
+        """The member whose current token the call's `metadata` carries (it must be `client_id` when one is
+        named)."""
+        token = bearer(metadata)
         if token is None:
-            abort(context, "UNAUTHENTICATED", "missing bearer token in the authorization metadata")
+            raise Rejected("UNAUTHENTICATED", "missing bearer token in the authorization metadata")
         try:
             owner = self.coordinator.authenticate(self.tokens.verify(token))
         except AuthError as e:
-            abort(context, "UNAUTHENTICATED", str(e))
-        except Rejected as e:
-            abort(context, e.code, e.detail)
+            raise Rejected("UNAUTHENTICATED", str(e)) from None
         if client_id and owner != client_id:
-            abort(context, "PERMISSION_DENIED", f"the token was issued to another client than {client_id}")
+            raise Rejected("PERMISSION_DENIED", f"the token was issued to another client than {client_id}")
         return owner
 
     def enrolled(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> bool:
@@ -308,34 +330,28 @@ class CoordinatorService:
         if request.client_id:
             check_identifier("client_id", request.client_id)
             if request.proof:  # the pinned key proves who rejoins: no token needed
-                try:
-                    self.coordinator.check_proof(request.client_id, request.proof, request.proof_time)
-                except Rejected as e:
-                    abort(context, e.code, e.detail)
+                self.coordinator.check_proof(request.client_id, request.proof, request.proof_time)
             else:
-                self.authenticate(context, request.client_id)
+                self.authenticate(context.invocation_metadata(), request.client_id)
         if len(request.enrolment) > MAX_TEXT or len(request.feature_sum) > MAX_FEATURES:
-            abort(context, "INVALID_ARGUMENT", "an enrolment token or routing statistics far too long")
+            raise Rejected("INVALID_ARGUMENT", "an enrolment token or routing statistics far too long")
         p = request.profile
         try:
             profile = DeviceProfile(
                 shown(p.name), p.memory_bytes, p.bits, tuple(p.densities) or (1.0,), p.speed or 1.0
             )
         except ValueError as e:
-            abort(context, "INVALID_ARGUMENT", f"bad device profile: {e}")
+            raise Rejected("INVALID_ARGUMENT", f"bad device profile: {e}") from None
         coordinator = self.coordinator
-        try:
-            member = coordinator.join(
-                profile,
-                request.name,
-                request.client_id,
-                request.public_key,
-                np.asarray(request.feature_sum, dtype=np.float64),
-                request.examples,
-                enrolled=self.enrolled(request, context),
-            )
-        except Rejected as e:
-            abort(context, e.code, e.detail)
+        member = coordinator.join(
+            profile,
+            request.name,
+            request.client_id,
+            request.public_key,
+            np.asarray(request.feature_sum, dtype=np.float64),
+            request.examples,
+            enrolled=self.enrolled(request, context),
+        )
         reply = pb.JoinReply(
             client_id=member.client_id,
             token=self.tokens.issue(member.token_subject),
@@ -349,50 +365,44 @@ class CoordinatorService:
         return reply
 
     def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveReply:
-        client_id = self.authenticate(context, request.client_id)
-        try:
-            self.coordinator.leave(client_id)
-        except Rejected as e:
-            abort(context, e.code, e.detail)
+        self.coordinator.leave(self.authenticate(context.invocation_metadata(), request.client_id))
         return pb.LeaveReply()
 
-    def Pull(self, request: pb.PullRequest, context: grpc.ServicerContext) -> Iterator[pb.PullFrame | bytes]:
-        client_id = self.authenticate(context, request.client_id)
-        try:
-            job = self.coordinator.job(client_id, request.worker_id)
-            with self.streams.slot(client_id, context) as stream:
-                assignment = Assignment(job.path, job.variant, job.seed)
-                yield pb.PullFrame(assignment=assignment_message(assignment, job.round, job.inner))
-                for frame in self.frames(job):
-                    stream.touch()
-                    yield frame
-        except Rejected as e:
-            abort(context, e.code, e.detail)
+    async def Pull(self, request: pb.PullRequest, context: grpc.aio.ServicerContext) -> AsyncIterator:
+        def job() -> tuple[str, Job]:
+            client_id = self.authenticate(metadata, request.client_id)
+            return client_id, self.coordinator.job(client_id, request.worker_id)
 
-    def frames(self, job: Job) -> list[bytes]:
+        metadata = context.invocation_metadata()
+        client_id, job = await self.run(job)
+        async with self.streams.slot(client_id) as stream:
+            assignment = Assignment(job.path, job.variant, job.seed)
+            yield pb.PullFrame(assignment=assignment_message(assignment, job.round, job.inner))
+            for frame in await self.frames(job):
+                stream.touch()
+                yield frame
+
+    async def frames(self, job: Job) -> list[bytes]:
         """A job's tensors as serialized Pull frames, encoded once per delivery and round (the engine shares
         one tensors dict among the workers that receive the same; the entry keeps it, so its id stays its
-        own)."""
+        own); pulls that ask while it is being encoded wait for it."""
         key = id(job.tensors)
-        with self.encoding:
-            entry = self.encoded.get(key)
-            if entry is not None and entry[1] is job.tensors:
-                return entry[2]
-        frames = list(
-            encode_tensors(job.tensors, into=pb.PullFrame, batch_bytes=CHUNK_BYTES, serialized=True)
-        )
-        with self.encoding:
+        entry = self.encoded.get(key)
+        if entry is None or entry[1] is not job.tensors:
             self.encoded = {k: e for k, e in self.encoded.items() if e[0] == job.round}
-            self.encoded[key] = (job.round, job.tensors, frames)
-        return frames
+            encoding = asyncio.ensure_future(self.run(encoded_frames, job.tensors))
+            entry = self.encoded[key] = (job.round, job.tensors, encoding)
+        return await entry[2]
 
-    def Push(self, request_iterator: Iterator[pb.PushFrame], context: grpc.ServicerContext) -> pb.PushReply:
-        client_id = self.authenticate(context)  # from the metadata, before any message is read
+    async def Push(self, request_iterator: AsyncIterator, context: grpc.aio.ServicerContext) -> pb.PushReply:
+        # authenticated from the metadata, before any message is read
+        client_id = await self.run(self.authenticate, context.invocation_metadata())
         coordinator = self.coordinator
         try:
-            with self.streams.slot(client_id, context) as stream:
-                frames = moving(request_iterator, stream)
-                first = next(frames, None)
+            async with self.streams.slot(client_id) as stream:
+                frames = aiter(request_iterator)
+                first = await anext(frames, None)
+                stream.touch()
                 if not isinstance(first, pb.PushFrame) or first.WhichOneof("frame") != "header":
                     raise Rejected("INVALID_ARGUMENT", "a push starts with a PushHeader")
                 header = first.header
@@ -400,82 +410,97 @@ class CoordinatorService:
                     raise Rejected("PERMISSION_DENIED", f"the token was issued to {client_id}, not another")
                 worker_id = header.worker_id and check_identifier("worker_id", header.worker_id)
                 upload = header_upload(header)
-                expected = coordinator.expected_upload(upload, client_id, header.update_id, worker_id)
-                if sum(wire_bytes(shape, bits) for bits, shape in expected.values()) >= READ_AHEAD_BYTES:
-                    frames = read_ahead(frames)  # received while the chunks before are hashed
-                tensors = decode_tensors(tensor_frames(frames), self.max_update_bytes, expected)
-                crash_point("push-read")  # read in full, nothing stored yet
-            # its place goes to the next stream while the update is checked and stored (mostly waiting for
-            # the disk), at most `max_streams` at once: a burst of pushes does not crowd the lock
-            with self.storing:
-                open_round = coordinator.submit(
-                    replace(upload, tensors=tensors), client_id, header.update_id, header.signature, worker_id
+                expected = await self.run(
+                    coordinator.expected_upload, upload, client_id, header.update_id, worker_id
                 )
-        except grpc.RpcError:  # the stream was cancelled: by the client, or by the watchdog
-            log.info("push of client %s ended before its end: %s", client_id, stream.ended or "cancelled")
-            return pb.PushReply()
+                reader = TensorReader(self.max_update_bytes, expected)
+                async for frame in frames:
+                    stream.touch()
+                    reader.feed(tensor_frame(frame))
+                tensors = reader.tensors()
+                crash_point("push-read")  # read in full, nothing stored yet
+        except asyncio.CancelledError:  # by the client, or the server stops
+            log.info("push of client %s ended before its end", client_id)
+            raise
         except WireError as e:
-            abort(context, e.code.name, str(e))
-        except Rejected as e:
-            abort(context, e.code, e.detail)
+            raise Rejected(e.code.name, str(e)) from None
         except ValueError as e:
-            abort(context, "INVALID_ARGUMENT", str(e))
+            raise Rejected("INVALID_ARGUMENT", str(e)) from None
+        # its place went to the next stream: the update is checked and stored (mostly waiting for the disk)
+        # on `storing`, at most `max_streams` at once, so that a burst of pushes does not crowd the lock
+        signed = replace(upload, tensors=tensors)
+        open_round = await self.run(
+            coordinator.submit,
+            signed,
+            client_id,
+            header.update_id,
+            header.signature,
+            worker_id,
+            pool=self.storing,
+        )
         return pb.PushReply(accepted=True, round=open_round, detail="stored")
 
-    def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatReply:
-        client_id = self.authenticate(context, request.client_id)
+    async def Heartbeat(
+        self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext
+    ) -> pb.HeartbeatReply:
         if not request.wait_s >= 0:  # NaN and negative waits
-            abort(context, "INVALID_ARGUMENT", f"wait_s is a number of seconds >= 0, got {request.wait_s}")
-        woken = threading.Event()
-        context.add_callback(woken.set)  # the call ended (cancelled, timed out, or the server stops)
-        try:
-            action, workers = self.coordinator.held_action(
-                client_id, request.wait_s, woken, context.is_active
+            raise Rejected("INVALID_ARGUMENT", f"wait_s is a number of seconds >= 0, got {request.wait_s}")
+        coordinator, loop, woken = self.coordinator, asyncio.get_running_loop(), asyncio.Event()
+
+        def hold() -> tuple[str, Waiter]:
+            client_id = self.authenticate(metadata, request.client_id)
+            return client_id, coordinator.hold(
+                client_id, request.wait_s, partial(loop.call_soon_threadsafe, woken.set)
             )
-        except Rejected as e:
-            abort(context, e.code, e.detail)
+
+        metadata = context.invocation_metadata()
+        client_id, waiter = await self.run(hold)
+        until = time.monotonic() + min(request.wait_s, MAX_HOLD_S)
+        try:
+            while waiter.answer is None and (now := time.monotonic()) < until:
+                with suppress(TimeoutError):
+                    await asyncio.wait_for(woken.wait(), min(until, waiter.due) - now)
+                if waiter.answer is None and time.monotonic() >= waiter.due:
+                    await self.run(coordinator.advance_due, waiter)
+        finally:  # answered, the wait is over, or the call ended (cancelled, timed out, or the server stops)
+            action, workers = (
+                coordinator.release(client_id, waiter)
+                if waiter.answer
+                else await self.run(coordinator.release, client_id, waiter)
+            )
         return pb.HeartbeatReply(
-            action=getattr(pb.HeartbeatReply, action), round=self.coordinator.round, workers=workers
+            action=getattr(pb.HeartbeatReply, action), round=coordinator.round, workers=workers
         )
 
     def Status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusReply:
         return pb.StatusReply(json=json.dumps(self.coordinator.status()))
 
     def Proposal(self, request: pb.ProposalRequest, context: grpc.ServicerContext) -> pb.ProposalReply:
-        client_id = self.authenticate(context, request.client_id)
-        try:
-            return proposal_message(self.coordinator.proposal(client_id))
-        except Rejected as e:
-            abort(context, e.code, e.detail)
+        client_id = self.authenticate(context.invocation_metadata(), request.client_id)
+        return proposal_message(self.coordinator.proposal(client_id))
 
     def Cluster(self, request: pb.ClusterReport, context: grpc.ServicerContext) -> pb.ClusterReply:
-        client_id = self.authenticate(context, request.client_id)
-        try:
-            now = self.coordinator.cluster(
-                client_id,
-                request.pass_number,
-                *(
-                    np.asarray(values, dtype=np.float64)
-                    for values in (
-                        request.counts,
-                        request.sums,
-                        request.squares,
-                        request.soft,
-                        request.products[: MAX_MOMENT_VALUES + 1],  # more is refused by its length
-                    )
-                ),
-            )
-        except Rejected as e:
-            abort(context, e.code, e.detail)
+        client_id = self.authenticate(context.invocation_metadata(), request.client_id)
+        now = self.coordinator.cluster(
+            client_id,
+            request.pass_number,
+            *(
+                np.asarray(values, dtype=np.float64)
+                for values in (
+                    request.counts,
+                    request.sums,
+                    request.squares,
+                    request.soft,
+                    request.products[: MAX_MOMENT_VALUES + 1],  # more is refused by its length
+                )
+            ),
+        )
         return pb.ClusterReply(pass_number=now.number, converged=now.converged)
 
     def Assign(self, request: pb.AssignRequest, context: grpc.ServicerContext) -> pb.AssignReply:
-        client_id = self.authenticate(context, request.client_id)
+        client_id = self.authenticate(context.invocation_metadata(), request.client_id)
         coordinator = self.coordinator
-        try:
-            workers = coordinator.assign(client_id, np.asarray(request.histogram, dtype=np.float64))
-        except Rejected as e:
-            abort(context, e.code, e.detail)
+        workers = coordinator.assign(client_id, np.asarray(request.histogram, dtype=np.float64))
         with coordinator.lock:
             inner = coordinator.engine.inner(coordinator.round)
             return pb.AssignReply(
@@ -491,6 +516,11 @@ class CoordinatorService:
                 ],
                 pending=not workers,
             )
+
+
+def encoded_frames(tensors: dict) -> list[bytes]:
+    """A delivery's tensors as serialized Pull frames."""
+    return list(encode_tensors(tensors, into=pb.PullFrame, batch_bytes=CHUNK_BYTES, serialized=True))
 
 
 def header_upload(header: pb.PushHeader) -> Upload:
@@ -512,20 +542,21 @@ def header_upload(header: pb.PushHeader) -> Upload:
     )
 
 
-def moving(frames: Iterator[Any], stream: Stream) -> Iterator[Any]:
-    """The frames of a request stream, each marking the stream active; a frame that does not parse ends it
-    INVALID_ARGUMENT."""
-    for frame in frames:
-        stream.touch()
-        if frame is MALFORMED:
-            raise WireError(grpc.StatusCode.INVALID_ARGUMENT, "a push frame that does not parse")
-        yield frame
+def tensor_frame(frame: pb.PushFrame | memoryview | Malformed) -> Any:
+    """A push's frame after its header as a tensor frame (a chunk's data as a memoryview); INVALID_ARGUMENT
+    for a frame that does not parse or a second header."""
+    if isinstance(frame, memoryview):
+        return frame
+    if frame is MALFORMED:
+        raise WireError(grpc.StatusCode.INVALID_ARGUMENT, "a push frame that does not parse")
+    if frame.WhichOneof("frame") != "tensor":
+        raise WireError(grpc.StatusCode.INVALID_ARGUMENT, "a push carries exactly one PushHeader, first")
+    return frame.tensor
 
 
-def add_coordinator(service: CoordinatorService, server: grpc.Server) -> None:
-    """Register the service's methods, their requests parsed by `parser` (a unary request that does not
-    parse is answered INVALID_ARGUMENT by the handler; a stream's chunk frames by `frame_parser`), their
-    replies serialized by `frame_bytes`."""
+def add_coordinator(service: CoordinatorService, server: grpc.aio.Server) -> None:
+    """Register the service's methods (see `answering`), their requests parsed by `parser` (a stream's chunk
+    frames by `frame_parser`), their replies serialized by `frame_bytes`."""
     makers = {
         (False, False): grpc.unary_unary_rpc_method_handler,
         (False, True): grpc.unary_stream_rpc_method_handler,
@@ -534,9 +565,7 @@ def add_coordinator(service: CoordinatorService, server: grpc.Server) -> None:
     handlers = {}
     for method in pb.DESCRIPTOR.services_by_name["Coordinator"].methods:
         request = getattr(pb, method.input_type.name)
-        behaviour = getattr(service, method.name)
-        if not method.client_streaming:
-            behaviour = parsed(behaviour, method.input_type.name)
+        behaviour = answering(getattr(service, method.name), method.input_type.name)
         parse = frame_parser(request) if method.client_streaming else parser(request)
         handlers[method.name] = makers[(method.client_streaming, method.server_streaming)](
             behaviour, request_deserializer=parse, response_serializer=frame_bytes
@@ -544,42 +573,65 @@ def add_coordinator(service: CoordinatorService, server: grpc.Server) -> None:
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
 
 
-def parsed(behaviour: Callable[[Any, grpc.ServicerContext], Any], name: str) -> Callable:
-    """`behaviour`, answering INVALID_ARGUMENT for a request that did not parse."""
+def answering(behaviour: Callable, name: str) -> Callable:
+    """`behaviour` (a function, run on the server's threads; a coroutine or an async generator, on its event
+    loop) answering INVALID_ARGUMENT for a request that did not parse, and a `Rejected` with its status."""
 
-    def call(request: Any, context: grpc.ServicerContext) -> Any:
+    def check(request: Any) -> None:
         if request is MALFORMED:
-            abort(context, "INVALID_ARGUMENT", f"the request does not parse as a {name}")
-        return behaviour(request, context)
+            raise Rejected("INVALID_ARGUMENT", f"the request does not parse as a {name}")
 
-    return call
+    if inspect.isasyncgenfunction(behaviour):
 
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator:
+            try:
+                check(request)
+                async for reply in behaviour(request, context):
+                    yield reply
+            except Rejected as e:
+                await context.abort(*refused(e))
 
-def tensor_frames(frames: Iterator[pb.PushFrame | memoryview]) -> Iterator:
-    """The tensor frames after a push's header (a chunk's data as a memoryview); a second header is
-    malformed."""
-    for frame in frames:
-        if isinstance(frame, memoryview):
-            yield frame
-            continue
-        if frame.WhichOneof("frame") != "tensor":
-            raise WireError(grpc.StatusCode.INVALID_ARGUMENT, "a push carries exactly one PushHeader, first")
-        yield frame.tensor
+        return stream
+    if inspect.iscoroutinefunction(behaviour):
+
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                check(request)
+                return await behaviour(request, context)
+            except Rejected as e:
+                await context.abort(*refused(e))
+
+        return call
+
+    def run(request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            check(request)
+            return behaviour(request, context)
+        except Rejected as e:
+            context.abort(*refused(e))
+
+    return run
 
 
 def listen(
     server: grpc.Server, address: str, certs: str | None, service: str, mutual_tls: bool = False
 ) -> int:
-    """Add health checking (overall and for `service`), bind `address` (TLS with `certs`, requiring client
-    certificates with `mutual_tls`), start; the port.
-
-    `server` must be made with `server_options` (no port sharing): a port in use raises OSError
-    "port N is in use".
-    """
+    """Add health checking (overall and for `service`), bind `address` (see `bind`), start; the port."""
     health_servicer = health.HealthServicer()
     for name in ("", service):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = bind(server, address, certs, mutual_tls)
+    server.start()
+    return port
+
+
+def bind(server: grpc.Server | grpc.aio.Server, address: str, certs: str | None, mutual_tls: bool) -> int:
+    """Bind `address` (TLS with `certs`, requiring client certificates with `mutual_tls`); the port.
+
+    `server` must be made with `server_options` (no port sharing): a port in use raises OSError
+    "port N is in use".
+    """
     try:
         if certs:
             port = server.add_secure_port(address, server_credentials(certs, mutual_tls))
@@ -589,7 +641,6 @@ def listen(
         port = 0
     if port == 0:
         raise OSError(bind_error(address))
-    server.start()
     return port
 
 
@@ -618,33 +669,89 @@ def bind_error(address: str) -> str:
     return f"cannot listen on {address}"
 
 
+class CoordinatorServer:
+    """The coordinator's gRPC server (grpc.aio, with the standard health service) serving `service` on an
+    event loop of a thread of its own; its `port`, and `stop` as a `grpc.Server`'s."""
+
+    def __init__(
+        self, service: CoordinatorService, address: str, certs: str | None, mutual_tls: bool
+    ) -> None:
+        self.service, self.stopped = service, None
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.serve, name="fedmoe-grpc", daemon=True)
+        self.thread.start()
+        try:
+            self.server, self.port = self.call(self.start(address, certs, mutual_tls))
+        except BaseException:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            raise
+
+    def serve(self) -> None:
+        """The server thread: run the event loop until `stop`."""
+        self.loop.run_forever()
+        self.loop.close()
+
+    def call(self, coroutine: Any) -> Any:
+        """Run `coroutine` on the server's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+    async def start(self, address: str, certs: str | None, mutual_tls: bool) -> tuple[grpc.aio.Server, int]:
+        server = grpc.aio.server(
+            migration_thread_pool=self.service.calls, options=server_options(*MESSAGE_OPTIONS)
+        )
+        add_coordinator(self.service, server)
+        health_servicer = health.aio.HealthServicer()
+        for name in ("", SERVICE):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        port = bind(server, address, certs, mutual_tls)
+        await server.start()
+        return server, port
+
+    def stop(self, grace: float | None) -> threading.Event:
+        """Stop serving: calls under way get `grace` seconds (None: none), then are cancelled. The event is
+        set once the server stopped."""
+        if self.stopped is None:
+            self.stopped = threading.Event()
+            asyncio.run_coroutine_threadsafe(self.shutdown(grace), self.loop)
+        return self.stopped
+
+    async def shutdown(self, grace: float | None) -> None:
+        try:
+            await self.server.stop(grace)
+            tasks = asyncio.all_tasks() - {asyncio.current_task()}
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            for pool in (self.service.calls, self.service.work, self.service.storing):
+                pool.shutdown(wait=False)
+            self.loop.stop()
+            self.stopped.set()
+
+
 def start_server(
     coordinator: Coordinator, address: str | None = None, certs: str | None = None
-) -> tuple[grpc.Server, int]:
+) -> tuple[CoordinatorServer, int]:
     """Start the coordinator (and the standard health service) on `address` (default
     `transport.address`); returns the server and its port.
 
     With `certs` (default `transport.certs`: a directory made by `fedmoe certs`) the port speaks TLS, and
     with `transport.mutual_tls` it requires a client certificate of the same CA; otherwise it is plain text.
-    Threads, stream bounds and the largest update come from the coordinator's `config.transport`, and beside
-    its `threads`, one per push being stored (at most `max_streams`) and one per member whose heartbeat is
-    held (a long-poll: `Coordinator.held_action`, at most `membership.max_members`; threads start when first
-    needed and idle ones cost no work); the enrolment token from
-    `fedmoe.security.enrolment_token(state_dir, certs)`. Raises OSError when the port is
-    in use.
+    Threads, stream bounds and the largest update come from the coordinator's `config.transport` (see
+    `CoordinatorService`: streams and held heartbeats take no thread); the enrolment token from
+    `fedmoe.security.enrolment_token(state_dir, certs)`. Raises OSError when the port is in use.
     """
     transport = coordinator.config.transport
     address, certs = address or transport.address, certs or transport.certs
     if transport.mutual_tls and not certs:
         raise ValueError("transport.mutual_tls needs TLS: give the certificates (--certs)")
-    options = server_options(*MESSAGE_OPTIONS)
-    threads = transport.threads + transport.max_streams + coordinator.config.membership.max_members
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=options)
     state_dir = FsPath(coordinator.state_dir)
     tokens = TokenAuthority.load_or_create(state_dir / "token.secret")
     enrolment = enrolment_token(state_dir, certs)
     service = CoordinatorService(coordinator, tokens, enrolment, transport.mutual_tls)
-    add_coordinator(service, server)
-    port = listen(server, address, certs, SERVICE, transport.mutual_tls)
-    log.info("coordinator listening on %s (port %d, %s)", address, port, "TLS" if certs else "plain text")
-    return server, port
+    server = CoordinatorServer(service, address, certs, transport.mutual_tls)
+    log.info(
+        "coordinator listening on %s (port %d, %s)", address, server.port, "TLS" if certs else "plain text"
+    )
+    return server, server.port

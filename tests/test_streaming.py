@@ -5,6 +5,7 @@ waits its turn for a place."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 import uuid
@@ -19,7 +20,7 @@ from fedmoe.clients.runtime import connect, join
 from fedmoe.compress.quant import quantize
 from fedmoe.config import Config
 from fedmoe.outer import ModuleStates, Update
-from fedmoe.security import given_enrolment, new_signing_key, public_bytes, update_digest
+from fedmoe.security import TokenAuthority, given_enrolment, new_signing_key, public_bytes, update_digest
 from fedmoe.server.coordinator import Coordinator, Rejected
 from fedmoe.server.service import FIRST_MESSAGE_S, Streams, start_server
 from fedmoe.spec import load_spec
@@ -275,48 +276,80 @@ def test_a_waiting_client_is_held_until_the_round_closes(tmp_path):
         server.stop(0).wait()
 
 
-class Call:
-    """A stand-in for a gRPC call as `Streams` sees it: whether it is active, and its cancellation."""
-
-    def __init__(self):
-        self.cancelled = False
-
-    def is_active(self) -> bool:
-        return not self.cancelled
-
-    def cancel(self) -> None:
-        self.cancelled = True
+def test_held_heartbeats_take_no_thread_and_are_all_answered_when_the_round_opens(tmp_path):
+    members = 64
+    settings = {"policy.min_clients": members + 1, "transport.threads": 2, "transport.max_streams": 1}
+    coordinator = Coordinator(config(**settings), tmp_path / "state")
+    keys = enrol(coordinator, ["fp32"] * members)  # one short of the first round: every member waits
+    server, port = start_server(coordinator, "127.0.0.1:0")
+    tokens = TokenAuthority.load_or_create(tmp_path / "state" / "token.secret")
+    channel = connect(f"127.0.0.1:{port}")
+    calls = []
+    try:
+        stub = pb_grpc.CoordinatorStub(channel)
+        stub.Status(pb.StatusRequest(), timeout=10)  # the server's pools have started
+        threads = threading.active_count()
+        for client_id in keys:
+            token = tokens.issue(coordinator.members[client_id].token_subject)
+            request = pb.HeartbeatRequest(client_id=client_id, wait_s=30)
+            metadata = (("authorization", f"Bearer {token}"),)
+            calls.append(stub.Heartbeat.future(request, metadata=metadata, timeout=60))
+        deadline = time.monotonic() + 10
+        while len(coordinator.waiting) < members:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert threading.active_count() - threads <= 4  # a thread per held call would add 64
+        started = time.monotonic()
+        stub.Status(pb.StatusRequest(), timeout=10)  # served beside them, on 2 threads
+        assert time.monotonic() - started < 1.0
+        join(stub, PROFILES["fp32"], "last", FEATURES, enrolment=given_enrolment())  # round 0 opens
+        replies = [call.result(timeout=10) for call in calls]
+        assert {reply.action for reply in replies} == {pb.HeartbeatReply.TRAIN}
+        assert not coordinator.waiting
+    finally:
+        for call in calls:
+            call.cancel()
+        channel.close()
+        server.stop(0).wait()
 
 
 def test_a_stream_waits_its_turn_for_a_place_but_a_client_ended_for_silence_does_not():
-    streams = Streams(limit=1, idle_s=30.0, max_s=60.0)
-    served = []
+    async def scenario() -> None:
+        streams = Streams(limit=1, idle_s=30.0, max_s=60.0)
+        served = []
 
-    def second() -> None:
-        with streams.slot("b", Call()):
-            served.append(time.monotonic())
+        async def second() -> None:
+            async with streams.slot("b"):
+                served.append(time.monotonic())
 
-    with streams.slot("a", Call()) as moving:
-        moving.touch()  # it moves: it keeps its place
-        waiting = threading.Thread(target=second)
-        waiting.start()
-        time.sleep(0.3)
-        assert not served  # waiting for the place, not refused
-        moving.touch()
-        freed = time.monotonic()
-    waiting.join(5)
-    assert served and served[0] - freed < 0.5
+        async with streams.slot("a") as moving:
+            moving.touch()  # it moves: it keeps its place
+            waiting = asyncio.create_task(second())
+            await asyncio.sleep(0.3)
+            assert not served  # waiting for the place, not refused
+            moving.touch()
+            freed = time.monotonic()
+        await asyncio.wait_for(waiting, 5)
+        assert served and served[0] - freed < 0.5
 
-    silent_call = Call()
-    with streams.slot("c", silent_call):  # opens and moves nothing
-        time.sleep(FIRST_MESSAGE_S + 0.05)
-        with streams.slot("d", Call()) as taker:  # takes the stalled stream's place
+        async def silent() -> None:
+            async with streams.slot("c"):  # opens and moves nothing
+                await asyncio.sleep(30)
+
+        silent_stream = asyncio.create_task(silent())
+        await asyncio.sleep(FIRST_MESSAGE_S + 0.05)
+        async with streams.slot("d") as taker:  # takes the stalled stream's place
             taker.touch()
-            assert silent_call.cancelled
+            with pytest.raises(Rejected) as ended:
+                await asyncio.wait_for(silent_stream, 1)
+            assert ended.value.code == "CANCELLED" and "silent" in ended.value.detail
             started = time.monotonic()
-            with pytest.raises(Rejected) as refused, streams.slot("c", Call()):  # c waits in no line now
-                pass
+            with pytest.raises(Rejected) as refused:
+                async with streams.slot("c"):  # c waits in no line now
+                    pass
             assert refused.value.code == "UNAVAILABLE" and time.monotonic() - started < 0.2
+
+    asyncio.run(scenario())
 
 
 def test_a_round_opens_once_its_state_is_saved_and_the_write_holds_no_call(tmp_path, monkeypatch):
