@@ -50,7 +50,6 @@ from fedmoe.server.coordinator import (
     Coordinator,
     Proposal,
     Rejected,
-    Waiter,
     check_identifier,
     shown,
 )
@@ -273,10 +272,12 @@ class CoordinatorService:
     a client certificate of the federation's CA, which enrols it.
 
     Pull, Push and Heartbeat are coroutines of the server's event loop: a stream or a held heartbeat holds no
-    thread while it waits for the network or for a round. What of them takes the coordinator's lock runs on
-    `work` (`transport.threads` threads), and storing a push (mostly waiting for the disk's flush) on
-    `storing`, at most `max_streams` at once. The other calls run on `calls`, one thread each (they may wait
-    for the state's write). A handler refuses a call by raising `Rejected`.
+    thread while it waits for the network or for a round. Their steps that take the coordinator's lock (each
+    holds it briefly) run on the loop itself: a hop to a thread and back would cost more than the step, and
+    threads taking turns at the lock and the GIL had made most of the coordinator's time per update. Storing
+    a push (mostly waiting for the disk's flush) runs on `storing`, at most `max_streams` at once, and
+    encoding a round's delivery on `calls`, where the other calls run, one thread each (they may wait for
+    the state's write). A handler refuses a call by raising `Rejected`.
     """
 
     def __init__(
@@ -287,7 +288,6 @@ class CoordinatorService:
         transport = coordinator.config.transport
         self.max_update_bytes = transport.max_update_bytes
         self.streams = Streams(transport.max_streams, transport.stream_idle_s, transport.stream_max_s)
-        self.work = futures.ThreadPoolExecutor(transport.threads, thread_name_prefix="fedmoe-work")
         # the unary calls, many of which wait for the state's write (joins arriving together share one): as
         # many as members may call at once
         members = coordinator.config.membership.max_members
@@ -298,11 +298,10 @@ class CoordinatorService:
         # each (see Engine.job): encoded once, sent to every worker that receives them
         self.encoded: dict[int, tuple[int, dict, asyncio.Future]] = {}
 
-    async def run(
-        self, function: Callable[..., Any], *args: Any, pool: futures.Executor | None = None
-    ) -> Any:
-        """`function(*args)` on a thread of `pool` (default `work`), awaited."""
-        return await asyncio.get_running_loop().run_in_executor(pool or self.work, partial(function, *args))
+    @staticmethod
+    async def run(pool: futures.Executor, function: Callable[..., Any], *args: Any) -> Any:
+        """`function(*args)` on a thread of `pool`, awaited."""
+        return await asyncio.get_running_loop().run_in_executor(pool, partial(function, *args))
 
     def authenticate(self, metadata: Any, client_id: str = "") -> str:
         """The member whose current token the call's `metadata` carries (it must be `client_id` when one is
@@ -369,12 +368,8 @@ class CoordinatorService:
         return pb.LeaveReply()
 
     async def Pull(self, request: pb.PullRequest, context: grpc.aio.ServicerContext) -> AsyncIterator:
-        def job() -> tuple[str, Job]:
-            client_id = self.authenticate(metadata, request.client_id)
-            return client_id, self.coordinator.job(client_id, request.worker_id)
-
-        metadata = context.invocation_metadata()
-        client_id, job = await self.run(job)
+        client_id = self.authenticate(context.invocation_metadata(), request.client_id)
+        job = self.coordinator.job(client_id, request.worker_id)
         async with self.streams.slot(client_id) as stream:
             assignment = Assignment(job.path, job.variant, job.seed)
             yield pb.PullFrame(assignment=assignment_message(assignment, job.round, job.inner))
@@ -390,13 +385,13 @@ class CoordinatorService:
         entry = self.encoded.get(key)
         if entry is None or entry[1] is not job.tensors:
             self.encoded = {k: e for k, e in self.encoded.items() if e[0] == job.round}
-            encoding = asyncio.ensure_future(self.run(encoded_frames, job.tensors))
+            encoding = asyncio.ensure_future(self.run(self.calls, encoded_frames, job.tensors))
             entry = self.encoded[key] = (job.round, job.tensors, encoding)
         return await entry[2]
 
     async def Push(self, request_iterator: AsyncIterator, context: grpc.aio.ServicerContext) -> pb.PushReply:
         # authenticated from the metadata, before any message is read
-        client_id = await self.run(self.authenticate, context.invocation_metadata())
+        client_id = self.authenticate(context.invocation_metadata())
         coordinator = self.coordinator
         try:
             async with self.streams.slot(client_id) as stream:
@@ -410,9 +405,7 @@ class CoordinatorService:
                     raise Rejected("PERMISSION_DENIED", f"the token was issued to {client_id}, not another")
                 worker_id = header.worker_id and check_identifier("worker_id", header.worker_id)
                 upload = header_upload(header)
-                expected = await self.run(
-                    coordinator.expected_upload, upload, client_id, header.update_id, worker_id
-                )
+                expected = coordinator.expected_upload(upload, client_id, header.update_id, worker_id)
                 reader = TensorReader(self.max_update_bytes, expected)
                 async for frame in frames:
                     stream.touch()
@@ -430,13 +423,7 @@ class CoordinatorService:
         # on `storing`, at most `max_streams` at once, so that a burst of pushes does not crowd the lock
         signed = replace(upload, tensors=tensors)
         open_round = await self.run(
-            coordinator.submit,
-            signed,
-            client_id,
-            header.update_id,
-            header.signature,
-            worker_id,
-            pool=self.storing,
+            self.storing, coordinator.submit, signed, client_id, header.update_id, header.signature, worker_id
         )
         return pb.PushReply(accepted=True, round=open_round, detail="stored")
 
@@ -446,28 +433,18 @@ class CoordinatorService:
         if not request.wait_s >= 0:  # NaN and negative waits
             raise Rejected("INVALID_ARGUMENT", f"wait_s is a number of seconds >= 0, got {request.wait_s}")
         coordinator, loop, woken = self.coordinator, asyncio.get_running_loop(), asyncio.Event()
-
-        def hold() -> tuple[str, Waiter]:
-            client_id = self.authenticate(metadata, request.client_id)
-            return client_id, coordinator.hold(
-                client_id, request.wait_s, partial(loop.call_soon_threadsafe, woken.set)
-            )
-
-        metadata = context.invocation_metadata()
-        client_id, waiter = await self.run(hold)
+        client_id = self.authenticate(context.invocation_metadata(), request.client_id)
+        # answered by whichever thread changes the state
+        waiter = coordinator.hold(client_id, request.wait_s, partial(loop.call_soon_threadsafe, woken.set))
         until = time.monotonic() + min(request.wait_s, MAX_HOLD_S)
         try:
             while waiter.answer is None and (now := time.monotonic()) < until:
                 with suppress(TimeoutError):
                     await asyncio.wait_for(woken.wait(), min(until, waiter.due) - now)
                 if waiter.answer is None and time.monotonic() >= waiter.due:
-                    await self.run(coordinator.advance_due, waiter)
+                    coordinator.advance_due(waiter)
         finally:  # answered, the wait is over, or the call ended (cancelled, timed out, or the server stops)
-            action, workers = (
-                coordinator.release(client_id, waiter)
-                if waiter.answer
-                else await self.run(coordinator.release, client_id, waiter)
-            )
+            action, workers = coordinator.release(client_id, waiter)
         return pb.HeartbeatReply(
             action=getattr(pb.HeartbeatReply, action), round=coordinator.round, workers=workers
         )
@@ -724,7 +701,7 @@ class CoordinatorServer:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
         finally:
-            for pool in (self.service.calls, self.service.work, self.service.storing):
+            for pool in (self.service.calls, self.service.storing):
                 pool.shutdown(wait=False)
             self.loop.stop()
             self.stopped.set()
