@@ -367,27 +367,30 @@ class CoordinatorService:
         self.coordinator.leave(self.authenticate(context.invocation_metadata(), request.client_id))
         return pb.LeaveReply()
 
-    async def Pull(self, request: pb.PullRequest, context: grpc.aio.ServicerContext) -> AsyncIterator:
+    async def Pull(self, request: pb.PullRequest, context: grpc.aio.ServicerContext) -> None:
         client_id = self.authenticate(context.invocation_metadata(), request.client_id)
         job = self.coordinator.job(client_id, request.worker_id)
+        assignment = Assignment(job.path, job.variant, job.seed)
+        frames = [pb.PullFrame(assignment=assignment_message(assignment, job.round, job.inner))]
+        frames += await self.frames(job)  # before the stream takes a place: it holds one while it sends
         async with self.streams.slot(client_id) as stream:
-            assignment = Assignment(job.path, job.variant, job.seed)
-            yield pb.PullFrame(assignment=assignment_message(assignment, job.round, job.inner))
-            for frame in await self.frames(job):
+            stream.touch()  # the server sends first: the stream stalls only when its client stops reading
+            for frame in frames:
+                await context.write(frame)
                 stream.touch()
-                yield frame
 
     async def frames(self, job: Job) -> list[bytes]:
         """A job's tensors as serialized Pull frames, encoded once per delivery and round (the engine shares
         one tensors dict among the workers that receive the same; the entry keeps it, so its id stays its
-        own); pulls that ask while it is being encoded wait for it."""
+        own); pulls that ask while it is being encoded wait for it (a pull that ends meanwhile leaves the
+        encoding to the others)."""
         key = id(job.tensors)
         entry = self.encoded.get(key)
         if entry is None or entry[1] is not job.tensors:
             self.encoded = {k: e for k, e in self.encoded.items() if e[0] == job.round}
             encoding = asyncio.ensure_future(self.run(self.calls, encoded_frames, job.tensors))
             entry = self.encoded[key] = (job.round, job.tensors, encoding)
-        return await entry[2]
+        return await asyncio.shield(entry[2])
 
     async def Push(self, request_iterator: AsyncIterator, context: grpc.aio.ServicerContext) -> pb.PushReply:
         # authenticated from the metadata, before any message is read
@@ -551,24 +554,14 @@ def add_coordinator(service: CoordinatorService, server: grpc.aio.Server) -> Non
 
 
 def answering(behaviour: Callable, name: str) -> Callable:
-    """`behaviour` (a function, run on the server's threads; a coroutine or an async generator, on its event
-    loop) answering INVALID_ARGUMENT for a request that did not parse, and a `Rejected` with its status."""
+    """`behaviour` (a function, run on the server's threads, or a coroutine, on its event loop, writing a
+    stream's replies with `context.write`) answering INVALID_ARGUMENT for a request that did not parse, and a
+    `Rejected` with its status."""
 
     def check(request: Any) -> None:
         if request is MALFORMED:
             raise Rejected("INVALID_ARGUMENT", f"the request does not parse as a {name}")
 
-    if inspect.isasyncgenfunction(behaviour):
-
-        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator:
-            try:
-                check(request)
-                async for reply in behaviour(request, context):
-                    yield reply
-            except Rejected as e:
-                await context.abort(*refused(e))
-
-        return stream
     if inspect.iscoroutinefunction(behaviour):
 
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:

@@ -186,7 +186,9 @@ def test_2_stalled_push_streams_are_bounded_and_never_block_heartbeats_or_status
         assert federation.trained(c, worker_c).round == 0 and time.monotonic() - started < 1.0
         held = [s for s in stalled if s not in refused]
         for call in held:  # ended: for c's pull, or after transport.stream_idle_s without a message
-            assert call.exception(timeout=10).code() == grpc.StatusCode.CANCELLED
+            ended = call.exception(timeout=10)
+            assert ended.code() == grpc.StatusCode.CANCELLED
+            assert "silent for" in ended.details() or "no message for" in ended.details()  # and told why
     finally:
         release.set()
     assert not federation.coordinator.pending and federation.status()["round"] == 0

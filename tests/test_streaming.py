@@ -22,7 +22,7 @@ from fedmoe.config import Config
 from fedmoe.outer import ModuleStates, Update
 from fedmoe.security import TokenAuthority, given_enrolment, new_signing_key, public_bytes, update_digest
 from fedmoe.server.coordinator import Coordinator, Rejected
-from fedmoe.server.service import FIRST_MESSAGE_S, Streams, start_server
+from fedmoe.server.service import FIRST_MESSAGE_S, CoordinatorService, Streams, start_server
 from fedmoe.spec import load_spec
 from fedmoe.v1 import coordinator_pb2 as pb
 from fedmoe.v1 import coordinator_pb2_grpc as pb_grpc
@@ -311,6 +311,37 @@ def test_held_heartbeats_take_no_thread_and_are_all_answered_when_the_round_open
             call.cancel()
         channel.close()
         server.stop(0).wait()
+
+
+def test_a_pull_that_ends_while_its_delivery_is_encoded_leaves_the_encoding_to_the_others(
+    tmp_path, monkeypatch
+):
+    import fedmoe.server.service as service_module
+
+    coordinator = Coordinator(config(), tmp_path / "state")
+    (worker,) = enrol(coordinator, ["fp32"])
+    service = CoordinatorService(coordinator, TokenAuthority(bytes(32)), "")
+    encode = service_module.encoded_frames
+
+    def slowly(tensors: dict) -> list[bytes]:
+        time.sleep(0.3)
+        return encode(tensors)
+
+    monkeypatch.setattr(service_module, "encoded_frames", slowly)
+    job = coordinator.job(worker)
+
+    async def scenario() -> None:
+        first = asyncio.create_task(service.frames(job))
+        second = asyncio.create_task(service.frames(job))
+        await asyncio.sleep(0.1)
+        first.cancel()  # its client went away while the delivery was being encoded
+        frames = await asyncio.wait_for(second, 5)
+        assert frames and await service.frames(job) == frames  # later pulls are served the same frames
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        service.calls.shutdown()
 
 
 def test_a_stream_waits_its_turn_for_a_place_but_a_client_ended_for_silence_does_not():
