@@ -125,13 +125,15 @@ async def client_loop(port: int, features: tuple, level: Level, train_s: float, 
         stub = pb_grpc.CoordinatorStub(channel)
 
         async def timed(call, kind):
-            started = time.perf_counter()
+            nonlocal calling
+            calling, started = kind, time.perf_counter()
             try:
                 return await retried(call)
             finally:
                 latencies.append(time.perf_counter() - started)
                 level.kinds.setdefault(kind, []).append(latencies[-1])
 
+        calling = "connect"  # the call under way, named in an error
         try:
             started = time.perf_counter()  # the connection is set up apart from the first call
             await asyncio.wait_for(channel.channel_ready(), 30)
@@ -143,7 +145,7 @@ async def client_loop(port: int, features: tuple, level: Level, train_s: float, 
             level.joined.append(1)
             beat = pb.HeartbeatRequest(client_id=session.client_id, wait_s=HOLD_S)
             while not level.stop.is_set():
-                started = time.perf_counter()
+                calling, started = "heartbeat", time.perf_counter()
                 reply = await stub.Heartbeat(beat, metadata=session.metadata, timeout=30 + HOLD_S)
                 answered = time.perf_counter()
                 train = reply.action == pb.HeartbeatReply.TRAIN
@@ -172,7 +174,8 @@ async def client_loop(port: int, features: tuple, level: Level, train_s: float, 
                 await timed(functools.partial(resend, stub, sent, session.metadata), "push")
                 level.accepted.append(1)
         except grpc.aio.AioRpcError as e:
-            level.errors.append(f"{e.code().name}: {e.details()}")
+            when = " (after the level's end)" if level.stop.is_set() else ""
+            level.errors.append(f"{calling}{when}: {e.code().name}: {e.details()}")
         except TimeoutError:
             level.errors.append("the connection was not set up within 30 s")
 
