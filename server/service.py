@@ -62,7 +62,7 @@ SERVICE = "fedmoe.v1.Coordinator"
 MESSAGE_OPTIONS = [("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send_message_length", 8 << 20)]
 STREAMS_PER_CLIENT = 2  # Pull and Push streams one client may hold open at once
 PREEMPT_S = 2.0  # a stream silent this long gives its place to a new one when all are taken
-FIRST_MESSAGE_S = 0.25  # and so does one that moved no message this long after it opened
+LOOK_AGAIN_S = 0.25  # how often the first stream waiting for a place looks for a stalled one
 PLACE_WAIT_S = 5.0  # how long a new stream waits for a place when all are taken by streams that move
 SILENCED_S = 30.0  # how long a client whose stream was ended for its silence waits in no line for a place
 MAX_FEATURES = 1 << 16  # routing features a client may report at join (paths in turn)
@@ -110,24 +110,22 @@ def frame_parser(message: Any) -> Callable[[bytes], Any]:
 
 @dataclass(eq=False)
 class Stream:
-    """An open Pull or Push stream: whose, the task serving it, when it opened and when it last moved a
-    message."""
+    """A Pull or Push stream holding a place: whose, the task serving it, when it took the place and when it
+    last moved a message."""
 
     client_id: str
     task: asyncio.Task
     opened: float
     active: float
-    moved: bool = False  # a message moved since it opened
     ended: str = ""  # why it was cancelled
 
     def touch(self) -> None:
         """A message moved."""
-        self.active, self.moved = time.monotonic(), True
+        self.active = time.monotonic()
 
     def stalled(self, now: float) -> bool:
-        """Silent for `PREEMPT_S`, or moved nothing in its first `FIRST_MESSAGE_S` (a client sends its
-        first message at once)."""
-        return now - self.active >= PREEMPT_S or (not self.moved and now - self.opened >= FIRST_MESSAGE_S)
+        """Silent for `PREEMPT_S`."""
+        return now - self.active >= PREEMPT_S
 
     def end(self, why: str) -> None:
         """Cancel its task; the stream's call ends CANCELLED with `why` (see `Streams.slot`)."""
@@ -137,14 +135,16 @@ class Stream:
 
 
 class Streams:
-    """The open Pull and Push streams of the event loop serving them: at most `limit` at once and
-    `STREAMS_PER_CLIENT` per client; a watchdog task (running while any is open) ends one silent for
-    `idle_s` or open for `max_s`. When all places are taken, a new stream takes the place of the one silent
-    longest among those stalled (see `Stream.stalled`): a stalled stream holds a place only while nobody else
-    needs it. Without a stalled one, it waits up to `PLACE_WAIT_S` for a place to free (in arrival order),
-    then UNAVAILABLE: many clients pulling at a round's opening are served in turn instead of retrying with
-    backoff. A client whose stream was ended for its silence in the last `SILENCED_S` waits in no line:
-    refused at once when no place is free, its silent streams take no turns from the others."""
+    """The Pull and Push streams of the event loop serving them: at most `STREAMS_PER_CLIENT` calls per client
+    (`call`) and `limit` places (`slot`), which a stream takes once it has something to move (a Pull at once,
+    a Push once its header arrived), so that a stream that sends nothing takes no place; a watchdog task
+    (running while any place is held) ends a stream silent for `idle_s` or open for `max_s`. When all places
+    are taken, a new stream takes the place of the one silent longest among those stalled (see
+    `Stream.stalled`): a stalled stream holds a place only while nobody else needs it. Without a stalled
+    one, it waits up to `PLACE_WAIT_S` for a place to free (in arrival order), then UNAVAILABLE: many
+    clients pulling at a round's opening are served in turn instead of retrying with backoff. A client whose
+    stream was ended for its silence in the last `SILENCED_S` waits in no line: refused at once when no place
+    is free, its silent streams take no turns from the others."""
 
     def __init__(self, limit: int, idle_s: float, max_s: float):
         self.limit, self.idle_s, self.max_s = limit, idle_s, max_s
@@ -152,15 +152,28 @@ class Streams:
         self.queue: list[object] = []  # the streams waiting for a place, in arrival order
         self.silenced: dict[str, float] = {}  # per client, when a stream of it was last ended for silence
         self.open: set[Stream] = set()
+        self.calls: dict[str, int] = {}  # per client, its Pull and Push calls under way
         self.watchdog: asyncio.Task | None = None
 
     @asynccontextmanager
-    async def slot(self, client_id: str) -> AsyncIterator[Stream]:
-        """Hold a place for a stream of `client_id` (the current task) while the block runs; UNAVAILABLE
-        when it has `STREAMS_PER_CLIENT` open, or no place freed within `PLACE_WAIT_S`. A stream the
-        watchdog or a newcomer ends raises CANCELLED with the reason."""
-        if sum(s.client_id == client_id for s in self.open) >= STREAMS_PER_CLIENT:
+    async def call(self, client_id: str) -> AsyncIterator[None]:
+        """Count a Pull or Push call of `client_id` while the block runs; UNAVAILABLE when it has
+        `STREAMS_PER_CLIENT` under way."""
+        if self.calls.get(client_id, 0) >= STREAMS_PER_CLIENT:
             raise Rejected("UNAVAILABLE", f"client {client_id} has {STREAMS_PER_CLIENT} streams open")
+        self.calls[client_id] = self.calls.get(client_id, 0) + 1
+        try:
+            yield
+        finally:
+            self.calls[client_id] -= 1
+            if not self.calls[client_id]:
+                del self.calls[client_id]
+
+    @asynccontextmanager
+    async def slot(self, client_id: str) -> AsyncIterator[Stream]:
+        """Hold a place for a stream of `client_id` (the current task, which moves a message at once) while
+        the block runs; UNAVAILABLE when no place freed within `PLACE_WAIT_S`. A stream the watchdog or a
+        newcomer ends raises CANCELLED with the reason."""
         now = time.monotonic()
         patient = now - self.silenced.get(client_id, -math.inf) > SILENCED_S
         until, ticket = now + (PLACE_WAIT_S if patient else 0.0), object()
@@ -179,7 +192,7 @@ class Streams:
                     first = self.queue[0] is ticket
                     with suppress(TimeoutError):
                         await asyncio.wait_for(
-                            self.freed.wait(), min(until - now, FIRST_MESSAGE_S) if first else until - now
+                            self.freed.wait(), min(until - now, LOOK_AGAIN_S) if first else until - now
                         )
                     now = time.monotonic()
             finally:
@@ -372,12 +385,12 @@ class CoordinatorService:
         job = self.coordinator.job(client_id, request.worker_id)
         assignment = Assignment(job.path, job.variant, job.seed)
         frames = [pb.PullFrame(assignment=assignment_message(assignment, job.round, job.inner))]
-        frames += await self.frames(job)  # before the stream takes a place: it holds one while it sends
-        async with self.streams.slot(client_id) as stream:
-            stream.touch()  # the server sends first: the stream stalls only when its client stops reading
-            for frame in frames:
-                await context.write(frame)
-                stream.touch()
+        async with self.streams.call(client_id):
+            frames += await self.frames(job)  # before the stream takes a place: it holds one while it sends
+            async with self.streams.slot(client_id) as stream:
+                for frame in frames:
+                    await context.write(frame)
+                    stream.touch()
 
     async def frames(self, job: Job) -> list[bytes]:
         """A job's tensors as serialized Pull frames, encoded once per delivery and round (the engine shares
@@ -397,10 +410,9 @@ class CoordinatorService:
         client_id = self.authenticate(context.invocation_metadata())
         coordinator = self.coordinator
         try:
-            async with self.streams.slot(client_id) as stream:
+            async with self.streams.call(client_id):
                 frames = aiter(request_iterator)
-                first = await anext(frames, None)
-                stream.touch()
+                first = await self.header(frames, client_id)  # it takes a place once it has moved one
                 if not isinstance(first, pb.PushFrame) or first.WhichOneof("frame") != "header":
                     raise Rejected("INVALID_ARGUMENT", "a push starts with a PushHeader")
                 header = first.header
@@ -410,9 +422,10 @@ class CoordinatorService:
                 upload = header_upload(header)
                 expected = coordinator.expected_upload(upload, client_id, header.update_id, worker_id)
                 reader = TensorReader(self.max_update_bytes, expected)
-                async for frame in frames:
-                    stream.touch()
-                    reader.feed(tensor_frame(frame))
+                async with self.streams.slot(client_id) as stream:
+                    async for frame in frames:
+                        stream.touch()
+                        reader.feed(tensor_frame(frame))
                 tensors = reader.tensors()
                 crash_point("push-read")  # read in full, nothing stored yet
         except asyncio.CancelledError:  # by the client, or the server stops
@@ -429,6 +442,16 @@ class CoordinatorService:
             self.storing, coordinator.submit, signed, client_id, header.update_id, header.signature, worker_id
         )
         return pb.PushReply(accepted=True, round=open_round, detail="stored")
+
+    async def header(self, frames: AsyncIterator, client_id: str) -> Any:
+        """A push's first message (None when it ended), awaited for `transport.stream_idle_s` at most."""
+        try:
+            return await asyncio.wait_for(anext(frames, None), self.streams.idle_s)
+        except TimeoutError:
+            self.streams.silence(client_id, time.monotonic())
+            raise Rejected(
+                "CANCELLED", f"no message for {self.streams.idle_s:g} s (transport.stream_idle_s)"
+            ) from None
 
     async def Heartbeat(
         self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext

@@ -181,7 +181,7 @@ def test_2_stalled_push_streams_are_bounded_and_never_block_heartbeats_or_status
             federation.status(timeout=2)
             federation.heartbeat(a, timeout=2)
             assert time.monotonic() - started < 1.0
-        time.sleep(0.3)  # every place is held by a stream that moved nothing: a new one takes one's place
+        time.sleep(0.3)  # streams that moved nothing hold no place: c's pull and push take theirs at once
         started = time.monotonic()
         assert federation.trained(c, worker_c).round == 0 and time.monotonic() - started < 1.0
         held = [s for s in stalled if s not in refused]

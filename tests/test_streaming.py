@@ -22,7 +22,7 @@ from fedmoe.config import Config
 from fedmoe.outer import ModuleStates, Update
 from fedmoe.security import TokenAuthority, given_enrolment, new_signing_key, public_bytes, update_digest
 from fedmoe.server.coordinator import Coordinator, Rejected
-from fedmoe.server.service import FIRST_MESSAGE_S, CoordinatorService, Streams, start_server
+from fedmoe.server.service import CoordinatorService, Streams, start_server
 from fedmoe.spec import load_spec
 from fedmoe.v1 import coordinator_pb2 as pb
 from fedmoe.v1 import coordinator_pb2_grpc as pb_grpc
@@ -344,7 +344,11 @@ def test_a_pull_that_ends_while_its_delivery_is_encoded_leaves_the_encoding_to_t
         service.calls.shutdown()
 
 
-def test_a_stream_waits_its_turn_for_a_place_but_a_client_ended_for_silence_does_not():
+def test_a_stream_waits_its_turn_for_a_place_but_a_client_ended_for_silence_does_not(monkeypatch):
+    import fedmoe.server.service as service_module
+
+    monkeypatch.setattr(service_module, "PREEMPT_S", 0.3)
+
     async def scenario() -> None:
         streams = Streams(limit=1, idle_s=30.0, max_s=60.0)
         served = []
@@ -356,7 +360,7 @@ def test_a_stream_waits_its_turn_for_a_place_but_a_client_ended_for_silence_does
         async with streams.slot("a") as moving:
             moving.touch()  # it moves: it keeps its place
             waiting = asyncio.create_task(second())
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(0.2)
             assert not served  # waiting for the place, not refused
             moving.touch()
             freed = time.monotonic()
@@ -364,11 +368,11 @@ def test_a_stream_waits_its_turn_for_a_place_but_a_client_ended_for_silence_does
         assert served and served[0] - freed < 0.5
 
         async def silent() -> None:
-            async with streams.slot("c"):  # opens and moves nothing
+            async with streams.slot("c"):  # moves its first message, then nothing
                 await asyncio.sleep(30)
 
         silent_stream = asyncio.create_task(silent())
-        await asyncio.sleep(FIRST_MESSAGE_S + 0.05)
+        await asyncio.sleep(0.35)
         async with streams.slot("d") as taker:  # takes the stalled stream's place
             taker.touch()
             with pytest.raises(Rejected) as ended:
@@ -379,6 +383,14 @@ def test_a_stream_waits_its_turn_for_a_place_but_a_client_ended_for_silence_does
                 async with streams.slot("c"):  # c waits in no line now
                     pass
             assert refused.value.code == "UNAVAILABLE" and time.monotonic() - started < 0.2
+
+        async with streams.call("e"), streams.call("e"):  # two calls of one client at once, not three
+            with pytest.raises(Rejected) as third:
+                async with streams.call("e"):
+                    pass
+            assert third.value.code == "UNAVAILABLE"
+        async with streams.call("e"):
+            pass
 
     asyncio.run(scenario())
 
