@@ -286,8 +286,8 @@ class CoordinatorService:
 
     Pull, Push and Heartbeat are coroutines of the server's event loop: a stream or a held heartbeat holds no
     thread while it waits for the network or for a round. Their steps that take the coordinator's lock (each
-    holds it briefly) run on the loop itself: a hop to a thread and back would cost more than the step, and
-    threads taking turns at the lock and the GIL had made most of the coordinator's time per update. Storing
+    holds it briefly) run on the loop itself: a hop to a thread and back would cost more than the step
+    (threads taking turns at the lock and the GIL wait milliseconds for each acquisition). Storing
     a push (mostly waiting for the disk's flush) runs on `storing`, at most `max_streams` at once, and
     encoding a round's delivery on `calls`, where the other calls run, one thread each (they may wait for
     the state's write). A handler refuses a call by raising `Rejected`.
