@@ -108,11 +108,10 @@ class ClientsConfig(_Section):
 class TransportConfig(_Section):
     """The gRPC deployment: where the coordinator listens, TLS material (with `mutual_tls`, clients present a
     certificate of the same CA, and that certificate enrols them), the largest update it accepts, the threads
-    serving its unary calls (beside one per member, as joins wait for the state's write; streams and held
-    heartbeats are served by its event loop and hold none), and the bounds of Pull and Push streams: at most
-    `max_streams` at once (the others wait their turn, then are answered UNAVAILABLE; as many pushes are
-    stored at once), each ended when it sends or reads nothing for `stream_idle_s` or lasts longer than
-    `stream_max_s`."""
+    serving its other calls and the state's writes (streams, held heartbeats and joins are served by its
+    event loop and hold none), and the bounds of Pull and Push streams: at most `max_streams` at once (the
+    others wait their turn, then are answered UNAVAILABLE; as many pushes are stored at once), each ended
+    when it sends or reads nothing for `stream_idle_s` or lasts longer than `stream_max_s`."""
 
     address: str = "127.0.0.1:7000"
     certs: str | None = None

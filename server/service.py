@@ -284,13 +284,13 @@ class CoordinatorService:
     of a `Coordinator`. `enrolment` is the operator's enrolment token; `mutual_tls`: every connection carries
     a client certificate of the federation's CA, which enrols it.
 
-    Pull, Push and Heartbeat are coroutines of the server's event loop: a stream or a held heartbeat holds no
-    thread while it waits for the network or for a round. Their steps that take the coordinator's lock (each
-    holds it briefly) run on the loop itself: a hop to a thread and back would cost more than the step
-    (threads taking turns at the lock and the GIL wait milliseconds for each acquisition). Storing
-    a push (mostly waiting for the disk's flush) runs on `storing`, at most `max_streams` at once, and
-    encoding a round's delivery on `calls`, where the other calls run, one thread each (they may wait for
-    the state's write). A handler refuses a call by raising `Rejected`.
+    Join, Pull, Push and Heartbeat are coroutines of the server's event loop: a stream, a held heartbeat or a
+    join waiting for the state's write holds no thread while it waits. Their steps that take the
+    coordinator's lock (each holds it briefly) run on the loop itself: a hop to a thread and back would cost
+    more than the step (threads taking turns at the lock and the GIL wait milliseconds for each
+    acquisition). Storing a push (mostly waiting for the disk's flush) runs on `storing`, at most
+    `max_streams` at once; the state's writes, encoding a round's delivery and the other calls on `calls`
+    (`transport.threads`). A handler refuses a call by raising `Rejected`.
     """
 
     def __init__(
@@ -301,15 +301,13 @@ class CoordinatorService:
         transport = coordinator.config.transport
         self.max_update_bytes = transport.max_update_bytes
         self.streams = Streams(transport.max_streams, transport.stream_idle_s, transport.stream_max_s)
-        # the unary calls, many of which wait for the state's write (joins arriving together share one): as
-        # many as members may call at once
-        members = coordinator.config.membership.max_members
-        self.calls = futures.ThreadPoolExecutor(transport.threads + members, thread_name_prefix="fedmoe-call")
+        self.calls = futures.ThreadPoolExecutor(transport.threads, thread_name_prefix="fedmoe-call")
         self.storing = futures.ThreadPoolExecutor(transport.max_streams, thread_name_prefix="fedmoe-store")
         self.model_json = json.dumps(coordinator.model)
         # this round's deliveries as they travel (serialized PullFrames), by the engine's shared tensors of
         # each (see Engine.job): encoded once, sent to every worker that receives them
         self.encoded: dict[int, tuple[int, dict, asyncio.Future]] = {}
+        self.saving: asyncio.Future | None = None  # the state's write that joins wait for (see `saved`)
 
     @staticmethod
     async def run(pool: futures.Executor, function: Callable[..., Any], *args: Any) -> Any:
@@ -338,7 +336,7 @@ class CoordinatorService:
         given = request.enrolment.encode()
         return bool(given) and hmac.compare_digest(given, self.enrolment.encode())
 
-    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
+    async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinReply:
         if request.client_id:
             check_identifier("client_id", request.client_id)
             if request.proof:  # the pinned key proves who rejoins: no token needed
@@ -355,15 +353,16 @@ class CoordinatorService:
         except ValueError as e:
             raise Rejected("INVALID_ARGUMENT", f"bad device profile: {e}") from None
         coordinator = self.coordinator
-        member = coordinator.join(
+        member, version = coordinator.admit(
             profile,
             request.name,
             request.client_id,
             request.public_key,
             np.asarray(request.feature_sum, dtype=np.float64),
             request.examples,
-            enrolled=self.enrolled(request, context),
+            self.enrolled(request, context),
         )
+        await self.saved(version)  # answered once the member is in the durable state
         reply = pb.JoinReply(
             client_id=member.client_id,
             token=self.tokens.issue(member.token_subject),
@@ -375,6 +374,17 @@ class CoordinatorService:
                 inner = coordinator.engine.inner(coordinator.round)
                 reply.assignment.CopyFrom(assignment_message(assignment, coordinator.round, inner))
         return reply
+
+    async def saved(self, version: int) -> None:
+        """Return once state `version` (or a newer one) is on disk: one write at a time, on a thread, covers
+        every change counted before it began, so that joins arriving together share it and wait for it
+        holding no thread."""
+        coordinator = self.coordinator
+        while coordinator.saved_version < version:
+            if self.saving is None or self.saving.done():
+                newest = coordinator.version
+                self.saving = asyncio.ensure_future(self.run(self.calls, coordinator.wait_saved, newest))
+            await asyncio.shield(self.saving)
 
     def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveReply:
         self.coordinator.leave(self.authenticate(context.invocation_metadata(), request.client_id))

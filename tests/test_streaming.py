@@ -16,7 +16,7 @@ import torch
 
 from fedmoe.aggregate import Aggregation, clipped, robust_average
 from fedmoe.assignment import PROFILES
-from fedmoe.clients.runtime import connect, join
+from fedmoe.clients.runtime import connect, join, join_request
 from fedmoe.compress.quant import quantize
 from fedmoe.config import Config
 from fedmoe.outer import ModuleStates, Update
@@ -309,6 +309,50 @@ def test_held_heartbeats_take_no_thread_and_are_all_answered_when_the_round_open
     finally:
         for call in calls:
             call.cancel()
+        channel.close()
+        server.stop(0).wait()
+
+
+def test_joins_waiting_for_the_state_write_take_no_thread_and_share_one_write(tmp_path, monkeypatch):
+    import fedmoe.server.coordinator as coordinator_module
+
+    joiners = 32
+    coordinator = Coordinator(config(**{"policy.min_clients": 100, "transport.threads": 2}), tmp_path / "s")
+    server, port = start_server(coordinator, "127.0.0.1:0")
+    channel = connect(f"127.0.0.1:{port}")
+    writes, writing, release = [], threading.Event(), threading.Event()
+    save = coordinator_module.save_checkpoint
+
+    def held_save(*args, **kwargs):
+        writes.append(1)
+        writing.set()
+        assert release.wait(30)
+        return save(*args, **kwargs)
+
+    try:
+        stub = pb_grpc.CoordinatorStub(channel)
+        stub.Status(pb.StatusRequest(), timeout=10)  # the server's pools have started
+        threads = threading.active_count()
+        monkeypatch.setattr(coordinator_module, "save_checkpoint", held_save)
+        enrolment = given_enrolment()
+        requests = [
+            join_request(PROFILES["fp32"], f"j{i}", FEATURES, new_signing_key(), enrolment=enrolment)[0]
+            for i in range(joiners)
+        ]
+        calls = [stub.Join.future(request, timeout=60) for request in requests]
+        assert writing.wait(10)  # the first join's write is held: the others join and wait behind it
+        deadline = time.monotonic() + 10
+        while len(coordinator.members) < joiners:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert not any(call.done() for call in calls)  # none is answered before it is on disk
+        assert threading.active_count() - threads <= 4  # a thread per waiting join would add 31
+        release.set()
+        replies = [call.result(timeout=30) for call in calls]
+        assert len({reply.client_id for reply in replies}) == joiners
+        assert len(writes) <= 3  # the first, and one for every join that arrived while it was written
+    finally:
+        release.set()
         channel.close()
         server.stop(0).wait()
 
