@@ -55,8 +55,7 @@ def read_ahead(
     """The messages of a gRPC stream, received by a thread of their own up to `depth` ahead of the reader, so
     that receiving overlaps what the reader does with each (hashing and copying release the GIL; gRPC asks
     for the next message only when the last is taken). The stream's error is raised to the reader in its
-    place. A reader that stops early calls `cancel` (a client's call.cancel) to end a receive under way; a
-    server's request stream ends with its call."""
+    place. A reader that stops early calls `cancel` (a client's call.cancel) to end a receive under way."""
     end = object()
     pool = ThreadPoolExecutor(1, thread_name_prefix="fedmoe-read-ahead")  # one next() at a time, in order
     ahead = deque(pool.submit(next, messages, end) for _ in range(depth))

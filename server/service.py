@@ -381,9 +381,8 @@ class CoordinatorService:
         holding no thread."""
         coordinator = self.coordinator
         while coordinator.saved_version < version:
-            if self.saving is None or self.saving.done():
-                newest = coordinator.version
-                self.saving = asyncio.ensure_future(self.run(self.calls, coordinator.wait_saved, newest))
+            if self.saving is None or self.saving.done():  # the write covers every change counted so far
+                self.saving = asyncio.ensure_future(self.run(self.calls, coordinator.wait_saved, version))
             await asyncio.shield(self.saving)
 
     def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveReply:
@@ -423,6 +422,8 @@ class CoordinatorService:
             async with self.streams.call(client_id):
                 frames = aiter(request_iterator)
                 first = await self.header(frames, client_id)  # it takes a place once it has moved one
+                if first is MALFORMED:
+                    raise WireError(grpc.StatusCode.INVALID_ARGUMENT, "a push frame that does not parse")
                 if not isinstance(first, pb.PushFrame) or first.WhichOneof("frame") != "header":
                     raise Rejected("INVALID_ARGUMENT", "a push starts with a PushHeader")
                 header = first.header
