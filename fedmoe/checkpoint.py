@@ -6,7 +6,8 @@ With `keep_previous`, a save keeps the generation before it (manifest.prev.json 
 
 `save_records` stores named byte strings the same way, in one data file whose records the caller's BLAKE3
 digests check (`load_records`): bytes that arrived with a verified digest (`fedmoe.wire.tensor_digest`) are
-written without a second pass.
+written without a second pass. A `Spool` is such a data file written as its bytes arrive, committed by
+`save_records` without writing them again.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import json
+import mmap
 import os
 import threading
 import uuid
@@ -32,6 +34,7 @@ PREVIOUS = "manifest.prev.json"
 RESERVED = frozenset({"format", "weights", "sha256", "tensors"})
 RECORDS_RESERVED = frozenset({"format", "data", "records"})
 _TMP_PREFIX = ".tmp-"
+WRITEBACK_BYTES = 8 << 20  # a spool asks the disk to start writing every this many bytes written
 
 
 class CheckpointError(ValueError):
@@ -136,6 +139,77 @@ def _load_syncfs() -> Callable[[int], int] | None:
 
 
 _SYNCFS = _load_syncfs()
+
+
+def _load_sync_file_range() -> Callable[..., int] | None:
+    """libc's sync_file_range, where there is one (Linux)."""
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (AttributeError, OSError):
+        return None
+    function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    return function
+
+
+_SYNC_FILE_RANGE = _load_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2  # start writing the range's dirty pages, without waiting for them
+
+
+class Spool:
+    """A records data file (see `save_records`) written as its bytes arrive, in `directory`: `write` appends,
+    asking the disk to start writing every `WRITEBACK_BYTES` (where the system can: Linux), so that the
+    flush that makes it durable finds little left to write; `view` maps what was written (read-only, no
+    copy); `save_records(..., spool=...)` commits it; `discard` removes it (a no-op once committed).
+
+    Thread-safe: a write under way on another thread finishes before `discard` closes the file.
+    """
+
+    def __init__(self, directory: str | os.PathLike):
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
+        self.fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        self.size = self.started = 0  # bytes written, bytes whose writing to the disk was asked for
+        self.lock = threading.Lock()
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Append `data` (ValueError once discarded or committed)."""
+        with self.lock:
+            if self.fd is None:
+                raise ValueError(f"spool {self.path.name} was discarded or committed")
+            view = memoryview(data).cast("B")
+            while view:
+                view = view[os.write(self.fd, view) :]
+            self.size += len(data)
+            if _SYNC_FILE_RANGE is not None and self.size - self.started >= WRITEBACK_BYTES:
+                _SYNC_FILE_RANGE(self.fd, self.started, self.size - self.started, _SYNC_FILE_RANGE_WRITE)
+                self.started = self.size
+
+    def view(self) -> memoryview:
+        """What was written, mapped read-only (valid after the file is committed, moved or removed)."""
+        with self.lock:
+            if self.fd is None:
+                raise ValueError(f"spool {self.path.name} was discarded or committed")
+            if not self.size:
+                return memoryview(b"")
+            return memoryview(mmap.mmap(self.fd, self.size, prot=mmap.PROT_READ))
+
+    def move_to(self, path: Path) -> None:
+        """Rename the file to `path` (on the same file system) and close it: it is the caller's now."""
+        with self.lock:
+            os.replace(self.path, path)
+            self._close()
+
+    def discard(self) -> None:
+        """Close and remove the file, unless it was committed."""
+        with self.lock:
+            if self.fd is not None:
+                self._close()
+                self.path.unlink(missing_ok=True)
+
+    def _close(self) -> None:
+        os.close(self.fd)
+        self.fd = None
 
 
 def _syncfs(directory: Path) -> None:
@@ -270,10 +344,11 @@ def save_records(
     digests: Mapping[str, bytes],
     manifest: Mapping[str, Any],
     group: GroupSync | None = None,
+    spool: Spool | None = None,
 ) -> Path:
     """Atomically write named byte records and a manifest to directory: the records back to back in one data
-    file (each given as parts, written as they are), then the manifest, the commit point, with each
-    record's offset, length and BLAKE3 digest.
+    file (each given as parts, written as they are, or already written in `spool`, which becomes the data
+    file), then the manifest, the commit point, with each record's offset, length and BLAKE3 digest.
 
     `digests` holds each record's BLAKE3 digest (of its parts joined), as the caller knows it: a received
     tensor's, verified on arrival, costs no second pass over its bytes. `load_records` checks them.
@@ -291,9 +366,14 @@ def save_records(
         offset += size
 
     def write_data(tmp: Path) -> str:
-        with open(tmp, "wb") as f:
-            for parts in records.values():
-                f.writelines(parts)
+        if spool is not None:
+            if spool.size != offset:
+                raise ValueError(f"the spool holds {spool.size} bytes, the records {offset}")
+            spool.move_to(tmp)
+        else:
+            with open(tmp, "wb") as f:
+                for parts in records.values():
+                    f.writelines(parts)
         return f"records-{uuid.uuid4().hex[:16]}.bin"
 
     data = _commit(directory, write_data, sync)

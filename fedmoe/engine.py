@@ -99,8 +99,13 @@ class Received:
 
     @classmethod
     def of(cls, upload: Upload) -> Received:
-        """What `upload` leaves once its outer gradient is aggregated."""
-        router = {n[len(ROUTER) :]: q for n, q in upload.tensors.items() if n.startswith(ROUTER)}
+        """What `upload` leaves once its outer gradient is aggregated (the router's tensors copied: a received
+        upload's are views of the whole upload's bytes)."""
+        router = {
+            n[len(ROUTER) :]: QTensor(q.bits, q.shape, bytes(q.payload), bytes(q.scales))
+            for n, q in upload.tensors.items()
+            if n.startswith(ROUTER)
+        }
         return cls(upload.weight, upload.loss, dict(upload.evaluation), upload.nbytes, router)
 
 

@@ -26,6 +26,7 @@ import blake3
 import grpc
 import numpy as np
 
+from fedmoe.checkpoint import Spool
 from fedmoe.compress.quant import BITS, QTensor, wire_bytes
 from fedmoe.v1 import tensor_pb2
 
@@ -256,12 +257,18 @@ class _Incoming:
 
     Each chunk is hashed and copied into place as it arrives (a copy that releases the GIL, while the stream
     receives the next), so that the tensor is whole when its last chunk is: nothing is joined after the
-    stream. The buffer is allocated at the header, untouched: its memory is taken as it fills, not as the
-    header declares. The tensor's payload and scales are views of it.
+    stream. The place is a buffer allocated at the header, untouched (its memory is taken as it fills, not
+    as the header declares), or the end of a `Spool` (the tensor's bytes then follow the previous tensor's
+    in its file). The tensor's payload and scales are views of it.
     """
 
     def __init__(
-        self, h: tensor_pb2.TensorHeader, seen: Mapping[str, QTensor], budget: int, expected: Expected | None
+        self,
+        h: tensor_pb2.TensorHeader,
+        seen: Mapping[str, Any],
+        budget: int,
+        expected: Expected | None,
+        spool: Spool | None = None,
     ) -> None:
         """Check the header: a new name, the bits and shape `expected` of it (when given), lengths that fit
         bits and shape, at most budget bytes."""
@@ -294,7 +301,8 @@ class _Incoming:
         self.payload_bytes, self.expected_digest = h.payload_bytes, h.digest
         self.size = payload + scale
         self.filled = 0
-        self.buffer = np.empty(self.size, dtype=np.uint8)
+        self.spool, self.start = spool, spool.size if spool is not None else 0
+        self.buffer = np.empty(self.size, dtype=np.uint8) if spool is None else None
         self.digest = blake3.blake3()
 
     def progress(self) -> str:
@@ -306,20 +314,29 @@ class _Incoming:
         if not data or self.filled + len(data) > self.size:
             raise _invalid(f"chunk of {len(data)} bytes after {self.progress()}: empty or overflowing")
         self.digest.update(data)
-        self.buffer[self.filled : self.filled + len(data)] = np.frombuffer(data, dtype=np.uint8)
+        if self.buffer is None:
+            self.spool.write(data)
+        else:
+            self.buffer[self.filled : self.filled + len(data)] = np.frombuffer(data, dtype=np.uint8)
         self.filled += len(data)
 
-    def result(self) -> QTensor | None:
-        """The tensor once all its bytes arrived, after checking their digest (remembered as its
-        `tensor_digest`); None before."""
+    def complete(self) -> bool:
+        """Whether all its bytes arrived, after checking their digest once they have."""
         if self.filled < self.size:
-            return None
-        digest = self.digest.digest()
-        if digest != self.expected_digest:
+            return False
+        if self.digest.digest() != self.expected_digest:
             raise _invalid(f"tensor {self.name!r}: digest mismatch over its {self.filled} bytes")
-        view = memoryview(self.buffer)
+        return True
+
+    def tensor(self, spooled: memoryview) -> QTensor:
+        """The complete tensor, its bytes a view of its buffer or of `spooled` (the spool's mapped bytes);
+        its digest remembered as its `tensor_digest`."""
+        if self.buffer is None:
+            view = spooled[self.start : self.start + self.size]
+        else:
+            view = memoryview(self.buffer)
         q = QTensor(self.bits, self.shape, view[: self.payload_bytes], view[self.payload_bytes :])
-        _DIGESTS[q] = digest
+        _DIGESTS[q] = self.expected_digest
         return q
 
 
@@ -329,12 +346,14 @@ class TensorReader:
 
     A frame is a TensorFrame, or a chunk frame's data as a memoryview (see `chunk_view`). With `expected`
     ({name: (bits, shape)}), the stream must carry exactly those tensors. The declared sizes are summed and
-    checked against max_bytes at each header, before that tensor's data is read.
+    checked against max_bytes at each header, before that tensor's data is read. With a `spool`, the
+    tensors' bytes are written to it as they arrive, back to back in the stream's order (each tensor's
+    payload || scales: the records of `fedmoe.checkpoint.save_records`), and the tensors are views of it.
     """
 
-    def __init__(self, max_bytes: int, expected: Expected | None = None) -> None:
-        self.max_bytes, self.expected = max_bytes, expected
-        self.received: dict[str, QTensor] = {}
+    def __init__(self, max_bytes: int, expected: Expected | None = None, spool: Spool | None = None) -> None:
+        self.max_bytes, self.expected, self.spool = max_bytes, expected, spool
+        self.received: dict[str, _Incoming] = {}
         self.current: _Incoming | None = None
         self.declared = 0
         self.ended = False
@@ -354,7 +373,8 @@ class TensorReader:
             h = frame.header
             if current is not None:
                 raise _invalid(f"header of {h.name!r} after only {current.progress()}")
-            current = self.current = _Incoming(h, tensors, self.max_bytes - self.declared, expected)
+            budget = self.max_bytes - self.declared
+            current = self.current = _Incoming(h, tensors, budget, expected, self.spool)
             self.declared += current.size
         elif kind == "chunk":
             data = frame.chunk.data if data is None else data
@@ -377,8 +397,8 @@ class TensorReader:
             self.ended = True
         else:
             raise _invalid("frame with no header, chunk or End set")
-        if current is not None and (received := current.result()) is not None:
-            tensors[current.name], self.current = received, None
+        if current is not None and current.complete():
+            tensors[current.name], self.current = current, None
 
     def tensors(self) -> dict[str, QTensor]:
         """The tensors, once the stream ended (DATA_LOSS when it stopped before its End frame)."""
@@ -388,7 +408,8 @@ class TensorReader:
                 grpc.StatusCode.DATA_LOSS,
                 "stream ended before End" + (f", after only {current.progress()}" if current else ""),
             )
-        return self.received
+        spooled = self.spool.view() if self.spool is not None else memoryview(b"")
+        return {name: incoming.tensor(spooled) for name, incoming in self.received.items()}
 
 
 def decode_tensors(

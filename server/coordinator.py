@@ -44,6 +44,7 @@ from fedmoe.assignment import DeviceProfile, assign_variant
 from fedmoe.checkpoint import (
     CheckpointError,
     GroupSync,
+    Spool,
     load_checkpoint,
     load_latest,
     load_records,
@@ -68,6 +69,7 @@ PUBLIC_KEY_BYTES = 32  # a raw Ed25519 public key
 MAX_NAME = 64  # characters of a client's name kept for logs and status
 PROOF_WINDOW_MS = 5 * 60 * 1000  # how far a rejoin proof's time may be from the coordinator's clock
 IDENTIFIER = re.compile(r"[A-Za-z0-9._-]{1,64}")  # client, worker and update ids
+INCOMING = "incoming"  # the state directory's folder of pushes being received (see `Coordinator.spool`)
 MAX_HOLD_S = 60.0  # the longest a heartbeat is held waiting for something to do
 ACTIVE_RECOUNT_S = 0.1  # how stale the count of active workers a round's quorum uses may be
 
@@ -203,6 +205,7 @@ class Coordinator:
         self.active_count: tuple[int, float, int] | None = None  # see `active_workers`
         self.writing = threading.Lock()
         self.group = GroupSync(self.state_dir)  # pending updates stored together share one flush
+        remove_all([self.state_dir / INCOMING])  # spools of pushes a stopped coordinator never acknowledged
         self.written = threading.Condition(self.lock)
         self.seen_updates: set[str] = set()
         self.metrics: list[dict[str, Any]] = []
@@ -829,11 +832,24 @@ class Coordinator:
             self.admissible(header, client_id, update_id, worker_id)
             return self.engine.expected_upload(worker_id, header.round)
 
+    def spool(self) -> Spool:
+        """A file to receive an upload's tensors into as they arrive (`fedmoe.wire.TensorReader`), which
+        `submit` then stores without writing them again. Spools left by a stopped coordinator are removed
+        when the next one starts."""
+        return Spool(self.state_dir / INCOMING)
+
     def submit(
-        self, upload: Upload, client_id: str, update_id: str, signature: bytes = b"", worker_id: str = ""
+        self,
+        upload: Upload,
+        client_id: str,
+        update_id: str,
+        signature: bytes = b"",
+        worker_id: str = "",
+        spool: Spool | None = None,
     ) -> int:
         """Validate and durably store one upload of a member's worker for the open round, fold it into the
-        round's aggregation, close the round when due; the open round.
+        round's aggregation, close the round when due; the open round. `spool`: the upload's tensors are
+        the records written there (see `spool`), stored as they are; the caller discards it if refused.
 
         Every update is signed by the member's pinned key (see `signed_fields`). The signature, decoding and
         norm checks read only the upload and the grid's shapes, and the durable write only the upload, so
@@ -879,7 +895,7 @@ class Coordinator:
             self.storing[arrival] = worker_id
             self.seen_updates.add(update_id)
         try:
-            self.write_pending(worker_id, update_id, upload, counted_in, arrival)
+            self.write_pending(worker_id, update_id, upload, counted_in, arrival, spool)
         except BaseException:
             with self.lock:
                 del self.storing[arrival]
@@ -1154,11 +1170,17 @@ class Coordinator:
                 self.write_ensemble()
 
     def write_pending(
-        self, worker_id: str, update_id: str, upload: Upload, counted_in: int, arrival: int
+        self,
+        worker_id: str,
+        update_id: str,
+        upload: Upload,
+        counted_in: int,
+        arrival: int,
+        spool: Spool | None = None,
     ) -> None:
         """Make an accepted upload durable before it is acknowledged, with the round it counts in and its
         arrival number in that round: each tensor's payload || scales a record, checked by the digest it
-        arrived with (`fedmoe.wire.tensor_digest`)."""
+        arrived with (`fedmoe.wire.tensor_digest`); the records already written in `spool` when given."""
         tensors = upload.tensors
         manifest = {
             "kind": "upload",
@@ -1175,6 +1197,7 @@ class Coordinator:
             {name: tensor_digest(q) for name, q in tensors.items()},
             manifest,
             self.group,
+            spool,
         )
 
     def read_pending(self, directory: FsPath) -> tuple[str, str, int, int, Upload]:

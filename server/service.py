@@ -288,8 +288,9 @@ class CoordinatorService:
     join waiting for the state's write holds no thread while it waits. Their steps that take the
     coordinator's lock (each holds it briefly) run on the loop itself: a hop to a thread and back would cost
     more than the step (threads taking turns at the lock and the GIL wait milliseconds for each
-    acquisition). Storing a push (mostly waiting for the disk's flush) runs on `storing`, at most
-    `max_streams` at once; the state's writes, encoding a round's delivery and the other calls on `calls`
+    acquisition). A push's chunks are hashed and written to its spool on `receiving` as they arrive, and
+    storing a push (mostly waiting for the disk's flush) runs on `storing`, each at most `max_streams` at
+    once; the state's writes, encoding a round's delivery and the other calls on `calls`
     (`transport.threads`). A handler refuses a call by raising `Rejected`.
     """
 
@@ -303,6 +304,7 @@ class CoordinatorService:
         self.streams = Streams(transport.max_streams, transport.stream_idle_s, transport.stream_max_s)
         self.calls = futures.ThreadPoolExecutor(transport.threads, thread_name_prefix="fedmoe-call")
         self.storing = futures.ThreadPoolExecutor(transport.max_streams, thread_name_prefix="fedmoe-store")
+        self.receiving = futures.ThreadPoolExecutor(transport.max_streams, thread_name_prefix="fedmoe-read")
         self.model_json = json.dumps(coordinator.model)
         # this round's deliveries as they travel (serialized PullFrames), by the engine's shared tensors of
         # each (see Engine.job): encoded once, sent to every worker that receives them
@@ -417,42 +419,79 @@ class CoordinatorService:
     async def Push(self, request_iterator: AsyncIterator, context: grpc.aio.ServicerContext) -> pb.PushReply:
         # authenticated from the metadata, before any message is read
         client_id = self.authenticate(context.invocation_metadata())
-        coordinator = self.coordinator
+        coordinator, spool = self.coordinator, None
         try:
-            async with self.streams.call(client_id):
-                frames = aiter(request_iterator)
-                first = await self.header(frames, client_id)  # it takes a place once it has moved one
-                if first is MALFORMED:
-                    raise WireError(grpc.StatusCode.INVALID_ARGUMENT, "a push frame that does not parse")
-                if not isinstance(first, pb.PushFrame) or first.WhichOneof("frame") != "header":
-                    raise Rejected("INVALID_ARGUMENT", "a push starts with a PushHeader")
-                header = first.header
-                if header.client_id != client_id:
-                    raise Rejected("PERMISSION_DENIED", f"the token was issued to {client_id}, not another")
-                worker_id = header.worker_id and check_identifier("worker_id", header.worker_id)
-                upload = header_upload(header)
-                expected = coordinator.expected_upload(upload, client_id, header.update_id, worker_id)
-                reader = TensorReader(self.max_update_bytes, expected)
-                async with self.streams.slot(client_id) as stream:
-                    async for frame in frames:
-                        stream.touch()
-                        reader.feed(tensor_frame(frame))
-                tensors = reader.tensors()
-                crash_point("push-read")  # read in full, nothing stored yet
-        except asyncio.CancelledError:  # by the client, or the server stops
-            log.info("push of client %s ended before its end", client_id)
-            raise
-        except WireError as e:
-            raise Rejected(e.code.name, str(e)) from None
-        except ValueError as e:
-            raise Rejected("INVALID_ARGUMENT", str(e)) from None
-        # its place went to the next stream: the update is checked and stored (mostly waiting for the disk)
-        # on `storing`, at most `max_streams` at once, so that a burst of pushes does not crowd the lock
-        signed = replace(upload, tensors=tensors)
-        open_round = await self.run(
-            self.storing, coordinator.submit, signed, client_id, header.update_id, header.signature, worker_id
-        )
-        return pb.PushReply(accepted=True, round=open_round, detail="stored")
+            try:
+                async with self.streams.call(client_id):
+                    frames = aiter(request_iterator)
+                    first = await self.header(frames, client_id)  # it takes a place once it has moved one
+                    if first is MALFORMED:
+                        raise WireError(grpc.StatusCode.INVALID_ARGUMENT, "a push frame that does not parse")
+                    if not isinstance(first, pb.PushFrame) or first.WhichOneof("frame") != "header":
+                        raise Rejected("INVALID_ARGUMENT", "a push starts with a PushHeader")
+                    header = first.header
+                    if header.client_id != client_id:
+                        raise Rejected(
+                            "PERMISSION_DENIED", f"the token was issued to {client_id}, not another"
+                        )
+                    worker_id = header.worker_id and check_identifier("worker_id", header.worker_id)
+                    upload = header_upload(header)
+                    expected = coordinator.expected_upload(upload, client_id, header.update_id, worker_id)
+                    spool = coordinator.spool()  # the tensors are written to disk as they arrive
+                    reader = TensorReader(self.max_update_bytes, expected, spool)
+                    async with self.streams.slot(client_id) as stream:
+                        await self.receive(frames, reader, stream)
+                    tensors = reader.tensors()
+                    crash_point("push-read")  # read in full, nothing stored yet
+            except asyncio.CancelledError:  # by the client, or the server stops
+                log.info("push of client %s ended before its end", client_id)
+                raise
+            except WireError as e:
+                raise Rejected(e.code.name, str(e)) from None
+            except ValueError as e:
+                raise Rejected("INVALID_ARGUMENT", str(e)) from None
+            # its place went to the next stream: the update is checked and stored (mostly waiting for the
+            # disk) on `storing`, at most `max_streams` at once, so that a burst of pushes does not crowd the
+            # lock
+            signed = replace(upload, tensors=tensors)
+            open_round = await self.run(
+                self.storing,
+                coordinator.submit,
+                signed,
+                client_id,
+                header.update_id,
+                header.signature,
+                worker_id,
+                spool,
+            )
+            return pb.PushReply(accepted=True, round=open_round, detail="stored")
+        finally:
+            if spool is not None:
+                spool.discard()  # a push refused or ended early; nothing once stored
+
+    async def receive(self, frames: AsyncIterator, reader: TensorReader, stream: Stream) -> None:
+        """Feed a push's frames to its reader as they arrive. A chunk that travels alone (a view of its
+        message, of 64 KiB to 1 MiB) is hashed and written to the spool on `receiving` while the loop
+        receives the next and serves other calls; smaller frames are fed on the loop (a hop costs more than
+        they do)."""
+        loop, feeding = asyncio.get_running_loop(), None
+        try:
+            async for frame in frames:
+                stream.touch()
+                frame = tensor_frame(frame)
+                if feeding is not None:
+                    await feeding
+                    feeding = None
+                if isinstance(frame, memoryview):
+                    feeding = loop.run_in_executor(self.receiving, reader.feed, frame)
+                else:
+                    reader.feed(frame)
+            if feeding is not None:
+                await feeding
+                feeding = None
+        finally:
+            if feeding is not None:  # the stream failed meanwhile: what the feed does no longer matters
+                feeding.cancel()
 
     async def header(self, frames: AsyncIterator, client_id: str) -> Any:
         """A push's first message (None when it ended), awaited for `transport.stream_idle_s` at most."""
@@ -728,7 +767,7 @@ class CoordinatorServer:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
         finally:
-            for pool in (self.service.calls, self.service.storing):
+            for pool in (self.service.calls, self.service.storing, self.service.receiving):
                 pool.shutdown(wait=False)
             self.loop.stop()
             self.stopped.set()

@@ -13,7 +13,14 @@ import pytest
 import torch
 
 from fedmoe import checkpoint
-from fedmoe.checkpoint import CheckpointError, load_checkpoint, load_records, save_checkpoint, save_records
+from fedmoe.checkpoint import (
+    CheckpointError,
+    Spool,
+    load_checkpoint,
+    load_records,
+    save_checkpoint,
+    save_records,
+)
 
 
 def _tensors(seed: int) -> dict[str, torch.Tensor]:
@@ -204,6 +211,49 @@ def test_records_round_trip_checked_by_the_digests_given(tmp_path: Path) -> None
     with pytest.raises(ValueError, match="reserved"):
         save_records(tmp_path / "new", records, digests, {"records": 1})
     assert not (tmp_path / "new").exists()
+
+
+def test_a_spool_written_as_bytes_arrive_is_committed_as_the_records_without_a_second_write(
+    tmp_path, monkeypatch
+):
+    records = {"a": (os.urandom(5 << 20), b"scales"), "empty": (b"", b""), "b": (os.urandom(4 << 20),)}
+    digests = {name: blake3.blake3(b"".join(parts)).digest() for name, parts in records.items()}
+    started = []
+    real = checkpoint._SYNC_FILE_RANGE
+    monkeypatch.setattr(checkpoint, "_SYNC_FILE_RANGE", lambda fd, at, n, flags: started.append((at, n)) or 0)
+    spool = Spool(tmp_path / "incoming")
+    for parts in records.values():
+        for part in parts:
+            for at in range(0, len(part), 1 << 20):  # as a stream's chunks arrive
+                spool.write(memoryview(part)[at : at + (1 << 20)])
+    size = sum(len(part) for parts in records.values() for part in parts)
+    if real is not None:  # the disk was asked to start writing as the bytes came, each byte once
+        assert started == [(0, checkpoint.WRITEBACK_BYTES + 6)]
+    assert bytes(spool.view()) == b"".join(part for parts in records.values() for part in parts)
+    # the spool becomes the data file: save_records writes no record itself
+    def written_again(path, mode="r", *args, **kwargs):
+        assert "w" not in mode, "a record was written again"
+        return open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "open", written_again, raising=False)
+    save_records(tmp_path / "pending", records, digests, {"kind": "upload"}, spool=spool)
+    monkeypatch.undo()
+    got, _ = load_records(tmp_path / "pending")
+    assert got == {name: b"".join(parts) for name, parts in records.items()}
+    assert not list((tmp_path / "incoming").iterdir())  # moved, not copied
+    (data,) = (tmp_path / "pending").glob("records-*.bin")
+    assert data.stat().st_size == size
+    spool.discard()  # a committed spool is the records': discarding it removes nothing
+    assert load_records(tmp_path / "pending")[0] == got
+    with pytest.raises(ValueError, match="discarded or committed"):
+        spool.write(b"late")
+    # a spool that does not hold the records is refused, and one discarded leaves nothing behind
+    short = Spool(tmp_path / "incoming")
+    short.write(b"payload")
+    with pytest.raises(ValueError, match="the spool holds 7 bytes, the records"):
+        save_records(tmp_path / "other", records, digests, {"kind": "upload"}, spool=short)
+    short.discard()
+    assert not list((tmp_path / "incoming").iterdir())
 
 
 def test_a_directory_made_for_a_checkpoint_is_made_durable_in_its_parent(tmp_path, monkeypatch):

@@ -62,8 +62,8 @@ class Killer(Coordinator):
             os.kill(self.victim, signal.SIGKILL)
         return job
 
-    def submit(self, upload, client_id, update_id, signature=b"", worker_id=""):
-        open_round = super().submit(upload, client_id, update_id, signature, worker_id)
+    def submit(self, upload, client_id, update_id, signature=b"", worker_id="", spool=None):
+        open_round = super().submit(upload, client_id, update_id, signature, worker_id, spool)
         if upload.round == self.at_push:
             self.at_push = None
             os.kill(self.victim, signal.SIGKILL)
