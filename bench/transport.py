@@ -3,15 +3,22 @@ same size, in the same run, taking turns (raw, Pull, Push, again), so that the r
 figure and a machine whose speed drifts weighs on all three alike; and the coordinator's aggregation of one
 round of 16 updates of 10M parameters.
 
+The servers run in processes of their own, as they do on another machine: the raw stream's receiver, and the
+coordinator (its state on disk, every push durable before it is acknowledged). Each turn a new member
+joins, pulls its path and pushes it back as its update (a member pushes once a round); the round stays
+open. The delivery is encoded once a round: a first pull, not timed, encodes it.
+
     python bench/transport.py
 """
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import statistics
 import tempfile
 import time
 from concurrent import futures
+from multiprocessing.connection import Connection
 
 import grpc
 import torch
@@ -35,8 +42,9 @@ from fedmoe.worker import Upload, Variant
 REPEATS = 5
 
 
-def raw_stream_seconds(size: int) -> float:
-    """Seconds to send `size` bytes in 1 MiB messages through a bare gRPC stream-unary call."""
+def raw_receiver(conn: Connection) -> None:
+    """Serve a bare gRPC stream-unary call that counts the bytes it receives; send the port on `conn`, stop
+    when it says so."""
 
     def consume(request_iterator, context):
         return sum(len(m) for m in request_iterator).to_bytes(8, "little")
@@ -46,17 +54,20 @@ def raw_stream_seconds(size: int) -> float:
     )
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     server.add_generic_rpc_handlers((handler,))
-    port = server.add_insecure_port("127.0.0.1:0")
+    conn.send(server.add_insecure_port("127.0.0.1:0"))
     server.start()
+    conn.recv()
+    server.stop(0)
+
+
+def raw_stream_seconds(port: int, size: int) -> float:
+    """Seconds to send `size` bytes in 1 MiB messages through the raw receiver's call."""
     chunk = bytes(CHUNK_BYTES)
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            send = channel.stream_unary("/raw.Bytes/Send")
-            started = time.perf_counter()
-            got = int.from_bytes(send(iter([chunk] * (size // CHUNK_BYTES))), "little")
-            elapsed = time.perf_counter() - started
-    finally:
-        server.stop(0)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        send = channel.stream_unary("/raw.Bytes/Send")
+        started = time.perf_counter()
+        got = int.from_bytes(send(iter([chunk] * (size // CHUNK_BYTES))), "little")
+        elapsed = time.perf_counter() - started
     assert got == size // CHUNK_BYTES * CHUNK_BYTES
     return elapsed
 
@@ -66,44 +77,62 @@ def mlp_spec(hidden: int, depth: int) -> Spec:
     return Spec(f"mlp-{hidden}x{depth}", mlp_levels(in_dim=64, hidden=hidden, depth=depth, classes=10))
 
 
+def coordinator_process(state: str, members: int, conn: Connection) -> None:
+    """Serve a coordinator of a ~100 MB path whose round waits for `members`; send its port and the
+    module's bytes on `conn`, stop when it says so."""
+    # paths in turn: the bench's clients join with routing statistics
+    config = Config(
+        grid=(1,), rounds=1, inner={"steps": 1}, policy={"min_clients": members}, routing={"assign": "turn"}
+    )
+    coordinator = Coordinator(config, state, spec=mlp_spec(3500, 3))
+    server, port = start_server(coordinator, "127.0.0.1:0")
+    conn.send((port, 4 * sum(p.numel() for p in coordinator.engine.model.parameters())))
+    conn.recv()
+    server.stop(0).wait()
+
+
 def turns() -> tuple[int, list[tuple[float, float, float]]]:
     """Module bytes, and per turn (raw stream, Pull, Push) seconds for a ~100 MB path through the
     coordinator."""
     spec = mlp_spec(3500, 3)
     features = spec.feature_statistics(Examples(torch.rand(16, 64), torch.zeros(16, dtype=torch.int64)))
+    spawn = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as state:
-        # paths in turn: the bench's clients join with routing statistics
-        config = Config(
-            grid=(1,), rounds=1, inner={"steps": 1}, policy={"min_clients": 2}, routing={"assign": "turn"}
-        )
-        coordinator = Coordinator(config, state, spec=spec)
-        size = 4 * sum(p.numel() for p in coordinator.engine.model.parameters())
-        server, port = start_server(coordinator, "127.0.0.1:0")
+        raw_end, raw_child = spawn.Pipe()
+        coordinator_end, coordinator_child = spawn.Pipe()
+        servers = [
+            spawn.Process(target=raw_receiver, args=(raw_child,)),
+            spawn.Process(target=coordinator_process, args=(state, REPEATS + 2, coordinator_child)),
+        ]
+        for server in servers:
+            server.start()
         try:
+            raw_port = raw_end.recv()
+            port, size = coordinator_end.recv()
             with connect(f"127.0.0.1:{port}") as channel:
                 stub = StreamingStub(channel)
                 enrolment = enrolment_token(state)
-                sessions = [
-                    join(stub, PROFILES["fp32"], f"bench{i}", features, enrolment=enrolment) for i in range(2)
-                ]
-                a = sessions[0].assignment
+                pull_job(stub, join(stub, PROFILES["fp32"], "first", features, enrolment=enrolment))
                 timed = []
-                for _ in range(REPEATS):
-                    raw = raw_stream_seconds(size)
+                for i in range(REPEATS):
+                    session = join(stub, PROFILES["fp32"], f"bench{i}", features, enrolment=enrolment)
+                    raw = raw_stream_seconds(raw_port, size)
                     started = time.perf_counter()
-                    job = pull_job(stub, sessions[0])
+                    job = pull_job(stub, session)
                     pulled = time.perf_counter() - started
                     # new QTensors, which the client hashes to sign them, as it does a trained update
                     tensors = {
                         n: QTensor(q.bits, q.shape, q.payload, q.scales) for n, q in job.tensors.items()
                     }
-                    upload = Upload(job.path, Variant(), 0, a.seed, 1.0, tensors, 0.0)
+                    upload = Upload(job.path, Variant(), 0, session.assignment.seed, 1.0, tensors, 0.0)
                     started = time.perf_counter()
-                    push(stub, sessions[0], upload, "")  # as clients push: frames sent as they travel
+                    push(stub, session, upload, "")  # as clients push: frames sent as they travel
                     timed.append((raw, pulled, time.perf_counter() - started))
-                    coordinator.pending.clear()  # let the same client push again; nothing else reads it here
         finally:
-            server.stop(0)
+            for end in (raw_end, coordinator_end):
+                end.send("stop")
+            for server in servers:
+                server.join(30)
     return size, timed
 
 
