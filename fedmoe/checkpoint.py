@@ -35,6 +35,7 @@ RESERVED = frozenset({"format", "weights", "sha256", "tensors"})
 RECORDS_RESERVED = frozenset({"format", "data", "records"})
 _TMP_PREFIX = ".tmp-"
 WRITEBACK_BYTES = 8 << 20  # a spool asks the disk to start writing every this many bytes written
+GATHER_BYTES = 64 << 10  # a spool's writes smaller than this gather in memory first
 
 
 class CheckpointError(ValueError):
@@ -161,55 +162,88 @@ class Spool:
     flush that makes it durable finds little left to write; `view` maps what was written (read-only, no
     copy); `save_records(..., spool=...)` commits it; `discard` removes it (a no-op once committed).
 
-    Thread-safe: a write under way on another thread finishes before `discard` closes the file.
+    Writes smaller than `GATHER_BYTES` gather in memory until they fill that much, so that a small upload
+    costs no file until it is committed (its bytes are then written at once). Thread-safe: a write under way
+    on another thread finishes before `discard` closes the file.
     """
 
     def __init__(self, directory: str | os.PathLike):
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.path = directory / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
-        self.fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        self.size = self.started = 0  # bytes written, bytes whose writing to the disk was asked for
+        self.directory = Path(directory)
+        self.path = self.directory / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
+        self.fd: int | None = None  # opened when the first bytes are written to it
+        self.gathered: bytes | bytearray = bytearray()  # bytes not written to the file yet
+        self.size = self.written = self.started = 0  # bytes taken, written to the file, asked to be on disk
+        self.closed = False
         self.lock = threading.Lock()
 
     def write(self, data: bytes | memoryview) -> None:
         """Append `data` (ValueError once discarded or committed)."""
         with self.lock:
-            if self.fd is None:
-                raise ValueError(f"spool {self.path.name} was discarded or committed")
-            view = memoryview(data).cast("B")
-            while view:
-                view = view[os.write(self.fd, view) :]
+            self._check_open()
             self.size += len(data)
-            if _SYNC_FILE_RANGE is not None and self.size - self.started >= WRITEBACK_BYTES:
-                _SYNC_FILE_RANGE(self.fd, self.started, self.size - self.started, _SYNC_FILE_RANGE_WRITE)
-                self.started = self.size
+            if len(data) < GATHER_BYTES:
+                self.gathered += data
+                if len(self.gathered) >= GATHER_BYTES:
+                    self._write_gathered()
+                return
+            self._write_gathered()
+            self._write(data)
 
     def view(self) -> memoryview:
-        """What was written, mapped read-only (valid after the file is committed, moved or removed)."""
+        """What was written, read-only: mapped from the file, or the gathered bytes when that is all."""
         with self.lock:
+            self._check_open()
             if self.fd is None:
-                raise ValueError(f"spool {self.path.name} was discarded or committed")
+                self.gathered = bytes(self.gathered)  # never resized while viewed
+                return memoryview(self.gathered)
+            self._write_gathered()
             if not self.size:
                 return memoryview(b"")
             return memoryview(mmap.mmap(self.fd, self.size, prot=mmap.PROT_READ))
 
     def move_to(self, path: Path) -> None:
-        """Rename the file to `path` (on the same file system) and close it: it is the caller's now."""
+        """Write what is gathered, rename the file to `path` (on the same file system) and close it: it is
+        the caller's now."""
         with self.lock:
+            self._check_open()
+            self._write_gathered(always=True)
             os.replace(self.path, path)
             self._close()
 
     def discard(self) -> None:
         """Close and remove the file, unless it was committed."""
         with self.lock:
-            if self.fd is not None:
+            if not self.closed:
                 self._close()
                 self.path.unlink(missing_ok=True)
 
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ValueError(f"spool {self.path.name} was discarded or committed")
+
+    def _write_gathered(self, always: bool = False) -> None:
+        """Write the gathered bytes to the file (with `always`, open the file even when there are none)."""
+        if self.gathered or always:
+            gathered, self.gathered = self.gathered, bytearray()
+            self._write(gathered)
+
+    def _write(self, data: bytes | memoryview) -> None:
+        if self.fd is None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        view = memoryview(data).cast("B")
+        self.written += len(view)
+        while view:
+            view = view[os.write(self.fd, view) :]
+        if _SYNC_FILE_RANGE is not None and self.written - self.started >= WRITEBACK_BYTES:
+            _SYNC_FILE_RANGE(self.fd, self.started, self.written - self.started, _SYNC_FILE_RANGE_WRITE)
+            self.started = self.written
+
     def _close(self) -> None:
-        os.close(self.fd)
-        self.fd = None
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        self.closed = True
 
 
 def _syncfs(directory: Path) -> None:

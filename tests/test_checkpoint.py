@@ -247,6 +247,15 @@ def test_a_spool_written_as_bytes_arrive_is_committed_as_the_records_without_a_s
     assert load_records(tmp_path / "pending")[0] == got
     with pytest.raises(ValueError, match="discarded or committed"):
         spool.write(b"late")
+    # small writes gather in memory: no file until the spool is committed
+    small = Spool(tmp_path / "incoming")
+    small.write(b"payload")
+    small.write(memoryview(b"scales"))
+    assert not list((tmp_path / "incoming").iterdir()) and bytes(small.view()) == b"payloadscales"
+    save_records(tmp_path / "small", {"a": (b"payload", b"scales")}, {"a": digests["a"]}, {}, spool=small)
+    with pytest.raises(CheckpointError, match="torn or corrupt"):  # the digest given is another record's
+        load_records(tmp_path / "small")
+    assert (next((tmp_path / "small").glob("records-*.bin"))).read_bytes() == b"payloadscales"
     # a spool that does not hold the records is refused, and one discarded leaves nothing behind
     short = Spool(tmp_path / "incoming")
     short.write(b"payload")

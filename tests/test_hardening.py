@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from fedmoe import checkpoint
 from fedmoe.assignment import PROFILES, DeviceProfile
 from fedmoe.checkpoint import load_checkpoint
 from fedmoe.clients.runtime import (
@@ -154,7 +155,10 @@ def test_1_an_update_weight_must_be_finite_positive_and_at_most_the_examples_rep
     assert all(torch.isfinite(t).all() for s in states.values() for t in s.values())
 
 
-def test_1_a_push_is_written_to_disk_as_it_arrives_and_one_refused_or_cut_short_leaves_nothing(federation):
+def test_1_a_push_is_written_to_disk_as_it_arrives_and_one_refused_or_cut_short_leaves_nothing(
+    federation, monkeypatch
+):
+    monkeypatch.setattr(checkpoint, "GATHER_BYTES", 1)  # this model's tensors are small: write each at once
     a, worker_a = federation.joined()
     federation.joined("int8")  # the round stays open
     upload = federation.trained(a, worker_a)
