@@ -4,10 +4,10 @@ written atomically (the manifest is the commit point).
 With `keep_previous`, a save keeps the generation before it (manifest.prev.json and its weights), and
 `load_latest` falls back to it when the newest is torn or corrupt.
 
-`save_records` stores named byte strings the same way, in one data file whose records the caller's BLAKE3
-digests check (`load_records`): bytes that arrived with a verified digest (`fedmoe.wire.tensor_digest`) are
-written without a second pass. A `Spool` is such a data file written as its bytes arrive, committed by
-`save_records` without writing them again.
+`save_records` stores named byte strings in one file, the records back to back and then their manifest,
+committed by its rename; the caller's BLAKE3 digests check the records (`load_records`): bytes that arrived
+with a verified digest (`fedmoe.wire.tensor_digest`) are written without a second pass. A `Spool` is such a
+file written as its bytes arrive, committed by `save_records` without writing them again.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import hashlib
 import json
 import mmap
 import os
+import struct
 import threading
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -28,11 +29,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 FORMAT = "fedmoe-checkpoint/1"
-RECORDS_FORMAT = "fedmoe-records/2"  # /1 checked records by sha256
+RECORDS_FORMAT = "fedmoe-records/3"  # /2 was a directory of a data file and a manifest; /1 used sha256
+RECORDS_MAGIC = b"fmrecs03"  # a records file's last bytes
+_TRAILER = struct.Struct("<Q8s")  # after the records and the manifest: the manifest's length, the magic
 MANIFEST = "manifest.json"
 PREVIOUS = "manifest.prev.json"
 RESERVED = frozenset({"format", "weights", "sha256", "tensors"})
-RECORDS_RESERVED = frozenset({"format", "data", "records"})
+RECORDS_RESERVED = frozenset({"format", "records"})
 _TMP_PREFIX = ".tmp-"
 WRITEBACK_BYTES = 8 << 20  # a spool asks the disk to start writing every this many bytes written
 GATHER_BYTES = 64 << 10  # a spool's writes smaller than this gather in memory first
@@ -83,6 +86,8 @@ def _writable(
         raise ValueError(f"manifest keys {sorted(clash)} are reserved for the {kind} format")
     json.dumps(dict(manifest))  # raises TypeError before anything is written
     directory = Path(directory)
+    if directory.is_dir():  # one look, not one per ancestor
+        return directory, []
     made = [d for d in (directory, *directory.parents) if not d.exists()]
     directory.mkdir(parents=True, exist_ok=True)
     for new in reversed(made) if sync else ():  # durable in its parent before anything in it is
@@ -157,10 +162,11 @@ _SYNC_FILE_RANGE_WRITE = 2  # start writing the range's dirty pages, without wai
 
 
 class Spool:
-    """A records data file (see `save_records`) written as its bytes arrive, in `directory`: `write` appends,
-    asking the disk to start writing every `WRITEBACK_BYTES` (where the system can: Linux), so that the
-    flush that makes it durable finds little left to write; `view` maps what was written (read-only, no
-    copy); `save_records(..., spool=...)` commits it; `discard` removes it (a no-op once committed).
+    """A records file (see `save_records`) written as its bytes arrive, in `directory` under a temporary name
+    (`remove_spools` removes those a stopped process left): `write` appends, asking the disk to start
+    writing every `WRITEBACK_BYTES` (where the system can: Linux), so that the flush that makes it durable
+    finds little left to write; `view` maps what was written (read-only, no copy); `save_records(...,
+    spool=...)` commits it; `discard` removes it (a no-op once committed).
 
     Writes smaller than `GATHER_BYTES` gather in memory until they fill that much, so that a small upload
     costs no file until it is committed (its bytes are then written at once). Thread-safe: a write under way
@@ -201,12 +207,14 @@ class Spool:
                 return memoryview(b"")
             return memoryview(mmap.mmap(self.fd, self.size, prot=mmap.PROT_READ))
 
-    def move_to(self, path: Path) -> None:
-        """Write what is gathered, rename the file to `path` (on the same file system) and close it: it is
-        the caller's now."""
+    def commit(self, path: Path, sync: bool = True) -> None:
+        """Write what is gathered, fsync the file (with `sync`), rename it to `path` (on the same file system)
+        and close it: it is the caller's now."""
         with self.lock:
             self._check_open()
             self._write_gathered(always=True)
+            if sync:
+                os.fsync(self.fd)
             os.replace(self.path, path)
             self._close()
 
@@ -216,6 +224,12 @@ class Spool:
             if not self.closed:
                 self._close()
                 self.path.unlink(missing_ok=True)
+
+    @staticmethod
+    def remove_spools(directory: str | os.PathLike) -> None:
+        """Remove the spools a stopped process left in `directory` (none of them was committed)."""
+        for leftover in Path(directory).glob(f"{_TMP_PREFIX}*"):
+            leftover.unlink(missing_ok=True)
 
     def _check_open(self) -> None:
         if self.closed:
@@ -373,80 +387,84 @@ def _read_manifest(path: Path, form: str) -> dict[str, Any]:
 
 
 def save_records(
-    directory: str | os.PathLike,
+    path: str | os.PathLike,
     records: Mapping[str, Sequence[bytes]],
     digests: Mapping[str, bytes],
     manifest: Mapping[str, Any],
     group: GroupSync | None = None,
     spool: Spool | None = None,
 ) -> Path:
-    """Atomically write named byte records and a manifest to directory: the records back to back in one data
-    file (each given as parts, written as they are, or already written in `spool`, which becomes the data
-    file), then the manifest, the commit point, with each record's offset, length and BLAKE3 digest.
+    """Atomically write named byte records and a manifest to the file `path`: the records back to back (each
+    given as parts, or already written in `spool`, which must be in path's directory), then the manifest
+    (JSON, with each record's offset, length and BLAKE3 digest), its length and `RECORDS_MAGIC`. The
+    rename to `path` is the commit point.
 
     `digests` holds each record's BLAKE3 digest (of its parts joined), as the caller knows it: a received
     tensor's, verified on arrival, costs no second pass over its bytes. `load_records` checks them.
 
-    With `group`, nothing is fsynced on its own: the files, their directory and the directories made for it
+    With `group`, nothing is fsynced on its own: the file, its directory and the directories made for it
     become durable in one `GroupSync.flush` shared with the writers of the same moment, before this returns.
-    A crash before then may leave a manifest whose data is torn, which `load_records` refuses.
+    A crash before then may leave a file whose records are torn, which `load_records` refuses.
     """
-    sync = group is None
-    directory, made = _writable(directory, manifest, RECORDS_RESERVED, "records", sync)
+    sync, path = group is None, Path(path)
+    directory, made = _writable(path.parent, manifest, RECORDS_RESERVED, "records", sync)
     entries, offset = {}, 0
     for name, parts in records.items():
         size = sum(len(part) for part in parts)
         entries[name] = {"offset": offset, "bytes": size, "blake3": digests[name].hex()}
         offset += size
-
-    def write_data(tmp: Path) -> str:
-        if spool is not None:
-            if spool.size != offset:
-                raise ValueError(f"the spool holds {spool.size} bytes, the records {offset}")
-            spool.move_to(tmp)
-        else:
-            with open(tmp, "wb") as f:
-                for parts in records.values():
-                    f.writelines(parts)
-        return f"records-{uuid.uuid4().hex[:16]}.bin"
-
-    data = _commit(directory, write_data, sync)
-    full = {**manifest, "format": RECORDS_FORMAT, "data": data, "records": entries}
-
-    def write_manifest(tmp: Path) -> str:
-        tmp.write_text(json.dumps(full), encoding="utf-8")
-        return MANIFEST
-
-    _commit(directory, write_manifest, sync)  # the commit point
-    for path in directory.iterdir():
-        if path.name.startswith(_TMP_PREFIX) or path.name.startswith("records-") and path.name != data:
-            path.unlink(missing_ok=True)
-    if group is not None:
-        group.flush([directory / data, directory / MANIFEST, directory, *(d.parent for d in made)])
-    return directory
+    if spool is None:
+        spool = Spool(directory)
+        try:
+            for parts in records.values():
+                for part in parts:
+                    spool.write(part)
+        except BaseException:
+            spool.discard()
+            raise
+    elif spool.directory != directory:
+        raise ValueError(f"a spool in {spool.directory} cannot commit records to {directory}")
+    if spool.size != offset:
+        raise ValueError(f"the spool holds {spool.size} bytes, the records {offset}")
+    text = json.dumps({**manifest, "format": RECORDS_FORMAT, "records": entries}).encode()
+    spool.write(text + _TRAILER.pack(len(text), RECORDS_MAGIC))
+    spool.commit(path, sync)  # the commit point
+    if group is None:
+        _fsync_dir(directory)
+    else:
+        group.flush([path, directory, *(d.parent for d in made)])
+    return path
 
 
-def load_records(directory: str | os.PathLike) -> tuple[dict[str, bytes], dict[str, Any]]:
-    """Load and verify what `save_records` wrote to directory: (records, whole manifest)."""
-    path = Path(directory) / MANIFEST
-    manifest = _read_manifest(path, RECORDS_FORMAT)
-    name, entries = manifest.get("data"), manifest.get("records")
-    if not isinstance(name, str) or Path(name).name != name or not isinstance(entries, dict):
-        raise CheckpointError(f"{path}: bad 'data' or 'records' entry")
-    data = path.parent / name
+def load_records(path: str | os.PathLike) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """Load and verify what `save_records` wrote to the file `path`: (records, whole manifest)."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"cannot read the records file {path}: {e}") from None
+    end = len(data) - _TRAILER.size
+    length, magic = _TRAILER.unpack_from(data, end) if end >= 0 else (0, b"")
+    if magic != RECORDS_MAGIC or length > end:
+        raise CheckpointError(f"{path} is torn or corrupt: it does not end as a {RECORDS_FORMAT} file")
+    try:
+        manifest = json.loads(data[end - length : end])
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is torn or corrupt: its manifest does not read: {e}") from None
+    entries = manifest.get("records") if isinstance(manifest, dict) else None
+    if not isinstance(entries, dict) or manifest.get("format") != RECORDS_FORMAT:
+        raise CheckpointError(f"{path}: not a {RECORDS_FORMAT} manifest")
     records, torn = {}, []
     try:
-        with open(data, "rb") as f:
-            for record, entry in entries.items():
-                f.seek(entry["offset"])
-                blob = f.read(entry["bytes"])
-                if len(blob) != entry["bytes"] or blake3.blake3(blob).hexdigest() != entry["blake3"]:
-                    torn.append(record)
-                records[record] = blob
-    except OSError as e:
-        raise CheckpointError(f"cannot read the data file {data} named by {path}: {e}") from None
+        for record, entry in entries.items():
+            start, size = int(entry["offset"]), int(entry["bytes"])
+            blob = data[start : start + size]
+            inside = 0 <= start and 0 <= size and start + size <= end - length  # not into the manifest
+            if not inside or blake3.blake3(blob).hexdigest() != entry["blake3"]:
+                torn.append(record)
+            records[record] = blob
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: bad record entry: {e}") from None
     if torn:
-        raise CheckpointError(f"records {torn[:8]} of {data} are torn or corrupt (digest mismatch)")
+        raise CheckpointError(f"records {torn[:8]} of {path} are torn or corrupt (digest mismatch)")
     return records, manifest

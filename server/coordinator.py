@@ -69,7 +69,8 @@ PUBLIC_KEY_BYTES = 32  # a raw Ed25519 public key
 MAX_NAME = 64  # characters of a client's name kept for logs and status
 PROOF_WINDOW_MS = 5 * 60 * 1000  # how far a rejoin proof's time may be from the coordinator's clock
 IDENTIFIER = re.compile(r"[A-Za-z0-9._-]{1,64}")  # client, worker and update ids
-INCOMING = "incoming"  # the state directory's folder of pushes being received (see `Coordinator.spool`)
+PENDING = "pending"  # the state directory's folder of the stored updates of the rounds still open or needed
+UPDATE_SUFFIX = ".update"  # a stored update's file: r<round>-<worker id>.update
 MAX_HOLD_S = 60.0  # the longest a heartbeat is held waiting for something to do
 ACTIVE_RECOUNT_S = 0.1  # how stale the count of active workers a round's quorum uses may be
 
@@ -205,7 +206,7 @@ class Coordinator:
         self.active_count: tuple[int, float, int] | None = None  # see `active_workers`
         self.writing = threading.Lock()
         self.group = GroupSync(self.state_dir)  # pending updates stored together share one flush
-        remove_all([self.state_dir / INCOMING])  # spools of pushes a stopped coordinator never acknowledged
+        Spool.remove_spools(self.state_dir / PENDING)  # pushes a stopped coordinator never acknowledged
         self.written = threading.Condition(self.lock)
         self.seen_updates: set[str] = set()
         self.metrics: list[dict[str, Any]] = []
@@ -836,7 +837,7 @@ class Coordinator:
         """A file to receive an upload's tensors into as they arrive (`fedmoe.wire.TensorReader`), which
         `submit` then stores without writing them again. Spools left by a stopped coordinator are removed
         when the next one starts."""
-        return Spool(self.state_dir / INCOMING)
+        return Spool(self.state_dir / PENDING)
 
     def submit(
         self,
@@ -996,8 +997,7 @@ class Coordinator:
                 crash_point("final-save")  # the last round saved, the ensemble not yet written
                 self.write_ensemble()
             self.changed()
-        stale = [d for d in (self.state_dir / "pending").glob("*") if pending_round(d) < self.round - 1]
-        remove_all(stale)
+        remove_all([p for p in (self.state_dir / PENDING).glob("r*") if pending_round(p) < self.round - 1])
 
     def write_ensemble(self) -> None:
         """Write the final ensemble into the state directory."""
@@ -1137,17 +1137,15 @@ class Coordinator:
         self.clustered = manifest.get("clustered", {})
         self.barrier = manifest.get("barrier", [])
         stored = []
-        for directory in sorted((self.state_dir / "pending").glob("*")):
-            if pending_round(directory) < self.round - 1:  # of a round two closes ago: counted and saved
-                shutil.rmtree(directory, ignore_errors=True)
+        for path in sorted((self.state_dir / PENDING).glob("r*")):
+            if pending_round(path) < self.round - 1:  # of a round two closes ago: counted and saved
+                remove_all([path])
                 continue
             try:
-                worker_id, update_id, counted_in, arrival, upload = self.read_pending(directory)
+                worker_id, update_id, counted_in, arrival, upload = self.read_pending(path)
             except CheckpointError as e:
                 log.warning(
-                    "a stored update %s is unreadable (%s): its client is asked to send it again",
-                    directory,
-                    e,
+                    "a stored update %s is unreadable (%s): its client is asked to send it again", path, e
                 )
                 continue
             self.seen_updates.add(update_id)
@@ -1192,7 +1190,7 @@ class Coordinator:
             "arrival": arrival,
         }
         save_records(
-            self.state_dir / "pending" / f"r{counted_in}-{worker_id}",
+            self.state_dir / PENDING / f"r{counted_in}-{worker_id}{UPDATE_SUFFIX}",
             {name: (q.payload, q.scales) for name, q in tensors.items()},
             {name: tensor_digest(q) for name, q in tensors.items()},
             manifest,
@@ -1200,10 +1198,10 @@ class Coordinator:
             spool,
         )
 
-    def read_pending(self, directory: FsPath) -> tuple[str, str, int, int, Upload]:
+    def read_pending(self, path: FsPath) -> tuple[str, str, int, int, Upload]:
         """Inverse of `write_pending`: worker id, update id, the round the upload counts in, its arrival
         number, the upload."""
-        records, m = load_records(directory)
+        records, m = load_records(path)
         try:
             qtensors = {}
             for name, q in m["upload"]["qtensors"].items():
@@ -1211,19 +1209,22 @@ class Coordinator:
                 qtensors[name] = QTensor(q["bits"], tuple(q["shape"]), record[:cut], record[cut:])
             upload = stored_upload(m["upload"], qtensors)
         except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{directory}: a stored update that does not read back: {e!r}") from None
+            raise CheckpointError(f"{path}: a stored update that does not read back: {e!r}") from None
         return m["worker_id"], m["update_id"], m["counted_in"], m.get("arrival", 0), upload
 
 
-def remove_all(directories: list[FsPath]) -> None:
-    """Remove these directories and what they hold (those already gone too)."""
-    for directory in directories:
-        shutil.rmtree(directory, ignore_errors=True)
+def remove_all(paths: list[FsPath]) -> None:
+    """Remove these files and directories (with what they hold; those already gone too)."""
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
-def pending_round(directory: FsPath) -> int:
-    """The round a pending update's directory ("r<round>-<worker id>") counts in."""
-    return int(directory.name[1:].partition("-")[0])
+def pending_round(path: FsPath) -> int:
+    """The round a stored update ("r<round>-<worker id>.update") counts in."""
+    return int(path.name[1:].partition("-")[0])
 
 
 def check_upload(upload: Upload, reported: float) -> None:

@@ -189,24 +189,26 @@ def test_crash_before_manifest_rename_keeps_previous(tmp_path: Path, monkeypatch
 def test_records_round_trip_checked_by_the_digests_given(tmp_path: Path) -> None:
     records = {"a": (b"payload", b"scales"), "empty": (b"", b""), "b": (os.urandom(1000),)}
     digests = {name: blake3.blake3(b"".join(parts)).digest() for name, parts in records.items()}
-    save_records(tmp_path, records, digests, {"kind": "upload"})
-    save_records(tmp_path, records, digests, {"kind": "upload", "again": True})  # replaces, one data file
-    got, manifest = load_records(tmp_path)
+    path = tmp_path / "r0-w.update"
+    save_records(path, records, digests, {"kind": "upload"})
+    save_records(path, records, digests, {"kind": "upload", "again": True})  # replaces it
+    got, manifest = load_records(path)
     assert got == {name: b"".join(parts) for name, parts in records.items()}
     assert manifest["kind"] == "upload" and manifest["again"]
-    (data,) = tmp_path.glob("records-*.bin")
-    flipped = bytearray(data.read_bytes())
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # one file, no leftovers
+    flipped = bytearray(path.read_bytes())
     flipped[3] ^= 1  # inside record "a"
-    data.write_bytes(bytes(flipped))
+    path.write_bytes(bytes(flipped))
     with pytest.raises(CheckpointError, match=r"records \['a'\] .* torn or corrupt"):
-        load_records(tmp_path)
-    data.write_bytes(bytes(flipped[:10]))
-    with pytest.raises(CheckpointError, match="torn or corrupt"):
-        load_records(tmp_path)
-    data.unlink()
-    with pytest.raises(CheckpointError, match="cannot read the data file"):
-        load_records(tmp_path)
-    with pytest.raises(CheckpointError, match="not a fedmoe-records/2 manifest"):
+        load_records(path)
+    for cut in (10, len(flipped) - 3):  # cut in the records, or in the manifest's length
+        path.write_bytes(bytes(flipped[:cut]))
+        with pytest.raises(CheckpointError, match="torn or corrupt"):
+            load_records(path)
+    path.unlink()
+    with pytest.raises(CheckpointError, match="cannot read the records file"):
+        load_records(path)
+    with pytest.raises(CheckpointError, match="cannot read the records file"):  # a directory
         load_records(save_checkpoint(tmp_path / "other", _tensors(0), {}))
     with pytest.raises(ValueError, match="reserved"):
         save_records(tmp_path / "new", records, digests, {"records": 1})
@@ -221,7 +223,8 @@ def test_a_spool_written_as_bytes_arrive_is_committed_as_the_records_without_a_s
     started = []
     real = checkpoint._SYNC_FILE_RANGE
     monkeypatch.setattr(checkpoint, "_SYNC_FILE_RANGE", lambda fd, at, n, flags: started.append((at, n)) or 0)
-    spool = Spool(tmp_path / "incoming")
+    pending = tmp_path / "pending"
+    spool = Spool(pending)
     for parts in records.values():
         for part in parts:
             for at in range(0, len(part), 1 << 20):  # as a stream's chunks arrive
@@ -230,51 +233,56 @@ def test_a_spool_written_as_bytes_arrive_is_committed_as_the_records_without_a_s
     if real is not None:  # the disk was asked to start writing as the bytes came, each byte once
         assert started == [(0, checkpoint.WRITEBACK_BYTES + 6)]
     assert bytes(spool.view()) == b"".join(part for parts in records.values() for part in parts)
-    # the spool becomes the data file: save_records writes no record itself
-    def written_again(path, mode="r", *args, **kwargs):
-        assert "w" not in mode, "a record was written again"
-        return open(path, mode, *args, **kwargs)
 
-    monkeypatch.setattr(checkpoint, "open", written_again, raising=False)
-    save_records(tmp_path / "pending", records, digests, {"kind": "upload"}, spool=spool)
-    monkeypatch.undo()
-    got, _ = load_records(tmp_path / "pending")
+    # the spool becomes the records file: its records are not written again
+    path = pending / "r0-w.update"
+    save_records(path, records, digests, {"kind": "upload"}, spool=spool)
+    got, _ = load_records(path)
     assert got == {name: b"".join(parts) for name, parts in records.items()}
-    assert not list((tmp_path / "incoming").iterdir())  # moved, not copied
-    (data,) = (tmp_path / "pending").glob("records-*.bin")
-    assert data.stat().st_size == size
+    assert [p.name for p in pending.iterdir()] == [path.name]  # renamed, not copied
+    assert size < path.stat().st_size < size + 4096  # the records once, and the manifest
     spool.discard()  # a committed spool is the records': discarding it removes nothing
-    assert load_records(tmp_path / "pending")[0] == got
+    assert load_records(path)[0] == got
     with pytest.raises(ValueError, match="discarded or committed"):
         spool.write(b"late")
     # small writes gather in memory: no file until the spool is committed
-    small = Spool(tmp_path / "incoming")
+    small = Spool(pending)
     small.write(b"payload")
     small.write(memoryview(b"scales"))
-    assert not list((tmp_path / "incoming").iterdir()) and bytes(small.view()) == b"payloadscales"
-    save_records(tmp_path / "small", {"a": (b"payload", b"scales")}, {"a": digests["a"]}, {}, spool=small)
+    assert [p.name for p in pending.iterdir()] == [path.name] and bytes(small.view()) == b"payloadscales"
+    save_records(pending / "small", {"a": (b"payload", b"scales")}, {"a": digests["a"]}, {}, spool=small)
     with pytest.raises(CheckpointError, match="torn or corrupt"):  # the digest given is another record's
-        load_records(tmp_path / "small")
-    assert (next((tmp_path / "small").glob("records-*.bin"))).read_bytes() == b"payloadscales"
-    # a spool that does not hold the records is refused, and one discarded leaves nothing behind
-    short = Spool(tmp_path / "incoming")
+        load_records(pending / "small")
+    assert (pending / "small").read_bytes().startswith(b"payloadscales{")
+    # a spool that does not hold the records, or elsewhere, is refused; one discarded leaves nothing behind
+    short = Spool(pending)
     short.write(b"payload")
     with pytest.raises(ValueError, match="the spool holds 7 bytes, the records"):
+        save_records(pending / "other", records, digests, {"kind": "upload"}, spool=short)
+    with pytest.raises(ValueError, match="cannot commit records to"):
         save_records(tmp_path / "other", records, digests, {"kind": "upload"}, spool=short)
+    short.write(os.urandom(checkpoint.GATHER_BYTES))  # now in a file
+    assert len(list(pending.iterdir())) == 3
     short.discard()
-    assert not list((tmp_path / "incoming").iterdir())
+    assert sorted(p.name for p in pending.iterdir()) == [path.name, "small"]
+    # spools a stopped process left are removed
+    Spool(pending).write(os.urandom(checkpoint.GATHER_BYTES))
+    Spool.remove_spools(pending)
+    assert sorted(p.name for p in pending.iterdir()) == [path.name, "small"]
 
 
 def test_a_directory_made_for_a_checkpoint_is_made_durable_in_its_parent(tmp_path, monkeypatch):
     synced = []
     real = checkpoint._fsync_dir
     monkeypatch.setattr(checkpoint, "_fsync_dir", lambda d: synced.append(Path(d)) or real(d))
-    save_records(tmp_path / "pending" / "r0-w", {"t": (b"ab",)}, {"t": blake3.blake3(b"ab").digest()}, {})
-    # "pending" and "r0-w" were made: each one's entry is synced in its parent, before the records
-    assert synced[:2] == [tmp_path, tmp_path / "pending"]
+    path = tmp_path / "state" / "pending" / "r0-w.update"
+    save_records(path, {"t": (b"ab",)}, {"t": blake3.blake3(b"ab").digest()}, {})
+    # "state" and "pending" were made: each one's entry is synced in its parent, before the records
+    assert synced[:2] == [tmp_path, tmp_path / "state"]
+    assert synced[2:] == [tmp_path / "state" / "pending"]  # the records file's entry in it
     synced.clear()
-    save_records(tmp_path / "pending" / "r0-w", {"t": (b"cd",)}, {"t": blake3.blake3(b"cd").digest()}, {})
-    assert tmp_path not in synced and tmp_path / "pending" not in synced  # nothing new to make durable
+    save_records(path, {"t": (b"cd",)}, {"t": blake3.blake3(b"cd").digest()}, {})
+    assert synced == [tmp_path / "state" / "pending"]  # nothing new to make durable but the file
 
 
 def test_records_stored_together_share_one_flush_and_each_waits_for_a_flush_begun_after_its_call(
@@ -299,7 +307,11 @@ def test_records_stored_together_share_one_flush_and_each_waits_for_a_flush_begu
         data = os.urandom(1000)
         called = time.monotonic()
         save_records(
-            tmp_path / "pending" / f"r0-w{i}", {"t": (data,)}, {"t": blake3.blake3(data).digest()}, {}, group
+            tmp_path / "pending" / f"r0-w{i}.update",
+            {"t": (data,)},
+            {"t": blake3.blake3(data).digest()},
+            {},
+            group,
         )
         calls.append((called, time.monotonic()))
 
@@ -313,20 +325,15 @@ def test_records_stored_together_share_one_flush_and_each_waits_for_a_flush_begu
     for called, returned in calls:  # durable on return: a whole flush ran between the call and the return
         assert any(called <= began and ended <= returned for began, ended in flushes)
     for i in range(24):
-        assert load_records(tmp_path / "pending" / f"r0-w{i}")[0]["t"]
+        assert load_records(tmp_path / "pending" / f"r0-w{i}.update")[0]["t"]
 
 
 def test_without_syncfs_a_group_fsyncs_each_path_it_is_given(tmp_path, monkeypatch):
     synced = []
     monkeypatch.setattr(checkpoint, "_SYNCFS", None)
     monkeypatch.setattr(checkpoint, "_fsync_dir", lambda d: synced.append(Path(d)))
+    path = tmp_path / "pending" / "r0-w.update"
     save_records(
-        tmp_path / "pending" / "r0-w",
-        {"t": (b"ab",)},
-        {"t": blake3.blake3(b"ab").digest()},
-        {},
-        checkpoint.GroupSync(tmp_path),
+        path, {"t": (b"ab",)}, {"t": blake3.blake3(b"ab").digest()}, {}, checkpoint.GroupSync(tmp_path)
     )
-    directory = tmp_path / "pending" / "r0-w"
-    (data,) = directory.glob("records-*.bin")
-    assert set(synced) == {data, directory / "manifest.json", directory, tmp_path / "pending", tmp_path}
+    assert set(synced) == {path, tmp_path / "pending", tmp_path}
