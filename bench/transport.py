@@ -3,10 +3,14 @@ same size, in the same run, taking turns (raw, Pull, Push, again), so that the r
 figure and a machine whose speed drifts weighs on all three alike; and the coordinator's aggregation of one
 round of 16 updates of 10M parameters.
 
-The servers run in processes of their own, as they do on another machine: the raw stream's receiver, and the
-coordinator (its state on disk, every push durable before it is acknowledged). Each turn a new member
-joins, pulls its path and pushes it back as its update (a member pushes once a round); the round stays
-open. The delivery is encoded once a round: a first pull, not timed, encodes it.
+Beside the raw stream, two bare gRPC receivers show what this machine leaves for the work Pull and Push
+must do: one hashes what it receives (BLAKE3) and copies it into place as it arrives, as a checked receipt
+must; one writes it to a file as it arrives (fedmoe's `Spool`, nothing else of fedmoe) and flushes the
+file before answering, as a durable one must. The servers run in processes of their own, as on another
+machine: the raw receivers, and the coordinator (its state on disk, every push durable before it is
+acknowledged). Each turn a new member joins, pulls its path and pushes it back as its update (a member
+pushes once a round); the round stays open. The delivery is encoded once a round: a first pull, not timed,
+encodes it.
 
     python bench/transport.py
 """
@@ -17,16 +21,21 @@ import multiprocessing as mp
 import statistics
 import tempfile
 import time
+import uuid
 from concurrent import futures
 from multiprocessing.connection import Connection
+from pathlib import Path as FsPath
 
+import blake3
 import grpc
+import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
 
 from fedmoe.aggregate import aggregate
 from fedmoe.assignment import PROFILES
+from fedmoe.checkpoint import Spool
 from fedmoe.clients.runtime import StreamingStub, connect, join, pull_job, push
 from fedmoe.compress.quant import QTensor, quantize
 from fedmoe.config import Config
@@ -42,15 +51,36 @@ from fedmoe.worker import Upload, Variant
 REPEATS = 5
 
 
-def raw_receiver(conn: Connection) -> None:
-    """Serve a bare gRPC stream-unary call that counts the bytes it receives; send the port on `conn`, stop
-    when it says so."""
+def raw_receiver(scratch: str, conn: Connection) -> None:
+    """Serve bare gRPC stream-unary calls that take a stream of bytes and answer its length: `Send` only
+    counts them; `Checked` also hashes them (BLAKE3) and copies each into place as it arrives (the stream's
+    size comes in the metadata, as a tensor's in its header); `Durable` writes them to a file in `scratch`
+    as they arrive (a `Spool`: the disk asked to start writing as they come) and flushes it before
+    answering. Sends the port on `conn`, stops when it says so."""
 
-    def consume(request_iterator, context):
+    def send(request_iterator, context):
         return sum(len(m) for m in request_iterator).to_bytes(8, "little")
 
+    def checked(request_iterator, context):
+        digest, at = blake3.blake3(), 0
+        buffer = np.empty(int(dict(context.invocation_metadata())["size"]), dtype=np.uint8)
+        for message in request_iterator:
+            digest.update(message)
+            buffer[at : at + len(message)] = np.frombuffer(message, dtype=np.uint8)
+            at += len(message)
+        return at.to_bytes(8, "little")
+
+    def durable(request_iterator, context):
+        spool, size = Spool(scratch), 0
+        for message in request_iterator:
+            spool.write(message)
+            size += len(message)
+        spool.commit(FsPath(scratch) / f"durable-{uuid.uuid4().hex}.bin")  # fsynced, then renamed
+        return size.to_bytes(8, "little")
+
+    methods = {"Send": send, "Checked": checked, "Durable": durable}
     handler = grpc.method_handlers_generic_handler(
-        "raw.Bytes", {"Send": grpc.stream_unary_rpc_method_handler(consume)}
+        "raw.Bytes", {name: grpc.stream_unary_rpc_method_handler(m) for name, m in methods.items()}
     )
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     server.add_generic_rpc_handlers((handler,))
@@ -60,15 +90,18 @@ def raw_receiver(conn: Connection) -> None:
     server.stop(0)
 
 
-def raw_stream_seconds(port: int, size: int) -> float:
-    """Seconds to send `size` bytes in 1 MiB messages through the raw receiver's call."""
+def raw_stream_seconds(port: int, size: int, method: str = "Send") -> float:
+    """Seconds to send `size` bytes in 1 MiB messages through the raw receiver's `method`."""
     chunk = bytes(CHUNK_BYTES)
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        send = channel.stream_unary("/raw.Bytes/Send")
+        send = channel.stream_unary(f"/raw.Bytes/{method}")
         started = time.perf_counter()
-        got = int.from_bytes(send(iter([chunk] * (size // CHUNK_BYTES))), "little")
+        sent = size // CHUNK_BYTES * CHUNK_BYTES
+        got = int.from_bytes(
+            send(iter([chunk] * (size // CHUNK_BYTES)), metadata=(("size", str(sent)),)), "little"
+        )
         elapsed = time.perf_counter() - started
-    assert got == size // CHUNK_BYTES * CHUNK_BYTES
+    assert got == sent
     return elapsed
 
 
@@ -91,9 +124,9 @@ def coordinator_process(state: str, members: int, conn: Connection) -> None:
     server.stop(0).wait()
 
 
-def turns() -> tuple[int, list[tuple[float, float, float]]]:
-    """Module bytes, and per turn (raw stream, Pull, Push) seconds for a ~100 MB path through the
-    coordinator."""
+def turns() -> tuple[int, list[tuple[float, ...]]]:
+    """Module bytes, and per turn seconds of the raw stream, its two floors (see `raw_receiver`), Pull and
+    Push of a ~100 MB path through the coordinator."""
     spec = mlp_spec(3500, 3)
     features = spec.feature_statistics(Examples(torch.rand(16, 64), torch.zeros(16, dtype=torch.int64)))
     spawn = mp.get_context("spawn")
@@ -101,7 +134,7 @@ def turns() -> tuple[int, list[tuple[float, float, float]]]:
         raw_end, raw_child = spawn.Pipe()
         coordinator_end, coordinator_child = spawn.Pipe()
         servers = [
-            spawn.Process(target=raw_receiver, args=(raw_child,)),
+            spawn.Process(target=raw_receiver, args=(state, raw_child)),
             spawn.Process(target=coordinator_process, args=(state, REPEATS + 2, coordinator_child)),
         ]
         for server in servers:
@@ -116,7 +149,7 @@ def turns() -> tuple[int, list[tuple[float, float, float]]]:
                 timed = []
                 for i in range(REPEATS):
                     session = join(stub, PROFILES["fp32"], f"bench{i}", features, enrolment=enrolment)
-                    raw = raw_stream_seconds(raw_port, size)
+                    raw = [raw_stream_seconds(raw_port, size, m) for m in ("Send", "Checked", "Durable")]
                     started = time.perf_counter()
                     job = pull_job(stub, session)
                     pulled = time.perf_counter() - started
@@ -127,7 +160,7 @@ def turns() -> tuple[int, list[tuple[float, float, float]]]:
                     upload = Upload(job.path, Variant(), 0, session.assignment.seed, 1.0, tensors, 0.0)
                     started = time.perf_counter()
                     push(stub, session, upload, "")  # as clients push: frames sent as they travel
-                    timed.append((raw, pulled, time.perf_counter() - started))
+                    timed.append((*raw, pulled, time.perf_counter() - started))
         finally:
             for end in (raw_end, coordinator_end):
                 end.send("stop")
@@ -168,6 +201,8 @@ def main() -> None:
         table.add_column(column, justify="left" if column == "what" else "right")
     names = (
         "raw gRPC byte stream",
+        "  bare receiver: checksum + copy into place",
+        "  bare receiver: written to disk as it arrives + flush",
         "Pull (stream + checksum + decode)",
         "Push (sign + stream + checksum + checks + durable write)",
     )
