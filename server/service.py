@@ -437,7 +437,7 @@ class CoordinatorService:
                     worker_id = header.worker_id and check_identifier("worker_id", header.worker_id)
                     upload = header_upload(header)
                     expected = coordinator.expected_upload(upload, client_id, header.update_id, worker_id)
-                    spool = coordinator.spool()  # the tensors are written to disk as they arrive
+                    spool = coordinator.spool()  # the tensors go to disk as they arrive (small ones gathered)
                     reader = TensorReader(self.max_update_bytes, expected, spool)
                     async with self.streams.slot(client_id) as stream:
                         await self.receive(frames, reader, stream)
