@@ -205,7 +205,7 @@ class Spool:
             self._write_gathered()
             if not self.size:
                 return memoryview(b"")
-            return memoryview(mmap.mmap(self.fd, self.size, prot=mmap.PROT_READ))
+            return memoryview(mmap.mmap(self.fd, self.size, access=mmap.ACCESS_READ))
 
     def commit(self, path: Path, sync: bool = True) -> None:
         """Write what is gathered, fsync the file (with `sync`), rename it to `path` (on the same file system)

@@ -304,7 +304,7 @@ class CoordinatorService:
         self.streams = Streams(transport.max_streams, transport.stream_idle_s, transport.stream_max_s)
         self.calls = futures.ThreadPoolExecutor(transport.threads, thread_name_prefix="fedmoe-call")
         self.storing = futures.ThreadPoolExecutor(transport.max_streams, thread_name_prefix="fedmoe-store")
-        self.receiving = futures.ThreadPoolExecutor(transport.max_streams, thread_name_prefix="fedmoe-read")
+        self.receiving = futures.ThreadPoolExecutor(transport.max_streams, thread_name_prefix="fedmoe-push")
         self.model_json = json.dumps(coordinator.model)
         # this round's deliveries as they travel (serialized PullFrames), by the engine's shared tensors of
         # each (see Engine.job): encoded once, sent to every worker that receives them

@@ -22,10 +22,12 @@ from fedmoe.assignment import PROFILES, DeviceProfile
 from fedmoe.checkpoint import load_checkpoint
 from fedmoe.clients.runtime import (
     Session,
+    StreamingStub,
     connect,
     join,
     profile_message,
     pull_job,
+    push,
     push_frames,
     run,
     variant_of,
@@ -50,6 +52,7 @@ from fedmoe.spec import load_spec
 from fedmoe.v1 import coordinator_pb2 as pb
 from fedmoe.v1 import coordinator_pb2_grpc as pb_grpc
 from fedmoe.v1 import tensor_pb2
+from fedmoe.wire import TensorReader
 from fedmoe.worker import Upload, Worker, signed_fields
 
 SPEC = load_spec("fedmoe.models.digits:spec")
@@ -198,6 +201,47 @@ def test_1_a_push_is_written_to_disk_as_it_arrives_and_one_refused_or_cut_short_
     (pending / ".tmp-left-by-a-crash").write_bytes(b"half a push")
     Coordinator(CONFIG, federation.state)  # a coordinator starting on this state
     assert list(pending.iterdir()) == [stored]
+
+
+def test_1_a_large_push_is_read_off_the_event_loop_and_stored_byte_for_byte(tmp_path, monkeypatch):
+    wide = load_spec("fedmoe.models.digits:wide")  # 2048-unit layers: 4 MB tensors at 8 bits
+    config = Config(
+        spec="fedmoe.models.digits:wide",
+        grid=(1,),
+        rounds=1,
+        inner={"steps": 1},
+        policy={"min_clients": 2},
+        routing={"assign": "turn"},
+    )
+    coordinator = Coordinator(config, tmp_path / "state")
+    server, port = start_server(coordinator, "127.0.0.1:0")
+    readers = set()
+    real_feed = TensorReader.feed
+
+    def feed(reader, frame):
+        readers.add(threading.current_thread().name)
+        return real_feed(reader, frame)
+
+    monkeypatch.setattr(TensorReader, "feed", feed)
+    features = wide.feature_statistics(DATA)
+    try:
+        with connect(f"127.0.0.1:{port}") as channel:
+            stub = StreamingStub(channel)
+            a = join(stub, PROFILES["int8"], "a", features, enrolment=given_enrolment())
+            join(stub, PROFILES["int8"], "b", features, enrolment=given_enrolment())  # the round stays open
+            job = pull_job(stub, a)
+            tensors = {n: quantize(torch.randn(q.shape) * 1e-3, q.bits) for n, q in job.tensors.items()}
+            assert max(q.nbytes for q in tensors.values()) > 4 << 20
+            upload = Upload(job.path, job.variant, job.round, job.seed, 1.0, tensors, 0.0)
+            assert push(stub, a, upload, "").accepted
+    finally:
+        server.stop(0).wait()
+    assert any(name.startswith("fedmoe-push") for name in readers), readers  # its chunks, off the loop
+    (stored,) = (tmp_path / "state" / "pending").iterdir()
+    read_back = coordinator.read_pending(stored)[4]
+    assert {n: (bytes(q.payload), bytes(q.scales)) for n, q in read_back.tensors.items()} == {
+        n: (bytes(q.payload), bytes(q.scales)) for n, q in tensors.items()
+    }
 
 
 # 2 ----------------------------------------------------------------------------------------------
