@@ -4,8 +4,9 @@ Each tensor travels as a header (name, bits, shape, byte counts, BLAKE3 digest o
 followed by chunks of at most `CHUNK_BYTES` (the payload's, then the scales'); one End frame with the tensor
 count closes the stream. Chunks stay far below gRPC's 4 MB default message limit, so that limit never bounds a
 tensor's size; `decode_tensors` bounds it instead, checking each header against the tensors the receiver
-expects (when it knows them) and the declared sizes against `max_bytes`, and it keeps the chunks as they
-arrive (small ones copied together), joined once when a tensor is complete: a header alone allocates nothing.
+expects (when it knows them) and the declared sizes against `max_bytes`, and it copies each chunk into place
+as it arrives (see `TensorReader`: into the tensor's buffer, or appended to a `fedmoe.checkpoint.Spool` on
+disk): a header alone takes no memory.
 
 Each side hashes a tensor's bytes once: `tensor_digest` remembers the digest of every QTensor it hashed or
 `decode_tensors` verified, so a signature over the tensors (`fedmoe.security.update_digest`) reads it instead
