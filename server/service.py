@@ -67,6 +67,7 @@ PLACE_WAIT_S = 5.0  # how long a new stream waits for a place when all are taken
 SILENCED_S = 30.0  # how long a client whose stream was ended for its silence waits in no line for a place
 MAX_FEATURES = 1 << 16  # routing features a client may report at join (paths in turn)
 MAX_TEXT = 4096  # characters of an enrolment token
+FULL_DISK = {errno.ENOSPC, errno.EDQUOT}  # a push that cannot be stored for these is answered UNAVAILABLE
 
 
 def refused(e: Rejected) -> tuple[grpc.StatusCode, str]:
@@ -465,6 +466,11 @@ class CoordinatorService:
                 spool,
             )
             return pb.PushReply(accepted=True, round=open_round, detail="stored")
+        except OSError as e:
+            if e.errno not in FULL_DISK:
+                raise
+            # the client keeps its update and sends it again with backoff, as for any UNAVAILABLE
+            raise Rejected("UNAVAILABLE", f"the coordinator cannot store updates now: {e.strerror}") from None
         finally:
             if spool is not None:
                 spool.discard()  # a push refused or ended early; nothing once stored

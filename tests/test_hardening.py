@@ -4,8 +4,10 @@ hardening review stays closed (the numbers are the review's items)."""
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import logging
+import os
 import shutil
 import threading
 import time
@@ -242,6 +244,27 @@ def test_1_a_large_push_is_read_off_the_event_loop_and_stored_byte_for_byte(tmp_
     assert {n: (bytes(q.payload), bytes(q.scales)) for n, q in read_back.tensors.items()} == {
         n: (bytes(q.payload), bytes(q.scales)) for n, q in tensors.items()
     }
+
+
+def test_1_a_push_the_coordinator_has_no_disk_for_is_answered_unavailable_and_sent_again(
+    federation, monkeypatch
+):
+    a, worker_a = federation.joined()
+    federation.joined("int8")  # the round stays open
+    upload = federation.trained(a, worker_a)
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoint.Spool, "write", full)
+    frames = list(push_frames(a, upload))
+    with pytest.raises(grpc.RpcError) as refused:
+        federation.stub.Push(iter(frames), metadata=a.metadata, timeout=30)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "cannot store updates now: No space left on device" in refused.value.details()
+    assert not federation.coordinator.pending and not list((federation.state / "pending").glob(".tmp-*"))
+    monkeypatch.undo()  # space again: the same update, sent again, is stored
+    assert federation.stub.Push(iter(frames), metadata=a.metadata, timeout=30).accepted
 
 
 # 2 ----------------------------------------------------------------------------------------------
