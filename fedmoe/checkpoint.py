@@ -178,15 +178,19 @@ class Spool:
         self.path = self.directory / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
         self.fd: int | None = None  # opened when the first bytes are written to it
         self.gathered: bytes | bytearray = bytearray()  # bytes not written to the file yet
-        self.size = self.written = self.started = 0  # bytes taken, written to the file, asked to be on disk
+        self.written = self.started = 0  # bytes written to the file, and asked to be on disk
         self.closed = False
         self.lock = threading.Lock()
+
+    @property
+    def size(self) -> int:
+        """Bytes taken so far, in the file or gathered."""
+        return self.written + len(self.gathered)
 
     def write(self, data: bytes | memoryview) -> None:
         """Append `data` (ValueError once discarded or committed)."""
         with self.lock:
             self._check_open()
-            self.size += len(data)
             if len(data) < GATHER_BYTES:
                 self.gathered += data
                 if len(self.gathered) >= GATHER_BYTES:
@@ -413,22 +417,24 @@ def save_records(
         size = sum(len(part) for part in parts)
         entries[name] = {"offset": offset, "bytes": size, "blake3": digests[name].hex()}
         offset += size
-    if spool is None:
+    own = spool is None  # written here, and removed here if the commit fails
+    if own:
         spool = Spool(directory)
-        try:
-            for parts in records.values():
-                for part in parts:
-                    spool.write(part)
-        except BaseException:
-            spool.discard()
-            raise
     elif spool.directory != directory:
         raise ValueError(f"a spool in {spool.directory} cannot commit records to {directory}")
-    if spool.size != offset:
-        raise ValueError(f"the spool holds {spool.size} bytes, the records {offset}")
-    text = json.dumps({**manifest, "format": RECORDS_FORMAT, "records": entries}).encode()
-    spool.write(text + _TRAILER.pack(len(text), RECORDS_MAGIC))
-    spool.commit(path, sync)  # the commit point
+    try:
+        for parts in records.values() if own else ():
+            for part in parts:
+                spool.write(part)
+        if spool.size != offset:
+            raise ValueError(f"the spool holds {spool.size} bytes, the records {offset}")
+        text = json.dumps({**manifest, "format": RECORDS_FORMAT, "records": entries}).encode()
+        spool.write(text + _TRAILER.pack(len(text), RECORDS_MAGIC))
+        spool.commit(path, sync)  # the commit point
+    except BaseException:
+        if own:
+            spool.discard()
+        raise
     if group is None:
         _fsync_dir(directory)
     else:

@@ -265,6 +265,15 @@ def test_a_spool_written_as_bytes_arrive_is_committed_as_the_records_without_a_s
     assert len(list(pending.iterdir())) == 3
     short.discard()
     assert sorted(p.name for p in pending.iterdir()) == [path.name, "small"]
+    # records whose commit fails leave no file behind
+    def failing(self, path, sync=True):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Spool, "commit", failing)
+    with pytest.raises(OSError, match="No space"):
+        save_records(pending / "full", {"a": (os.urandom(1 << 20),)}, {"a": digests["a"]}, {})
+    monkeypatch.undo()
+    assert sorted(p.name for p in pending.iterdir()) == [path.name, "small"]
     # spools a stopped process left are removed
     Spool(pending).write(os.urandom(checkpoint.GATHER_BYTES))
     Spool.remove_spools(pending)
