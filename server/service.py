@@ -67,7 +67,16 @@ PLACE_WAIT_S = 5.0  # how long a new stream waits for a place when all are taken
 SILENCED_S = 30.0  # how long a client whose stream was ended for its silence waits in no line for a place
 MAX_FEATURES = 1 << 16  # routing features a client may report at join (paths in turn)
 MAX_TEXT = 4096  # characters of an enrolment token
-FULL_DISK = {errno.ENOSPC, errno.EDQUOT}  # a push that cannot be stored for these is answered UNAVAILABLE
+FULL_DISK = {errno.ENOSPC, errno.EDQUOT}  # a call that cannot write for these is answered UNAVAILABLE
+
+
+def refusal(e: Exception) -> Rejected | None:
+    """How a handler's exception is answered: a `Rejected` as it says; a full disk (`FULL_DISK`) UNAVAILABLE,
+    so that the client keeps what it sent and sends it again with backoff while the operator frees space;
+    None for anything else (UNKNOWN)."""
+    if isinstance(e, OSError) and e.errno in FULL_DISK:
+        return Rejected("UNAVAILABLE", f"the coordinator cannot store updates now: {e.strerror}")
+    return e if isinstance(e, Rejected) else None
 
 
 def refused(e: Rejected) -> tuple[grpc.StatusCode, str]:
@@ -466,11 +475,6 @@ class CoordinatorService:
                 spool,
             )
             return pb.PushReply(accepted=True, round=open_round, detail="stored")
-        except OSError as e:
-            if e.errno not in FULL_DISK:
-                raise
-            # the client keeps its update and sends it again with backoff, as for any UNAVAILABLE
-            raise Rejected("UNAVAILABLE", f"the coordinator cannot store updates now: {e.strerror}") from None
         finally:
             if spool is not None:
                 spool.discard()  # a push refused or ended early; nothing once stored
@@ -635,7 +639,7 @@ def add_coordinator(service: CoordinatorService, server: grpc.aio.Server) -> Non
 def answering(behaviour: Callable, name: str) -> Callable:
     """`behaviour` (a function, run on the server's threads, or a coroutine, on its event loop, writing a
     stream's replies with `context.write`) answering INVALID_ARGUMENT for a request that did not parse, and a
-    `Rejected` with its status."""
+    `Rejected` or a full disk as `refusal` says."""
 
     def check(request: Any) -> None:
         if request is MALFORMED:
@@ -647,8 +651,10 @@ def answering(behaviour: Callable, name: str) -> Callable:
             try:
                 check(request)
                 return await behaviour(request, context)
-            except Rejected as e:
-                await context.abort(*refused(e))
+            except (Rejected, OSError) as e:
+                if (answer := refusal(e)) is None:
+                    raise
+                await context.abort(*refused(answer))
 
         return call
 
@@ -656,8 +662,10 @@ def answering(behaviour: Callable, name: str) -> Callable:
         try:
             check(request)
             return behaviour(request, context)
-        except Rejected as e:
-            context.abort(*refused(e))
+        except (Rejected, OSError) as e:
+            if (answer := refusal(e)) is None:
+                raise
+            context.abort(*refused(answer))
 
     return run
 
